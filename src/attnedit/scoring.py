@@ -1,0 +1,294 @@
+"""Scoring engine: teacher-forced NLL of many (prompt, target) pairs, generation, perplexity.
+
+``score_targets`` is the one path every metric uses. It computes each distinct prompt once (its
+KV cache is shared by all targets of that prompt), feeds only the target tokens after it, and
+projects to the vocabulary only at the positions that predict target tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from attnedit.adapters import ModelAdapter
+from attnedit.tokens import encode_prompt, encode_target
+
+
+@dataclass(frozen=True)
+class TargetScore:
+    """Per-token results of one teacher-forced target."""
+
+    target_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]  # log P(target token | prefix)
+    argmax_hits: tuple[bool, ...]  # whether the target token is the argmax
+    argmax_ids: tuple[int, ...]
+
+    @property
+    def nll(self) -> float:
+        """Mean per-token negative log-likelihood."""
+        return -sum(self.logprobs) / len(self.logprobs)
+
+    @property
+    def prob(self) -> float:
+        """P(target | prompt) as exp(-mean NLL)."""
+        return math.exp(-self.nll)
+
+    @property
+    def token_accuracy(self) -> float:
+        return sum(self.argmax_hits) / len(self.argmax_hits)
+
+
+def _base_and_head(model: PreTrainedModel, adapter: ModelAdapter) -> tuple[nn.Module, nn.Module]:
+    return model.base_model, model.get_submodule(adapter.module_name("unembed"))
+
+
+def _token_results(
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of ``targets`` and argmax ids from hidden states [n, H] (vocab only for these rows)."""
+    logits = head(hidden).float()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    return logprobs.gather(1, targets[:, None])[:, 0], logits.argmax(dim=-1)
+
+
+def _batches(lengths: list[int], order: list[int], max_tokens: int, max_rows: int) -> list[list[int]]:
+    """Greedy batches of indices (in ``order``) whose padded size stays within ``max_tokens``."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        longest_if = max(longest, lengths[i])
+        if current and (longest_if * (len(current) + 1) > max_tokens or len(current) >= max_rows):
+            batches.append(current)
+            current, longest_if = [], lengths[i]
+        current.append(i)
+        longest = longest_if
+    if current:
+        batches.append(current)
+    return batches
+
+
+@torch.inference_mode()
+def score_targets(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    adapter: ModelAdapter,
+    pairs: Sequence[tuple[str, str]],
+    max_batch_tokens: int = 2048,
+    max_batch_rows: int = 64,
+    progress: bool = False,
+) -> list[TargetScore]:
+    """Teacher-forced scores of every ``(prompt, target)`` pair (target appended after one space)."""
+    if not pairs:
+        return []
+    device = next(model.parameters()).device
+    base, head = _base_and_head(model, adapter)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    prompts = list(dict.fromkeys(p for p, _ in pairs))
+    prompt_index = {p: i for i, p in enumerate(prompts)}
+    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+    for p, ids in zip(prompts, prompt_ids, strict=True):
+        if not ids:
+            raise ValueError(f"prompt {p!r} tokenises to nothing")
+    # distinct targets per prompt; identical pairs are scored once
+    unique_pairs = list(dict.fromkeys(pairs))
+    pair_targets = [encode_target(tokenizer, p, t, prompt_ids[prompt_index[p]]) for p, t in unique_pairs]
+    by_prompt: list[list[int]] = [[] for _ in prompts]
+    for j, (p, _) in enumerate(unique_pairs):
+        by_prompt[prompt_index[p]].append(j)
+
+    results: list[TargetScore | None] = [None] * len(unique_pairs)
+    lengths = [len(ids) + max(len(pair_targets[j]) for j in by_prompt[i]) for i, ids in enumerate(prompt_ids)]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))
+    batches = _batches(lengths, order, max_batch_tokens, max_batch_rows)
+    for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress, leave=False):
+        _score_prompt_batch(base, head, batch, prompt_ids, by_prompt, pair_targets, results, pad_id, device)
+    index = {pair: j for j, pair in enumerate(unique_pairs)}
+    return [results[index[pair]] for pair in pairs]  # type: ignore[misc]
+
+
+def _score_prompt_batch(
+    base: nn.Module,
+    head: nn.Module,
+    batch: list[int],
+    prompt_ids: list[list[int]],
+    by_prompt: list[list[int]],
+    pair_targets: list[list[int]],
+    results: list[TargetScore | None],
+    pad_id: int,
+    device: torch.device,
+) -> None:
+    # stage 1: the prompts, left-padded so every prompt ends at the last column
+    width = max(len(prompt_ids[i]) for i in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, i in enumerate(batch):
+        n = len(prompt_ids[i])
+        ids[row, width - n :] = torch.tensor(prompt_ids[i])
+        mask[row, width - n :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = base(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    last_hidden = out.last_hidden_state[:, -1]
+
+    rows = [(row, j) for row, i in enumerate(batch) for j in by_prompt[i]]
+    first_targets = torch.tensor([pair_targets[j][0] for _, j in rows], device=device)
+    first_rows = torch.tensor([row for row, _ in rows], device=device)
+    # the first target token of every pair is predicted by its prompt's last position
+    logits_last = head(last_hidden).float()
+    lp_last = torch.log_softmax(logits_last, dim=-1)
+    first_lp = lp_last[first_rows, first_targets]
+    first_argmax = logits_last.argmax(-1)[first_rows]
+
+    per_pair: dict[int, tuple[list[float], list[int]]] = {}
+    for k, (_, j) in enumerate(rows):
+        per_pair[j] = ([float(first_lp[k])], [int(first_argmax[k])])
+
+    # stage 2: continuations (all target tokens but the last) on top of the shared prompt cache
+    cont = [(row, j) for row, j in rows if len(pair_targets[j]) > 1]
+    if cont:
+        cache = out.past_key_values
+        cache.reorder_cache(torch.tensor([row for row, _ in cont], device=device))
+        cwidth = max(len(pair_targets[j]) - 1 for _, j in cont)
+        cids = torch.full((len(cont), cwidth), pad_id, dtype=torch.long)
+        cmask = torch.zeros((len(cont), cwidth), dtype=torch.long)
+        for r, (_, j) in enumerate(cont):
+            n = len(pair_targets[j]) - 1
+            cids[r, :n] = torch.tensor(pair_targets[j][:-1])
+            cmask[r, :n] = 1
+        cids, cmask = cids.to(device), cmask.to(device)
+        prompt_mask = mask[[row for row, _ in cont]]
+        full_mask = torch.cat([prompt_mask, cmask], dim=1)
+        cpositions = prompt_mask.sum(-1, keepdim=True) + torch.arange(cwidth, device=device)[None]
+        hidden = base(
+            input_ids=cids, attention_mask=full_mask, position_ids=cpositions, past_key_values=cache, use_cache=True
+        ).last_hidden_state
+        sel_r, sel_t = cmask.nonzero(as_tuple=True)
+        nexts = torch.tensor(
+            [pair_targets[cont[r][1]][t + 1] for r, t in zip(sel_r.tolist(), sel_t.tolist(), strict=True)],
+            device=device,
+        )
+        lp, am = _token_results(head, hidden[sel_r, sel_t], nexts)
+        for k, (r, _t) in enumerate(zip(sel_r.tolist(), sel_t.tolist(), strict=True)):
+            j = cont[r][1]
+            per_pair[j][0].append(float(lp[k]))
+            per_pair[j][1].append(int(am[k]))
+
+    for j, (lps, ams) in per_pair.items():
+        target = pair_targets[j]
+        results[j] = TargetScore(
+            target_ids=tuple(target),
+            logprobs=tuple(lps),
+            argmax_hits=tuple(a == t for a, t in zip(ams, target, strict=True)),
+            argmax_ids=tuple(ams),
+        )
+
+
+@torch.inference_mode()
+def score_targets_reference(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]]
+) -> list[TargetScore]:
+    """The unoptimised oracle: one full forward per pair, full-vocabulary logits everywhere.
+
+    Used by the tests and the benchmark as the baseline ``score_targets`` must agree with.
+    """
+    device = next(model.parameters()).device
+    out = []
+    for prompt, target in pairs:
+        p = encode_prompt(tokenizer, prompt)
+        t = encode_target(tokenizer, prompt, target, p)
+        logits = model(input_ids=torch.tensor([p + t], device=device)).logits[0].float()
+        logprobs = torch.log_softmax(logits, -1)
+        rows = torch.arange(len(p) - 1, len(p) + len(t) - 1, device=device)
+        lp = logprobs[rows, torch.tensor(t, device=device)]
+        am = logits[rows].argmax(-1)
+        out.append(
+            TargetScore(
+                target_ids=tuple(t),
+                logprobs=tuple(lp.tolist()),
+                argmax_hits=tuple(int(a) == b for a, b in zip(am.tolist(), t, strict=True)),
+                argmax_ids=tuple(am.tolist()),
+            )
+        )
+    return out
+
+
+@torch.inference_mode()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int = 100,
+    top_k: int | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[str]:
+    """Continuations of ``prompts`` (greedy, or top-k sampling with a fixed seed), batched and left-padded."""
+    if not prompts:
+        return []
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    texts: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
+            width = max(map(len, chunk))
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, c in enumerate(chunk):
+                ids[r, width - len(c) :] = torch.tensor(c)
+                mask[r, width - len(c) :] = 1
+            out = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=top_k is not None,
+                top_k=top_k,
+                top_p=None,
+                temperature=None,
+                pad_token_id=pad_id,
+            )
+            texts.extend(tokenizer.decode(row[width:], skip_special_tokens=True) for row in out)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return texts
+
+
+@torch.inference_mode()
+def text_nll(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    max_batch_tokens: int = 4096,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Summed NLL and number of scored tokens of each text (every token after the first)."""
+    device = next(model.parameters()).device
+    encoded = [encode_prompt(tokenizer, t) for t in texts]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    nll = np.zeros(len(texts))
+    counts = np.zeros(len(texts), dtype=np.int64)
+    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
+    for batch in _batches([len(e) for e in encoded], order, max_batch_tokens, 64):
+        width = max(len(encoded[i]) for i in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(batch):
+            ids[r, : len(encoded[i])] = torch.tensor(encoded[i])
+            mask[r, : len(encoded[i])] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        lp = torch.log_softmax(logits, -1).gather(2, ids[:, 1:, None])[..., 0] * mask[:, 1:]
+        for r, i in enumerate(batch):
+            nll[i] = -float(lp[r].sum())
+            counts[i] = int(mask[r, 1:].sum())
+    return nll, counts
