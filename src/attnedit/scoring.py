@@ -268,11 +268,13 @@ def generate(
 def text_nll(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
+    adapter: ModelAdapter,
     texts: Sequence[str],
     max_batch_tokens: int = 4096,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Summed NLL and number of scored tokens of each text (every token after the first)."""
     device = next(model.parameters()).device
+    base, head = _base_and_head(model, adapter)
     encoded = [encode_prompt(tokenizer, t) for t in texts]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     nll = np.zeros(len(texts))
@@ -286,9 +288,11 @@ def text_nll(
             ids[r, : len(encoded[i])] = torch.tensor(encoded[i])
             mask[r, : len(encoded[i])] = 1
         ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        lp = torch.log_softmax(logits, -1).gather(2, ids[:, 1:, None])[..., 0] * mask[:, 1:]
+        hidden = base(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+        rows, cols = mask[:, 1:].nonzero(as_tuple=True)
+        lp, _ = _token_results(head, hidden[rows, cols], ids[rows, cols + 1])
+        per_row = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, rows, lp.double())
         for r, i in enumerate(batch):
-            nll[i] = -float(lp[r].sum())
-            counts[i] = int(mask[r, 1:].sum())
+            nll[i] = -float(per_row[r])
+            counts[i] = len(encoded[i]) - 1
     return nll, counts

@@ -1,0 +1,3 @@
+from attnedit.cli import app
+
+app()

@@ -1,0 +1,131 @@
+"""Evaluate one edit case on the current model state: one scoring call, optional generation and PPL."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from attnedit.data import EditCase
+from attnedit.metrics import comparisons, knowedit_probes, ngram_entropy
+from attnedit.models import ModelBundle
+from attnedit.scoring import generate, score_targets, text_nll
+
+
+@dataclass
+class EvalConfig:
+    """What the suite computes besides the comparison metrics (always on)."""
+
+    fluency: bool = True
+    max_new_tokens: int = 100
+    generation_top_k: int | None = None  # None = greedy
+    max_generation_prompts: int | None = None  # per case; None = all
+    ppl_texts: list[str] = field(default_factory=list)
+    max_batch_tokens: int = 2048
+    seed: int = 0
+
+    def manifest(self) -> dict:
+        data = asdict(self)
+        data["ppl_texts"] = len(self.ppl_texts)
+        return data
+
+
+def load_ppl_corpus(path: str | Path, limit: int | None = None) -> list[str]:
+    """Texts for perplexity: a JSON list of strings or of ``{"Text": ...}`` objects, or plain text lines."""
+    file = Path(path)
+    if file.suffix == ".json":
+        raw = json.loads(file.read_text(encoding="utf-8"))
+        texts = [r["Text"] if isinstance(r, dict) else r for r in raw]
+    else:
+        texts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+    if bad:
+        raise ValueError(f"{file}[{bad[0]}]: perplexity text is empty or not a string")
+    return texts[:limit] if limit else texts
+
+
+class Evaluator:
+    """Computes the per-case record that ``results.jsonl`` stores.
+
+    ``reference(case)`` runs on the unedited model (what KnowEdit locality compares against);
+    ``evaluate(case, reference)`` on the edited one.
+    """
+
+    def __init__(self, bundle: ModelBundle, config: EvalConfig | None = None):
+        self.bundle = bundle
+        self.config = config or EvalConfig()
+        self._ppl_cache: tuple[tuple[tuple[int, int], ...], dict] | None = None
+
+    def _score(self, pairs: list[tuple[str, str]]):
+        b = self.bundle
+        return score_targets(b.model, b.tokenizer, b.adapter, pairs, max_batch_tokens=self.config.max_batch_tokens)
+
+    def reference(self, case: EditCase) -> dict:
+        pairs = knowedit_probes(case)["KE_LOC"]
+        return {"locality_argmax": [list(s.argmax_ids) for s in self._score(pairs)]}
+
+    def evaluate(self, case: EditCase, reference: dict | None = None) -> dict:
+        start = time.perf_counter()
+        comps = comparisons(case)
+        ke = knowedit_probes(case)
+        pairs = [(c.prompt, c.right) for c in comps] + [(c.prompt, c.wrong) for c in comps]
+        ke_pairs = [pair for name in ke for pair in ke[name]]
+        scores = self._score(pairs + ke_pairs)
+        right, wrong = scores[: len(comps)], scores[len(comps) : 2 * len(comps)]
+
+        record: dict = {"case_id": case.case_id, "source": case.source, "comparisons": {}}
+        for c, r, w in zip(comps, right, wrong, strict=True):
+            entry = record["comparisons"].setdefault(c.metric, {"right_nll": [], "wrong_nll": []})
+            entry["right_nll"].append(r.nll)
+            entry["wrong_nll"].append(w.nll)
+
+        ke_scores = iter(scores[2 * len(comps) :])
+        knowedit: dict[str, list[float]] = {}
+        for name, probe_pairs in ke.items():
+            got = [next(ke_scores) for _ in probe_pairs]
+            if name == "KE_LOC":
+                if reference is None or not got:
+                    continue
+                knowedit[name] = [
+                    sum(a == b for a, b in zip(s.argmax_ids, ref, strict=True)) / len(ref)
+                    for s, ref in zip(got, reference["locality_argmax"], strict=True)
+                ]
+            elif got:
+                knowedit[name] = [s.token_accuracy for s in got]
+        if knowedit:
+            record["knowedit"] = knowedit
+        record["seconds_scoring"] = time.perf_counter() - start
+
+        if self.config.fluency and case.generation:
+            t0 = time.perf_counter()
+            prompts = list(case.generation[: self.config.max_generation_prompts])
+            texts = generate(
+                self.bundle.model,
+                self.bundle.tokenizer,
+                prompts,
+                max_new_tokens=self.config.max_new_tokens,
+                top_k=self.config.generation_top_k,
+                seed=self.config.seed,
+            )
+            full = [p + t for p, t in zip(prompts, texts, strict=True)]
+            record["fluency"] = [ngram_entropy(t) for t in full]
+            record["generations"] = full
+            record["seconds_generation"] = time.perf_counter() - t0
+        if self.config.ppl_texts:
+            record["ppl"] = self._perplexity()
+        return record
+
+    def _perplexity(self) -> dict:
+        """Corpus NLL, recomputed only when a weight changed in place since the last call.
+
+        ``Tensor._version`` increments on every in-place write (an edit, a revert) and a swapped
+        storage changes ``data_ptr``, so an unedited
+        model is scored once per run and an edited one every time.
+        """
+        state = tuple((p.data_ptr(), p._version) for p in self.bundle.model.parameters())
+        if self._ppl_cache is None or self._ppl_cache[0] != state:
+            b = self.bundle
+            nll, counts = text_nll(b.model, b.tokenizer, b.adapter, self.config.ppl_texts)
+            self._ppl_cache = (state, {"nll": float(nll.sum()), "tokens": int(counts.sum())})
+        return dict(self._ppl_cache[1])

@@ -1,0 +1,183 @@
+"""The evaluation suite: which prompts each metric compares, per-case records, pooled summaries.
+
+Definitions follow the SADR paper (section 2.1, appendix E) as fixed in ``guides/methods.md``:
+every score is the share of PROMPTS, pooled over all cases, whose right answer has the lower mean
+NLL; every magnitude is the mean probability of the right answer; 95% CIs are normal intervals with
+the standard error of the mean. Tables print percentages.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from attnedit.data import EditCase
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One prompt of one metric: the right and the wrong continuation."""
+
+    metric: str  # score name (ES, PS, ...); the record key
+    prompt: str
+    right: str
+    wrong: str
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    score: str
+    magnitude: str | None  # mean P(right)
+    failure: str | None  # mean P(wrong) = P(o_new) on specificity prompts
+    title: str
+
+
+# record key -> names it produces in the summary (order = report order)
+COMPARISON_METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec("ES", "EM", None, "Efficacy (rewrite prompt): o_new vs o_true"),
+    MetricSpec("PS", "PM", None, "Paraphrase: o_new vs o_true"),
+    MetricSpec("NS", "NM", "NM_onew", "Neighbourhood: o_true vs o_new"),
+    MetricSpec("RS", "RM", "RM_onew", "Relation (same subject, other relation): target vs o_new"),
+    MetricSpec("DNS", "DNM", "DNM_onew", "Distracted neighbourhood (edit sentence prepended)"),
+    MetricSpec("DRS", "DRM", "DRM_onew", "Distracted relation (edit sentence prepended)"),
+    MetricSpec("RES", "RESM", None, "Reasoning: its target vs o_true"),
+    MetricSpec("ALIAS", "ALIASM", None, "Subject alias: its target vs o_true"),
+    MetricSpec("OS", "OM", None, "Commonsense (PIQA-style goal): right vs wrong solution"),
+    MetricSpec("DOS", "DOM", None, "Distracted commonsense (edit sentence prepended)"),
+)
+AVG_S_COMPONENTS = ("ES", "PS", "NS", "RS", "DNS")
+# KnowEdit metrics: per-prompt teacher-forced token accuracy
+KNOWEDIT_METRICS = ("KE_EDIT", "KE_GEN", "KE_PORT", "KE_LOC")
+
+
+def distracted(case: EditCase, prompt: str) -> str:
+    """``"{edit sentence} {prompt}"``: the prompt with the edited fact in the context."""
+    return f"{case.request.edit_sentence} {prompt}"
+
+
+def comparisons(case: EditCase) -> list[Comparison]:
+    """Every (prompt, right, wrong) the comparison metrics score for one case."""
+    new, true = case.request.target_new, case.request.target_true
+    out = [Comparison("ES", p.prompt, new, true) for p in case.rewrite]
+    out += [Comparison("PS", p.prompt, new, true) for p in case.paraphrase]
+    out += [Comparison("NS", p.prompt, p.target, new) for p in case.neighborhood]
+    out += [Comparison("RS", p.prompt, p.target, new) for p in case.relation]
+    out += [Comparison("DNS", distracted(case, p.prompt), p.target, new) for p in case.neighborhood]
+    out += [Comparison("DRS", distracted(case, p.prompt), p.target, new) for p in case.relation]
+    out += [Comparison("RES", p.prompt, p.target, true) for p in case.reasoning]
+    out += [Comparison("ALIAS", p.prompt, p.target, true) for p in case.subject_alias]
+    out += [Comparison("OS", c.goal, c.right, c.wrong) for c in case.commonsense]
+    out += [Comparison("DOS", distracted(case, c.goal), c.right, c.wrong) for c in case.commonsense]
+    return out
+
+
+def knowedit_probes(case: EditCase) -> dict[str, list[tuple[str, str]]]:
+    """(prompt, target) pairs of the KnowEdit token-accuracy metrics."""
+    new = case.request.target_new
+    return {
+        "KE_EDIT": [(p.prompt, new) for p in case.rewrite],
+        "KE_GEN": [(p.prompt, new) for p in case.paraphrase],
+        "KE_PORT": [(p.prompt, p.target) for p in case.portability],
+        "KE_LOC": [(p.prompt, p.target) for p in case.locality],
+    }
+
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def ngram_entropy(text: str, ns: Sequence[int] = (2, 3), weights: Sequence[float] = (2 / 3, 4 / 3)) -> float:
+    """ROME's fluency: weighted mean of the n-gram entropies (bits) of one text's word tokens."""
+    words = _WORD.findall(text.lower())
+    entropies = []
+    for n, weight in zip(ns, weights, strict=True):
+        grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+        total = sum(grams.values())
+        if total == 0:
+            entropies.append(0.0)
+            continue
+        freqs = np.array(list(grams.values()), dtype=np.float64) / total
+        entropies.append(weight * float(-(freqs * np.log2(freqs)).sum()))
+    return float(np.mean(entropies))
+
+
+def mean_ci(values: Iterable[float]) -> tuple[float | None, float | None, int]:
+    """Mean, 95% normal half-width (1.96 standard errors), count."""
+    arr = np.asarray(list(values), dtype=np.float64)
+    n = int(arr.size)
+    if n == 0:
+        return None, None, 0
+    half = 1.96 * float(arr.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
+    return float(arr.mean()), half, n
+
+
+def _entry(mean: float | None, ci: float | None, n: int, scale: float = 1.0) -> dict:
+    return {
+        "mean": None if mean is None else mean * scale,
+        "ci95": None if ci is None else ci * scale,
+        "n": n,
+    }
+
+
+def harmonic_mean(values: Sequence[float]) -> float:
+    if any(v <= 0 for v in values):
+        return 0.0
+    return len(values) / sum(1.0 / v for v in values)
+
+
+def summarize(records: Sequence[dict], bootstrap: int = 1000, seed: int = 0) -> dict[str, dict]:
+    """Pool per-case records into ``{name: {"mean", "ci95", "n"}}`` (percent for scores/magnitudes)."""
+    summary: dict[str, dict] = {}
+    per_case_counts: dict[str, np.ndarray] = {}
+    for spec in COMPARISON_METRICS:
+        right = [np.asarray(r["comparisons"].get(spec.score, {}).get("right_nll", [])) for r in records]
+        wrong = [np.asarray(r["comparisons"].get(spec.score, {}).get("wrong_nll", [])) for r in records]
+        all_right = np.concatenate(right) if right else np.array([])
+        all_wrong = np.concatenate(wrong) if wrong else np.array([])
+        summary[spec.score] = _entry(*mean_ci((all_right < all_wrong).astype(float)), scale=100)
+        if spec.magnitude:
+            summary[spec.magnitude] = _entry(*mean_ci(np.exp(-all_right)), scale=100)
+        if spec.failure:
+            summary[spec.failure] = _entry(*mean_ci(np.exp(-all_wrong)), scale=100)
+        # per-case (hits, prompts) for the Avg S bootstrap
+        per_case_counts[spec.score] = np.array([[(a < b).sum(), a.size] for a, b in zip(right, wrong, strict=True)])
+
+    parts = [summary[m]["mean"] for m in AVG_S_COMPONENTS]
+    if any(p is None for p in parts):
+        summary["AvgS"] = _entry(None, None, 0)
+    else:
+        summary["AvgS"] = {
+            "mean": harmonic_mean(parts),  # type: ignore[arg-type]
+            "ci95": _bootstrap_avg_s(per_case_counts, bootstrap, seed),
+            "n": len(records),
+        }
+
+    fl = [v for r in records for v in r.get("fluency", [])]
+    summary["FL"] = _entry(*mean_ci(fl), scale=100)
+    ppl = [math.exp(r["ppl"]["nll"] / r["ppl"]["tokens"]) for r in records if r.get("ppl")]
+    summary["PPL"] = _entry(*mean_ci(ppl))
+    for name in KNOWEDIT_METRICS:
+        summary[name] = _entry(*mean_ci(v for r in records for v in r.get("knowedit", {}).get(name, [])), scale=100)
+    return summary
+
+
+def _bootstrap_avg_s(counts: dict[str, np.ndarray], resamples: int, seed: int) -> float | None:
+    """Half-width of the 95% percentile interval of Avg S, resampling cases."""
+    n_cases = len(next(iter(counts.values())))
+    if n_cases < 2 or resamples <= 0:
+        return None
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n_cases, size=(resamples, n_cases))
+    stats = []
+    for sample in idx:
+        parts = []
+        for m in AVG_S_COMPONENTS:
+            hits, total = counts[m][sample].sum(axis=0)
+            parts.append(100.0 * hits / total if total else 0.0)
+        stats.append(harmonic_mean(parts))
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return float(hi - lo) / 2

@@ -1,0 +1,209 @@
+"""The resumable evaluation runner: per case, edit -> evaluate -> revert, one JSON line per case.
+
+Layout of a run directory::
+
+    manifest.json   model, method, hyper-parameters, data file hash, versions, seed, shard
+    results.jsonl   one line per finished case (appended, flushed and fsynced one by one)
+    summary.json    pooled metrics of the cases in results.jsonl
+
+Resuming (the same command again, even after ``kill -9``): a torn last line is cut off, cases
+already in ``results.jsonl`` are skipped, so every case appears exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from tqdm.auto import tqdm
+
+from attnedit import __version__
+from attnedit.data import Dataset, EditCase, load_cases
+from attnedit.editing import Editor, make_editor
+from attnedit.evaluation import EvalConfig, Evaluator, load_ppl_corpus
+from attnedit.metrics import summarize
+from attnedit.models import ModelBundle, load_model
+
+logger = logging.getLogger(__name__)
+
+RESULTS = "results.jsonl"
+MANIFEST = "manifest.json"
+SUMMARY = "summary.json"
+
+
+class RunConflictError(RuntimeError):
+    """The output directory holds a run with different settings."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        try:
+            i, n = (int(x) for x in text.split("/"))
+        except ValueError:
+            raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+        if n < 1 or not 0 <= i < n:
+            raise ValueError(f"--shard {text!r}: need 0 <= i < n")
+        return cls(i, n)
+
+    def select(self, cases: list[EditCase]) -> list[EditCase]:
+        """Contiguous block ``index`` of ``count`` near-equal blocks."""
+        bounds = np.linspace(0, len(cases), self.count + 1).round().astype(int)
+        return cases[bounds[self.index] : bounds[self.index + 1]]
+
+
+@dataclass
+class RunConfig:
+    data: str
+    out: str
+    model: str = "smollm2-135m"
+    method: str = "none"
+    limit: int | None = None
+    shard: Shard = field(default_factory=Shard)
+    data_format: str | None = None
+    skip_invalid: bool = False
+    seed: int = 0
+    ppl_corpus: str | None = None
+    ppl_limit: int | None = None
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    label: str | None = None  # row name in reports (default: the method)
+
+
+def _set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_manifest(config: RunConfig, bundle: ModelBundle, dataset: Dataset, editor: Editor) -> dict:
+    return {
+        "attnedit_version": __version__,
+        "model": {"name": bundle.name, "source": bundle.source, "fingerprint": bundle.fingerprint,
+                  "family": bundle.adapter.family, "dtype": str(next(bundle.model.parameters()).dtype)},
+        "method": editor.name,
+        "label": config.label or editor.name,
+        "hyperparameters": editor.hyperparameters(),
+        "data": {"path": dataset.path, "format": dataset.format, "sha256": dataset.sha256,
+                 "records": len(dataset) + len(dataset.skipped), "skipped": dataset.skipped},
+        "limit": config.limit,
+        "shard": asdict(config.shard),
+        "seed": config.seed,
+        "eval": config.eval.manifest(),
+        "ppl_corpus": config.ppl_corpus,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+# fields that must match for a run directory to be resumed
+_IDENTITY = ("model", "method", "label", "hyperparameters", "data", "limit", "shard", "seed", "eval", "ppl_corpus")
+
+
+def _check_resumable(out: Path, manifest: dict) -> None:
+    path = out / MANIFEST
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    for key in _IDENTITY:
+        if old.get(key) != manifest.get(key):
+            raise RunConflictError(
+                f"{out} holds a run with different {key!r}: {old.get(key)!r} != {manifest.get(key)!r}; "
+                "use another --out directory"
+            )
+
+
+def read_results(path: Path, repair: bool = False) -> list[dict]:
+    """Records of a results file; a torn last line (interrupted write) is dropped (and cut if ``repair``)."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    records, good_end, start = [], 0, 0
+    while start < len(data):
+        end = data.find(b"\n", start)
+        if end < 0:
+            break  # unterminated tail: an interrupted write
+        line = data[start:end]
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        good_end, start = end + 1, end + 1
+    if good_end < len(data):
+        logger.warning("%s: dropping %d bytes of an interrupted write", path, len(data) - good_end)
+        if repair:
+            with open(path, "r+b") as fh:
+                fh.truncate(good_end)
+    return records
+
+
+def _append(fh, record: dict) -> None:
+    fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    fh.flush()
+    os.fsync(fh.fileno())
+
+
+def write_summary(out: Path, records: list[dict]) -> dict:
+    summary = summarize(records)
+    tmp = out / (SUMMARY + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(out / SUMMARY)
+    return summary
+
+
+def run(config: RunConfig, bundle: ModelBundle | None = None, editor: Editor | None = None,
+        progress: bool = True) -> dict:
+    """Run (or resume) an evaluation; returns the summary."""
+    _set_seed(config.seed)
+    out = Path(config.out)
+    dataset = load_cases(config.data, config.data_format, config.skip_invalid)
+    cases = dataset.cases[: config.limit] if config.limit else dataset.cases
+    cases = config.shard.select(cases)
+    bundle = bundle or load_model(config.model)
+    editor = editor or make_editor(config.method)
+    if config.ppl_corpus:
+        config.eval.ppl_texts = load_ppl_corpus(config.ppl_corpus, config.ppl_limit)
+    manifest = build_manifest(config, bundle, dataset, editor)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_resumable(out, manifest)
+    if not (out / MANIFEST).is_file():
+        (out / MANIFEST).write_text(json.dumps({**manifest, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+
+    results_path = out / RESULTS
+    records = read_results(results_path, repair=True)
+    done = {r["case_id"] for r in records}
+    todo = [c for c in cases if c.case_id not in done]
+    if done:
+        logger.info("resuming %s: %d of %d cases already done", out, len(done), len(cases))
+    evaluator = Evaluator(bundle, config.eval)
+    with open(results_path, "a", encoding="utf-8") as fh:
+        bar = tqdm(todo, desc=f"eval {manifest['label']}", unit="case", disable=not progress,
+                   initial=len(done), total=len(cases))
+        for case in bar:
+            t0 = time.perf_counter()
+            reference = evaluator.reference(case) if case.locality else None
+            edit = editor.apply(bundle, [case])
+            t1 = time.perf_counter()
+            try:
+                record = evaluator.evaluate(case, reference)
+            finally:
+                edit.revert()
+            record["seconds_edit"] = t1 - t0
+            record["seconds_total"] = time.perf_counter() - t0
+            _append(fh, record)
+            records.append(record)
+    return write_summary(out, records)

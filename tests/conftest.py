@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny randomly initialised models of every family, built offline in the test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from attnedit.models import ModelBundle, bundle_from_model
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CORPUS = [
+    "The Eiffel Tower is located in the city of Paris in France.",
+    "Danielle Darrieux speaks French and English. The mother tongue of Michel Rocard is French.",
+    "Toko Yasuda plays the guitar and the piano. Autonomous University of Madrid is in Spain.",
+    "What does Freddy Cole play? They play jazz. Rome is the capital of Italy, Berlin of Germany.",
+    "How can I keep beads organized? Cut an egg carton in half and use the bottom.",
+    "The name of the country of citizenship of Isabel May is United States of America.",
+]
+
+
+def _tokenizer(bos: bool) -> T.PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<bos>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return T.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> T.PreTrainedTokenizerFast:
+    return _tokenizer(bos=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_bos_tokenizer() -> T.PreTrainedTokenizerFast:
+    return _tokenizer(bos=True)
+
+
+def tiny_config(family: str, vocab: int = 320) -> T.PretrainedConfig:
+    common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "gpt2":
+        return T.GPT2Config(n_layer=3, n_embd=48, n_head=4, n_positions=128, **common)
+    if family == "gptj":
+        return T.GPTJConfig(n_layer=3, n_embd=48, n_head=4, n_positions=128, rotary_dim=4, **common)
+    if family == "gpt_neox":
+        return T.GPTNeoXConfig(num_hidden_layers=3, hidden_size=48, num_attention_heads=4, intermediate_size=96,
+                               max_position_embeddings=128, **common)
+    cls = {"llama": T.LlamaConfig, "qwen2": T.Qwen2Config, "mistral": T.MistralConfig}[family]
+    # grouped-query attention: 6 query heads over 2 KV heads
+    return cls(num_hidden_layers=3, hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
+               intermediate_size=96, max_position_embeddings=128, **common)
+
+
+FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "gptj", "gpt_neox"]
+
+
+def make_tiny(family: str, tokenizer: T.PreTrainedTokenizerFast, seed: int = 0) -> ModelBundle:
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="sdpa")
+    return bundle_from_model(model, tokenizer, name=f"tiny-{family}")
+
+
+@pytest.fixture(params=FAMILIES)
+def tiny(request, tiny_tokenizer) -> ModelBundle:
+    return make_tiny(request.param, tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> ModelBundle:
+    """The real SmolLM2-135M (dequantised once into the attnedit cache)."""
+    from attnedit.models import load_model
+
+    torch.set_num_threads(int(os.environ.get("ATTNEDIT_TEST_THREADS", "2")))
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.fail(f"../shared/data not found at {SHARED_DATA}: the tests read the shared data sets")
+    return SHARED_DATA
