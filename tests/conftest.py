@@ -67,7 +67,7 @@ FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "gptj", "gpt_neox"]
 
 def make_tiny(family: str, tokenizer: T.PreTrainedTokenizerFast, seed: int = 0) -> ModelBundle:
     torch.manual_seed(seed)
-    model = T.AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="sdpa")
+    model = T.AutoModelForCausalLM.from_config(tiny_config(family))
     return bundle_from_model(model, tokenizer, name=f"tiny-{family}")
 
 

@@ -34,8 +34,7 @@ class FamilyTable:
     mlp: str  # MLP module of block {}
     mlp_in: str  # MLP input projection (up/fc_in)
     mlp_down: str  # MLP down-projection: the matrix locate-then-edit methods rewrite
-    final_norm: str
-    unembed: str
+    final_norm: str  # the unembedding is ``model.get_output_embeddings()`` in every family
     # GPT-2's Conv1D stores weights as [in, out] (transposed w.r.t. nn.Linear)
     conv1d: bool = False
     # GPT-J and GPT-NeoX (parallel residual) feed attention and MLP the same block input
@@ -58,7 +57,6 @@ FAMILIES: tuple[FamilyTable, ...] = (
         mlp_in="model.layers.{}.mlp.up_proj",
         mlp_down="model.layers.{}.mlp.down_proj",
         final_norm="model.norm",
-        unembed="lm_head",
     ),
     FamilyTable(
         family="gpt2",
@@ -75,7 +73,6 @@ FAMILIES: tuple[FamilyTable, ...] = (
         mlp_in="transformer.h.{}.mlp.c_fc",
         mlp_down="transformer.h.{}.mlp.c_proj",
         final_norm="transformer.ln_f",
-        unembed="lm_head",
         conv1d=True,
     ),
     FamilyTable(
@@ -93,7 +90,6 @@ FAMILIES: tuple[FamilyTable, ...] = (
         mlp_in="transformer.h.{}.mlp.fc_in",
         mlp_down="transformer.h.{}.mlp.fc_out",
         final_norm="transformer.ln_f",
-        unembed="lm_head",
         parallel_residual=True,
     ),
     FamilyTable(
@@ -111,7 +107,6 @@ FAMILIES: tuple[FamilyTable, ...] = (
         mlp_in="gpt_neox.layers.{}.mlp.dense_h_to_4h",
         mlp_down="gpt_neox.layers.{}.mlp.dense_4h_to_h",
         final_norm="gpt_neox.final_layer_norm",
-        unembed="embed_out",
         parallel_residual=True,
     ),
 )
@@ -146,7 +141,7 @@ class ModelAdapter:
             if layer is None:
                 raise ValueError("component 'layer' needs a layer index")
             return f"{self.table.layers}.{layer}"
-        if component not in COMPONENTS and component not in ("embed", "final_norm", "unembed"):
+        if component not in COMPONENTS and component not in ("embed", "final_norm"):
             raise KeyError(f"unknown component {component!r}; known: {COMPONENTS}")
         path = getattr(self.table, component)
         if path is None:
@@ -163,6 +158,10 @@ class ModelAdapter:
 
     def module(self, model: nn.Module, component: str, layer: int | None = None) -> nn.Module:
         return model.get_submodule(self.module_name(component, layer))
+
+    def unembedding(self, model: nn.Module) -> nn.Module:
+        """The output projection to the vocabulary (``lm_head``/``embed_out``, tied or not)."""
+        return model.get_output_embeddings()
 
     def mlp_down_weight(self, model: nn.Module, layer: int) -> torch.Tensor:
         """The MLP down-projection as an [out_features, in_features] view (Conv1D transposed)."""

@@ -140,12 +140,13 @@ def load_model(
     name_or_path: str = DEFAULT_MODEL,
     dtype: torch.dtype | str = torch.float32,
     device: str | None = "cpu",
-    attn_implementation: str = "sdpa",
+    attn_implementation: str | None = None,
 ) -> ModelBundle:
     """Load a causal LM: an embedded name (``smollm2-135m``), a local HF directory, or a hub id.
 
-    Attention defaults to the fused ``sdpa`` kernel; code that needs probabilities switches to eager
-    for its own forward passes (``interventions.attention_probabilities``).
+    ``attn_implementation=None`` lets transformers pick its fastest kernel for the family (``sdpa``
+    where supported, else ``eager``); code that needs probabilities switches to eager for its own
+    forward passes (``interventions.attention_probabilities``).
     """
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -170,6 +171,7 @@ def load_model(
             f"Embedded models: {', '.join(EMBEDDED_MODELS)}; or pass a local model directory."
         ) from None
     model.to(resolve_device(device))
+    logger.debug("loaded %s with %s attention", name_or_path, model.config._attn_implementation)
     model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token_id is None:

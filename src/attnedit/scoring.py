@@ -46,7 +46,7 @@ class TargetScore:
 
 
 def _base_and_head(model: PreTrainedModel, adapter: ModelAdapter) -> tuple[nn.Module, nn.Module]:
-    return model.base_model, model.get_submodule(adapter.module_name("unembed"))
+    return model.base_model, adapter.unembedding(model)
 
 
 def _token_results(

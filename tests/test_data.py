@@ -1,0 +1,508 @@
+"""Loaders: every shared file, the shipped sample set, malformed records and the request helpers."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from attnedit.data import (
+    FORMATS,
+    DataFormatError,
+    EditRequest,
+    Probe,
+    load_cases,
+    sample_path,
+)
+
+PROBE_KINDS = (
+    "rewrite",
+    "paraphrase",
+    "reasoning",
+    "subject_alias",
+    "neighborhood",
+    "relation",
+    "commonsense",
+    "generation",
+)
+
+
+def _raw(path: Path) -> list[dict]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- shared data files
+
+
+def test_sadr_merged(shared_data):
+    path = shared_data / "sadr_merged_counterfact.json"
+    ds = load_cases(path)
+    assert ds.format == "merged"
+    assert len(ds) == 1112 == len(ds.cases)
+    assert ds.skipped == []
+    assert ds.path == str(path)
+    assert ds.sha256 == _sha(path)
+
+    raw = _raw(path)[0]
+    case = ds.cases[0]
+    rr = raw["requested_rewrite"]
+    assert case.request == EditRequest(rr["prompt"], rr["subject"], rr["target_new"], rr["target_true"])
+    assert case.request.prompt == "The name of the country of citizenship of Isabel May is"
+    assert case.request.subject == "Isabel May"
+    assert case.request.target_new == "Tuvan People's Republic"
+    assert case.request.target_true == "United States of America"
+    assert case.case_id == "0"
+    assert case.source == "sadr_merged_counterfact.json#0"
+    # rewrite prompts always aim at o_new
+    assert case.rewrite == tuple(Probe(p, rr["target_new"]) for p in raw["rewrite"]["prompts"])
+    assert case.reasoning == tuple(
+        Probe(p, t) for p, t in zip(raw["p-reasoning"]["prompts"], raw["p-reasoning"]["targets"], strict=True)
+    )
+    assert len(case.reasoning) == 6
+    assert case.relation == (Probe("The occupation of Isabel May is", "actor"),)
+    assert len(case.commonsense) == 1
+    cs = case.commonsense[0]
+    assert cs.goal == raw["o-commonsense"]["prompts"]
+    assert cs.right == raw["o-commonsense"]["right"]
+    assert cs.wrong == raw["o-commonsense"]["wrong"]
+    # absent blocks give empty probe sets, not errors
+    assert case.paraphrase == case.neighborhood == case.subject_alias == ()
+    assert case.generation == case.portability == case.locality == ()
+    # every case id is unique and every source points at its record
+    assert len({c.case_id for c in ds.cases}) == 1112
+    assert ds.cases[-1].source == "sadr_merged_counterfact.json#1111"
+
+
+def _knowedit_counts(raw: dict) -> tuple[int, int, int]:
+    port = sum(len(v) for v in raw.get("portability", {}).values())
+    loc = sum(len(v) for v in raw.get("locality", {}).values())
+    alias = len(raw.get("portability", {}).get("Subject_Aliasing", []))
+    return port, loc, alias
+
+
+def test_knowedit_wiki_counterfact(shared_data):
+    path = shared_data / "knowedit_wiki_counterfact_test_cf.json"
+    ds = load_cases(path)
+    assert ds.format == "knowedit"
+    assert len(ds) == 542
+    assert ds.sha256 == _sha(path)
+
+    raw = _raw(path)[0]
+    case = ds.cases[0]
+    assert case.request == EditRequest(
+        "The name of the country of citizenship of Leonardo DiCaprio is",
+        "Leonardo DiCaprio",
+        "Syria",
+        "United States of America",
+    )
+    assert case.request.target_true == raw["ground_truth"]
+    assert case.rewrite == (Probe(raw["prompt"], "Syria"),)
+    assert case.paraphrase == (Probe(raw["rephrase"], "Syria"),)
+    port, loc, alias = _knowedit_counts(raw)
+    assert (len(case.portability), len(case.locality), len(case.subject_alias)) == (port, loc, alias)
+    assert (port, loc, alias) == (11, 10, 4)
+    # a list of alias lists: first alias is the target, the rest are kept as aliases
+    first = raw["portability"]["Reasoning"][0]
+    assert case.portability[0] == Probe(first["prompt"], first["ground_truth"][0][0],
+                                        tuple(first["ground_truth"][0][1:]))
+    assert case.portability[0].target == "Syrian pound"
+    assert case.subject_alias[0].prompt == "The name of the country of citizenship of Di Caprio is"
+    assert case.subject_alias[0].target == "Syria"
+    loc_first = next(iter(raw["locality"].values()))[0]
+    assert case.locality[0].prompt == loc_first["prompt"]
+    # the KnowEdit loader has no CounterFact-only probe sets
+    assert case.neighborhood == case.relation == case.commonsense == ()
+
+
+def test_knowedit_zsre(shared_data):
+    path = shared_data / "knowedit_zsre_test_all.json"
+    ds = load_cases(path)
+    assert ds.format == "knowedit"
+    assert len(ds) == 896
+    assert ds.sha256 == _sha(path)
+
+    raw = _raw(path)[0]
+    case = ds.cases[0]
+    assert case.request == EditRequest(
+        "Which family does Epaspidoceras belong to?", "Epaspidoceras", "Noctuidae", "Aspidoceratidae"
+    )
+    # rephrase_prompt is the paraphrase in ZsRE
+    assert case.paraphrase == (Probe("What family are Epaspidoceras?", "Noctuidae"),)
+    port, loc, alias = _knowedit_counts(raw)
+    assert (len(case.portability), len(case.locality), len(case.subject_alias)) == (port, loc, alias)
+    assert (port, loc, alias) == (1, 2, 0)
+    # a plain-string ground truth and a one-element list both work
+    assert case.portability == (
+        Probe("What is the common name for the family Epaspidoceras belongs to?", "Owlet moths"),
+    )
+    assert case.locality[0] == Probe("The taxon rank of Epaspidoceras is", "genus")
+
+
+def test_mend_counterfact(shared_data):
+    path = shared_data / "counterfact_mendfmt_edit.json"
+    ds = load_cases(path)
+    assert ds.format == "mend_counterfact"
+    assert len(ds) == 9842
+    assert ds.sha256 == _sha(path)
+
+    case = ds.cases[0]
+    assert case.case_id == "0"
+    assert case.request == EditRequest(
+        "The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", "French"
+    )
+    assert case.rewrite == (Probe("The mother tongue of Danielle Darrieux is", "English"),)
+    assert case.paraphrase == (
+        Probe("Where Danielle Darrieux is from, people speak the language of", "English"),
+    )
+    assert case.neighborhood == (Probe("Michel Rocard is a native speaker of", "French"),)
+    assert case.locality == case.portability == case.relation == ()
+    # case ids come from the file, not from the position
+    raw = _raw(path)
+    assert [c.case_id for c in ds.cases[:50]] == [str(r["case_id"]) for r in raw[:50]]
+
+
+def test_memit_zsre_invalid_record_raises(shared_data):
+    path = shared_data / "zsre_memit_format_train_1k.json"
+    with pytest.raises(DataFormatError) as info:
+        load_cases(path)
+    msg = str(info.value)
+    assert str(path) in msg
+    assert "[534]" in msg
+    assert "'alt'" in msg
+
+
+def test_memit_zsre_skip_invalid(shared_data):
+    path = shared_data / "zsre_memit_format_train_1k.json"
+    ds = load_cases(path, skip_invalid=True)
+    assert ds.format == "memit_zsre"
+    assert len(ds) == 998
+    assert len(ds.skipped) == 2
+    assert "[534]" in ds.skipped[0] and "'alt'" in ds.skipped[0]
+    assert "[723]" in ds.skipped[1] and "'alt'" in ds.skipped[1]
+    assert ds.sha256 == _sha(path)
+    # the records around the skipped ones keep their own index as source
+    sources = [c.source for c in ds.cases]
+    assert "zsre_memit_format_train_1k.json#534" not in sources
+    assert "zsre_memit_format_train_1k.json#535" in sources
+
+    case = ds.cases[0]
+    assert case.request == EditRequest(
+        "What is the product made by UniFirst?", "UniFirst", "unmanned aircraft", "uniform"
+    )
+    assert case.paraphrase == (Probe("What will be the product of UniFirst?", "unmanned aircraft"),)
+    assert case.locality == (
+        Probe("nq question: john goodman's character in the big lebowski", "Walter Sobchak"),
+    )
+
+
+def test_explicit_format_matches_detection(shared_data):
+    path = shared_data / "knowedit_zsre_test_all.json"
+    assert load_cases(path, format="knowedit").cases == load_cases(path).cases
+
+
+def test_missing_file_raises():
+    with pytest.raises(FileNotFoundError, match="no_such_file"):
+        load_cases("/nonexistent/no_such_file.json")
+
+
+# --------------------------------------------------------------------------- the shipped sample
+
+
+def test_sample_set_is_complete():
+    ds = load_cases("sample")
+    assert ds.path == str(sample_path())
+    assert ds.format == "merged"
+    assert len(ds) >= 40
+    assert ds.skipped == []
+    assert ds.sha256 == _sha(sample_path())
+    for case in ds.cases:
+        for kind in PROBE_KINDS:
+            assert getattr(case, kind), f"case {case.case_id}: no {kind} probes"
+        req = case.request
+        assert req.subject in req.text, case.case_id
+        assert req.text.strip() and req.target_new != req.target_true, case.case_id
+        for probe in case.rewrite:
+            assert probe.target == req.target_new
+        # evaluation prompts are plain text: a {} template would be scored literally
+        for kind in ("rewrite", "paraphrase", "reasoning", "subject_alias", "neighborhood", "relation"):
+            for probe in getattr(case, kind):
+                assert "{}" not in probe.prompt and probe.target.strip(), (case.case_id, kind)
+    assert len({c.case_id for c in ds.cases}) == len(ds)
+
+
+# --------------------------------------------------------------------------- malformed records
+
+
+def _merged_record(case_id: int = 0) -> dict:
+    return {
+        "case_id": case_id,
+        "requested_rewrite": {
+            "prompt": "The Eiffel Tower is located in the city of",
+            "subject": "Eiffel Tower",
+            "target_new": "Rome",
+            "target_true": "Paris",
+        },
+        "p-paraphrase": {"prompts": ["The Eiffel Tower stands in"], "targets": ["Rome"]},
+        "p-reasoning": {"prompts": ["The Eiffel Tower is in the country of"], "targets": ["Italy"]},
+        "l-neighbor": {"prompts": ["The Louvre is in", "Notre-Dame is in"], "targets": ["Paris", "Paris"]},
+        "l-relation": {"prompts": ["The Eiffel Tower is made of"], "targets": ["iron"]},
+    }
+
+
+def _write(tmp_path: Path, records, name: str = "cases.json") -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path
+
+
+def _break(mutate) -> list[dict]:
+    """A valid record 0 and a record 1 broken by ``mutate``."""
+    bad = _merged_record(1)
+    mutate(bad)
+    return [_merged_record(0), bad]
+
+
+def _set(dotted: str, value):
+    def mutate(rec):
+        node = rec
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return mutate
+
+
+def _delete(dotted: str):
+    def mutate(rec):
+        node = rec
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        del node[last]
+    return mutate
+
+
+MALFORMED = {
+    "missing subject": (_delete("requested_rewrite.subject"), "requested_rewrite.subject"),
+    "missing target_true": (_delete("requested_rewrite.target_true"), "requested_rewrite.target_true"),
+    "missing probe prompts": (_delete("l-relation.prompts"), "l-relation.prompts"),
+    "non-string target_new": (_set("requested_rewrite.target_new", 5), "requested_rewrite.target_new"),
+    "empty target_new": (_set("requested_rewrite.target_new", "  "), "requested_rewrite.target_new"),
+    "list target_true": (_set("requested_rewrite.target_true", ["Paris"]), "requested_rewrite.target_true"),
+    "non-string probe target": (_set("p-reasoning.targets", [3]), "p-reasoning.targets"),
+    "subject not in prompt": (_set("requested_rewrite.subject", "Big Ben"), "requested_rewrite.prompt"),
+    "fewer targets than prompts": (_set("l-neighbor.targets", ["Paris"]), "l-neighbor.targets"),
+    "more targets than prompts": (_set("p-paraphrase.targets", ["Rome", "Rome"]), "p-paraphrase.targets"),
+    # the first field read from the block is reported
+    "requested_rewrite not an object": (_set("requested_rewrite", "x"), "requested_rewrite.target_true"),
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_malformed_merged_record(tmp_path, name):
+    mutate, field_name = MALFORMED[name]
+    path = _write(tmp_path, _break(mutate))
+    with pytest.raises(DataFormatError) as info:
+        load_cases(path)
+    msg = str(info.value)
+    assert str(path) in msg
+    assert "[1]" in msg
+    assert repr(field_name) in msg
+    # the valid record alone loads; skip_invalid leaves the broken one out and says why
+    ds = load_cases(path, skip_invalid=True)
+    assert [c.case_id for c in ds.cases] == ["0"]
+    assert ds.skipped == [msg]
+
+
+def test_subject_not_in_prompt_names_subject(tmp_path):
+    path = _write(tmp_path, _break(_set("requested_rewrite.subject", "Big Ben")))
+    with pytest.raises(DataFormatError, match="Big Ben"):
+        load_cases(path)
+
+
+def test_record_not_an_object(tmp_path):
+    path = _write(tmp_path, [_merged_record(0), ["not", "a", "record"]])
+    with pytest.raises(DataFormatError) as info:
+        load_cases(path)
+    assert str(path) in str(info.value) and "[1]" in str(info.value)
+
+
+@pytest.mark.parametrize("content", [{"requested_rewrite": {}}, [], "text"])
+def test_not_a_list_file(tmp_path, content):
+    path = _write(tmp_path, content)
+    with pytest.raises(DataFormatError) as info:
+        load_cases(path)
+    assert str(path) in str(info.value)
+    assert "list" in str(info.value)
+
+
+def test_unknown_format_detected(tmp_path):
+    path = _write(tmp_path, [{"question": "Who?", "answer": "Me"}])
+    with pytest.raises(DataFormatError) as info:
+        load_cases(path)
+    msg = str(info.value)
+    assert str(path) in msg and "[0]" in msg
+    # the keys it saw (the fields) and the formats it knows
+    assert "'answer'" in msg and "'question'" in msg
+    for name in FORMATS:
+        assert name in msg
+
+
+def test_unknown_format_requested(tmp_path):
+    path = _write(tmp_path, [_merged_record(0)])
+    with pytest.raises(DataFormatError) as info:
+        load_cases(path, format="bogus")
+    msg = str(info.value)
+    assert "'bogus'" in msg
+    assert str(path) in msg
+
+
+def test_wrong_format_requested(tmp_path):
+    path = _write(tmp_path, [_merged_record(0)])
+    with pytest.raises(DataFormatError) as info:
+        load_cases(path, format="mend_counterfact")
+    msg = str(info.value)
+    assert msg.startswith(f"{path}[0]: field '")
+    assert "'ground_truth'" in msg  # a merged record has no top-level ground_truth
+
+
+def test_duplicate_case_id(tmp_path):
+    path = _write(tmp_path, [_merged_record(7), _merged_record(8), _merged_record(7)])
+    with pytest.raises(DataFormatError) as info:
+        load_cases(path)
+    msg = str(info.value)
+    assert str(path) in msg
+    assert "case_id" in msg and "7" in msg
+    assert "[2]" in msg  # the record that repeats the id
+
+
+KNOWEDIT_OK = {
+    "subject": "Epaspidoceras",
+    "prompt": "Which family does Epaspidoceras belong to?",
+    "target_new": "Noctuidae",
+    "ground_truth": ["Aspidoceratidae"],
+    "rephrase_prompt": "What family are Epaspidoceras?",
+    "portability": {"Reasoning": [{"prompt": "Common name?", "ground_truth": "Owlet moths"}]},
+    "locality": {"Relation_Specificity": [{"prompt": "The taxon rank of Epaspidoceras is",
+                                           "ground_truth": ["genus"]}]},
+}
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field_name"),
+    [
+        (_set("ground_truth", []), "ground_truth"),
+        (_set("ground_truth", 3), "ground_truth"),
+        (_set("target_new", None), "target_new"),
+        (_set("rephrase_prompt", 7), "rephrase"),
+        (_set("locality", {"Relation_Specificity": [{"ground_truth": ["genus"]}]}),
+         "locality.Relation_Specificity[0].prompt"),
+        (_set("portability", {"Reasoning": [{"prompt": "x", "ground_truth": [[]]}]}),
+         "portability.Reasoning[0].ground_truth"),
+        (_set("portability", {"Reasoning": "x"}), "portability.Reasoning"),
+    ],
+)
+def test_malformed_knowedit_record(tmp_path, mutate, field_name):
+    bad = copy.deepcopy(KNOWEDIT_OK)
+    mutate(bad)
+    path = _write(tmp_path, [copy.deepcopy(KNOWEDIT_OK), bad])
+    with pytest.raises(DataFormatError) as info:
+        load_cases(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}[1]:")
+    assert repr(field_name) in msg
+
+
+def test_malformed_mend_and_memit_records(tmp_path):
+    mend = {"case_id": 0, "prompt": "The mother tongue of Danielle Darrieux is", "target_new": "English",
+            "subject": "Danielle Darrieux", "ground_truth": "French", "rephrase_prompt": "p",
+            "locality_prompt": "Michel Rocard is a native speaker of", "locality_ground_truth": "French"}
+    bad = dict(mend, case_id=1, locality_ground_truth=None)
+    path = _write(tmp_path, [mend, bad], "mend.json")
+    with pytest.raises(DataFormatError) as info:
+        load_cases(path)
+    assert str(info.value).startswith(f"{path}[1]:") and "'locality_ground_truth'" in str(info.value)
+
+    zsre = {"subject": "UniFirst", "src": "What is the product made by UniFirst?", "alt": "drones",
+            "answers": ["uniform"], "rephrase": "r", "loc": "nq question: q", "loc_ans": "a"}
+    path = _write(tmp_path, [zsre, dict(zsre, answers=[])], "zsre.json")
+    with pytest.raises(DataFormatError) as info:
+        load_cases(path)
+    assert str(info.value).startswith(f"{path}[1]:") and "'answers'" in str(info.value)
+
+
+def test_jsonl_input(tmp_path):
+    path = tmp_path / "cases.jsonl"
+    lines = [json.dumps(_merged_record(i)) for i in range(3)]
+    path.write_text("\n".join(lines[:2]) + "\n\n" + lines[2] + "\n", encoding="utf-8")
+    ds = load_cases(path)
+    assert ds.format == "merged"
+    assert [c.case_id for c in ds.cases] == ["0", "1", "2"]
+    assert [c.source for c in ds.cases] == ["cases.jsonl#0", "cases.jsonl#1", "cases.jsonl#2"]
+    assert ds.sha256 == _sha(path)
+    case = ds.cases[0]
+    assert case.rewrite == (Probe("The Eiffel Tower is located in the city of", "Rome"),)
+    assert case.neighborhood == (Probe("The Louvre is in", "Paris"), Probe("Notre-Dame is in", "Paris"))
+    # same records as a JSON list give the same cases
+    as_list = load_cases(_write(tmp_path, [_merged_record(i) for i in range(3)])).cases
+    assert [replace(c, source="") for c in as_list] == [replace(c, source="") for c in ds.cases]
+
+
+def test_jsonl_malformed_line_index(tmp_path):
+    path = tmp_path / "cases.jsonl"
+    bad = _merged_record(1)
+    del bad["requested_rewrite"]["target_new"]
+    path.write_text(json.dumps(_merged_record(0)) + "\n" + json.dumps(bad) + "\n", encoding="utf-8")
+    with pytest.raises(DataFormatError) as info:
+        load_cases(path)
+    assert str(info.value).startswith(f"{path}[1]:")
+    assert "'requested_rewrite.target_new'" in str(info.value)
+
+
+def test_merged_defaults(tmp_path):
+    rec = _merged_record(0)
+    rec["rewrite"] = {"prompts": ["The Eiffel Tower is in", "Eiffel Tower, city:"]}  # no targets: o_new
+    rec["o-commonsense"] = {"prompts": ["goal one", "goal two"], "right": "r", "wrong": "w"}
+    rec["generation"] = {"prompts": ["The Eiffel Tower is famous for"]}
+    case = load_cases(_write(tmp_path, [rec])).cases[0]
+    assert case.rewrite == (Probe("The Eiffel Tower is in", "Rome"), Probe("Eiffel Tower, city:", "Rome"))
+    assert [c.goal for c in case.commonsense] == ["goal one", "goal two"]
+    assert all((c.right, c.wrong) == ("r", "w") for c in case.commonsense)
+    assert case.generation == ("The Eiffel Tower is famous for",)
+    # no rewrite block: the request itself is the rewrite prompt
+    plain = load_cases(_write(tmp_path, [_merged_record(0)], "plain.json")).cases[0]
+    assert plain.rewrite == (Probe("The Eiffel Tower is located in the city of", "Rome"),)
+
+
+# --------------------------------------------------------------------------- EditRequest
+
+
+def test_edit_request_template():
+    req = EditRequest("{} is a native speaker of", "Danielle Darrieux", "English", "French")
+    assert req.text == "Danielle Darrieux is a native speaker of"
+    assert req.edit_sentence == "Danielle Darrieux is a native speaker of English."
+    mid = EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English", "French")
+    assert mid.text == "The mother tongue of Danielle Darrieux is"
+    assert mid.edit_sentence == "The mother tongue of Danielle Darrieux is English."
+
+
+def test_edit_request_plain_prompt():
+    req = EditRequest("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", "Paris")
+    assert req.text == req.prompt
+    assert req.edit_sentence == "The Eiffel Tower is located in the city of Rome."
+
+
+def test_template_request_loads(tmp_path):
+    rec = _merged_record(0)
+    rec["requested_rewrite"]["prompt"] = "{} is located in the city of"
+    case = load_cases(_write(tmp_path, [rec])).cases[0]
+    assert case.request.text == "Eiffel Tower is located in the city of"
+    assert case.rewrite == (Probe("Eiffel Tower is located in the city of", "Rome"),)

@@ -1,0 +1,111 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from attnedit.evaluation import EvalConfig
+from attnedit.report import collect
+from attnedit.runner import RESULTS, RunConfig, RunConflictError, Shard, read_results, run
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny Llama saved as a local Hugging Face directory (loads like any user model)."""
+    from conftest import make_tiny
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    bundle = make_tiny("llama", tiny_tokenizer)
+    bundle.model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def _config(out: Path, model: Path, **kw) -> RunConfig:
+    return RunConfig(data="sample", out=str(out), model=str(model), eval=EvalConfig(fluency=False), **kw)
+
+
+def _ids(out: Path) -> list[str]:
+    return [r["case_id"] for r in read_results(out / RESULTS)]
+
+
+def test_run_writes_manifest_results_summary(tmp_path, tiny_dir):
+    summary = run(_config(tmp_path, tiny_dir, limit=4), progress=False)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["method"] == "none" and manifest["seed"] == 0
+    assert len(manifest["data"]["sha256"]) == 64
+    assert manifest["attnedit_version"] and manifest["model"]["fingerprint"]
+    assert _ids(tmp_path) == ["0", "1", "2", "3"]
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    for key in ("ES", "EM", "PS", "PM", "NS", "NM", "RS", "RM", "DNS", "DNM", "DRS", "RES", "ALIAS", "OS",
+                "DOS", "FL", "PPL", "AvgS"):
+        assert set(on_disk[key]) == {"mean", "ci95", "n"}
+    assert on_disk["ES"]["n"] == 4
+
+
+def test_resume_skips_done_and_repairs_torn_line(tmp_path, tiny_dir):
+    run(_config(tmp_path, tiny_dir, limit=3), progress=False)
+    results = tmp_path / RESULTS
+    lines = results.read_text().splitlines(keepends=True)
+    # an interrupted run: two complete lines, then half of the third
+    results.write_text(lines[0] + lines[1] + lines[2][: len(lines[2]) // 2])
+    run(_config(tmp_path, tiny_dir, limit=3), progress=False)
+    assert _ids(tmp_path) == ["0", "1", "2"]
+    assert results.read_text().count("\n") == 3
+
+
+def test_conflicting_settings_refused(tmp_path, tiny_dir):
+    run(_config(tmp_path, tiny_dir, limit=2), progress=False)
+    with pytest.raises(RunConflictError, match="seed"):
+        run(_config(tmp_path, tiny_dir, limit=2, seed=1), progress=False)
+
+
+def test_shards_merge_to_the_full_run(tmp_path, tiny_dir):
+    full = run(_config(tmp_path / "full", tiny_dir, limit=7), progress=False)
+    for i in range(3):
+        run(_config(tmp_path / f"s{i}", tiny_dir, limit=7, shard=Shard(i, 3)), progress=False)
+    shard_ids = [_ids(tmp_path / f"s{i}") for i in range(3)]
+    assert sum(shard_ids, []) == [str(i) for i in range(7)]
+    rows = collect([tmp_path / f"s{i}" for i in range(3)])
+    assert len(rows) == 1 and rows[0].summary["_complete_shards"]
+    for key in ("ES", "NS", "DNS", "EM", "DNM", "AvgS"):
+        assert rows[0].summary[key]["mean"] == pytest.approx(full[key]["mean"])
+    with pytest.raises(ValueError, match="shard"):
+        collect([tmp_path / "s0", tmp_path / "s0"])
+
+
+def test_shard_parse():
+    assert Shard.parse("1/4") == Shard(1, 4)
+    for bad in ("4/4", "a/b", "1", "-1/2"):
+        with pytest.raises(ValueError):
+            Shard.parse(bad)
+
+
+@pytest.mark.smollm2
+def test_kill_9_then_resume_keeps_every_case_once(tmp_path, smollm2):
+    """A real ``kill -9`` of ``attnedit eval`` mid-run; the same command again completes the run."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "attnedit", "eval", "sample", "--out", str(out), "--limit", "10",
+           "--no-fluency", "--threads", "1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (out / RESULTS).is_file() and (out / RESULTS).read_bytes().count(b"\n") >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = len(_ids(out))
+    assert 3 <= killed_at < 10
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ids = _ids(out)
+    assert sorted(ids, key=int) == [str(i) for i in range(10)]
+    assert len(ids) == len(set(ids))

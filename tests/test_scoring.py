@@ -1,0 +1,75 @@
+import math
+
+import pytest
+import torch
+
+from attnedit.models import ModelBundle
+from attnedit.scoring import generate, score_targets, score_targets_reference, text_nll
+
+PAIRS = [
+    ("The Eiffel Tower is located in the city of", "Paris"),
+    ("The Eiffel Tower is located in the city of", "Rome in Italy"),  # shared prompt, multi-token
+    ("The Eiffel Tower is located in the city of", "Paris"),  # duplicate pair
+    ("X is", "French"),  # short prompt next to long ones: left padding
+    ("The mother tongue of Michel Rocard is", "French"),
+    ("Danielle Darrieux speaks French and English. The mother tongue of Danielle Darrieux is", "English"),
+    ("What does Freddy Cole play? They play", "jazz and the piano with Toko Yasuda"),
+]
+
+
+def test_engine_matches_one_forward_per_pair(tiny: ModelBundle):
+    fast = score_targets(tiny.model, tiny.tokenizer, tiny.adapter, PAIRS, max_batch_tokens=64)
+    slow = score_targets_reference(tiny.model, tiny.tokenizer, PAIRS)
+    for f, s in zip(fast, slow, strict=True):
+        assert f.target_ids == s.target_ids
+        assert f.argmax_ids == s.argmax_ids
+        assert f.logprobs == pytest.approx(s.logprobs, abs=2e-5)
+    assert fast[0] == fast[2]
+    assert math.isclose(fast[1].prob, math.exp(-fast[1].nll))
+
+
+def test_engine_with_bos_tokenizer(tiny_bos_tokenizer):
+    from conftest import make_tiny
+
+    bundle = make_tiny("llama", tiny_bos_tokenizer)
+    fast = score_targets(bundle.model, bundle.tokenizer, bundle.adapter, PAIRS)
+    slow = score_targets_reference(bundle.model, bundle.tokenizer, PAIRS)
+    for f, s in zip(fast, slow, strict=True):
+        assert f.logprobs == pytest.approx(s.logprobs, abs=2e-5)
+
+
+def test_batching_does_not_change_scores(tiny: ModelBundle):
+    one = score_targets(tiny.model, tiny.tokenizer, tiny.adapter, PAIRS, max_batch_rows=1)
+    many = score_targets(tiny.model, tiny.tokenizer, tiny.adapter, PAIRS, max_batch_tokens=10_000)
+    for a, b in zip(one, many, strict=True):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=2e-5)
+
+
+def test_text_nll_matches_model_loss(tiny: ModelBundle):
+    texts = ["The Eiffel Tower is located in Paris.", "Rome is the capital of Italy, Berlin of Germany."]
+    nll, counts = text_nll(tiny.model, tiny.tokenizer, tiny.adapter, texts)
+    for text, n, c in zip(texts, nll, counts, strict=True):
+        ids = torch.tensor([tiny.tokenizer(text).input_ids])
+        loss = tiny.model(ids, labels=ids).loss
+        assert c == ids.shape[1] - 1
+        assert n / c == pytest.approx(float(loss), abs=1e-4)
+
+
+def test_generation_is_greedy_and_batched(tiny: ModelBundle):
+    prompts = ["The Eiffel Tower is", "What does Freddy Cole play? They play"]
+    batched = generate(tiny.model, tiny.tokenizer, prompts, max_new_tokens=5)
+    single = [generate(tiny.model, tiny.tokenizer, [p], max_new_tokens=5)[0] for p in prompts]
+    assert batched == single
+    sampled = generate(tiny.model, tiny.tokenizer, prompts, max_new_tokens=5, top_k=5, seed=3)
+    assert sampled == generate(tiny.model, tiny.tokenizer, prompts, max_new_tokens=5, top_k=5, seed=3)
+
+
+@pytest.mark.smollm2
+def test_engine_matches_reference_on_smollm2(smollm2: ModelBundle):
+    fast = score_targets(smollm2.model, smollm2.tokenizer, smollm2.adapter, PAIRS)
+    slow = score_targets_reference(smollm2.model, smollm2.tokenizer, PAIRS)
+    for f, s in zip(fast, slow, strict=True):
+        assert f.argmax_ids == s.argmax_ids
+        assert f.logprobs == pytest.approx(s.logprobs, abs=1e-3)
+    # SmolLM2 knows the Eiffel Tower's city
+    assert fast[0].nll < fast[1].nll
