@@ -27,14 +27,19 @@ def _tokenizer(bos: bool) -> T.PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<bos>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS * 4, trainer)
     if bos:
         tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    return T.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+    return T.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -50,16 +55,29 @@ def tiny_bos_tokenizer() -> T.PreTrainedTokenizerFast:
 def tiny_config(family: str, vocab: int = 320) -> T.PretrainedConfig:
     common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     if family == "gpt2":
-        return T.GPT2Config(n_layer=3, n_embd=48, n_head=4, n_positions=128, **common)
+        return T.GPT2Config(n_layer=3, n_embd=48, n_head=4, n_positions=512, **common)
     if family == "gptj":
-        return T.GPTJConfig(n_layer=3, n_embd=48, n_head=4, n_positions=128, rotary_dim=4, **common)
+        return T.GPTJConfig(n_layer=3, n_embd=48, n_head=4, n_positions=512, rotary_dim=4, **common)
     if family == "gpt_neox":
-        return T.GPTNeoXConfig(num_hidden_layers=3, hidden_size=48, num_attention_heads=4, intermediate_size=96,
-                               max_position_embeddings=128, **common)
+        return T.GPTNeoXConfig(
+            num_hidden_layers=3,
+            hidden_size=48,
+            num_attention_heads=4,
+            intermediate_size=96,
+            max_position_embeddings=512,
+            **common,
+        )
     cls = {"llama": T.LlamaConfig, "qwen2": T.Qwen2Config, "mistral": T.MistralConfig}[family]
     # grouped-query attention: 6 query heads over 2 KV heads
-    return cls(num_hidden_layers=3, hidden_size=48, num_attention_heads=6, num_key_value_heads=2,
-               intermediate_size=96, max_position_embeddings=128, **common)
+    return cls(
+        num_hidden_layers=3,
+        hidden_size=48,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        max_position_embeddings=512,
+        **common,
+    )
 
 
 FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "gptj", "gpt_neox"]

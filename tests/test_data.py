@@ -111,8 +111,9 @@ def test_knowedit_wiki_counterfact(shared_data):
     assert (port, loc, alias) == (11, 10, 4)
     # a list of alias lists: first alias is the target, the rest are kept as aliases
     first = raw["portability"]["Reasoning"][0]
-    assert case.portability[0] == Probe(first["prompt"], first["ground_truth"][0][0],
-                                        tuple(first["ground_truth"][0][1:]))
+    assert case.portability[0] == Probe(
+        first["prompt"], first["ground_truth"][0][0], tuple(first["ground_truth"][0][1:])
+    )
     assert case.portability[0].target == "Syrian pound"
     assert case.subject_alias[0].prompt == "The name of the country of citizenship of Di Caprio is"
     assert case.subject_alias[0].target == "Syria"
@@ -277,6 +278,7 @@ def _set(dotted: str, value):
         for part in parents:
             node = node[part]
         node[last] = value
+
     return mutate
 
 
@@ -287,6 +289,7 @@ def _delete(dotted: str):
         for part in parents:
             node = node[part]
         del node[last]
+
     return mutate
 
 
@@ -391,8 +394,9 @@ KNOWEDIT_OK = {
     "ground_truth": ["Aspidoceratidae"],
     "rephrase_prompt": "What family are Epaspidoceras?",
     "portability": {"Reasoning": [{"prompt": "Common name?", "ground_truth": "Owlet moths"}]},
-    "locality": {"Relation_Specificity": [{"prompt": "The taxon rank of Epaspidoceras is",
-                                           "ground_truth": ["genus"]}]},
+    "locality": {
+        "Relation_Specificity": [{"prompt": "The taxon rank of Epaspidoceras is", "ground_truth": ["genus"]}]
+    },
 }
 
 
@@ -403,10 +407,14 @@ KNOWEDIT_OK = {
         (_set("ground_truth", 3), "ground_truth"),
         (_set("target_new", None), "target_new"),
         (_set("rephrase_prompt", 7), "rephrase"),
-        (_set("locality", {"Relation_Specificity": [{"ground_truth": ["genus"]}]}),
-         "locality.Relation_Specificity[0].prompt"),
-        (_set("portability", {"Reasoning": [{"prompt": "x", "ground_truth": [[]]}]}),
-         "portability.Reasoning[0].ground_truth"),
+        (
+            _set("locality", {"Relation_Specificity": [{"ground_truth": ["genus"]}]}),
+            "locality.Relation_Specificity[0].prompt",
+        ),
+        (
+            _set("portability", {"Reasoning": [{"prompt": "x", "ground_truth": [[]]}]}),
+            "portability.Reasoning[0].ground_truth",
+        ),
         (_set("portability", {"Reasoning": "x"}), "portability.Reasoning"),
     ],
 )
@@ -422,17 +430,31 @@ def test_malformed_knowedit_record(tmp_path, mutate, field_name):
 
 
 def test_malformed_mend_and_memit_records(tmp_path):
-    mend = {"case_id": 0, "prompt": "The mother tongue of Danielle Darrieux is", "target_new": "English",
-            "subject": "Danielle Darrieux", "ground_truth": "French", "rephrase_prompt": "p",
-            "locality_prompt": "Michel Rocard is a native speaker of", "locality_ground_truth": "French"}
+    mend = {
+        "case_id": 0,
+        "prompt": "The mother tongue of Danielle Darrieux is",
+        "target_new": "English",
+        "subject": "Danielle Darrieux",
+        "ground_truth": "French",
+        "rephrase_prompt": "p",
+        "locality_prompt": "Michel Rocard is a native speaker of",
+        "locality_ground_truth": "French",
+    }
     bad = dict(mend, case_id=1, locality_ground_truth=None)
     path = _write(tmp_path, [mend, bad], "mend.json")
     with pytest.raises(DataFormatError) as info:
         load_cases(path)
     assert str(info.value).startswith(f"{path}[1]:") and "'locality_ground_truth'" in str(info.value)
 
-    zsre = {"subject": "UniFirst", "src": "What is the product made by UniFirst?", "alt": "drones",
-            "answers": ["uniform"], "rephrase": "r", "loc": "nq question: q", "loc_ans": "a"}
+    zsre = {
+        "subject": "UniFirst",
+        "src": "What is the product made by UniFirst?",
+        "alt": "drones",
+        "answers": ["uniform"],
+        "rephrase": "r",
+        "loc": "nq question: q",
+        "loc_ans": "a",
+    }
     path = _write(tmp_path, [zsre, dict(zsre, answers=[])], "zsre.json")
     with pytest.raises(DataFormatError) as info:
         load_cases(path)

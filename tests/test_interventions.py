@@ -53,8 +53,11 @@ def test_replacing_with_own_values_reproduces_and_gradients_flow(tiny: ModelBund
         clean = model(ids).logits
     saved = trace[name].hidden
     pos = torch.tensor([2, 4])
-    with Trace(model, [name], edit_output=lambda y, n: replace_positions(torch.zeros(2, dtype=torch.long), pos,
-                                                                         saved[0, pos])(y)):
+    with Trace(
+        model,
+        [name],
+        edit_output=lambda y, n: replace_positions(torch.zeros(2, dtype=torch.long), pos, saved[0, pos])(y),
+    ):
         again = model(ids).logits
     torch.testing.assert_close(again, clean)
 
@@ -145,4 +148,6 @@ def test_head_outputs_read_and_replace(tiny: ModelBundle):
     o = a.module(model, "attn_o", 1)
     with Trace(model, [a.module_name("attn_o", 1)], retain_input=True, detach=True) as t:
         model(ids)
-    torch.testing.assert_close(o(heads[1].reshape(1, ids.shape[1], -1)), o(t[a.module_name("attn_o", 1)].input))
+    torch.testing.assert_close(
+        o(heads[1].reshape(1, ids.shape[1], -1)), o(t[a.module_name("attn_o", 1)].input)
+    )

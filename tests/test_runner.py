@@ -42,8 +42,26 @@ def test_run_writes_manifest_results_summary(tmp_path, tiny_dir):
     assert _ids(tmp_path) == ["0", "1", "2", "3"]
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
-    for key in ("ES", "EM", "PS", "PM", "NS", "NM", "RS", "RM", "DNS", "DNM", "DRS", "RES", "ALIAS", "OS",
-                "DOS", "FL", "PPL", "AvgS"):
+    for key in (
+        "ES",
+        "EM",
+        "PS",
+        "PM",
+        "NS",
+        "NM",
+        "RS",
+        "RM",
+        "DNS",
+        "DNM",
+        "DRS",
+        "RES",
+        "ALIAS",
+        "OS",
+        "DOS",
+        "FL",
+        "PPL",
+        "AvgS",
+    ):
         assert set(on_disk[key]) == {"mean", "ci95", "n"}
     assert on_disk["ES"]["n"] == 4
 
@@ -70,7 +88,7 @@ def test_shards_merge_to_the_full_run(tmp_path, tiny_dir):
     for i in range(3):
         run(_config(tmp_path / f"s{i}", tiny_dir, limit=7, shard=Shard(i, 3)), progress=False)
     shard_ids = [_ids(tmp_path / f"s{i}") for i in range(3)]
-    assert sum(shard_ids, []) == [str(i) for i in range(7)]
+    assert [i for ids in shard_ids for i in ids] == [str(i) for i in range(7)]
     rows = collect([tmp_path / f"s{i}" for i in range(3)])
     assert len(rows) == 1 and rows[0].summary["_complete_shards"]
     for key in ("ES", "NS", "DNS", "EM", "DNM", "AvgS"):
@@ -90,8 +108,20 @@ def test_shard_parse():
 def test_kill_9_then_resume_keeps_every_case_once(tmp_path, smollm2):
     """A real ``kill -9`` of ``attnedit eval`` mid-run; the same command again completes the run."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "attnedit", "eval", "sample", "--out", str(out), "--limit", "10",
-           "--no-fluency", "--threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "attnedit",
+        "eval",
+        "sample",
+        "--out",
+        str(out),
+        "--limit",
+        "10",
+        "--no-fluency",
+        "--threads",
+        "1",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300

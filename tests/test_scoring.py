@@ -73,3 +73,12 @@ def test_engine_matches_reference_on_smollm2(smollm2: ModelBundle):
         assert f.logprobs == pytest.approx(s.logprobs, abs=1e-3)
     # SmolLM2 knows the Eiffel Tower's city
     assert fast[0].nll < fast[1].nll
+
+
+def test_too_long_sequence_is_a_clear_error(tiny_tokenizer):
+    from conftest import make_tiny
+
+    bundle = make_tiny("gpt2", tiny_tokenizer)
+    long_prompt = "The Eiffel Tower is in Paris. " * 60
+    with pytest.raises(ValueError, match="exceed the model's 512 positions"):
+        score_targets(bundle.model, bundle.tokenizer, bundle.adapter, [(long_prompt, "Rome")])

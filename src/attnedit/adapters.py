@@ -111,7 +111,18 @@ FAMILIES: tuple[FamilyTable, ...] = (
     ),
 )
 
-COMPONENTS = ("layer", "attn", "attn_q", "attn_k", "attn_v", "attn_qkv", "attn_o", "mlp", "mlp_in", "mlp_down")
+COMPONENTS = (
+    "layer",
+    "attn",
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_qkv",
+    "attn_o",
+    "mlp",
+    "mlp_in",
+    "mlp_down",
+)
 
 
 @dataclass(frozen=True)
@@ -125,6 +136,7 @@ class ModelAdapter:
     head_dim: int
     hidden_size: int
     vocab_size: int
+    max_positions: int | None = None  # longest sequence the position embeddings allow
 
     @property
     def family(self) -> str:
@@ -207,4 +219,5 @@ def get_adapter(model: nn.Module) -> ModelAdapter:
         head_dim=head_dim,
         hidden_size=hidden,
         vocab_size=int(config.vocab_size),
+        max_positions=_config_value(config, "max_position_embeddings", "n_positions"),
     )

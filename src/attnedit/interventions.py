@@ -18,7 +18,7 @@ from attnedit.adapters import ModelAdapter
 EditFn = Callable[[torch.Tensor, str], torch.Tensor]
 
 
-class StopForward(Exception):  # noqa: N818 - a control-flow signal, not an error
+class StopForward(Exception):
     """Raised by a hook to end a forward pass once the last traced module has run."""
 
 
@@ -88,7 +88,9 @@ class Trace(contextlib.AbstractContextManager):
             for name, module in self._modules.items():
                 self.retained[name] = Retained()
                 if self.retain_input or self.edit_input is not None:
-                    self._handles.append(module.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True))
+                    self._handles.append(
+                        module.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True)
+                    )
                 self._handles.append(module.register_forward_hook(self._post_hook(name)))
         except BaseException:
             self.remove()
@@ -122,7 +124,8 @@ class Trace(contextlib.AbstractContextManager):
                     self.retained[name].output = self._keep(output)
                 else:
                     self.retained[name].output = tuple(
-                        self._keep(o) if isinstance(o, torch.Tensor) else o for o in output  # type: ignore[union-attr]
+                        self._keep(o) if isinstance(o, torch.Tensor) else o
+                        for o in output  # type: ignore[union-attr]
                     )
             if self.stop and name == self._last:
                 raise StopForward
@@ -186,7 +189,9 @@ def attention_implementation(model: nn.Module, implementation: str) -> Iterator[
 class LayerView(Mapping[int, torch.Tensor]):
     """Live read-only view layer -> tensor over a running ``Trace`` (valid inside and after the block)."""
 
-    def __init__(self, trace: Trace, names: dict[str, int], read: Callable[[Retained, str], torch.Tensor | None]):
+    def __init__(
+        self, trace: Trace, names: dict[str, int], read: Callable[[Retained, str], torch.Tensor | None]
+    ):
         self._trace, self._read = trace, read
         self._by_layer = {layer: name for name, layer in names.items()}
 
@@ -197,8 +202,11 @@ class LayerView(Mapping[int, torch.Tensor]):
         return value
 
     def __iter__(self) -> Iterator[int]:
-        return (layer for layer, name in self._by_layer.items() if self._trace[name].output is not None
-                or self._trace[name].input is not None)
+        return (
+            layer
+            for layer, name in self._by_layer.items()
+            if self._trace[name].output is not None or self._trace[name].input is not None
+        )
 
     def __len__(self) -> int:
         return sum(1 for _ in self)

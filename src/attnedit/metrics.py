@@ -144,7 +144,9 @@ def summarize(records: Sequence[dict], bootstrap: int = 1000, seed: int = 0) -> 
         if spec.failure:
             summary[spec.failure] = _entry(*mean_ci(np.exp(-all_wrong)), scale=100)
         # per-case (hits, prompts) for the Avg S bootstrap
-        per_case_counts[spec.score] = np.array([[(a < b).sum(), a.size] for a, b in zip(right, wrong, strict=True)])
+        per_case_counts[spec.score] = np.array(
+            [[(a < b).sum(), a.size] for a, b in zip(right, wrong, strict=True)]
+        )
 
     parts = [summary[m]["mean"] for m in AVG_S_COMPONENTS]
     if any(p is None for p in parts):
@@ -161,7 +163,9 @@ def summarize(records: Sequence[dict], bootstrap: int = 1000, seed: int = 0) -> 
     ppl = [math.exp(r["ppl"]["nll"] / r["ppl"]["tokens"]) for r in records if r.get("ppl")]
     summary["PPL"] = _entry(*mean_ci(ppl))
     for name in KNOWEDIT_METRICS:
-        summary[name] = _entry(*mean_ci(v for r in records for v in r.get("knowedit", {}).get(name, [])), scale=100)
+        summary[name] = _entry(
+            *mean_ci(v for r in records for v in r.get("knowedit", {}).get(name, [])), scale=100
+        )
     return summary
 
 
@@ -177,7 +181,11 @@ def _bootstrap_avg_s(counts: dict[str, np.ndarray], resamples: int, seed: int) -
         parts = []
         for m in AVG_S_COMPONENTS:
             hits, total = counts[m][sample].sum(axis=0)
-            parts.append(100.0 * hits / total if total else 0.0)
-        stats.append(harmonic_mean(parts))
+            parts.append(100.0 * hits / total if total else None)
+        # a resample without prompts for a component has no Avg S; it is left out
+        if all(p is not None for p in parts):
+            stats.append(harmonic_mean(parts))  # type: ignore[arg-type]
+    if not stats:
+        return None
     lo, hi = np.percentile(stats, [2.5, 97.5])
     return float(hi - lo) / 2

@@ -64,7 +64,10 @@ class ModelBundle:
 
 def cache_dir() -> Path:
     """Root of attnedit's caches: ``$ATTNEDIT_CACHE`` or ``~/.cache/attnedit``."""
-    root = os.environ.get("ATTNEDIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "attnedit"
+    root = (
+        os.environ.get("ATTNEDIT_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "attnedit"
+    )
     return Path(root)
 
 
@@ -157,12 +160,16 @@ def load_model(
         if not (source / "config.json").is_file():
             raise ModelLoadError(f"{source} is a directory without config.json: not a Hugging Face model")
     elif Path(name_or_path).exists():
-        raise ModelLoadError(f"{name_or_path} is a file; pass a model directory or one of {list(EMBEDDED_MODELS)}")
+        raise ModelLoadError(
+            f"{name_or_path} is a file; pass a model directory or one of {list(EMBEDDED_MODELS)}"
+        )
     else:
         source = None
     target = str(source) if source is not None else name_or_path
     try:
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, attn_implementation=attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(
+            target, dtype=dtype, attn_implementation=attn_implementation
+        )
         tokenizer = AutoTokenizer.from_pretrained(target)
     except (OSError, ValueError) as err:
         where = "local directory" if source is not None else "Hugging Face hub id (needs network access)"
@@ -179,7 +186,9 @@ def load_model(
     fingerprint = (
         _weights_fingerprint(source, name_or_path)
         if source is not None
-        else hashlib.sha256(f"hub:{name_or_path}:{getattr(model.config, '_commit_hash', '')}".encode()).hexdigest()[:16]
+        else hashlib.sha256(
+            f"hub:{name_or_path}:{getattr(model.config, '_commit_hash', '')}".encode()
+        ).hexdigest()[:16]
     )
     return ModelBundle(
         model=model,
@@ -191,7 +200,9 @@ def load_model(
     )
 
 
-def bundle_from_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str = "in-memory") -> ModelBundle:
+def bundle_from_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str = "in-memory"
+) -> ModelBundle:
     """Wrap an already constructed model (tests, notebooks) in a bundle."""
     model.eval()
     model.requires_grad_(False)

@@ -61,8 +61,11 @@ def collect(run_dirs: list[str | Path]) -> list[ReportRow]:
         summary = summarize(records)
         summary["_cases"] = len(records)
         summary["_complete_shards"] = complete
-        rows.append(ReportRow(manifest.get("label") or manifest["method"], [str(d) for d, _ in members],
-                              manifest, summary))
+        rows.append(
+            ReportRow(
+                manifest.get("label") or manifest["method"], [str(d) for d, _ in members], manifest, summary
+            )
+        )
     return rows
 
 
@@ -107,8 +110,20 @@ def write_report(rows: list[ReportRow], out_dir: str | Path, cols: tuple[str, ..
     paths = {"md": out / "report.md", "csv": out / "report.csv", "json": out / "report.json"}
     paths["md"].write_text(markdown_table(rows, cols) + "\n")
     paths["csv"].write_text(csv_table(rows, cols))
-    paths["json"].write_text(json.dumps(
-        [{"label": r.label, "run_dirs": r.run_dirs, "summary": r.summary,
-          "manifest": {k: r.manifest.get(k) for k in ("model", "method", "hyperparameters", "data", "seed")}}
-         for r in rows], indent=1))
+    paths["json"].write_text(
+        json.dumps(
+            [
+                {
+                    "label": r.label,
+                    "run_dirs": r.run_dirs,
+                    "summary": r.summary,
+                    "manifest": {
+                        k: r.manifest.get(k) for k in ("model", "method", "hyperparameters", "data", "seed")
+                    },
+                }
+                for r in rows
+            ],
+            indent=1,
+        )
+    )
     return paths

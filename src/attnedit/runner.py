@@ -91,26 +91,50 @@ def _set_seed(seed: int) -> None:
 def build_manifest(config: RunConfig, bundle: ModelBundle, dataset: Dataset, editor: Editor) -> dict:
     return {
         "attnedit_version": __version__,
-        "model": {"name": bundle.name, "source": bundle.source, "fingerprint": bundle.fingerprint,
-                  "family": bundle.adapter.family, "dtype": str(next(bundle.model.parameters()).dtype)},
+        "model": {
+            "name": bundle.name,
+            "source": bundle.source,
+            "fingerprint": bundle.fingerprint,
+            "family": bundle.adapter.family,
+            "dtype": str(next(bundle.model.parameters()).dtype),
+        },
         "method": editor.name,
         "label": config.label or editor.name,
         "hyperparameters": editor.hyperparameters(),
-        "data": {"path": dataset.path, "format": dataset.format, "sha256": dataset.sha256,
-                 "records": len(dataset) + len(dataset.skipped), "skipped": dataset.skipped},
+        "data": {
+            "path": dataset.path,
+            "format": dataset.format,
+            "sha256": dataset.sha256,
+            "records": len(dataset) + len(dataset.skipped),
+            "skipped": dataset.skipped,
+        },
         "limit": config.limit,
         "shard": asdict(config.shard),
         "seed": config.seed,
         "eval": config.eval.manifest(),
         "ppl_corpus": config.ppl_corpus,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
         "torch_threads": torch.get_num_threads(),
     }
 
 
 # fields that must match for a run directory to be resumed
-_IDENTITY = ("model", "method", "label", "hyperparameters", "data", "limit", "shard", "seed", "eval", "ppl_corpus")
+_IDENTITY = (
+    "model",
+    "method",
+    "label",
+    "hyperparameters",
+    "data",
+    "limit",
+    "shard",
+    "seed",
+    "eval",
+    "ppl_corpus",
+)
 
 
 def _check_resumable(out: Path, manifest: dict) -> None:
@@ -165,8 +189,9 @@ def write_summary(out: Path, records: list[dict]) -> dict:
     return summary
 
 
-def run(config: RunConfig, bundle: ModelBundle | None = None, editor: Editor | None = None,
-        progress: bool = True) -> dict:
+def run(
+    config: RunConfig, bundle: ModelBundle | None = None, editor: Editor | None = None, progress: bool = True
+) -> dict:
     """Run (or resume) an evaluation; returns the summary."""
     _set_seed(config.seed)
     out = Path(config.out)
@@ -181,7 +206,9 @@ def run(config: RunConfig, bundle: ModelBundle | None = None, editor: Editor | N
     out.mkdir(parents=True, exist_ok=True)
     _check_resumable(out, manifest)
     if not (out / MANIFEST).is_file():
-        (out / MANIFEST).write_text(json.dumps({**manifest, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+        (out / MANIFEST).write_text(
+            json.dumps({**manifest, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1)
+        )
 
     results_path = out / RESULTS
     records = read_results(results_path, repair=True)
@@ -191,8 +218,14 @@ def run(config: RunConfig, bundle: ModelBundle | None = None, editor: Editor | N
         logger.info("resuming %s: %d of %d cases already done", out, len(done), len(cases))
     evaluator = Evaluator(bundle, config.eval)
     with open(results_path, "a", encoding="utf-8") as fh:
-        bar = tqdm(todo, desc=f"eval {manifest['label']}", unit="case", disable=not progress,
-                   initial=len(done), total=len(cases))
+        bar = tqdm(
+            todo,
+            desc=f"eval {manifest['label']}",
+            unit="case",
+            disable=not progress,
+            initial=len(done),
+            total=len(cases),
+        )
         for case in bar:
             t0 = time.perf_counter()
             reference = evaluator.reference(case) if case.locality else None

@@ -58,6 +58,14 @@ def _token_results(
     return logprobs.gather(1, targets[:, None])[:, 0], logits.argmax(dim=-1)
 
 
+def check_length(adapter: ModelAdapter, length: int, text: str) -> None:
+    """Refuse sequences longer than the position embeddings (not an index error deep inside)."""
+    if adapter.max_positions is not None and length > adapter.max_positions:
+        raise ValueError(
+            f"{length} tokens exceed the model's {adapter.max_positions} positions: prompt {text[:80]!r}..."
+        )
+
+
 def _batches(lengths: list[int], order: list[int], max_tokens: int, max_rows: int) -> list[list[int]]:
     """Greedy batches of indices (in ``order``) whose padded size stays within ``max_tokens``."""
     batches: list[list[int]] = []
@@ -107,6 +115,7 @@ def score_targets(
 
     results: list[TargetScore | None] = [None] * len(unique_pairs)
     lengths = [len(ids) + max(len(pair_targets[j]) for j in by_prompt[i]) for i, ids in enumerate(prompt_ids)]
+    check_length(adapter, max(lengths), prompts[lengths.index(max(lengths))])
     order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))
     batches = _batches(lengths, order, max_batch_tokens, max_batch_rows)
     for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress, leave=False):
@@ -169,7 +178,11 @@ def _score_prompt_batch(
         full_mask = torch.cat([prompt_mask, cmask], dim=1)
         cpositions = prompt_mask.sum(-1, keepdim=True) + torch.arange(cwidth, device=device)[None]
         hidden = base(
-            input_ids=cids, attention_mask=full_mask, position_ids=cpositions, past_key_values=cache, use_cache=True
+            input_ids=cids,
+            attention_mask=full_mask,
+            position_ids=cpositions,
+            past_key_values=cache,
+            use_cache=True,
         ).last_hidden_state
         sel_r, sel_t = cmask.nonzero(as_tuple=True)
         nexts = torch.tensor(
@@ -230,6 +243,7 @@ def generate(
     top_k: int | None = None,
     seed: int = 0,
     batch_size: int = 16,
+    adapter: ModelAdapter | None = None,
 ) -> list[str]:
     """Continuations of ``prompts`` (greedy, or top-k sampling with a fixed seed), batched and left-padded."""
     if not prompts:
@@ -243,6 +257,8 @@ def generate(
         for start in range(0, len(prompts), batch_size):
             chunk = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
             width = max(map(len, chunk))
+            if adapter is not None:
+                check_length(adapter, width + max_new_tokens, prompts[start])
             ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
             mask = torch.zeros_like(ids)
             for r, c in enumerate(chunk):
@@ -282,6 +298,7 @@ def text_nll(
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
     for batch in _batches([len(e) for e in encoded], order, max_batch_tokens, 64):
         width = max(len(encoded[i]) for i in batch)
+        check_length(adapter, width, texts[batch[-1]])
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for r, i in enumerate(batch):

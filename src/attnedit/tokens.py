@@ -58,9 +58,7 @@ def locate_subject(
         raise TypeError(f"{type(tokenizer).__name__} is not a fast tokenizer; offsets are needed")
     enc = tokenizer(text, return_offsets_mapping=True)
     ids: list[int] = enc["input_ids"]
-    covering = [
-        i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end and b > start
-    ]
+    covering = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < end and b > start]
     if not covering:
         raise SubjectNotFoundError(f"no token covers subject {subject!r} in {text!r}")
     return SubjectSpan(text=text, input_ids=ids, first_token=covering[0], last_token=covering[-1])
