@@ -7,6 +7,7 @@ projects to the vocabulary only at the positions that predict target tokens.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,21 +67,34 @@ def check_length(adapter: ModelAdapter, length: int, text: str) -> None:
         )
 
 
-def _batches(lengths: list[int], order: list[int], max_tokens: int, max_rows: int) -> list[list[int]]:
-    """Greedy batches of indices (in ``order``) whose padded size stays within ``max_tokens``."""
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i in order:
-        longest_if = max(longest, lengths[i])
-        if current and (longest_if * (len(current) + 1) > max_tokens or len(current) >= max_rows):
-            batches.append(current)
-            current, longest_if = [], lengths[i]
-        current.append(i)
-        longest = longest_if
-    if current:
-        batches.append(current)
-    return batches
+def _batches(
+    lengths: list[int], order: list[int], max_tokens: int, max_rows: int, call_cost: int = 48
+) -> list[list[int]]:
+    """Split ``order`` (sorted by length) into consecutive batches of least padded work.
+
+    A batch costs ``rows * longest`` padded tokens plus ``call_cost`` tokens' worth of per-call
+    overhead; an exact O(n^2) dynamic programme picks the cut points, within ``max_tokens`` and
+    ``max_rows``. On a CPU, padding is paid in full, so fewer, fuller batches are not always faster.
+    """
+    n = len(order)
+    best = [0.0] + [math.inf] * n  # best[i]: cost of batching order[:i]
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        longest = 0
+        for start in range(end - 1, -1, -1):
+            longest = max(longest, lengths[order[start]])
+            rows = end - start
+            if rows > max_rows or (rows > 1 and rows * longest > max_tokens):
+                break
+            cost = best[start] + call_cost + rows * longest
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    batches = []
+    end = n
+    while end > 0:
+        batches.append(order[cut[end] : end])
+        end = cut[end]
+    return batches[::-1]
 
 
 @torch.inference_mode()
@@ -114,9 +128,10 @@ def score_targets(
         by_prompt[prompt_index[p]].append(j)
 
     results: list[TargetScore | None] = [None] * len(unique_pairs)
-    lengths = [len(ids) + max(len(pair_targets[j]) for j in by_prompt[i]) for i, ids in enumerate(prompt_ids)]
-    check_length(adapter, max(lengths), prompts[lengths.index(max(lengths))])
-    order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))
+    full = [len(ids) + max(len(pair_targets[j]) for j in by_prompt[i]) for i, ids in enumerate(prompt_ids)]
+    check_length(adapter, max(full), prompts[full.index(max(full))])
+    lengths = [len(ids) for ids in prompt_ids]  # stage 1 pads prompts only
+    order = sorted(range(len(prompts)), key=lengths.__getitem__)
     batches = _batches(lengths, order, max_batch_tokens, max_batch_rows)
     for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress, leave=False):
         _score_prompt_batch(base, head, batch, prompt_ids, by_prompt, pair_targets, results, pad_id, device)
@@ -161,39 +176,23 @@ def _score_prompt_batch(
     for k, (_, j) in enumerate(rows):
         per_pair[j] = ([float(first_lp[k])], [int(first_argmax[k])])
 
-    # stage 2: continuations (all target tokens but the last) on top of the shared prompt cache
+    # stage 2: continuations (all target tokens but the last) on top of the shared prompt cache,
+    # in their own length-sorted batches so that one long target does not pad all the others
     cont = [(row, j) for row, j in rows if len(pair_targets[j]) > 1]
-    if cont:
-        cache = out.past_key_values
-        cache.reorder_cache(torch.tensor([row for row, _ in cont], device=device))
-        cwidth = max(len(pair_targets[j]) - 1 for _, j in cont)
-        cids = torch.full((len(cont), cwidth), pad_id, dtype=torch.long)
-        cmask = torch.zeros((len(cont), cwidth), dtype=torch.long)
-        for r, (_, j) in enumerate(cont):
-            n = len(pair_targets[j]) - 1
-            cids[r, :n] = torch.tensor(pair_targets[j][:-1])
-            cmask[r, :n] = 1
-        cids, cmask = cids.to(device), cmask.to(device)
-        prompt_mask = mask[[row for row, _ in cont]]
-        full_mask = torch.cat([prompt_mask, cmask], dim=1)
-        cpositions = prompt_mask.sum(-1, keepdim=True) + torch.arange(cwidth, device=device)[None]
-        hidden = base(
-            input_ids=cids,
-            attention_mask=full_mask,
-            position_ids=cpositions,
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state
-        sel_r, sel_t = cmask.nonzero(as_tuple=True)
-        nexts = torch.tensor(
-            [pair_targets[cont[r][1]][t + 1] for r, t in zip(sel_r.tolist(), sel_t.tolist(), strict=True)],
-            device=device,
+    cont_lengths = [len(pair_targets[j]) - 1 for _, j in cont]
+    order = sorted(range(len(cont)), key=cont_lengths.__getitem__)
+    for sub in _batches(cont_lengths, order, max_tokens=4096, max_rows=256):
+        _score_continuations(
+            base,
+            head,
+            out.past_key_values,
+            mask,
+            [cont[k] for k in sub],
+            pair_targets,
+            per_pair,
+            pad_id,
+            device,
         )
-        lp, am = _token_results(head, hidden[sel_r, sel_t], nexts)
-        for k, (r, _t) in enumerate(zip(sel_r.tolist(), sel_t.tolist(), strict=True)):
-            j = cont[r][1]
-            per_pair[j][0].append(float(lp[k]))
-            per_pair[j][1].append(int(am[k]))
 
     for j, (lps, ams) in per_pair.items():
         target = pair_targets[j]
@@ -203,6 +202,50 @@ def _score_prompt_batch(
             argmax_hits=tuple(a == t for a, t in zip(ams, target, strict=True)),
             argmax_ids=tuple(ams),
         )
+
+
+def _score_continuations(
+    base: nn.Module,
+    head: nn.Module,
+    prompt_cache: object,
+    prompt_mask: torch.Tensor,
+    cont: list[tuple[int, int]],
+    pair_targets: list[list[int]],
+    per_pair: dict[int, tuple[list[float], list[int]]],
+    pad_id: int,
+    device: torch.device,
+) -> None:
+    """Feed target tokens [:-1] of the pairs ``cont`` = [(prompt row, pair)] after their prompt's cache."""
+    rows = torch.tensor([row for row, _ in cont], device=device)
+    cache = copy.deepcopy(prompt_cache)  # the prompt cache is reused by the next sub-batch
+    cache.reorder_cache(rows)
+    cwidth = max(len(pair_targets[j]) - 1 for _, j in cont)
+    cids = torch.full((len(cont), cwidth), pad_id, dtype=torch.long)
+    cmask = torch.zeros((len(cont), cwidth), dtype=torch.long)
+    for r, (_, j) in enumerate(cont):
+        n = len(pair_targets[j]) - 1
+        cids[r, :n] = torch.tensor(pair_targets[j][:-1])
+        cmask[r, :n] = 1
+    cids, cmask = cids.to(device), cmask.to(device)
+    pmask = prompt_mask[rows]
+    positions = pmask.sum(-1, keepdim=True) + torch.arange(cwidth, device=device)[None]
+    hidden = base(
+        input_ids=cids,
+        attention_mask=torch.cat([pmask, cmask], dim=1),
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state
+    sel_r, sel_t = cmask.nonzero(as_tuple=True)
+    nexts = torch.tensor(
+        [pair_targets[cont[r][1]][t + 1] for r, t in zip(sel_r.tolist(), sel_t.tolist(), strict=True)],
+        device=device,
+    )
+    lp, am = _token_results(head, hidden[sel_r, sel_t], nexts)
+    for k, r in enumerate(sel_r.tolist()):
+        j = cont[r][1]
+        per_pair[j][0].append(float(lp[k]))
+        per_pair[j][1].append(int(am[k]))
 
 
 @torch.inference_mode()
