@@ -139,6 +139,14 @@ def _weights_fingerprint(directory: Path, name: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def _prepare_for_inference(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Eval mode, frozen weights (editors enable gradients where they need them), a pad token."""
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     dtype: torch.dtype | str = torch.float32,
@@ -179,10 +187,7 @@ def load_model(
         ) from None
     model.to(resolve_device(device))
     logger.debug("loaded %s with %s attention", name_or_path, model.config._attn_implementation)
-    model.eval()
-    model.requires_grad_(False)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    _prepare_for_inference(model, tokenizer)
     fingerprint = (
         _weights_fingerprint(source, name_or_path)
         if source is not None
@@ -204,9 +209,6 @@ def bundle_from_model(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str = "in-memory"
 ) -> ModelBundle:
     """Wrap an already constructed model (tests, notebooks) in a bundle."""
-    model.eval()
-    model.requires_grad_(False)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    _prepare_for_inference(model, tokenizer)
     digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
     return ModelBundle(model, tokenizer, get_adapter(model), name, name, digest.hexdigest()[:16])

@@ -59,6 +59,20 @@ def _token_results(
     return logprobs.gather(1, targets[:, None])[:, 0], logits.argmax(dim=-1)
 
 
+def pad_batch(
+    seqs: Sequence[Sequence[int]], pad_id: int, left: bool, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and attention mask of ``seqs`` padded to the longest (``left``: rows end at the last column)."""
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        span = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, span] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, span] = 1
+    return ids.to(device), mask.to(device)
+
+
 def check_length(adapter: ModelAdapter, length: int, text: str) -> None:
     """Refuse sequences longer than the position embeddings (not an index error deep inside)."""
     if adapter.max_positions is not None and length > adapter.max_positions:
@@ -151,14 +165,7 @@ def _score_prompt_batch(
     device: torch.device,
 ) -> None:
     # stage 1: the prompts, left-padded so every prompt ends at the last column
-    width = max(len(prompt_ids[i]) for i in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, i in enumerate(batch):
-        n = len(prompt_ids[i])
-        ids[row, width - n :] = torch.tensor(prompt_ids[i])
-        mask[row, width - n :] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = pad_batch([prompt_ids[i] for i in batch], pad_id, left=True, device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = base(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
     last_hidden = out.last_hidden_state[:, -1]
@@ -219,14 +226,8 @@ def _score_continuations(
     rows = torch.tensor([row for row, _ in cont], device=device)
     cache = copy.deepcopy(prompt_cache)  # the prompt cache is reused by the next sub-batch
     cache.reorder_cache(rows)
-    cwidth = max(len(pair_targets[j]) - 1 for _, j in cont)
-    cids = torch.full((len(cont), cwidth), pad_id, dtype=torch.long)
-    cmask = torch.zeros((len(cont), cwidth), dtype=torch.long)
-    for r, (_, j) in enumerate(cont):
-        n = len(pair_targets[j]) - 1
-        cids[r, :n] = torch.tensor(pair_targets[j][:-1])
-        cmask[r, :n] = 1
-    cids, cmask = cids.to(device), cmask.to(device)
+    cids, cmask = pad_batch([pair_targets[j][:-1] for _, j in cont], pad_id, left=False, device=device)
+    cwidth = cids.shape[1]
     pmask = prompt_mask[rows]
     positions = pmask.sum(-1, keepdim=True) + torch.arange(cwidth, device=device)[None]
     hidden = base(
@@ -299,17 +300,13 @@ def generate(
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
-            width = max(map(len, chunk))
+            ids, mask = pad_batch(chunk, pad_id, left=True, device=device)
+            width = ids.shape[1]
             if adapter is not None:
                 check_length(adapter, width + max_new_tokens, prompts[start])
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, c in enumerate(chunk):
-                ids[r, width - len(c) :] = torch.tensor(c)
-                mask[r, width - len(c) :] = 1
             out = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
+                input_ids=ids,
+                attention_mask=mask,
                 max_new_tokens=max_new_tokens,
                 do_sample=top_k is not None,
                 top_k=top_k,
@@ -340,14 +337,8 @@ def text_nll(
     counts = np.zeros(len(texts), dtype=np.int64)
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
     for batch in _batches([len(e) for e in encoded], order, max_batch_tokens, 64):
-        width = max(len(encoded[i]) for i in batch)
-        check_length(adapter, width, texts[batch[-1]])
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(batch):
-            ids[r, : len(encoded[i])] = torch.tensor(encoded[i])
-            mask[r, : len(encoded[i])] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        check_length(adapter, max(len(encoded[i]) for i in batch), texts[batch[-1]])
+        ids, mask = pad_batch([encoded[i] for i in batch], pad_id, left=False, device=device)
         hidden = base(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
         rows, cols = mask[:, 1:].nonzero(as_tuple=True)
         lp, _ = _token_results(head, hidden[rows, cols], ids[rows, cols + 1])
