@@ -22,7 +22,8 @@ import torch
 
 from attnedit import __version__
 from attnedit.data import load_cases
-from attnedit.evaluation import EvalConfig, Evaluator, load_ppl_corpus
+from attnedit.data import load_texts
+from attnedit.evaluation import EvalConfig, Evaluator
 from attnedit.metrics import comparisons
 from attnedit.models import load_model
 from attnedit.scoring import score_targets_reference
@@ -53,7 +54,7 @@ def main() -> None:
         len(encode_prompt(tok, p)) + len(encode_target(tok, p, t)) for ps in pairs_per_case for p, t in ps
     )
 
-    evaluator = Evaluator(bundle, EvalConfig(fluency=False, ppl_texts=load_ppl_corpus(args.ppl_corpus)))
+    evaluator = Evaluator(bundle, EvalConfig(fluency=False, ppl_texts=load_texts(args.ppl_corpus)))
     evaluator.evaluate(cases[0])  # warm-up (and the one-time PPL of the unedited model)
     start = time.perf_counter()
     for case in cases:

@@ -177,13 +177,24 @@ class ModelAdapter:
 
     def mlp_down_weight(self, model: nn.Module, layer: int) -> torch.Tensor:
         """The MLP down-projection as an [out_features, in_features] view (Conv1D transposed)."""
-        weight = self.module(model, "mlp_down", layer).weight
+        return self.weight_view(model, "mlp_down", layer)
+
+    def weight_name(self, component: str, layer: int) -> str:
+        """Parameter name of a linear component's weight (what an edit's delta is keyed by)."""
+        return f"{self.module_name(component, layer)}.weight"
+
+    def weight_view(self, model: nn.Module, component: str, layer: int) -> torch.Tensor:
+        """A linear component's weight as an [out_features, in_features] view (Conv1D transposed)."""
+        weight = self.module(model, component, layer).weight
         return weight.T if self.table.conv1d else weight
+
+    def to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
+        """An [out, in] delta in the parameter's own layout ([in, out] for GPT-2's Conv1D)."""
+        return delta.T if self.table.conv1d else delta
 
     def attn_o_weight(self, model: nn.Module, layer: int) -> torch.Tensor:
         """The attention output projection as an [out_features, in_features] view."""
-        weight = self.module(model, "attn_o", layer).weight
-        return weight.T if self.table.conv1d else weight
+        return self.weight_view(model, "attn_o", layer)
 
 
 def _config_value(config: object, *names: str) -> int | None:

@@ -334,3 +334,34 @@ def load_cases(path: str | Path, format: str | None = None, skip_invalid: bool =
     if skipped:
         logger.warning("%s: skipped %d malformed records, first: %s", file, len(skipped), skipped[0])
     return Dataset(path=str(file), format=name, sha256=file_sha256(file), cases=cases, skipped=skipped)
+
+
+def load_texts(path: str | Path, limit: int | None = None) -> list[str]:
+    """Texts of a corpus file: a JSON list (strings or objects with ``text``/``Text``), JSON lines
+    (the same per line), or plain text (one text per non-empty line). Used for PPL and statistics."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"text corpus {file} does not exist")
+
+    def text_of(record: Any, where: str) -> str:
+        if isinstance(record, dict):
+            record = record.get("text", record.get("Text"))
+        if not isinstance(record, str) or not record.strip():
+            raise DataFormatError(f"{where}: text is empty, missing or not a string")
+        return record
+
+    if file.suffix == ".json":
+        raw = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(raw, list):
+            raise DataFormatError(f"{file}: expected a JSON list of texts")
+        texts = [text_of(r, f"{file}[{i}]") for i, r in enumerate(raw[:limit] if limit else raw)]
+    elif file.suffix == ".jsonl":
+        texts = []
+        for i, line in enumerate(file.read_text(encoding="utf-8").splitlines()):
+            if line.strip():
+                texts.append(text_of(json.loads(line), f"{file}[line {i + 1}]"))
+                if limit and len(texts) >= limit:
+                    break
+    else:
+        texts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return texts[:limit] if limit else texts

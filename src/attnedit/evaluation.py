@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from attnedit.data import EditCase
 from attnedit.metrics import comparisons, knowedit_probes, ngram_entropy
@@ -29,20 +27,6 @@ class EvalConfig:
         data = asdict(self)
         data["ppl_texts"] = len(self.ppl_texts)
         return data
-
-
-def load_ppl_corpus(path: str | Path, limit: int | None = None) -> list[str]:
-    """Texts for perplexity: a JSON list of strings or of ``{"Text": ...}`` objects, or plain text lines."""
-    file = Path(path)
-    if file.suffix == ".json":
-        raw = json.loads(file.read_text(encoding="utf-8"))
-        texts = [r["Text"] if isinstance(r, dict) else r for r in raw]
-    else:
-        texts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
-    if bad:
-        raise ValueError(f"{file}[{bad[0]}]: perplexity text is empty or not a string")
-    return texts[:limit] if limit else texts
 
 
 class Evaluator:

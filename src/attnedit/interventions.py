@@ -272,3 +272,29 @@ def head_outputs(
         edit_input=edit if replace is not None else None,
     ) as trace:
         yield LayerView(trace, names, read)
+
+
+@contextlib.contextmanager
+def start_at_layer(model: nn.Module, adapter: ModelAdapter, layer: int, lower_output: object) -> Iterator[None]:
+    """Run the model from block ``layer`` on: every block below returns ``lower_output``.
+
+    ``lower_output`` is what block ``layer - 1`` returned on an earlier pass over the same batch (its
+    output object as the model's loop expects it, tensor or tuple). When nothing below ``layer`` can
+    have changed, this skips their recomputation exactly, with no family-specific code: the blocks'
+    ``forward`` is shadowed on the instance and restored on exit.
+    """
+    if layer <= 0:
+        yield
+        return
+    blocks = [adapter.module(model, "layer", i) for i in range(layer)]
+
+    def skipped(*args: object, **kwargs: object) -> object:
+        return lower_output
+
+    try:
+        for block in blocks:
+            block.forward = skipped  # type: ignore[method-assign]
+        yield
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)

@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -56,6 +56,8 @@ class ModelBundle:
     name: str
     source: str  # path the weights were read from
     fingerprint: str  # hash identifying the weights
+    # per-model caches (context templates, covariance statistics): they live and die with the model
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:

@@ -27,9 +27,9 @@ import transformers
 from tqdm.auto import tqdm
 
 from attnedit import __version__
-from attnedit.data import Dataset, EditCase, load_cases
+from attnedit.data import Dataset, EditCase, load_cases, load_texts
 from attnedit.editing import Editor, make_editor
-from attnedit.evaluation import EvalConfig, Evaluator, load_ppl_corpus
+from attnedit.evaluation import EvalConfig, Evaluator
 from attnedit.metrics import summarize
 from attnedit.models import ModelBundle, load_model
 
@@ -201,7 +201,7 @@ def run(
     bundle = bundle or load_model(config.model)
     editor = editor or make_editor(config.method)
     if config.ppl_corpus:
-        config.eval.ppl_texts = load_ppl_corpus(config.ppl_corpus, config.ppl_limit)
+        config.eval.ppl_texts = load_texts(config.ppl_corpus, config.ppl_limit)
     manifest = build_manifest(config, bundle, dataset, editor)
     out.mkdir(parents=True, exist_ok=True)
     _check_resumable(out, manifest)

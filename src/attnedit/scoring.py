@@ -81,7 +81,7 @@ def check_length(adapter: ModelAdapter, length: int, text: str) -> None:
         )
 
 
-def _batches(
+def length_batches(
     lengths: list[int], order: list[int], max_tokens: int, max_rows: int, call_cost: int = 48
 ) -> list[list[int]]:
     """Split ``order`` (sorted by length) into consecutive batches of least padded work.
@@ -146,7 +146,7 @@ def score_targets(
     check_length(adapter, max(full), prompts[full.index(max(full))])
     lengths = [len(ids) for ids in prompt_ids]  # stage 1 pads prompts only
     order = sorted(range(len(prompts)), key=lengths.__getitem__)
-    batches = _batches(lengths, order, max_batch_tokens, max_batch_rows)
+    batches = length_batches(lengths, order, max_batch_tokens, max_batch_rows)
     for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress, leave=False):
         _score_prompt_batch(base, head, batch, prompt_ids, by_prompt, pair_targets, results, pad_id, device)
     index = {pair: j for j, pair in enumerate(unique_pairs)}
@@ -188,7 +188,7 @@ def _score_prompt_batch(
     cont = [(row, j) for row, j in rows if len(pair_targets[j]) > 1]
     cont_lengths = [len(pair_targets[j]) - 1 for _, j in cont]
     order = sorted(range(len(cont)), key=cont_lengths.__getitem__)
-    for sub in _batches(cont_lengths, order, max_tokens=4096, max_rows=256):
+    for sub in length_batches(cont_lengths, order, max_tokens=4096, max_rows=256):
         _score_continuations(
             base,
             head,
@@ -336,7 +336,7 @@ def text_nll(
     nll = np.zeros(len(texts))
     counts = np.zeros(len(texts), dtype=np.int64)
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
-    for batch in _batches([len(e) for e in encoded], order, max_batch_tokens, 64):
+    for batch in length_batches([len(e) for e in encoded], order, max_batch_tokens, 64):
         check_length(adapter, max(len(encoded[i]) for i in batch), texts[batch[-1]])
         ids, mask = pad_batch([encoded[i] for i in batch], pad_id, left=False, device=device)
         hidden = base(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]

@@ -1,0 +1,182 @@
+"""Second-moment statistics C = E[k k^T] of a rewritten matrix's input over generic text.
+
+Sources (``StatsSpec.corpus``):
+- a text file path (plain text lines, JSON list or JSON lines; several joined with ``,``),
+- ``hf:NAME[:CONFIG]``, a Hugging Face dataset's ``text`` column (needs ``datasets`` and a network),
+- ``model``: text sampled from the model itself (seeded top-k), for offline use without a corpus.
+
+One forward pass per memory-bounded batch collects every requested layer (stopping after the highest).
+Results are cached on disk as safetensors, keyed by model fingerprint, module, layer, corpus hash,
+sample count and truncation, and in memory on the ``ModelBundle``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from attnedit.data import load_texts
+from attnedit.interventions import Trace
+from attnedit.models import ModelBundle, cache_dir
+from attnedit.scoring import generate, length_batches, pad_batch
+from attnedit.templates import SEED_WORDS
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StatsSpec:
+    corpus: str = "model"
+    samples: int = 1000  # texts (the references use 100,000 Wikipedia samples)
+    max_tokens: int = 128  # each text is truncated to this many tokens
+    batch_tokens: int = 8192  # padded tokens per forward pass (bounds memory)
+    sample_length: int = 64  # tokens per text when sampling from the model
+    seed: int = 0
+
+    def describe(self) -> dict:
+        """What the manifest records about the statistics."""
+        kind = (
+            "model-sampled text"
+            if self.corpus == "model"
+            else ("Hugging Face dataset" if self.corpus.startswith("hf:") else "text file")
+        )
+        return {**asdict(self), "source": kind}
+
+
+def corpus_texts(bundle: ModelBundle, spec: StatsSpec, progress: bool = True) -> list[str]:
+    """The statistics texts (at most ``spec.samples``)."""
+    if spec.corpus == "model":
+        prompts = [SEED_WORDS[i % len(SEED_WORDS)] for i in range(spec.samples)]
+        logger.info(
+            "sampling %d texts of %d tokens from %s for statistics",
+            spec.samples,
+            spec.sample_length,
+            bundle.name,
+        )
+        texts = []
+        chunk = 64
+        for start in tqdm(
+            range(0, len(prompts), chunk), desc="sampling text", unit="batch", disable=not progress
+        ):
+            texts += [
+                p + t
+                for p, t in zip(
+                    prompts[start : start + chunk],
+                    generate(
+                        bundle.model,
+                        bundle.tokenizer,
+                        prompts[start : start + chunk],
+                        max_new_tokens=spec.sample_length,
+                        top_k=50,
+                        seed=spec.seed + start,
+                        batch_size=chunk,
+                        adapter=bundle.adapter,
+                    ),
+                    strict=True,
+                )
+            ]
+        return texts
+    if spec.corpus.startswith("hf:"):
+        name, _, config = spec.corpus[3:].partition(":")
+        try:
+            import datasets
+        except ImportError:
+            raise RuntimeError(f"statistics corpus {spec.corpus!r} needs the 'datasets' package") from None
+        try:
+            ds = datasets.load_dataset(name, config or None, split="train")
+        except Exception as err:  # offline, unknown name, ...
+            raise RuntimeError(f"cannot load Hugging Face dataset {name!r}: {err}") from None
+        return [t for t in ds["text"][: spec.samples * 2] if t and t.strip()][: spec.samples]
+    texts: list[str] = []
+    for part in spec.corpus.split(","):
+        texts += load_texts(part)
+    return texts[: spec.samples]
+
+
+def _cache_path(bundle: ModelBundle, component: str, layer: int, key: str, spec: StatsSpec) -> Path:
+    name = f"{component}.{layer}-{key}-n{spec.samples}-t{spec.max_tokens}.safetensors"
+    return cache_dir() / "stats" / bundle.fingerprint[:16] / name
+
+
+def _corpus_key(spec: StatsSpec) -> str | None:
+    """The cache key of a corpus known without loading it (files hashed; sampled text by its settings)."""
+    if spec.corpus == "model":
+        return f"model-{spec.seed}-{spec.sample_length}"
+    if spec.corpus.startswith("hf:"):
+        return hashlib.sha256(spec.corpus.encode()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    for part in spec.corpus.split(","):
+        path = Path(part)
+        if not path.is_file():
+            raise FileNotFoundError(f"statistics corpus {path} does not exist")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def second_moments(
+    bundle: ModelBundle, component: str, layers: Sequence[int], spec: StatsSpec, progress: bool = True
+) -> dict[int, torch.Tensor]:
+    """``{layer: E[k k^T]}`` (float32, [in, in]) of the input of ``component`` at each layer."""
+    memo = bundle.cache.setdefault("second_moments", {})
+    key = _corpus_key(spec)
+    result: dict[int, torch.Tensor] = {}
+    missing = []
+    for layer in layers:
+        if (component, layer, key, spec) in memo:
+            result[layer] = memo[(component, layer, key, spec)]
+            continue
+        path = _cache_path(bundle, component, layer, key, spec)
+        if path.is_file():
+            result[layer] = load_file(path)["mom2"]
+            memo[(component, layer, key, spec)] = result[layer]
+        else:
+            missing.append(layer)
+    if missing:
+        texts = corpus_texts(bundle, spec, progress)
+        computed = _accumulate(bundle, component, missing, texts, spec, progress)
+        for layer, (mom2, count) in computed.items():
+            path = _cache_path(bundle, component, layer, key, spec)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file({"mom2": mom2, "count": torch.tensor([count])}, str(tmp))
+            tmp.replace(path)
+            result[layer] = memo[(component, layer, key, spec)] = mom2
+        logger.info("statistics of %s at layers %s cached under %s", component, missing, path.parent)
+    return result
+
+
+@torch.no_grad()
+def _accumulate(
+    bundle: ModelBundle, component: str, layers: list[int], texts: list[str], spec: StatsSpec, progress: bool
+) -> dict[int, tuple[torch.Tensor, int]]:
+    model, adapter, tok, device = bundle.model, bundle.adapter, bundle.tokenizer, bundle.device
+    if not texts:
+        raise ValueError(f"statistics corpus {spec.corpus!r} has no texts")
+    limit = min(spec.max_tokens, adapter.max_positions or spec.max_tokens)
+    encoded = [ids[:limit] for ids in tok(texts, add_special_tokens=True)["input_ids"] if ids]
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    names = {adapter.module_name(component, layer): layer for layer in layers}
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    batches = length_batches([len(e) for e in encoded], order, spec.batch_tokens, 512)
+    sums: dict[int, torch.Tensor] = {}
+    count = 0
+    for batch in tqdm(batches, desc=f"statistics {component} {layers}", unit="batch", disable=not progress):
+        ids, mask = pad_batch([encoded[i] for i in batch], pad_id, left=False, device=device)
+        with Trace(
+            model, list(names), retain_input=True, retain_output=False, detach=True, stop=True
+        ) as trace:
+            model.base_model(input_ids=ids, attention_mask=mask)
+        keep = mask.bool()
+        count += int(keep.sum())
+        for name, layer in names.items():
+            keys = trace[name].input[keep].float()
+            part = (keys.T @ keys).double()
+            sums[layer] = part if layer not in sums else sums[layer] + part
+    return {layer: ((total / count).float().cpu(), count) for layer, total in sums.items()}

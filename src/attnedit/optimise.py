@@ -1,0 +1,461 @@
+"""Target optimisation, the shared heart of ROME (v*), MEMIT and PMET (z): Adam on injected deltas.
+
+For each request a delta is added at the fact token (the subject's last token) to the output of one
+or more modules (``Injection``); Adam minimises, per request (ROME's ``compute_v``)::
+
+    NLL(o_new | template_j + prompt)  averaged over templates
+    + kl_factor * KL(initial || current) of the next-token distribution of "{subject} is a"
+    + weight_decay * ||delta|| / ||v_init||^2
+    + sum of pluggable extra terms (``LossTerm``, e.g. SADR's attention restriction)
+
+with ``||delta|| <= clamp_norm_factor * ||v_init||`` after every step, stopping when the loss falls
+below ``early_stop_loss``. Many requests are optimised together with independent deltas (their rows
+never interact, Adam is element-wise, a finished request is frozen), which is exactly equivalent to
+one optimisation per request, only batched.
+
+Nothing below the injection point is recomputed per step: tokens before the fact token do not
+depend on the delta at any layer, so their keys and values are computed once (a KV cache); the
+blocks below the lowest injection layer are skipped (``start_at_layer``) with their output on the
+remaining tokens recorded once. Logits are computed only at the positions the loss reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from attnedit.data import EditRequest
+from attnedit.interventions import Trace, attention_probabilities, start_at_layer
+from attnedit.models import ModelBundle
+from attnedit.scoring import check_length, pad_batch
+from attnedit.templates import template_prefix
+from attnedit.tokens import encode_target, locate_subject
+
+logger = logging.getLogger(__name__)
+
+KL_PROMPT = "{} is a"
+INJECTION_COMPONENTS = {"mlp": "mlp", "attn": "attn", "layer": "layer"}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The optimisation produced NaN or infinity; nothing was written to the model."""
+
+
+@dataclass(frozen=True)
+class Injection:
+    """Where a delta is added: the output of ``component`` (``mlp``, ``attn``, ``layer``) of ``layer``."""
+
+    component: str
+    layer: int
+
+    def __post_init__(self) -> None:
+        if self.component not in INJECTION_COMPONENTS:
+            raise ValueError(f"injection component must be one of {sorted(INJECTION_COMPONENTS)}")
+
+
+@dataclass
+class TargetSettings:
+    """The optimisation's hyper-parameters (names as in ROME/MEMIT's ``compute_v``/``compute_z``)."""
+
+    lr: float = 0.5
+    steps: int = 20
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    early_stop_loss: float = 0.05
+    max_rows: int = 256  # rows (template prompts) optimised together; bounds memory
+
+
+@dataclass(frozen=True)
+class Row:
+    """One optimisation prompt: a template + the request prompt + o_new[:-1], or a KL prompt."""
+
+    request: int
+    ids: tuple[int, ...]
+    fact: int  # fact token index (the subject's last token)
+    n_prompt: int  # tokens of the prompt; target token t is predicted at n_prompt - 1 + t
+    targets: tuple[int, ...]  # o_new ids; empty for KL rows
+    template: int  # index of the template (-1 for KL rows)
+
+    @property
+    def kl(self) -> bool:
+        return not self.targets
+
+
+def build_rows(bundle: ModelBundle, requests: Sequence[EditRequest], templates: Sequence[str]) -> list[Row]:
+    """Rows for every request: one per template (template 0 must be ``"{}"``), then its KL prompt."""
+    if not templates or templates[0] != "{}":
+        raise ValueError("the first context template must be '{}' (the plain prompt)")
+    tok = bundle.tokenizer
+    rows: list[Row] = []
+    for r, req in enumerate(requests):
+        for t, template in enumerate(templates):
+            span = locate_subject(tok, req.prompt, req.subject, prefix=template_prefix(template))
+            target = encode_target(tok, span.text, req.target_new, span.input_ids)
+            ids = tuple(span.input_ids) + tuple(target[:-1])
+            check_length(bundle.adapter, len(ids), span.text)
+            rows.append(Row(r, ids, span.last_token, len(span.input_ids), tuple(target), t))
+        kl = locate_subject(tok, KL_PROMPT, req.subject)
+        rows.append(
+            Row(r, tuple(kl.input_ids[: kl.last_token + 1]), kl.last_token, kl.last_token + 1, (), -1)
+        )
+    return rows
+
+
+@dataclass
+class SplitBatch:
+    """Rows cut at their fact token: a left-padded prefix (computed once) and a right-padded suffix.
+
+    In the suffix the fact token is column 0 of every row; in the keys it is column ``prefix_width``.
+    """
+
+    rows: list[Row]
+    prefix_ids: torch.Tensor  # [B, P]
+    prefix_mask: torch.Tensor
+    suffix_ids: torch.Tensor  # [B, S]
+    suffix_mask: torch.Tensor
+    positions: torch.Tensor  # [B, S] absolute positions of the suffix tokens
+    request_index: torch.Tensor  # [B] local request index of each row
+    last_prompt: torch.Tensor  # [B] suffix column of the last prompt token
+
+    @property
+    def prefix_width(self) -> int:
+        return self.prefix_ids.shape[1]
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prefix_mask, self.suffix_mask], dim=1)
+
+
+def split_rows(rows: list[Row], local_request: list[int], pad_id: int, device: torch.device) -> SplitBatch:
+    prefixes = [r.ids[: r.fact] for r in rows]
+    suffixes = [r.ids[r.fact :] for r in rows]
+    width = max(map(len, prefixes))
+    if width:
+        pre_ids, pre_mask = pad_batch([p or (pad_id,) for p in prefixes], pad_id, left=True, device=device)
+        pre_mask[[i for i, p in enumerate(prefixes) if not p], -1] = 0  # empty prefix: a masked pad
+    else:
+        pre_ids = torch.zeros((len(rows), 0), dtype=torch.long, device=device)
+        pre_mask = pre_ids.clone()
+    suf_ids, suf_mask = pad_batch(suffixes, pad_id, left=False, device=device)
+    lengths = torch.tensor([len(p) for p in prefixes], device=device)
+    positions = lengths[:, None] + torch.arange(suf_ids.shape[1], device=device)[None]
+    return SplitBatch(
+        rows=rows,
+        prefix_ids=pre_ids,
+        prefix_mask=pre_mask,
+        suffix_ids=suf_ids,
+        suffix_mask=suf_mask,
+        positions=positions,
+        request_index=torch.tensor(local_request, device=device),
+        last_prompt=torch.tensor([r.n_prompt - 1 - r.fact for r in rows], device=device),
+    )
+
+
+@dataclass
+class StepState:
+    """What an extra loss term sees at one optimisation step."""
+
+    step: int
+    batch: SplitBatch
+    n_requests: int
+    attention: Mapping[int, torch.Tensor]  # layer -> [B, query heads, suffix, prefix + suffix]
+
+
+class LossTerm(Protocol):
+    """A pluggable extra loss: reads the step's forward pass, returns one value per request."""
+
+    name: str
+
+    def attention_layers(self, n_layers: int) -> Sequence[int]:
+        """Layers whose attention probabilities the term reads (empty: none; eager attention if any)."""
+
+    def __call__(self, state: StepState) -> torch.Tensor:
+        """Weighted loss per request, shape [n_requests] (the term carries its own weight)."""
+
+
+@dataclass
+class TargetResult:
+    """Per injection: the module's output at the plain prompt's fact token, and the optimised delta."""
+
+    init: dict[Injection, torch.Tensor]  # [N, H]
+    delta: dict[Injection, torch.Tensor]  # [N, H]
+    steps: list[int]  # optimisation steps run per request
+    final_loss: list[float]
+    loss_parts: list[dict[str, float]] = field(default_factory=list)
+
+    def target(self, injection: Injection) -> torch.Tensor:
+        return self.init[injection] + self.delta[injection]
+
+
+def optimise_targets(
+    bundle: ModelBundle,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    injections: Sequence[Injection],
+    settings: TargetSettings,
+    terms: Sequence[LossTerm] = (),
+    progress: bool = False,
+) -> TargetResult:
+    """Optimise one delta per (request, injection); requests are processed in groups of ``max_rows``."""
+    rows = build_rows(bundle, requests, templates)
+    per_request = len(templates) + 1
+    group = max(1, settings.max_rows // per_request)
+    hidden = bundle.adapter.hidden_size
+    out = TargetResult(
+        init={inj: torch.zeros(len(requests), hidden) for inj in injections},
+        delta={inj: torch.zeros(len(requests), hidden) for inj in injections},
+        steps=[0] * len(requests),
+        final_loss=[math.nan] * len(requests),
+        loss_parts=[{} for _ in requests],
+    )
+    starts = range(0, len(requests), group)
+    for start in tqdm(
+        starts, desc="targets", unit="group", disable=not progress or len(starts) < 2, leave=False
+    ):
+        ids = list(range(start, min(start + group, len(requests))))
+        group_rows = [row for row in rows if start <= row.request < start + group]
+        _optimise_group(bundle, group_rows, ids, injections, settings, terms, out)
+    return out
+
+
+class _PrefixCache:
+    """The prompt prefixes' KV cache, reset to the prefix after every pass (suffix entries dropped)."""
+
+    def __init__(self, cache: object | None):
+        self.cache = cache
+        self._saved: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        if cache is not None:
+            for layer in cache.layers:
+                keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+                if keys is not None:
+                    # a row with an empty prefix attends to nothing there; keep its masked entries finite
+                    layer.keys, layer.values = keys.nan_to_num(0.0), values.nan_to_num(0.0)
+                self._saved.append((layer.keys, layer.values) if keys is not None else None)
+
+    def reset(self) -> None:
+        if self.cache is None:
+            return
+        for layer, saved in zip(self.cache.layers, self._saved, strict=True):
+            if saved is not None:
+                layer.keys, layer.values = saved
+
+
+class FrozenBelow:
+    """Repeated forward passes over a ``SplitBatch`` where nothing changes below ``first_layer``
+    or before the fact token: the prefix KV cache and the lower blocks' output are computed once."""
+
+    def __init__(self, bundle: ModelBundle, batch: SplitBatch, first_layer: int):
+        self.bundle, self.batch, self.first_layer = bundle, batch, first_layer
+        model, adapter = bundle.model, bundle.adapter
+        self.base = model.base_model
+        with torch.no_grad():
+            cache = None
+            if batch.prefix_width:
+                cache = self.base(
+                    input_ids=batch.prefix_ids,
+                    attention_mask=batch.prefix_mask,
+                    position_ids=(batch.prefix_mask.cumsum(-1) - 1).clamp(min=0),
+                    use_cache=True,
+                ).past_key_values
+            self.prefix = _PrefixCache(cache)
+            self.lower_output = None
+            if first_layer > 0:
+                below = adapter.module_name("layer", first_layer - 1)
+                with Trace(model, [below], detach=True, stop=True) as trace:
+                    self._run()
+                self.lower_output = trace[below].output
+
+    def _run(self) -> torch.Tensor | None:
+        b = self.batch
+        try:
+            out = self.base(
+                input_ids=b.suffix_ids,
+                attention_mask=b.attention_mask,
+                position_ids=b.positions,
+                past_key_values=self.prefix.cache,
+                use_cache=self.prefix.cache is not None,
+            )
+            return out.last_hidden_state
+        finally:
+            self.prefix.reset()
+
+    def forward(self) -> torch.Tensor:
+        """Final hidden states of the suffix tokens [B, S, H] (the lower blocks skipped)."""
+        with start_at_layer(self.bundle.model, self.bundle.adapter, self.first_layer, self.lower_output):
+            hidden = self._run()
+        assert hidden is not None
+        return hidden
+
+
+@dataclass
+class TargetReads:
+    """The suffix positions that predict target tokens, and the row each belongs to."""
+
+    rows: torch.Tensor
+    columns: torch.Tensor
+    tokens: torch.Tensor
+    weights: torch.Tensor  # 1 / target length: a row's NLL is the mean over its tokens
+    n_rows: int
+
+    def row_nll(self, head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Mean NLL of each row's target tokens [B] (0 for rows without targets)."""
+        logp = torch.log_softmax(head(hidden[self.rows, self.columns]).float(), dim=-1)
+        token_lp = logp.gather(1, self.tokens[:, None])[:, 0]
+        return torch.zeros(self.n_rows, device=hidden.device).index_add(
+            0, self.rows, -token_lp * self.weights
+        )
+
+
+def target_reads(batch: SplitBatch) -> TargetReads:
+    r, c, t, w = [], [], [], []
+    for b, row in enumerate(batch.rows):
+        for i, token in enumerate(row.targets):
+            r.append(b)
+            c.append(row.n_prompt - 1 - row.fact + i)
+            t.append(token)
+            w.append(1.0 / len(row.targets))
+    device = batch.suffix_ids.device
+    return TargetReads(
+        rows=torch.tensor(r, dtype=torch.long, device=device),
+        columns=torch.tensor(c, dtype=torch.long, device=device),
+        tokens=torch.tensor(t, dtype=torch.long, device=device),
+        weights=torch.tensor(w, device=device),
+        n_rows=len(batch.rows),
+    )
+
+
+def _per_request_mean(
+    values: torch.Tensor, rows: torch.Tensor, request_index: torch.Tensor, n: int
+) -> torch.Tensor:
+    """Mean of ``values`` (one per selected row) over the rows of each request."""
+    req = request_index[rows]
+    total = torch.zeros(n, device=values.device).index_add(0, req, values)
+    count = torch.zeros(n, device=values.device).index_add(0, req, torch.ones_like(values))
+    return total / count.clamp_min(1)
+
+
+def _optimise_group(
+    bundle: ModelBundle,
+    rows: list[Row],
+    request_ids: list[int],
+    injections: Sequence[Injection],
+    settings: TargetSettings,
+    terms: Sequence[LossTerm],
+    out: TargetResult,
+) -> None:
+    model, adapter, device = bundle.model, bundle.adapter, bundle.device
+    head = adapter.unembedding(model)
+    pad_id = bundle.tokenizer.pad_token_id if bundle.tokenizer.pad_token_id is not None else 0
+    local = {rid: i for i, rid in enumerate(request_ids)}
+    n = len(request_ids)
+    batch = split_rows(rows, [local[r.request] for r in rows], pad_id, device)
+    frozen = FrozenBelow(bundle, batch, min(inj.layer for inj in injections))
+    reads = target_reads(batch)
+    template_rows = torch.tensor([b for b, row in enumerate(rows) if not row.kl], device=device)
+    kl_rows = torch.tensor([b for b, row in enumerate(rows) if row.kl], device=device)
+    first_row = {local[row.request]: b for b, row in enumerate(rows) if row.template == 0}
+    first_rows = torch.tensor([first_row[i] for i in range(n)], device=device)
+
+    names = {adapter.module_name(inj.component, inj.layer): inj for inj in injections}
+    deltas = {
+        inj: torch.zeros(n, adapter.hidden_size, device=device, requires_grad=True) for inj in injections
+    }
+    init: dict[Injection, torch.Tensor] = {}
+    row_index = torch.arange(len(rows), device=device)
+
+    def inject(y: torch.Tensor, name: str) -> torch.Tensor:
+        inj = names[name]
+        if inj not in init:  # the first pass runs with zero deltas: the module's own output
+            init[inj] = y[first_rows, 0].detach().float().clone()
+        y = y.clone()
+        y[row_index, 0] = y[row_index, 0] + deltas[inj][batch.request_index].to(y.dtype)
+        return y
+
+    attention_layers = sorted(
+        {
+            layer
+            for term in terms
+            for layer in term.attention_layers(adapter.n_layers)
+            if layer >= frozen.first_layer
+        }
+    )
+    optimiser = torch.optim.Adam(list(deltas.values()), lr=settings.lr)
+    active = torch.ones(n, dtype=torch.bool, device=device)
+    kl_init: torch.Tensor | None = None
+    steps = [0] * n
+    last_loss = torch.full((n,), math.nan)
+    parts: dict[str, torch.Tensor] = {}
+
+    for step in range(settings.steps):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(Trace(model, list(names), retain_output=False, edit_output=inject))
+            attention: Mapping[int, torch.Tensor] = {}
+            if attention_layers:
+                attention = stack.enter_context(
+                    attention_probabilities(model, adapter, attention_layers, detach=False)
+                )
+            hidden = frozen.forward()
+            row_nll = reads.row_nll(head, hidden)
+            nll = _per_request_mean(row_nll[template_rows], template_rows, batch.request_index, n)
+            kl_logp = torch.log_softmax(head(hidden[kl_rows, 0]).float(), dim=-1)
+            if kl_init is None:
+                kl_init = kl_logp.detach()
+            kl_each = (kl_init.exp() * (kl_init - kl_logp)).sum(-1)
+            kl = _per_request_mean(kl_each, kl_rows, batch.request_index, n)
+            decay = torch.zeros(n, device=device)
+            for inj in injections:
+                decay = (
+                    decay
+                    + settings.weight_decay
+                    * deltas[inj].norm(dim=-1)
+                    / init[inj].norm(dim=-1).clamp_min(1e-12) ** 2
+                )
+            loss = nll + settings.kl_factor * kl + decay
+            parts = {"nll": nll.detach(), "kl": kl.detach(), "weight_decay": decay.detach()}
+            if terms:
+                state = StepState(step=step, batch=batch, n_requests=n, attention=attention)
+                for term in terms:
+                    value = term(state)
+                    parts[term.name] = value.detach()
+                    loss = loss + value
+        if not torch.isfinite(loss[active]).all():
+            bad = [request_ids[i] for i in torch.nonzero(~torch.isfinite(loss)).flatten().tolist()]
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} for request(s) {bad}; the model is unchanged"
+            )
+        with torch.no_grad():
+            for i in torch.nonzero(active).flatten().tolist():
+                steps[i] = step
+                last_loss[i] = float(loss[i])
+            active &= loss.detach() >= settings.early_stop_loss
+        if not active.any() or step == settings.steps - 1:
+            break
+        frozen_deltas = {inj: d.detach().clone() for inj, d in deltas.items()}
+        optimiser.zero_grad(set_to_none=True)
+        loss[active].sum().backward()
+        optimiser.step()
+        with torch.no_grad():
+            for inj, d in deltas.items():
+                d[~active] = frozen_deltas[inj][
+                    ~active
+                ]  # finished requests keep the delta that met the stop rule
+                limit = settings.clamp_norm_factor * init[inj].norm(dim=-1)
+                norms = d.norm(dim=-1)
+                scale = torch.where(norms > limit, limit / norms.clamp_min(1e-12), torch.ones_like(norms))
+                d.mul_(scale[:, None])
+
+    for i, rid in enumerate(request_ids):
+        out.steps[rid] = steps[i]
+        out.final_loss[rid] = float(last_loss[i])
+        out.loss_parts[rid] = {k: float(v[i]) for k, v in parts.items()}
+    for inj in injections:
+        out.init[inj][request_ids] = init[inj].cpu()
+        out.delta[inj][request_ids] = deltas[inj].detach().float().cpu()

@@ -1,0 +1,160 @@
+"""Hyper-parameter dataclasses of the locate-then-edit methods, and presets as data files.
+
+Presets live in ``resources/presets/<method>/<model>.json``::
+
+    {"method": "rome", "model": "gpt-j-6b", "matches": ["EleutherAI/gpt-j-6b", "gpt-j-6b"],
+     "source": "where the values come from", "params": {...}}
+
+A preset is found by the loaded model's name; any field can be overridden (``--param key=value``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+class PresetError(ValueError):
+    """No preset for this (method, model), or a bad preset/override."""
+
+
+@dataclass
+class LocateParams:
+    """Shared by ROME, MEMIT and PMET (names as in the reference hparams files)."""
+
+    layers: list[int]  # edited layers (ROME: one); the target is read at the last one
+    lr: float = 0.5  # v_lr
+    steps: int = 20  # v_num_grad_steps
+    kl_factor: float = 0.0625
+    weight_decay: float = 0.5  # v_weight_decay
+    clamp_norm_factor: float = 4.0
+    early_stop_loss: float = 0.05
+    templates: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])  # (length, count)
+    template_seed: int = 0
+    stats_corpus: str = "model"  # text file path, hf:NAME, or "model" (sampled from the model)
+    stats_samples: int = 1000
+    stats_max_tokens: int = 128
+    max_rows: int = 256  # optimisation rows per group (memory bound)
+
+
+@dataclass
+class RomeParams(LocateParams):
+    # "templates": k* averaged over the context templates (ROME paper, eq. 2);
+    # "prompt": the key of the plain prompt (the official ROME/EasyEdit code)
+    key_mode: str = "templates"
+
+
+@dataclass
+class MemitParams(LocateParams):
+    clamp_norm_factor: float = 0.75
+    templates: list[list[int]] = field(default_factory=lambda: [[10, 5]])
+    mom2_update_weight: float = 15000.0  # lambda in Delta = R K^T (lambda C + K K^T)^-1
+
+
+@dataclass
+class PmetParams(MemitParams):
+    pass
+
+
+@dataclass
+class FTParams:
+    """Constrained fine-tuning of one MLP down-projection (FT-L, the standard baseline)."""
+
+    layers: list[int]
+    lr: float = 5e-4
+    steps: int = 25
+    norm_constraint: float = 5e-4  # L-infinity bound on the weight change
+    early_stop_loss: float = 0.01
+
+
+PARAMS: dict[str, type] = {"rome": RomeParams, "memit": MemitParams, "pmet": PmetParams, "ft": FTParams}
+
+
+def _preset_files(method: str) -> list[Path]:
+    root = resources.files("attnedit") / "resources" / "presets" / method
+    return sorted(Path(str(p)) for p in root.iterdir() if p.name.endswith(".json")) if root.is_dir() else []
+
+
+def available_presets(method: str) -> list[str]:
+    return [p.stem for p in _preset_files(method)]
+
+
+def _matches(preset: dict, model_name: str) -> bool:
+    name = model_name.lower().rstrip("/")
+    candidates = {preset["model"].lower(), *(m.lower() for m in preset.get("matches", []))}
+    return name in candidates or Path(name).name in candidates
+
+
+def load_preset(method: str, model_name: str, preset: str | None = None) -> dict:
+    """The preset dict for ``method``: named/path ``preset`` if given, else the one matching the model."""
+    if method not in PARAMS:
+        raise PresetError(f"method {method!r} has no presets")
+    if preset and Path(preset).is_file():
+        data = json.loads(Path(preset).read_text())
+    else:
+        found = [json.loads(p.read_text()) for p in _preset_files(method)]
+        if preset:
+            hits = [d for d in found if d["model"] == preset]
+        else:
+            hits = [d for d in found if _matches(d, model_name)]
+        if not hits:
+            what = f"preset {preset!r}" if preset else f"a preset for model {model_name!r}"
+            raise PresetError(
+                f"{method}: no {what}; available: {', '.join(available_presets(method))} "
+                "(choose one with --preset NAME or a JSON file, e.g. for a model of the same family and size)"
+            )
+        data = hits[0]
+    if data.get("method") != method:
+        raise PresetError(
+            f"preset {data.get('model')!r} is for method {data.get('method')!r}, not {method!r}"
+        )
+    return data
+
+
+def _convert(value: str, hint: Any, key: str) -> Any:
+    text = value.strip()
+    try:
+        if hint is int:
+            return int(text)
+        if hint is float:
+            return float(text)
+        if hint is str:
+            return text
+        if hint == list[int]:
+            if "-" in text and "," not in text and not text.startswith("["):
+                lo, hi = (int(x) for x in text.split("-"))
+                return list(range(lo, hi + 1))
+            return [int(x) for x in text.strip("[]").split(",") if x.strip()]
+        return json.loads(text)
+    except ValueError:
+        raise PresetError(f"--param {key}={value!r}: expected {getattr(hint, '__name__', hint)}") from None
+
+
+def make_params(method: str, preset: dict, overrides: dict[str, Any] | None = None):
+    """The method's params dataclass from a preset plus overrides (strings from the CLI are parsed)."""
+    cls = PARAMS[method]
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    values = dict(preset.get("params", {}))
+    for key, value in (overrides or {}).items():
+        if key not in known:
+            raise PresetError(f"{method} has no parameter {key!r}; known: {', '.join(sorted(known))}")
+        values[key] = _convert(value, hints[key], key) if isinstance(value, str) else value
+    unknown = set(values) - known
+    if unknown:
+        raise PresetError(
+            f"preset {preset.get('model')!r} sets unknown {method} parameter(s) {sorted(unknown)}"
+        )
+    if "layers" not in values:
+        raise PresetError(f"{method}: the preset or --param must give 'layers'")
+    params = cls(**values)
+    if not params.layers:
+        raise PresetError(f"{method}: 'layers' is empty")
+    return params
+
+
+def params_dict(params: Any) -> dict:
+    return asdict(params)
