@@ -63,10 +63,20 @@ def eval_command(
     ppl_limit: Annotated[int | None, typer.Option(help="first N texts of the PPL corpus")] = None,
     seed: Annotated[int, typer.Option(help="random seed (recorded in the manifest)")] = 0,
     label: Annotated[str | None, typer.Option(help="row name in reports")] = None,
+    mode: Annotated[
+        str, typer.Option(help="single | batch (N cases per edit) | sequential (edits accumulate)")
+    ] = "single",
+    batch_size: Annotated[int, typer.Option(help="cases per edit in batch/sequential mode")] = 1,
+    preset: Annotated[str | None, typer.Option(help="preset name or JSON file (default: by model)")] = None,
+    param: Annotated[
+        list[str] | None,
+        typer.Option("--param", "-p", help="override a preset field: KEY=VALUE (repeatable)"),
+    ] = None,
+    save_edits: Annotated[bool, typer.Option(help="keep each edit in OUT/edits/*.safetensors")] = False,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Evaluate METHOD on DATA: edit -> evaluate -> restore per case; resumable; prints the table row."""
+    """Evaluate METHOD on DATA: edit -> evaluate -> restore (per case or batch); resumable; prints the row."""
     _setup(verbose, threads)
     from attnedit.evaluation import EvalConfig
     from attnedit.report import collect, columns, markdown_table
@@ -91,6 +101,11 @@ def eval_command(
             ppl_corpus=corpus,
             ppl_limit=ppl_limit,
             label=label,
+            mode=mode,
+            batch_size=batch_size,
+            preset=preset,
+            params=_overrides(param),
+            save_edits=save_edits,
             eval=EvalConfig(
                 fluency=fluency,
                 max_new_tokens=max_new_tokens,
@@ -105,6 +120,96 @@ def eval_command(
     rows = collect([out])
     typer.echo(markdown_table(rows, columns(magnitudes=True)))
     typer.echo(f"\nresults: {out / 'results.jsonl'}  summary: {out / 'summary.json'}")
+
+
+def _overrides(pairs: list[str] | None) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"--param expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = value
+    return out
+
+
+@app.command("edit")
+def edit_command(
+    subject: Annotated[str | None, typer.Option(help="the subject, e.g. 'Eiffel Tower'")] = None,
+    prompt: Annotated[
+        str | None, typer.Option(help="prompt containing the subject or a {} slot, e.g. '{} is located in'")
+    ] = None,
+    target_new: Annotated[str | None, typer.Option("--target-new", help="the new object")] = None,
+    target_true: Annotated[
+        str | None, typer.Option("--target-true", help="the current object (default: the model's answer)")
+    ] = None,
+    paraphrase: Annotated[str | None, typer.Option(help="a paraphrase prompt to check")] = None,
+    neighbor: Annotated[
+        str | None, typer.Option(help="a neighbourhood prompt (another subject, same relation)")
+    ] = None,
+    request_file: Annotated[
+        Path | None, typer.Option("--file", help="a data file; edits its record --index instead of the flags")
+    ] = None,
+    index: Annotated[int, typer.Option(help="record of --file to edit")] = 0,
+    method: Annotated[str, typer.Option(help="rome | memit | pmet | ft")] = "rome",
+    model: Annotated[str, typer.Option(help="embedded name, local HF directory or hub id")] = "smollm2-135m",
+    preset: Annotated[str | None, typer.Option(help="preset name or JSON file")] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE override")] = None,
+    save: Annotated[Path, typer.Option(help="where to save the edit (safetensors)")] = Path(
+        "edit.safetensors"
+    ),
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Edit one fact; print the model's answers before and after; save the edit."""
+    _setup(verbose, threads)
+    from attnedit.commands import answers_table, edit_case_from_args, run_single_edit
+
+    try:
+        case, probes = edit_case_from_args(
+            model, subject, prompt, target_new, target_true, paraphrase, neighbor, request_file, index
+        )
+        before, after, edit = run_single_edit(case, probes, method, model, preset, _overrides(param))
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        logger.error("%s", err)
+        raise typer.Exit(2) from None
+    typer.echo(answers_table(probes, before, after))
+    path = edit.save(save)
+    typer.echo(f"\nedit saved to {path} ({', '.join(edit.deltas)})")
+
+
+@app.command("stats")
+def stats_command(
+    method: Annotated[str, typer.Option(help="compute what this method's preset needs")] = "rome",
+    model: Annotated[str, typer.Option(help="embedded name, local HF directory or hub id")] = "smollm2-135m",
+    preset: Annotated[str | None, typer.Option(help="preset name or JSON file")] = None,
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE override (e.g. stats_corpus=PATH)")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Precompute (and cache) the covariance statistics of a method's edit layers."""
+    _setup(verbose, threads)
+    import time
+
+    from attnedit.covariance import StatsSpec, second_moments
+    from attnedit.models import load_model
+    from attnedit.presets import load_preset, make_params
+
+    try:
+        bundle = load_model(model)
+        params = make_params(method, load_preset(method, bundle.name, preset), _overrides(param))
+        if not hasattr(params, "stats_corpus"):
+            raise ValueError(f"method {method!r} uses no covariance statistics")
+        spec = StatsSpec(params.stats_corpus, params.stats_samples, params.stats_max_tokens)
+        t0 = time.perf_counter()
+        moments = second_moments(bundle, "mlp_down", params.layers, spec)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        logger.error("%s", err)
+        raise typer.Exit(2) from None
+    for layer, mom2 in moments.items():
+        typer.echo(f"layer {layer}: E[kk^T] {tuple(mom2.shape)}, trace {float(mom2.trace()):.4g}")
+    typer.echo(f"{spec.describe()} in {time.perf_counter() - t0:.1f} s")
 
 
 @app.command("report")

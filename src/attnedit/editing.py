@@ -1,7 +1,8 @@
-"""The editor interface the runner drives: edit the model for a case, then revert exactly.
+"""The editor interface the runner drives: edit the model for some cases, then revert exactly.
 
-Methods register a factory in ``METHODS``. ``none`` leaves the model untouched (the unedited
-baseline row of the paper's tables); the locate-then-edit methods plug in here.
+``make_editor`` builds a method from its preset (``presets.py``) plus overrides. ``none`` leaves
+the model untouched (the unedited baseline row of the paper's tables); ``rome``, ``memit``, ``pmet``
+and ``ft`` are in ``methods.py``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from attnedit.data import EditCase
+from attnedit.methods import FineTune, Memit, Pmet, Rome
 from attnedit.models import ModelBundle
+from attnedit.presets import load_preset, make_params
 
 
 class AppliedEdit(Protocol):
@@ -48,10 +51,29 @@ class _Unchanged:
         return None
 
 
-METHODS: dict[str, Callable[..., Editor]] = {"none": NoEdit}
+METHODS: dict[str, Callable[..., Editor]] = {
+    "none": NoEdit,
+    "rome": Rome,
+    "memit": Memit,
+    "pmet": Pmet,
+    "ft": FineTune,
+}
 
 
-def make_editor(method: str, **params: object) -> Editor:
+def make_editor(
+    method: str,
+    model_name: str = "smollm2-135m",
+    preset: str | None = None,
+    overrides: dict[str, object] | None = None,
+) -> Editor:
+    """The editor for ``method`` with the preset for ``model_name`` (or ``preset``) and overrides."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
-    return METHODS[method](**params) if params else METHODS[method]()
+    if method == "none":
+        if overrides or preset:
+            raise ValueError("method 'none' takes no preset or parameters")
+        return NoEdit()
+    data = load_preset(method, model_name, preset)
+    editor = METHODS[method](make_params(method, data, overrides))
+    editor.preset = data["model"]
+    return editor

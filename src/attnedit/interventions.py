@@ -275,7 +275,9 @@ def head_outputs(
 
 
 @contextlib.contextmanager
-def start_at_layer(model: nn.Module, adapter: ModelAdapter, layer: int, lower_output: object) -> Iterator[None]:
+def start_at_layer(
+    model: nn.Module, adapter: ModelAdapter, layer: int, lower_output: object
+) -> Iterator[None]:
     """Run the model from block ``layer`` on: every block below returns ``lower_output``.
 
     ``lower_output`` is what block ``layer - 1`` returned on an earlier pass over the same batch (its

@@ -105,9 +105,11 @@ class Rome:
     params: RomeParams
     terms: list[LossTerm] = field(default_factory=list)
     name: str = "rome"
+    preset: str = ""
 
     def hyperparameters(self) -> dict:
         return {
+            "preset": self.preset,
             **params_dict(self.params),
             "stats": _stats(self.params).describe(),
             "terms": [t.name for t in self.terms],
@@ -213,13 +215,14 @@ class Pmet(Memit):
 
 @dataclass
 class FineTune:
-    """FT-L: Adam on the down-projection of one layer, NLL of o_new on the edit prompt, |Delta|_inf <= bound."""
+    """FT-L: Adam on one layer's down-projection, NLL of o_new on the edit prompt, |Delta|_inf <= bound."""
 
     params: FTParams
     name: str = "ft"
+    preset: str = ""
 
     def hyperparameters(self) -> dict:
-        return params_dict(self.params)
+        return {"preset": self.preset, **params_dict(self.params)}
 
     def apply(self, bundle: ModelBundle, cases: list[EditCase]) -> AppliedEdit:
         p = self.params

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from attnedit import __version__
 from attnedit.data import Dataset, EditCase, load_cases, load_texts
+from attnedit.deltas import WeightEdit
 from attnedit.editing import Editor, make_editor
 from attnedit.evaluation import EvalConfig, Evaluator
 from attnedit.metrics import summarize
@@ -35,7 +36,9 @@ from attnedit.models import ModelBundle, load_model
 
 logger = logging.getLogger(__name__)
 
+MODES = ("single", "batch", "sequential")
 RESULTS = "results.jsonl"
+EDITS = "edits"
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
 
@@ -80,6 +83,20 @@ class RunConfig:
     ppl_limit: int | None = None
     eval: EvalConfig = field(default_factory=EvalConfig)
     label: str | None = None  # row name in reports (default: the method)
+    mode: str = "single"  # single: edit one case, evaluate, revert; batch: N cases per edit;
+    # sequential: edits (of batch_size cases each) accumulate, evaluation after the last one
+    batch_size: int = 1
+    preset: str | None = None
+    params: dict = field(default_factory=dict)  # overrides of preset fields
+    save_edits: bool = False  # keep every edit as DIR/edits/NNNNN.safetensors (always in sequential mode)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"--mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.batch_size < 1:
+            raise ValueError("--batch-size must be at least 1")
+        if self.mode == "single" and self.batch_size != 1:
+            raise ValueError("--batch-size needs --mode batch or sequential")
 
 
 def _set_seed(seed: int) -> None:
@@ -109,6 +126,8 @@ def build_manifest(config: RunConfig, bundle: ModelBundle, dataset: Dataset, edi
             "skipped": dataset.skipped,
         },
         "limit": config.limit,
+        "mode": config.mode,
+        "batch_size": config.batch_size,
         "shard": asdict(config.shard),
         "seed": config.seed,
         "eval": config.eval.manifest(),
@@ -130,6 +149,8 @@ _IDENTITY = (
     "hyperparameters",
     "data",
     "limit",
+    "mode",
+    "batch_size",
     "shard",
     "seed",
     "eval",
@@ -199,7 +220,7 @@ def run(
     cases = dataset.cases[: config.limit] if config.limit else dataset.cases
     cases = config.shard.select(cases)
     bundle = bundle or load_model(config.model)
-    editor = editor or make_editor(config.method)
+    editor = editor or make_editor(config.method, bundle.name, config.preset, config.params)
     if config.ppl_corpus:
         config.eval.ppl_texts = load_texts(config.ppl_corpus, config.ppl_limit)
     manifest = build_manifest(config, bundle, dataset, editor)
@@ -213,30 +234,99 @@ def run(
     results_path = out / RESULTS
     records = read_results(results_path, repair=True)
     done = {r["case_id"] for r in records}
-    todo = [c for c in cases if c.case_id not in done]
     if done:
         logger.info("resuming %s: %d of %d cases already done", out, len(done), len(cases))
     evaluator = Evaluator(bundle, config.eval)
-    with open(results_path, "a", encoding="utf-8") as fh:
-        bar = tqdm(
-            todo,
-            desc=f"eval {manifest['label']}",
-            unit="case",
-            disable=not progress,
-            initial=len(done),
-            total=len(cases),
-        )
-        for case in bar:
+    # batches are cut from the full case list, so a resumed run edits exactly the same groups
+    groups = [cases[i : i + config.batch_size] for i in range(0, len(cases), config.batch_size)]
+    bar = tqdm(
+        total=len(cases),
+        initial=len(done),
+        desc=f"{config.mode} {manifest['label']}",
+        unit="case",
+        disable=not progress,
+    )
+    with open(results_path, "a", encoding="utf-8") as fh, bar:
+        if config.mode == "sequential":
+            _run_sequential(out, groups, done, bundle, editor, evaluator, fh, records, bar)
+        else:
+            for k, group in enumerate(groups):
+                todo = [c for c in group if c.case_id not in done]
+                if not todo:
+                    continue
+                references = {c.case_id: evaluator.reference(c) for c in todo if c.locality}
+                t0 = time.perf_counter()
+                edit = editor.apply(bundle, group)
+                seconds_edit = time.perf_counter() - t0
+                try:
+                    if config.save_edits and hasattr(edit, "edit"):
+                        edit.edit.save(out / EDITS / f"{k:05d}.safetensors")
+                    for case in todo:
+                        t1 = time.perf_counter()
+                        record = evaluator.evaluate(case, references.get(case.case_id))
+                        record["seconds_edit"] = seconds_edit / len(group)
+                        record["seconds_eval"] = time.perf_counter() - t1
+                        record["edit"] = _edit_info(edit, group.index(case))
+                        _append(fh, record)
+                        records.append(record)
+                        bar.update(1)
+                finally:
+                    edit.revert()
+    return write_summary(out, records)
+
+
+def _edit_info(edit: object, index: int) -> dict:
+    """Optimisation steps and final loss of one request of an edit (when the method reports them)."""
+    info = getattr(getattr(edit, "edit", None), "info", None) or {}
+    picked = {}
+    for key in ("steps", "final_loss"):
+        value = info.get(key)
+        picked[key] = value[index] if isinstance(value, list) and index < len(value) else value
+    return {k: v for k, v in picked.items() if v is not None}
+
+
+def _run_sequential(
+    out: Path,
+    groups: list[list[EditCase]],
+    done: set,
+    bundle: ModelBundle,
+    editor: Editor,
+    evaluator: Evaluator,
+    fh,
+    records: list[dict],
+    bar: tqdm,
+) -> None:
+    """Apply every group's edit on top of the previous ones (saved, so a resumed run re-applies them),
+    then evaluate every case on the final model; all edits are reverted at the end."""
+    cases = [c for g in groups for c in g]
+    todo = [c for c in cases if c.case_id not in done]
+    if not todo:
+        return
+    references = {c.case_id: evaluator.reference(c) for c in todo if c.locality}
+    applied: list = []
+    seconds: dict[str, float] = {}
+    try:
+        for k, group in enumerate(tqdm(groups, desc="sequential edits", unit="edit", leave=False)):
+            path = out / EDITS / f"{k:05d}.safetensors"
             t0 = time.perf_counter()
-            reference = evaluator.reference(case) if case.locality else None
-            edit = editor.apply(bundle, [case])
+            if path.is_file():
+                applied.append(WeightEdit.load(path).apply(bundle.model))
+            else:
+                edit = editor.apply(bundle, group)
+                applied.append(edit)
+                if hasattr(edit, "edit"):
+                    edit.edit.save(path)
+            for case in group:
+                seconds[case.case_id] = (time.perf_counter() - t0) / len(group)
+        for case in todo:
             t1 = time.perf_counter()
-            try:
-                record = evaluator.evaluate(case, reference)
-            finally:
-                edit.revert()
-            record["seconds_edit"] = t1 - t0
-            record["seconds_total"] = time.perf_counter() - t0
+            record = evaluator.evaluate(case, references.get(case.case_id))
+            record["seconds_edit"] = seconds[case.case_id]
+            record["seconds_eval"] = time.perf_counter() - t1
+            record["edits_applied"] = len(applied)
             _append(fh, record)
             records.append(record)
-    return write_summary(out, records)
+            bar.update(1)
+    finally:
+        for edit in reversed(applied):
+            edit.revert()

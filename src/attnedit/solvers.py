@@ -75,7 +75,7 @@ def read_at_fact_token(
 
 
 def solve_spd(matrix: torch.Tensor, rhs: torch.Tensor, what: str) -> torch.Tensor:
-    """``matrix^-1 rhs`` for a symmetric positive semi-definite ``matrix`` (float64, regularised if needed)."""
+    """``matrix^-1 rhs`` for a symmetric positive semi-definite ``matrix`` (float64, regularised)."""
     a = matrix.double()
     b = rhs.double()
     scale = a.diagonal().abs().mean().clamp_min(1e-30)
@@ -106,7 +106,7 @@ def rank_one_update(
     key: torch.Tensor,
     target: torch.Tensor,
 ) -> torch.Tensor:
-    """ROME (paper eq. 2): ``Delta = (v* - W k* - b) (C^-1 k*)^T / ((C^-1 k*)^T k*)`` as [out, in], float64."""
+    """ROME (paper eq. 2): ``Delta = (v* - W k* - b) (C^-1 k*)^T / ((C^-1 k*)^T k*)``, [out, in]."""
     w = weight.double()
     k = key.double().to(w.device)
     u = solve_spd(second_moment.to(w.device), k, "the key covariance C")
@@ -118,7 +118,7 @@ def rank_one_update(
 def least_squares_update(
     second_moment: torch.Tensor, keys: torch.Tensor, residuals: torch.Tensor, weight: float
 ) -> torch.Tensor:
-    """MEMIT: ``Delta = R K^T (lambda C + K K^T)^-1`` with keys [N, in], residuals [N, out]; [out, in] float64."""
+    """MEMIT: ``Delta = R K^T (lambda C + K K^T)^-1``; keys [N, in], residuals [N, out] -> [out, in]."""
     k = keys.double()
     r = residuals.double().to(k.device)
     system = weight * second_moment.double().to(k.device) + k.T @ k

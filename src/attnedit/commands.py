@@ -1,0 +1,105 @@
+"""The work behind ``attnedit edit``: build a request, edit, show answers before and after."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from attnedit.data import EditCase, EditRequest, Probe, load_cases
+from attnedit.deltas import WeightEdit
+from attnedit.editing import make_editor
+from attnedit.models import ModelBundle, load_model
+from attnedit.scoring import generate, score_targets
+from attnedit.tokens import fill_prompt
+
+
+@dataclass(frozen=True)
+class Answer:
+    generated: str  # greedy continuation (a few tokens)
+    p_new: float
+    p_true: float
+
+
+def edit_case_from_args(
+    model: str,
+    subject: str | None,
+    prompt: str | None,
+    target_new: str | None,
+    target_true: str | None,
+    paraphrase: str | None,
+    neighbor: str | None,
+    request_file: Path | None,
+    index: int,
+) -> tuple[EditCase, list[tuple[str, str]]]:
+    """The case to edit and the (label, prompt) probes to show; from flags or one record of a file."""
+    if request_file is not None:
+        cases = load_cases(str(request_file)).cases
+        if not 0 <= index < len(cases):
+            raise ValueError(f"--index {index} out of range: {request_file} has {len(cases)} cases")
+        case = cases[index]
+        probes = [("edit prompt", case.request.text)]
+        if case.paraphrase:
+            probes.append(("paraphrase", case.paraphrase[0].prompt))
+        if case.neighborhood:
+            probes.append(("neighbour", case.neighborhood[0].prompt))
+        return case, probes
+    missing = [
+        f"--{n}" for n, v in (("subject", subject), ("prompt", prompt), ("target-new", target_new)) if not v
+    ]
+    if missing:
+        raise ValueError(f"give {', '.join(missing)} (or --file DATA --index N)")
+    text, _ = fill_prompt(prompt, subject)  # type: ignore[arg-type]
+    request = EditRequest(
+        prompt=prompt, subject=subject, target_new=target_new, target_true=target_true or ""
+    )  # type: ignore[arg-type]
+    case = EditCase(case_id="cli", request=request, rewrite=(Probe(text, target_new),))  # type: ignore[arg-type]
+    probes = [("edit prompt", text)]
+    if paraphrase:
+        probes.append(("paraphrase", paraphrase))
+    if neighbor:
+        probes.append(("neighbour", neighbor))
+    return case, probes
+
+
+def _answers(bundle: ModelBundle, probes: list[tuple[str, str]], request: EditRequest) -> list[Answer]:
+    prompts = [p for _, p in probes]
+    generated = generate(bundle.model, bundle.tokenizer, prompts, max_new_tokens=8, adapter=bundle.adapter)
+    pairs = [(p, t) for p in prompts for t in (request.target_new, request.target_true)]
+    scores = score_targets(bundle.model, bundle.tokenizer, bundle.adapter, pairs)
+    return [Answer(g.strip(), scores[2 * i].prob, scores[2 * i + 1].prob) for i, g in enumerate(generated)]
+
+
+def run_single_edit(
+    case: EditCase,
+    probes: list[tuple[str, str]],
+    method: str,
+    model: str,
+    preset: str | None,
+    overrides: dict[str, str],
+) -> tuple[list[Answer], list[Answer], WeightEdit]:
+    bundle = load_model(model)
+    if not case.request.target_true:
+        # the current object: the model's own greedy answer on the edit prompt
+        answer = generate(bundle.model, bundle.tokenizer, [case.request.text], max_new_tokens=4)[0]
+        words = answer.strip().split()
+        object_true = words[0].strip(".,;:") if words else ""
+        request = EditRequest(case.request.prompt, case.request.subject, case.request.target_new, object_true)
+        case = EditCase(case_id=case.case_id, request=request, rewrite=case.rewrite)
+    editor = make_editor(method, bundle.name, preset, overrides)
+    before = _answers(bundle, probes, case.request)
+    applied = editor.apply(bundle, [case])
+    after = _answers(bundle, probes, case.request)
+    return before, after, applied.edit
+
+
+def answers_table(probes: list[tuple[str, str]], before: list[Answer], after: list[Answer]) -> str:
+    lines = [
+        "| probe | prompt | before | after | P(new) before -> after | P(true) before -> after |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (label, prompt), b, a in zip(probes, before, after, strict=True):
+        lines.append(
+            f"| {label} | {prompt} | {b.generated} | {a.generated} | "
+            f"{b.p_new:.3f} -> {a.p_new:.3f} | {b.p_true:.3f} -> {a.p_true:.3f} |"
+        )
+    return "\n".join(lines)
