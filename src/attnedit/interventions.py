@@ -55,8 +55,8 @@ class Trace(contextlib.AbstractContextManager):
     """Retain and/or edit the inputs and outputs of named modules (after ROME's ``nethook.TraceDict``).
 
     ``edit_input(x, name)`` / ``edit_output(y, name)`` return the replacement tensor; gradients flow
-    through replacements. ``stop=True`` ends the forward pass after the last named module (in model
-    order) has run; the ``StopForward`` it raises is swallowed on exit.
+    through replacements. ``stop=True`` ends the forward pass once every named module has run (a parent
+    block finishes after the modules inside it); the ``StopForward`` it raises is swallowed on exit.
     """
 
     model: nn.Module
@@ -76,14 +76,14 @@ class Trace(contextlib.AbstractContextManager):
         missing = [n for n in self.names if n not in modules]
         if missing:
             raise KeyError(f"modules not found in {type(self.model).__name__}: {missing}")
-        order = {name: i for i, name in enumerate(modules)}
-        self._last = max(self.names, key=order.__getitem__) if self.names else None
+        self._fired: set[str] = set()
         self._modules = {n: modules[n] for n in self.names}
 
     def _keep(self, t: torch.Tensor) -> torch.Tensor:
         return t.detach() if self.detach else t
 
     def __enter__(self) -> Trace:
+        self._fired.clear()
         try:
             for name, module in self._modules.items():
                 self.retained[name] = Retained()
@@ -127,7 +127,9 @@ class Trace(contextlib.AbstractContextManager):
                         self._keep(o) if isinstance(o, torch.Tensor) else o
                         for o in output  # type: ignore[union-attr]
                     )
-            if self.stop and name == self._last:
+            self._fired.add(name)
+            if self.stop and len(self._fired) == len(self._modules):
+                self._fired.clear()
                 raise StopForward
             return output
 

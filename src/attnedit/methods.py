@@ -264,7 +264,7 @@ class FineTune:
                 loss = reads.row_nll(head, frozen.forward()).mean()
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(f"ft: non-finite loss at step {step}; the model is unchanged")
-                if float(loss) < p.early_stop_loss or step == p.steps - 1:
+                if float(loss.detach()) < p.early_stop_loss or step == p.steps - 1:
                     break
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
@@ -281,6 +281,6 @@ class FineTune:
                 "hyperparameters": self.hyperparameters(),
                 "requests": requests,
                 "model_fingerprint": bundle.fingerprint,
-                "info": {"steps": steps, "final_loss": float(loss)},
+                "info": {"steps": steps, "final_loss": float(loss.detach())},
             }
         )

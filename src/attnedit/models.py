@@ -213,4 +213,7 @@ def bundle_from_model(
     """Wrap an already constructed model (tests, notebooks) in a bundle."""
     _prepare_for_inference(model, tokenizer)
     digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    params = list(model.parameters())
+    for tensor in (params[0], params[len(params) // 2], params[-1]):  # weights, not just the config
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
     return ModelBundle(model, tokenizer, get_adapter(model), name, name, digest.hexdigest()[:16])

@@ -227,25 +227,30 @@ def optimise_targets(
 
 
 class _PrefixCache:
-    """The prompt prefixes' KV cache, reset to the prefix after every pass (suffix entries dropped)."""
+    """The prompt prefixes' KV cache, reset to the prefix after every pass (suffix entries dropped).
+
+    Cache layers replace (never mutate) their tensors on update, so restoring each layer's attributes
+    (tensors and counters such as a sliding window's cumulative length) restores the prefix exactly.
+    """
 
     def __init__(self, cache: object | None):
         self.cache = cache
-        self._saved: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        self._saved: list[dict] = []
         if cache is not None:
             for layer in cache.layers:
-                keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-                if keys is not None:
-                    # a row with an empty prefix attends to nothing there; keep its masked entries finite
-                    layer.keys, layer.values = keys.nan_to_num(0.0), values.nan_to_num(0.0)
-                self._saved.append((layer.keys, layer.values) if keys is not None else None)
+                for name in ("keys", "values"):
+                    value = getattr(layer, name, None)
+                    if isinstance(value, torch.Tensor):
+                        # a row with an empty prefix attends to nothing there; keep its masked entries finite
+                        setattr(layer, name, value.nan_to_num(0.0))
+                self._saved.append(dict(vars(layer)))
 
     def reset(self) -> None:
         if self.cache is None:
             return
         for layer, saved in zip(self.cache.layers, self._saved, strict=True):
-            if saved is not None:
-                layer.keys, layer.values = saved
+            vars(layer).clear()
+            vars(layer).update(saved)
 
 
 class FrozenBelow:

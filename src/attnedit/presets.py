@@ -101,7 +101,7 @@ def load_preset(method: str, model_name: str, preset: str | None = None) -> dict
         else:
             hits = [d for d in found if _matches(d, model_name)]
         if not hits:
-            what = f"preset {preset!r}" if preset else f"a preset for model {model_name!r}"
+            what = f"preset {preset!r}" if preset else f"preset for model {model_name!r}"
             raise PresetError(
                 f"{method}: no {what}; available: {', '.join(available_presets(method))} "
                 "(choose one with --preset NAME or a JSON file, e.g. for a model of the same family and size)"

@@ -1,0 +1,308 @@
+"""The locate-then-edit blocks and methods on tiny random models of every family."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+
+import pytest
+import torch
+from conftest import CORPUS, make_tiny
+
+from attnedit.covariance import StatsSpec, second_moments
+from attnedit.data import EditCase, EditRequest, Probe, load_cases
+from attnedit.deltas import EditMismatchError, WeightEdit, model_hash
+from attnedit.interventions import Trace
+from attnedit.methods import EditRequestError, FineTune, Memit, Pmet, Rome
+from attnedit.optimise import (
+    FrozenBelow,
+    Injection,
+    NonFiniteLossError,
+    TargetSettings,
+    build_rows,
+    optimise_targets,
+    split_rows,
+)
+from attnedit.presets import (
+    FTParams,
+    MemitParams,
+    PmetParams,
+    PresetError,
+    RomeParams,
+    load_preset,
+    make_params,
+)
+from attnedit.scoring import score_targets
+from attnedit.solvers import least_squares_update, rank_one_update, solve_spd
+
+TEMPLATES = ["{}", "The city. {}", "You know that. {}"]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNEDIT_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(CORPUS * 3))
+    return str(path)
+
+
+def _case(
+    prompt="The Eiffel Tower is located in the city of", subject="Eiffel Tower", new="Rome", true="Paris"
+):
+    return EditCase(
+        case_id="t", request=EditRequest(prompt, subject, new, true), rewrite=(Probe(prompt, new),)
+    )
+
+
+def _p_new(bundle, case) -> float:
+    req = case.request
+    return score_targets(bundle.model, bundle.tokenizer, bundle.adapter, [(req.text, req.target_new)])[0].prob
+
+
+def _editors(corpus: str) -> dict:
+    # random tiny models have tiny MLP outputs: relax the decay and clamp that are relative to them
+    common = dict(
+        stats_corpus=corpus,
+        stats_samples=50,
+        steps=8,
+        templates=[[4, 2]],
+        weight_decay=1e-3,
+        clamp_norm_factor=50.0,
+    )
+    return {
+        "rome": Rome(RomeParams(layers=[1], **common)),
+        "memit": Memit(MemitParams(layers=[0, 1], **common)),
+        "pmet": Pmet(PmetParams(layers=[0, 1], **common)),
+        "ft": FineTune(FTParams(layers=[1], lr=1e-2, steps=8, norm_constraint=1e-2)),
+    }
+
+
+def test_frozen_below_is_exact(tiny):
+    """Skipping the lower blocks and reusing the prefix cache gives the full forward's hidden states."""
+    req = _case().request
+    rows = build_rows(tiny, [req], TEMPLATES)
+    batch = split_rows(rows, [0] * len(rows), 0, tiny.device)
+    delta = torch.randn(tiny.adapter.hidden_size) * 0.5
+    name = tiny.adapter.module_name("mlp", 1)
+    with torch.no_grad():
+        frozen = FrozenBelow(tiny, batch, 1)
+        with Trace(tiny.model, [name], retain_output=False, edit_output=lambda y, _: _add(y, 0, delta)):
+            fast = frozen.forward()
+        for b, row in enumerate(rows):
+            full_ids = torch.tensor([row.ids])
+            with Trace(
+                tiny.model,
+                [name],
+                retain_output=False,
+                edit_output=lambda y, _, f=row.fact: _add(y, f, delta),
+            ):
+                full = tiny.model.base_model(input_ids=full_ids).last_hidden_state[0, row.fact :]
+            assert torch.allclose(fast[b, : len(row.ids) - row.fact], full, atol=1e-5), (b, row)
+
+
+def _add(y: torch.Tensor, column: int, delta: torch.Tensor) -> torch.Tensor:
+    y = y.clone()
+    y[:, column] += delta
+    return y
+
+
+def test_batched_optimisation_equals_separate(tiny_tokenizer):
+    bundle = make_tiny("llama", tiny_tokenizer)
+    reqs = [
+        _case().request,
+        _case("Danielle Darrieux speaks", "Danielle Darrieux", "English", "French").request,
+    ]
+    settings = TargetSettings(steps=6, early_stop_loss=0.0)
+    inj = Injection("layer", 1)
+    joint = optimise_targets(bundle, reqs, TEMPLATES, [inj], settings)
+    for i, req in enumerate(reqs):
+        alone = optimise_targets(bundle, [req], TEMPLATES, [inj], settings)
+        assert torch.allclose(joint.delta[inj][i], alone.delta[inj][0], atol=1e-4)
+        assert torch.allclose(joint.init[inj][i], alone.init[inj][0], atol=1e-5)
+
+
+def test_early_stop_and_clamp(tiny_tokenizer):
+    bundle = make_tiny("llama", tiny_tokenizer)
+    inj = Injection("mlp", 1)
+    result = optimise_targets(
+        bundle, [_case().request], TEMPLATES, [inj], TargetSettings(steps=5, early_stop_loss=1e9)
+    )
+    assert result.steps == [0] and float(result.delta[inj].abs().max()) == 0.0  # stopped before any update
+    result = optimise_targets(
+        bundle, [_case().request], TEMPLATES, [inj], TargetSettings(steps=10, clamp_norm_factor=0.1, lr=5.0)
+    )
+    assert float(result.delta[inj].norm()) <= 0.1 * float(result.init[inj].norm()) * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("method", ["rome", "memit", "pmet", "ft"])
+def test_methods_edit_every_family_and_revert_exactly(tiny, method, corpus):
+    editor = _editors(corpus)[method]
+    case = _case()
+    before_hash, before_p = model_hash(tiny.model), _p_new(tiny, case)
+    applied = editor.apply(tiny, [case])
+    # efficacy is asserted on the real model (test_smollm2_editing.py): random tiny models barely
+    # respond to any edit; here the mechanics: the right weights change, finitely, and revert exactly
+    assert _p_new(tiny, case) != before_p
+    expected = {tiny.adapter.weight_name("mlp_down", layer) for layer in editor.params.layers}
+    assert set(applied.edit.deltas) == expected
+    for name, delta in applied.edit.deltas.items():
+        param = dict(tiny.model.named_parameters())[name]
+        assert delta.shape == param.shape and torch.isfinite(delta).all() and delta.abs().max() > 0
+    assert model_hash(tiny.model) != before_hash
+    applied.revert()
+    assert model_hash(tiny.model) == before_hash
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_saved_edit_reproduces_logits_on_a_fresh_model(family, tiny_tokenizer, corpus, tmp_path):
+    bundle = make_tiny(family, tiny_tokenizer, seed=3)
+    applied = _editors(corpus)["memit"].apply(bundle, [_case()])
+    ids = torch.tensor([bundle.tokenizer("The Eiffel Tower is located in the city of")["input_ids"]])
+    with torch.no_grad():
+        edited = bundle.model(input_ids=ids).logits
+    path = applied.edit.save(tmp_path / "edit.safetensors")
+    bundle.model.save_pretrained(tmp_path / "edited")  # an edited model saves like any model
+
+    fresh = make_tiny(family, tiny_tokenizer, seed=3)
+    loaded = WeightEdit.load(path)
+    assert loaded.requests == [_case().request] and loaded.method == "memit"
+    assert loaded.hyperparameters["layers"] == [0, 1]
+    loaded.apply(fresh.model)
+    with torch.no_grad():
+        assert torch.equal(fresh.model(input_ids=ids).logits, edited)
+        reloaded = type(bundle.model).from_pretrained(tmp_path / "edited")
+        assert torch.equal(reloaded(input_ids=ids).logits, edited)
+
+    other = make_tiny(family, tiny_tokenizer, seed=4)
+    with pytest.raises(EditMismatchError, match="differs from the weights"):
+        loaded.apply(other.model)
+
+
+def test_bad_requests_are_refused_with_the_model_untouched(tiny_tokenizer, corpus):
+    bundle = make_tiny("llama", tiny_tokenizer)
+    rome = _editors(corpus)["rome"]
+    original = model_hash(bundle.model)
+    with pytest.raises(EditRequestError, match="subject"):
+        rome.apply(bundle, [_case(subject="Colosseum")])
+    with pytest.raises(EditRequestError, match="target_new is empty"):
+        rome.apply(bundle, [_case(new=" ")])
+    with pytest.raises(EditRequestError, match="equals target_true"):
+        rome.apply(bundle, [_case(new="Paris")])
+    with pytest.raises(EditRequestError, match="one request at a time"):
+        rome.apply(bundle, [_case(), _case()])
+    with pytest.raises(EditRequestError, match="outside"):
+        Rome(RomeParams(layers=[7], stats_corpus=corpus)).apply(bundle, [_case()])
+    with pytest.raises(NonFiniteLossError, match="model is unchanged"):
+        Rome(RomeParams(layers=[1], stats_corpus=corpus, templates=[[3, 1]]), terms=[_NaNTerm()]).apply(
+            bundle, [_case()]
+        )
+    with pytest.raises(NonFiniteLossError):
+        FineTune(FTParams(layers=[1], lr=math.inf, norm_constraint=math.inf, steps=4)).apply(
+            bundle, [_case()]
+        )
+    with pytest.raises(ValueError, match="injection component"):
+        Injection("embed", 0)
+    assert model_hash(bundle.model) == original
+
+
+class _NaNTerm:
+    """An extra loss term that breaks the optimisation (reads attention where asked, like SADR will)."""
+
+    name = "nan"
+
+    def __init__(self, layers=()):
+        self.layers = list(layers)
+
+    def attention_layers(self, n_layers):
+        return self.layers
+
+    def __call__(self, state):
+        for layer in self.layers:
+            assert state.attention[layer].shape[-1] == state.batch.attention_mask.shape[1]
+        return torch.full((state.n_requests,), math.nan)
+
+
+def test_presets_and_overrides():
+    preset = load_preset("rome", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert preset["model"] == "smollm2-135m"
+    params = make_params("memit", load_preset("memit", "smollm2-135m"), {"layers": "2-4", "steps": "7"})
+    assert params.layers == [2, 3, 4] and params.steps == 7
+    for method in ("rome", "memit", "pmet", "ft"):
+        for model in ("gpt2-xl", "gpt-j-6b", "gpt-neox-20b", "llama-2-13b", "llama-3-8b", "tinyllama-1.1b"):
+            make_params(method, load_preset(method, model))
+        make_params(method, load_preset(method, "Qwen/Qwen2.5-7B-Instruct"))
+        make_params(method, load_preset(method, "mistralai/Mistral-7B-v0.1"))
+    assert load_preset("memit", "EleutherAI/gpt-j-6b")["params"]["layers"] == [3, 4, 5, 6, 7, 8]
+    with pytest.raises(PresetError, match="no preset for model .my-own-model.; available: "):
+        load_preset("rome", "my-own-model")
+    with pytest.raises(PresetError, match="no parameter 'stepz'"):
+        make_params("rome", preset, {"stepz": "3"})
+    with pytest.raises(PresetError, match="expected int"):
+        make_params("rome", preset, {"steps": "many"})
+
+
+def test_solvers():
+    torch.manual_seed(0)
+    k_all = torch.randn(500, 6, dtype=torch.float64)
+    cov = k_all.T @ k_all / 500
+    w, b = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    key, target = torch.randn(6, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    delta = rank_one_update(w, b, cov, key, target)
+    assert torch.allclose((w + delta) @ key + b, target, atol=1e-10)  # W' k* + b = v*
+    keys, resid = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    delta = least_squares_update(cov, keys, resid, 2.0)
+    assert torch.allclose(delta @ (2.0 * cov + keys.T @ keys), resid.T @ keys, atol=1e-10)
+
+
+def test_singular_statistics_are_regularised_with_a_warning(caplog):
+    singular = torch.zeros(5, 5, dtype=torch.float64)
+    singular[0, 0] = 1.0
+    with caplog.at_level(logging.WARNING):
+        x = solve_spd(singular, torch.ones(5, dtype=torch.float64), "C")
+    assert torch.isfinite(x).all() and "regularised" in caplog.text
+    with pytest.raises(FloatingPointError):
+        solve_spd(torch.full((3, 3), math.nan), torch.ones(3), "C")
+
+
+def test_second_moments_match_a_direct_computation_and_are_cached(tiny_tokenizer, corpus, monkeypatch):
+    bundle = make_tiny("gpt2", tiny_tokenizer)
+    spec = StatsSpec(corpus=corpus, samples=10, max_tokens=16, batch_tokens=64)
+    moments = second_moments(bundle, "mlp_down", [0, 2], spec, progress=False)
+    name = bundle.adapter.module_name("mlp_down", 2)
+    keys = []
+    for text in CORPUS[:6] + CORPUS[:4]:
+        ids = torch.tensor([tiny_tokenizer(text)["input_ids"][:16]])
+        with torch.no_grad(), Trace(bundle.model, [name], retain_input=True, detach=True) as trace:
+            bundle.model(input_ids=ids)
+            keys.append(trace[name].input[0])
+    k = torch.cat(keys)
+    assert torch.allclose(moments[2], k.T @ k / len(k), atol=1e-5)
+    bundle.cache.clear()  # from disk now: computing again would fail
+    monkeypatch.setattr("attnedit.covariance._accumulate", lambda *a, **kw: pytest.fail("recomputed"))
+    again = second_moments(bundle, "mlp_down", [2], spec, progress=False)
+    assert torch.equal(again[2], moments[2])
+
+
+def test_sample_cases_edit_with_memit_batch(tiny_tokenizer, corpus):
+    bundle = make_tiny("qwen2", tiny_tokenizer)
+    cases = load_cases("sample").cases[:6]
+    editor = _editors(corpus)["memit"]
+    applied = editor.apply(bundle, cases)
+    assert len(applied.edit.requests) == 6 and len(applied.edit.info["steps"]) == 6
+    applied.revert()
+
+
+def test_hooks_are_removed_after_a_failed_edit(tiny_tokenizer, corpus):
+    bundle = make_tiny("llama", tiny_tokenizer)
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in bundle.model.modules())
+    with contextlib.suppress(NonFiniteLossError):
+        Rome(
+            RomeParams(layers=[1], stats_corpus=corpus, templates=[[3, 1]]), terms=[_NaNTerm(layers=[1])]
+        ).apply(bundle, [_case()])
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in bundle.model.modules()) == hooks
+    assert all("forward" not in vars(block) for block in bundle.model.model.layers)
