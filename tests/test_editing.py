@@ -238,7 +238,7 @@ def test_presets_and_overrides():
         make_params(method, load_preset(method, "Qwen/Qwen2.5-7B-Instruct"))
         make_params(method, load_preset(method, "mistralai/Mistral-7B-v0.1"))
     assert load_preset("memit", "EleutherAI/gpt-j-6b")["params"]["layers"] == [3, 4, 5, 6, 7, 8]
-    with pytest.raises(PresetError, match="no preset for model .my-own-model.; available: "):
+    with pytest.raises(PresetError, match=r"no preset for model .my-own-model.; available: "):
         load_preset("rome", "my-own-model")
     with pytest.raises(PresetError, match="no parameter 'stepz'"):
         make_params("rome", preset, {"stepz": "3"})
