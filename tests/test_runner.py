@@ -139,3 +139,77 @@ def test_kill_9_then_resume_keeps_every_case_once(tmp_path, smollm2):
     ids = _ids(out)
     assert sorted(ids, key=int) == [str(i) for i in range(10)]
     assert len(ids) == len(set(ids))
+
+
+def _edit_config(out: Path, model: Path, corpus: Path, **kw) -> RunConfig:
+    params = {
+        "layers": "0,1",
+        "stats_corpus": str(corpus),
+        "stats_samples": "20",
+        "steps": "3",
+        "templates": "[[3, 1]]",
+    }
+    return RunConfig(
+        data="sample",
+        out=str(out),
+        model=str(model),
+        method="memit",
+        preset=str(Path(__file__).parents[1] / "src/attnedit/resources/presets/memit/smollm2-135m.json"),
+        params=params,
+        eval=EvalConfig(fluency=False),
+        **kw,
+    )
+
+
+@pytest.fixture
+def corpus_file(tmp_path, monkeypatch) -> Path:
+    from conftest import CORPUS
+
+    monkeypatch.setenv("ATTNEDIT_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(CORPUS))
+    return path
+
+
+@pytest.mark.parametrize("mode", ["batch", "sequential"])
+def test_batch_and_sequential_modes_restore_the_model(tmp_path, tiny_dir, corpus_file, mode):
+    from attnedit.deltas import model_hash
+    from attnedit.models import load_model
+
+    bundle = load_model(str(tiny_dir))
+    original = model_hash(bundle.model)
+    out = tmp_path / mode
+    run(
+        _edit_config(out, tiny_dir, corpus_file, limit=5, mode=mode, batch_size=2),
+        bundle=bundle,
+        progress=False,
+    )
+    assert model_hash(bundle.model) == original
+    records = read_results(out / RESULTS)
+    assert sorted(r["case_id"] for r in records) == sorted(_ids(out)) and len(records) == 5
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["mode"] == mode and manifest["hyperparameters"]["layers"] == [0, 1]
+    if mode == "sequential":
+        assert sorted(p.name for p in (out / "edits").iterdir()) == [f"{k:05d}.safetensors" for k in range(3)]
+        assert {r["edits_applied"] for r in records} == {3}
+        # a resumed sequential run re-applies the saved edits instead of recomputing them
+        (out / RESULTS).write_text("\n".join(json.dumps(r) for r in records[:2]) + "\n")
+        run(
+            _edit_config(out, tiny_dir, corpus_file, limit=5, mode=mode, batch_size=2),
+            bundle=bundle,
+            progress=False,
+        )
+        again = read_results(out / RESULTS)
+        assert len(again) == 5
+        for old, new in zip(records[2:], again[2:], strict=True):
+            assert old["case_id"] == new["case_id"] and old["comparisons"] == new["comparisons"]
+        assert model_hash(bundle.model) == original
+    else:
+        assert {r["edit"]["steps"] for r in records} <= {0, 1, 2}
+
+
+def test_bad_mode_and_batch_size_are_refused(tmp_path, tiny_dir, corpus_file):
+    with pytest.raises(ValueError, match="--mode"):
+        _edit_config(tmp_path, tiny_dir, corpus_file, mode="parallel")
+    with pytest.raises(ValueError, match="--batch-size needs"):
+        _edit_config(tmp_path, tiny_dir, corpus_file, batch_size=4)

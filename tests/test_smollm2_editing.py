@@ -1,0 +1,105 @@
+"""Editing the real SmolLM2-135M with every method at its preset: efficacy, exact revert, the CLI."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from attnedit.cli import app
+from attnedit.data import load_cases
+from attnedit.deltas import WeightEdit, model_hash
+from attnedit.editing import make_editor
+from attnedit.scoring import score_targets
+
+pytestmark = pytest.mark.smollm2
+
+
+@pytest.fixture(scope="module")
+def stats_overrides(shared_data) -> dict:
+    # a small WikiText sample keeps the test fast; the benchmarks use 5,000 lines
+    return {"stats_corpus": str(shared_data / "wikitext2_test.txt"), "stats_samples": "300"}
+
+
+@pytest.fixture(scope="module")
+def dev_cases(shared_data):
+    return load_cases(str(shared_data / "sadr_merged_counterfact.json")).cases[:2]
+
+
+def _margin(bundle, case) -> float:
+    """log P(o_new) - log P(o_true) on the edit prompt (> 0: the edit succeeds, ES)."""
+    req = case.request
+    new, true = score_targets(
+        bundle.model,
+        bundle.tokenizer,
+        bundle.adapter,
+        [(req.text, req.target_new), (req.text, req.target_true)],
+    )
+    return true.nll - new.nll
+
+
+@pytest.mark.parametrize("method", ["rome", "memit", "pmet", "ft"])
+def test_every_method_edits_smollm2_and_reverts_exactly(smollm2, dev_cases, stats_overrides, method):
+    overrides = {} if method == "ft" else stats_overrides
+    editor = make_editor(method, smollm2.name, overrides=overrides)
+    original = model_hash(smollm2.model)
+    margins = []
+    for case in dev_cases:
+        before = _margin(smollm2, case)
+        applied = editor.apply(smollm2, [case])
+        margins.append((before, _margin(smollm2, case)))
+        applied.revert()
+        assert model_hash(smollm2.model) == original
+    for before, after in margins:
+        assert before < 0  # the model prefers o_true before the edit
+        assert after > before
+        if method in ("rome", "memit"):  # PMET and constrained fine-tuning: measured in the benchmark table
+            assert after > 0, (method, margins)
+
+
+def test_batch_memit_and_saved_edit_on_smollm2(smollm2, dev_cases, stats_overrides, tmp_path):
+    editor = make_editor("memit", smollm2.name, overrides=stats_overrides)
+    applied = editor.apply(smollm2, dev_cases)
+    assert all(_margin(smollm2, c) > 0 for c in dev_cases)
+    ids = smollm2.tokenizer(dev_cases[0].request.text, return_tensors="pt")["input_ids"]
+    edited_logits = smollm2.model(input_ids=ids).logits
+    path = applied.edit.save(tmp_path / "memit.safetensors")
+    applied.revert()
+    reapplied = WeightEdit.load(path).apply(smollm2.model)
+    assert (smollm2.model(input_ids=ids).logits == edited_logits).all()
+    reapplied.revert()
+
+
+def test_cli_edit_prints_answers_and_saves(stats_overrides, tmp_path):
+    out = tmp_path / "eiffel.safetensors"
+    result = CliRunner().invoke(
+        app,
+        [
+            "edit",
+            "--subject",
+            "Eiffel Tower",
+            "--prompt",
+            "The Eiffel Tower is located in the city of",
+            "--target-new",
+            "Rome",
+            "--target-true",
+            "Paris",
+            "--paraphrase",
+            "The Eiffel Tower stands in",
+            "--neighbor",
+            "The Louvre is located in the city of",
+            "--save",
+            str(out),
+            *[x for k, v in stats_overrides.items() for x in ("-p", f"{k}={v}")],
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "| edit prompt |" in result.output and "| neighbour |" in result.output
+    edit = WeightEdit.load(out)
+    assert edit.requests[0].target_new == "Rome" and edit.method == "rome"
+
+
+def test_cli_edit_names_the_problem(tmp_path):
+    result = CliRunner().invoke(
+        app, ["edit", "--subject", "Colosseum", "--prompt", "The Eiffel Tower is in", "--target-new", "Rome"]
+    )
+    assert result.exit_code == 2
