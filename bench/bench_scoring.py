@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 from attnedit import __version__
-from attnedit.data import load_cases
-from attnedit.data import load_texts
+from attnedit.data import load_cases, load_texts
 from attnedit.evaluation import EvalConfig, Evaluator
 from attnedit.metrics import comparisons
 from attnedit.models import load_model

@@ -103,9 +103,7 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     for k, v in rows.items():
         print(f"| {k} | {v['plain']:.2f} | {v['attnedit']:.2f} | {v.get('n_plain', '')} |")
-    print(
-        f"max |difference| = {worst:.3f} points, {len(records)} cases (plain scorer {plain_seconds:.0f} s)"
-    )
+    print(f"max |difference| = {worst:.3f} points, {len(records)} cases (plain scorer {plain_seconds:.0f} s)")
 
 
 if __name__ == "__main__":
