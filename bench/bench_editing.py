@@ -28,6 +28,7 @@ from attnedit.editing import make_editor
 from attnedit.evaluation import EvalConfig, Evaluator
 from attnedit.metrics import summarize
 from attnedit.models import load_model
+from attnedit.runner import edit_each
 
 WIKITEXT = "../shared/data/wikitext2_test.txt,../shared/data/wikitext2_valid.txt"
 
@@ -73,15 +74,7 @@ def main() -> None:
         editor = make_editor(method, bundle.name, overrides={} if method == "ft" else overrides)
         if method != "ft":
             second_moments(bundle, "mlp_down", editor.params.layers, spec, progress=False)  # untimed
-        seconds, records = [], []
-        for case in cases:
-            t0 = time.perf_counter()
-            edit = editor.apply(bundle, [case])
-            seconds.append(time.perf_counter() - t0)
-            try:
-                records.append(evaluator.evaluate(case))
-            finally:
-                edit.revert()
+        records, seconds = edit_each(bundle, editor, evaluator, cases)
         summary = summarize(records)
         row = {
             "hyperparameters": editor.hyperparameters(),

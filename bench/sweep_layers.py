@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ from attnedit.editing import make_editor
 from attnedit.evaluation import EvalConfig, Evaluator
 from attnedit.metrics import summarize
 from attnedit.models import load_model
+from attnedit.runner import edit_each
 
 WIKITEXT = "../shared/data/wikitext2_test.txt,../shared/data/wikitext2_valid.txt"
 
@@ -54,15 +54,7 @@ def main() -> None:
                 "stats_samples": str(args.stats_samples),
             },
         )
-        records, seconds = [], []
-        for case in cases:
-            t0 = time.perf_counter()
-            edit = editor.apply(bundle, [case])
-            seconds.append(time.perf_counter() - t0)
-            try:
-                records.append(evaluator.evaluate(case))
-            finally:
-                edit.revert()
+        records, seconds = edit_each(bundle, editor, evaluator, cases)
         summary = summarize(records)
         row = {"layers": layers, **{k: summary[k]["mean"] for k in ("ES", "PS", "NS", "RS", "DNS", "AvgS")}}
         row["median_seconds_per_edit"] = sorted(seconds)[len(seconds) // 2]

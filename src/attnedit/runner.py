@@ -330,3 +330,19 @@ def _run_sequential(
     finally:
         for edit in reversed(applied):
             edit.revert()
+
+
+def edit_each(
+    bundle: ModelBundle, editor: Editor, evaluator: Evaluator, cases: list[EditCase]
+) -> tuple[list[dict], list[float]]:
+    """Edit -> evaluate -> revert per case in memory (no run directory): records and edit seconds."""
+    records, seconds = [], []
+    for case in cases:
+        t0 = time.perf_counter()
+        edit = editor.apply(bundle, [case])
+        seconds.append(time.perf_counter() - t0)
+        try:
+            records.append(evaluator.evaluate(case))
+        finally:
+            edit.revert()
+    return records, seconds
