@@ -306,3 +306,23 @@ def test_hooks_are_removed_after_a_failed_edit(tiny_tokenizer, corpus):
         ).apply(bundle, [_case()])
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in bundle.model.modules()) == hooks
     assert all("forward" not in vars(block) for block in bundle.model.model.layers)
+
+
+@pytest.mark.parametrize("steps", [3, 9])
+def test_nothing_below_the_injection_is_recomputed_per_step(tiny_tokenizer, steps):
+    """Block 0 computes twice per optimisation (prefix cache, lower output), however many steps."""
+    bundle = make_tiny("llama", tiny_tokenizer)
+    calls = []
+    mlp = bundle.adapter.module(bundle.model, "mlp", 0)  # the block itself is called, but skipped
+    handle = mlp.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        optimise_targets(
+            bundle,
+            [_case().request],
+            TEMPLATES,
+            [Injection("mlp", 1)],
+            TargetSettings(steps=steps, early_stop_loss=0),
+        )
+    finally:
+        handle.remove()
+    assert len(calls) == 2
