@@ -342,3 +342,20 @@ def test_summarize_single_record():
     assert summary["FL"] == {"mean": None, "ci95": None, "n": 0}
     assert summary["PPL"] == {"mean": None, "ci95": None, "n": 0}
     assert summary["KE_EDIT"] == {"mean": None, "ci95": None, "n": 0}
+
+
+def test_fluency_from_rewrite_prompts_for_data_without_generation_prompts(tiny):
+    from attnedit.evaluation import EvalConfig, Evaluator
+
+    case = EditCase(
+        case_id="x",
+        request=EditRequest("The Eiffel Tower is in", "Eiffel Tower", "Rome", "Paris"),
+        rewrite=(Probe("The Eiffel Tower is in", "Rome"),),
+        paraphrase=(Probe("The Eiffel Tower stands in", "Rome"),),
+    )
+    off = Evaluator(tiny, EvalConfig(max_new_tokens=4)).evaluate(case)
+    assert "fluency" not in off  # no generation prompts: no FL unless asked for
+    on = Evaluator(tiny, EvalConfig(max_new_tokens=4, fluency_prompts="rewrite")).evaluate(case)
+    assert len(on["fluency"]) == 2 and on["generations"][1].startswith("The Eiffel Tower stands in")
+    with pytest.raises(ValueError, match="fluency prompts"):
+        EvalConfig(fluency_prompts="paraphrase")

@@ -53,6 +53,9 @@ def eval_command(
         bool, typer.Option(help="leave out malformed records (listed in the manifest)")
     ] = False,
     fluency: Annotated[bool, typer.Option(help="generate from the generation prompts for FL")] = True,
+    fluency_prompts: Annotated[
+        str, typer.Option(help="FL from 'generation' prompts, or 'rewrite' (+ paraphrase) prompts")
+    ] = "generation",
     max_new_tokens: Annotated[int, typer.Option(help="generation length for FL")] = 100,
     generation_prompts: Annotated[
         int | None, typer.Option(help="at most this many generation prompts per case")
@@ -108,6 +111,7 @@ def eval_command(
             save_edits=save_edits,
             eval=EvalConfig(
                 fluency=fluency,
+                fluency_prompts=fluency_prompts,
                 max_new_tokens=max_new_tokens,
                 max_generation_prompts=generation_prompts,
                 seed=seed,

@@ -16,12 +16,21 @@ class EvalConfig:
     """What the suite computes besides the comparison metrics (always on)."""
 
     fluency: bool = True
+    # "generation": the case's generation prompts; "rewrite": its rewrite and paraphrase prompts
+    # (for data without generation prompts, e.g. the merged CounterFact file)
+    fluency_prompts: str = "generation"
     max_new_tokens: int = 100
     generation_top_k: int | None = None  # None = greedy
     max_generation_prompts: int | None = None  # per case; None = all
     ppl_texts: list[str] = field(default_factory=list)
     max_batch_tokens: int = 2048
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.fluency_prompts not in ("generation", "rewrite"):
+            raise ValueError(
+                f"fluency prompts must be 'generation' or 'rewrite', not {self.fluency_prompts!r}"
+            )
 
     def manifest(self) -> dict:
         data = asdict(self)
@@ -83,9 +92,14 @@ class Evaluator:
             record["knowedit"] = knowedit
         record["seconds_scoring"] = time.perf_counter() - start
 
-        if self.config.fluency and case.generation:
+        sources = (
+            case.generation
+            if self.config.fluency_prompts == "generation"
+            else tuple(p.prompt for p in case.rewrite + case.paraphrase)
+        )
+        if self.config.fluency and sources:
             t0 = time.perf_counter()
-            prompts = list(case.generation[: self.config.max_generation_prompts])
+            prompts = list(sources[: self.config.max_generation_prompts])
             texts = generate(
                 self.bundle.model,
                 self.bundle.tokenizer,
