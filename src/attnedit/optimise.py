@@ -216,12 +216,18 @@ def optimise_targets(
         final_loss=[math.nan] * len(requests),
         loss_parts=[{} for _ in requests],
     )
-    starts = range(0, len(requests), group)
-    for start in tqdm(
-        starts, desc="targets", unit="group", disable=not progress or len(starts) < 2, leave=False
+    # requests of similar length share a group, so little padding is computed (results are the same:
+    # requests never interact)
+    widths = [0] * len(requests)
+    for row in rows:
+        widths[row.request] = max(widths[row.request], len(row.ids) - row.fact)
+    order = sorted(range(len(requests)), key=widths.__getitem__)
+    groups = [order[i : i + group] for i in range(0, len(order), group)]
+    for ids in tqdm(
+        groups, desc="targets", unit="group", disable=not progress or len(groups) < 2, leave=False
     ):
-        ids = list(range(start, min(start + group, len(requests))))
-        group_rows = [row for row in rows if start <= row.request < start + group]
+        members = set(ids)
+        group_rows = [row for row in rows if row.request in members]
         _optimise_group(bundle, group_rows, ids, injections, settings, terms, out)
     return out
 
