@@ -111,13 +111,14 @@ def _add(y: torch.Tensor, column: int, delta: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def test_batched_optimisation_equals_separate(tiny_tokenizer):
+@pytest.mark.parametrize("max_rows", [256, 4])  # one group, or one request per group
+def test_batched_optimisation_equals_separate(tiny_tokenizer, max_rows):
     bundle = make_tiny("llama", tiny_tokenizer)
     reqs = [
         _case().request,
         _case("Danielle Darrieux speaks", "Danielle Darrieux", "English", "French").request,
     ]
-    settings = TargetSettings(steps=6, early_stop_loss=0.0)
+    settings = TargetSettings(steps=6, early_stop_loss=0.0, max_rows=max_rows)
     inj = Injection("layer", 1)
     joint = optimise_targets(bundle, reqs, TEMPLATES, [inj], settings)
     for i, req in enumerate(reqs):
