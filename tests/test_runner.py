@@ -208,6 +208,49 @@ def test_batch_and_sequential_modes_restore_the_model(tmp_path, tiny_dir, corpus
         assert {r["edit"]["steps"] for r in records} <= {0, 1, 2}
 
 
+def test_interrupted_batch_run_reapplies_its_saved_edit(tmp_path, tiny_dir, corpus_file, monkeypatch):
+    from attnedit import evaluation, methods
+    from attnedit.deltas import model_hash
+    from attnedit.models import load_model
+
+    bundle = load_model(str(tiny_dir))
+    original = model_hash(bundle.model)
+    clean = tmp_path / "clean"
+    run(_edit_config(clean, tiny_dir, corpus_file, limit=4, mode="batch", batch_size=4), bundle=bundle, progress=False)
+    expected = read_results(clean / RESULTS)
+    assert not (clean / "edits").exists() or not any((clean / "edits").iterdir())
+
+    out = tmp_path / "interrupted"
+    real = evaluation.Evaluator.evaluate
+    calls = []
+
+    def fail_on_third(self, case, reference=None):
+        calls.append(case.case_id)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, case, reference)
+
+    monkeypatch.setattr(evaluation.Evaluator, "evaluate", fail_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run(_edit_config(out, tiny_dir, corpus_file, limit=4, mode="batch", batch_size=4), bundle=bundle, progress=False)
+    assert model_hash(bundle.model) == original
+    assert (out / "edits" / "00000.safetensors").is_file() and len(read_results(out / RESULTS)) == 2
+
+    monkeypatch.setattr(evaluation.Evaluator, "evaluate", real)
+
+    def no_recompute(self, bundle, cases):
+        raise AssertionError("the saved batch edit must be re-applied, not recomputed")
+
+    monkeypatch.setattr(methods.Memit, "apply", no_recompute)
+    run(_edit_config(out, tiny_dir, corpus_file, limit=4, mode="batch", batch_size=4), bundle=bundle, progress=False)
+    records = read_results(out / RESULTS)
+    assert [r["case_id"] for r in records] == [r["case_id"] for r in expected]
+    for old, new in zip(expected, records, strict=True):
+        assert old["comparisons"] == new["comparisons"]
+    assert not (out / "edits" / "00000.safetensors").exists()
+    assert model_hash(bundle.model) == original
+
+
 def test_bad_mode_and_batch_size_are_refused(tmp_path, tiny_dir, corpus_file):
     with pytest.raises(ValueError, match="--mode"):
         _edit_config(tmp_path, tiny_dir, corpus_file, mode="parallel")

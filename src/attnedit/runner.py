@@ -255,12 +255,8 @@ def run(
                 if not todo:
                     continue
                 references = {c.case_id: evaluator.reference(c) for c in todo if c.locality}
-                t0 = time.perf_counter()
-                edit = editor.apply(bundle, group)
-                seconds_edit = time.perf_counter() - t0
+                edit, seconds_edit, checkpoint = _edit_group(out, k, group, bundle, editor, config)
                 try:
-                    if config.save_edits and hasattr(edit, "edit"):
-                        edit.edit.save(out / EDITS / f"{k:05d}.safetensors")
                     for case in todo:
                         t1 = time.perf_counter()
                         record = evaluator.evaluate(case, references.get(case.case_id))
@@ -272,7 +268,31 @@ def run(
                         bar.update(1)
                 finally:
                     edit.revert()
+                if checkpoint is not None and not config.save_edits:
+                    checkpoint.unlink()
     return write_summary(out, records)
+
+
+def _edit_group(
+    out: Path, k: int, group: list[EditCase], bundle: ModelBundle, editor: Editor, config: RunConfig
+) -> tuple[object, float, Path | None]:
+    """Edit one group (single or batch mode). A batch edit is saved before its cases are evaluated
+    (kept with --save-edits, removed after the group otherwise), so an interrupted run re-applies it
+    instead of recomputing it; a single-case edit is saved only with --save-edits."""
+    path = out / EDITS / f"{k:05d}.safetensors"
+    if path.is_file():
+        loaded = WeightEdit.load(path)
+        logger.info("group %d: re-applying the saved edit %s", k, path)
+        return loaded.apply(bundle.model), float(loaded.info.get("seconds", float("nan"))), path
+    t0 = time.perf_counter()
+    edit = editor.apply(bundle, group)
+    seconds = time.perf_counter() - t0
+    weights = getattr(edit, "edit", None)
+    if weights is None or not (config.save_edits or len(group) > 1):
+        return edit, seconds, None
+    weights.info["seconds"] = seconds
+    weights.save(path)
+    return edit, seconds, path
 
 
 def _edit_info(edit: object, index: int) -> dict:
