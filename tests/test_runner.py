@@ -216,7 +216,11 @@ def test_interrupted_batch_run_reapplies_its_saved_edit(tmp_path, tiny_dir, corp
     bundle = load_model(str(tiny_dir))
     original = model_hash(bundle.model)
     clean = tmp_path / "clean"
-    run(_edit_config(clean, tiny_dir, corpus_file, limit=4, mode="batch", batch_size=4), bundle=bundle, progress=False)
+    run(
+        _edit_config(clean, tiny_dir, corpus_file, limit=4, mode="batch", batch_size=4),
+        bundle=bundle,
+        progress=False,
+    )
     expected = read_results(clean / RESULTS)
     assert not (clean / "edits").exists() or not any((clean / "edits").iterdir())
 
@@ -232,7 +236,11 @@ def test_interrupted_batch_run_reapplies_its_saved_edit(tmp_path, tiny_dir, corp
 
     monkeypatch.setattr(evaluation.Evaluator, "evaluate", fail_on_third)
     with pytest.raises(KeyboardInterrupt):
-        run(_edit_config(out, tiny_dir, corpus_file, limit=4, mode="batch", batch_size=4), bundle=bundle, progress=False)
+        run(
+            _edit_config(out, tiny_dir, corpus_file, limit=4, mode="batch", batch_size=4),
+            bundle=bundle,
+            progress=False,
+        )
     assert model_hash(bundle.model) == original
     assert (out / "edits" / "00000.safetensors").is_file() and len(read_results(out / RESULTS)) == 2
 
@@ -242,7 +250,11 @@ def test_interrupted_batch_run_reapplies_its_saved_edit(tmp_path, tiny_dir, corp
         raise AssertionError("the saved batch edit must be re-applied, not recomputed")
 
     monkeypatch.setattr(methods.Memit, "apply", no_recompute)
-    run(_edit_config(out, tiny_dir, corpus_file, limit=4, mode="batch", batch_size=4), bundle=bundle, progress=False)
+    run(
+        _edit_config(out, tiny_dir, corpus_file, limit=4, mode="batch", batch_size=4),
+        bundle=bundle,
+        progress=False,
+    )
     records = read_results(out / RESULTS)
     assert [r["case_id"] for r in records] == [r["case_id"] for r in expected]
     for old, new in zip(expected, records, strict=True):
