@@ -222,9 +222,15 @@ class _NaNTerm:
     def attention_layers(self, n_layers):
         return self.layers
 
+    def describe(self):
+        return {"name": self.name}
+
     def __call__(self, state):
-        for layer in self.layers:
-            assert state.attention[layer].shape[-1] == state.batch.attention_mask.shape[1]
+        # only the last prompt token's row is kept, and only above the injection layer
+        assert sorted(state.attention) == [layer for layer in self.layers if layer > 1]
+        for layer in state.attention:
+            rows, heads, keys = state.attention[layer].shape
+            assert (rows, keys) == tuple(state.batch.attention_mask.shape) and heads > 1
         return torch.full((state.n_requests,), math.nan)
 
 
@@ -303,7 +309,7 @@ def test_hooks_are_removed_after_a_failed_edit(tiny_tokenizer, corpus):
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in bundle.model.modules())
     with contextlib.suppress(NonFiniteLossError):
         Rome(
-            RomeParams(layers=[1], stats_corpus=corpus, templates=[[3, 1]]), terms=[_NaNTerm(layers=[1])]
+            RomeParams(layers=[1], stats_corpus=corpus, templates=[[3, 1]]), terms=[_NaNTerm(layers=[1, 2])]
         ).apply(bundle, [_case()])
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in bundle.model.modules()) == hooks
     assert all("forward" not in vars(block) for block in bundle.model.model.layers)

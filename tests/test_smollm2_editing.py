@@ -103,3 +103,32 @@ def test_cli_edit_names_the_problem(tmp_path):
         app, ["edit", "--subject", "Colosseum", "--prompt", "The Eiffel Tower is in", "--target-new", "Rome"]
     )
     assert result.exit_code == 2
+
+
+def test_sadr_on_smollm2_restrains_the_drift_and_keeps_the_edit(smollm2, dev_cases, stats_overrides):
+    original = model_hash(smollm2.model)
+    drift, margins = {}, {}
+    for gamma in (0.0, 1.0):
+        editor = make_editor(
+            "rome+sadr", smollm2.name, overrides={**stats_overrides, "sadr_gamma": gamma, "steps": 20}
+        )
+        applied = editor.apply(smollm2, dev_cases[:1])
+        parts = applied.edit.info["loss_parts"][0]
+        drift[gamma] = parts["sadr.kl_all_heads"]
+        margins[gamma] = _margin(smollm2, dev_cases[0])
+        applied.revert()
+        assert model_hash(smollm2.model) == original
+    assert drift[1.0] < drift[0.0]
+    assert margins[1.0] > 0 and margins[0.0] > 0
+
+
+def test_cli_edit_with_sadr(stats_overrides, tmp_path):
+    out = tmp_path / "sadr.safetensors"
+    args = ["edit", "--file", "sample", "--index", "0", "--sadr", "--gamma", "0.05", "--save", str(out)]
+    args += ["-p", "steps=10", *[x for k, v in stats_overrides.items() for x in ("-p", f"{k}={v}")]]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    edit = WeightEdit.load(out)
+    assert edit.method == "rome+sadr"
+    assert edit.hyperparameters["terms"][0]["gamma"] == 0.05 and edit.hyperparameters["steps"] == 10
+    assert "sadr" in edit.info["loss_parts"][0]

@@ -34,6 +34,40 @@ def _setup(verbose: bool, threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+SadrFlag = Annotated[
+    bool, typer.Option("--sadr", help="add the SADR regulariser (same as METHOD+sadr, e.g. rome+sadr)")
+]
+SadrGamma = Annotated[float | None, typer.Option("--gamma", help="SADR weight (default: the preset's)")]
+SadrHeads = Annotated[
+    str | None, typer.Option("--sadr-heads", help="SADR heads: selective (the paper) | all (its ablation)")
+]
+SadrLayers = Annotated[
+    str | None, typer.Option("--sadr-layers", help="SADR layer range FIRST-LAST (default: every layer)")
+]
+SadrReduction = Annotated[
+    str | None, typer.Option("--sadr-reduction", help="over the prompts: mean (the paper) | sum")
+]
+
+
+def _with_sadr(
+    method: str,
+    overrides: dict[str, str],
+    sadr: bool,
+    gamma: float | None,
+    heads: str | None,
+    layers: str | None,
+    reduction: str | None,
+) -> tuple[str, dict[str, str]]:
+    """The method name (``X+sadr`` with --sadr) and the overrides with the SADR options added."""
+    if sadr and not method.endswith("+sadr"):
+        method = f"{method}+sadr"
+    options = {"gamma": gamma, "heads": heads, "layers": layers, "prompt_reduction": reduction}
+    for key, value in options.items():
+        if value is not None:
+            overrides[f"sadr_{key}"] = str(value)
+    return method, overrides
+
+
 @app.command("eval")
 def eval_command(
     data: Annotated[
@@ -43,7 +77,9 @@ def eval_command(
         "runs/eval"
     ),
     model: Annotated[str, typer.Option(help="embedded name, local HF directory or hub id")] = "smollm2-135m",
-    method: Annotated[str, typer.Option(help="editing method ('none' = unedited model)")] = "none",
+    method: Annotated[
+        str, typer.Option(help="none (unedited) | rome | memit | pmet | ft, optionally +sadr (rome+sadr)")
+    ] = "none",
     limit: Annotated[int | None, typer.Option(help="first N cases only")] = None,
     shard: Annotated[str, typer.Option(help="i/n: run block i of n (merge with 'attnedit report')")] = "0/1",
     data_format: Annotated[
@@ -76,6 +112,11 @@ def eval_command(
         typer.Option("--param", "-p", help="override a preset field: KEY=VALUE (repeatable)"),
     ] = None,
     save_edits: Annotated[bool, typer.Option(help="keep each edit in OUT/edits/*.safetensors")] = False,
+    sadr: SadrFlag = False,
+    gamma: SadrGamma = None,
+    sadr_heads: SadrHeads = None,
+    sadr_layers: SadrLayers = None,
+    sadr_reduction: SadrReduction = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -91,6 +132,9 @@ def eval_command(
 
         corpus = str(sample_path().with_name("sample_ppl_corpus.json"))
     try:
+        method, overrides = _with_sadr(
+            method, _overrides(param), sadr, gamma, sadr_heads, sadr_layers, sadr_reduction
+        )
         config = RunConfig(
             data=data,
             out=str(out),
@@ -107,7 +151,7 @@ def eval_command(
             mode=mode,
             batch_size=batch_size,
             preset=preset,
-            params=_overrides(param),
+            params=overrides,
             save_edits=save_edits,
             eval=EvalConfig(
                 fluency=fluency,
@@ -154,13 +198,18 @@ def edit_command(
         Path | None, typer.Option("--file", help="a data file; edits its record --index instead of the flags")
     ] = None,
     index: Annotated[int, typer.Option(help="record of --file to edit")] = 0,
-    method: Annotated[str, typer.Option(help="rome | memit | pmet | ft")] = "rome",
+    method: Annotated[str, typer.Option(help="rome | memit | pmet | ft, optionally +sadr")] = "rome",
     model: Annotated[str, typer.Option(help="embedded name, local HF directory or hub id")] = "smollm2-135m",
     preset: Annotated[str | None, typer.Option(help="preset name or JSON file")] = None,
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE override")] = None,
     save: Annotated[Path, typer.Option(help="where to save the edit (safetensors)")] = Path(
         "edit.safetensors"
     ),
+    sadr: SadrFlag = False,
+    gamma: SadrGamma = None,
+    sadr_heads: SadrHeads = None,
+    sadr_layers: SadrLayers = None,
+    sadr_reduction: SadrReduction = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -172,7 +221,10 @@ def edit_command(
         case, probes = edit_case_from_args(
             model, subject, prompt, target_new, target_true, paraphrase, neighbor, request_file, index
         )
-        before, after, edit = run_single_edit(case, probes, method, model, preset, _overrides(param))
+        method, overrides = _with_sadr(
+            method, _overrides(param), sadr, gamma, sadr_heads, sadr_layers, sadr_reduction
+        )
+        before, after, edit = run_single_edit(case, probes, method, model, preset, overrides)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         logger.error("%s", err)
         raise typer.Exit(2) from None

@@ -7,6 +7,7 @@ and ``ft`` are in ``methods.py``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -15,6 +16,10 @@ from attnedit.data import EditCase
 from attnedit.methods import FineTune, Memit, Pmet, Rome
 from attnedit.models import ModelBundle
 from attnedit.presets import load_preset, make_params
+from attnedit.sadr import SadrSettings, SadrTerm, sadr_settings
+
+logger = logging.getLogger(__name__)
+SADR_PREFIX = "sadr_"  # override keys for the SADR term: sadr_gamma, sadr_heads, sadr_layers, ...
 
 
 class AppliedEdit(Protocol):
@@ -67,13 +72,37 @@ def make_editor(
     overrides: dict[str, object] | None = None,
 ) -> Editor:
     """The editor for ``method`` with the preset for ``model_name`` (or ``preset``) and overrides."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
-    if method == "none":
-        if overrides or preset:
+    base, _, extra = method.partition("+")
+    if base not in METHODS or extra not in ("", "sadr") or (extra and base == "none"):
+        raise ValueError(
+            f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}, "
+            "and any of them but none with '+sadr' (e.g. rome+sadr)"
+        )
+    params = dict(overrides or {})
+    sadr_overrides = {
+        k.removeprefix(SADR_PREFIX): params.pop(k) for k in list(params) if k.startswith(SADR_PREFIX)
+    }
+    if sadr_overrides and not extra:
+        raise ValueError(f"SADR settings {sorted(sadr_overrides)} need a '+sadr' method (e.g. {base}+sadr)")
+    if base == "none":
+        if params or preset:
             raise ValueError("method 'none' takes no preset or parameters")
         return NoEdit()
-    data = load_preset(method, model_name, preset)
-    editor = METHODS[method](make_params(method, data, overrides))
+    data = load_preset(base, model_name, preset)
+    terms = []
+    if extra:
+        block = data.get("sadr")
+        if block is None:
+            logger.warning(
+                "preset %r has no 'sadr' block: SADR runs with the defaults %s and the base steps",
+                data["model"],
+                SadrSettings().describe(),
+            )
+        block = block or {}
+        # the SADR block may change the base method's parameters (the paper runs ROME for 80 steps)
+        params = {**block.get("params", {}), **params}
+        terms.append(SadrTerm(sadr_settings(block, sadr_overrides)))
+    editor = METHODS[base](make_params(base, data, params), terms=terms)
+    editor.name = method
     editor.preset = data["model"]
     return editor

@@ -67,6 +67,7 @@ class Trace(contextlib.AbstractContextManager):
     edit_input: EditFn | None = None
     edit_output: EditFn | None = None
     stop: bool = False
+    reduce_output: Callable[[object, str], object] | None = None  # what to keep of an output
     retained: dict[str, Retained] = field(default_factory=dict, init=False)
     _handles: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list, init=False)
 
@@ -120,12 +121,13 @@ class Trace(contextlib.AbstractContextManager):
             if self.edit_output is not None:
                 output = _with_main(output, self.edit_output(main_tensor(output), name))
             if self.retain_output:
-                if isinstance(output, torch.Tensor):
-                    self.retained[name].output = self._keep(output)
+                kept = output if self.reduce_output is None else self.reduce_output(output, name)
+                if isinstance(kept, torch.Tensor):
+                    self.retained[name].output = self._keep(kept)
                 else:
                     self.retained[name].output = tuple(
                         self._keep(o) if isinstance(o, torch.Tensor) else o
-                        for o in output  # type: ignore[union-attr]
+                        for o in kept  # type: ignore[union-attr]
                     )
             self._fired.add(name)
             if self.stop and len(self._fired) == len(self._modules):
@@ -226,16 +228,32 @@ def _attention_weights(retained: Retained, name: str) -> torch.Tensor | None:
 
 @contextlib.contextmanager
 def attention_probabilities(
-    model: nn.Module, adapter: ModelAdapter, layers: Iterable[int] | None = None, detach: bool = True
+    model: nn.Module,
+    adapter: ModelAdapter,
+    layers: Iterable[int] | None = None,
+    detach: bool = True,
+    query: torch.Tensor | None = None,
 ) -> Iterator[LayerView]:
     """Record attention probabilities ``[batch, query_head, query, key]`` per layer.
 
+    With ``query`` (one query position per batch row) only those rows are kept: ``[batch, head, key]``.
     Switches to eager attention for the block (fused kernels return no probabilities) and back on
     exit. With grouped-query attention the probabilities are per query head.
     """
     layer_list = list(range(adapter.n_layers)) if layers is None else list(layers)
     names = {adapter.module_name("attn", layer): layer for layer in layer_list}
-    with attention_implementation(model, "eager"), Trace(model, list(names), detach=detach) as trace:
+    reduce = None
+    if query is not None:
+        rows = torch.arange(query.shape[0], device=query.device)
+
+        def reduce(output: object, name: str) -> tuple:
+            weights = _attention_weights(Retained(output=output), name)
+            return None, weights[rows, :, query]  # type: ignore[index]
+
+    with (
+        attention_implementation(model, "eager"),
+        Trace(model, list(names), detach=detach, reduce_output=reduce) as trace,
+    ):
         yield LayerView(trace, names, _attention_weights)
 
 

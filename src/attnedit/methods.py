@@ -33,10 +33,13 @@ from attnedit.optimise import (
     LossTerm,
     NonFiniteLossError,
     Row,
+    StepState,
     TargetSettings,
+    add_terms,
     optimise_targets,
     split_rows,
     target_reads,
+    term_attention,
 )
 from attnedit.presets import FTParams, LocateParams, MemitParams, RomeParams, params_dict
 from attnedit.solvers import Read, least_squares_update, rank_one_update, read_at_fact_token
@@ -112,7 +115,7 @@ class Rome:
             "preset": self.preset,
             **params_dict(self.params),
             "stats": _stats(self.params).describe(),
-            "terms": [t.name for t in self.terms],
+            "terms": [t.describe() for t in self.terms],
         }
 
     def apply(self, bundle: ModelBundle, cases: list[EditCase]) -> AppliedEdit:
@@ -220,18 +223,24 @@ class FineTune:
     params: FTParams
     name: str = "ft"
     preset: str = ""
+    terms: list[LossTerm] = field(default_factory=list)
 
     def hyperparameters(self) -> dict:
-        return {"preset": self.preset, **params_dict(self.params)}
+        return {
+            "preset": self.preset,
+            **params_dict(self.params),
+            "terms": [t.describe() for t in self.terms],
+        }
 
     def apply(self, bundle: ModelBundle, cases: list[EditCase]) -> AppliedEdit:
         p = self.params
         _check_layers(bundle, p.layers, self.name)
         requests = [validate_request(bundle, case) for case in cases]
         model, adapter, device = bundle.model, bundle.adapter, bundle.device
-        rows = []
+        rows, subject_last = [], []
         for r, req in enumerate(requests):
             span = locate_subject(bundle.tokenizer, req.prompt, req.subject)
+            subject_last.append(span.last_token)
             target = encode_target(bundle.tokenizer, span.text, req.target_new, span.input_ids)
             # fact = 0: the whole prompt is recomputed (a weight change moves every position)
             rows.append(
@@ -251,8 +260,15 @@ class FineTune:
         }
         optimiser = torch.optim.Adam(list(deltas.values()), lr=p.lr)
         steps = 0
+        n = len(requests)
+        every_row = torch.arange(n, device=device)
+        fact_key = torch.tensor(subject_last, device=device)
+        parts: dict[str, torch.Tensor] = {}
 
-        with Trace(model, list(names), retain_input=True, retain_output=False) as trace:
+        with (
+            Trace(model, list(names), retain_input=True, retain_output=False) as trace,
+            term_attention(bundle, self.terms, batch, first + 1) as attention,
+        ):
 
             def add_update(y: torch.Tensor, name: str) -> torch.Tensor:
                 x = trace[name].input
@@ -261,7 +277,11 @@ class FineTune:
             trace.edit_output = add_update
             for step in range(p.steps):
                 steps = step
-                loss = reads.row_nll(head, frozen.forward()).mean()
+                per_request = reads.row_nll(head, frozen.forward())  # one row per request
+                if self.terms:
+                    state = StepState(step, batch, n, attention, fact_key, every_row)
+                    per_request = add_terms(self.terms, state, per_request, parts)
+                loss = per_request.mean()
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(f"ft: non-finite loss at step {step}; the model is unchanged")
                 if float(loss.detach()) < p.early_stop_loss or step == p.steps - 1:
@@ -281,6 +301,10 @@ class FineTune:
                 "hyperparameters": self.hyperparameters(),
                 "requests": requests,
                 "model_fingerprint": bundle.fingerprint,
-                "info": {"steps": steps, "final_loss": float(loss.detach())},
+                "info": {
+                    "steps": steps,
+                    "final_loss": float(loss.detach()),
+                    "loss_parts": [{k: float(v[i]) for k, v in parts.items()} for i in range(n)],
+                },
             }
         )

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -161,24 +161,71 @@ def split_rows(rows: list[Row], local_request: list[int], pad_id: int, device: t
 
 @dataclass
 class StepState:
-    """What an extra loss term sees at one optimisation step."""
+    """What an extra loss term sees at one optimisation step.
+
+    ``attention`` holds, for the layers the terms asked for, the attention row of each batch row's
+    last prompt token (the position predicting the first target token): layer -> ``[B, query heads,
+    keys]``, keys = prefix + suffix columns. Step 0 runs with every delta zero: its forward pass is
+    the model before the edit.
+    """
 
     step: int
     batch: SplitBatch
     n_requests: int
-    attention: Mapping[int, torch.Tensor]  # layer -> [B, query heads, suffix, prefix + suffix]
+    attention: Mapping[int, torch.Tensor]
+    fact_key: torch.Tensor  # [B] key column of the subject's last token
+    prompt_rows: torch.Tensor  # rows that are optimisation prompts (not the KL rows)
 
 
 class LossTerm(Protocol):
-    """A pluggable extra loss: reads the step's forward pass, returns one value per request."""
+    """A pluggable extra loss: reads the step's forward pass, returns one value per request.
+
+    A term may expose ``diagnostics: dict[str, torch.Tensor]`` (per request, detached) after a call;
+    they are reported with the loss parts.
+    """
 
     name: str
+
+    def describe(self) -> dict:
+        """Name and settings, for the run manifest."""
 
     def attention_layers(self, n_layers: int) -> Sequence[int]:
         """Layers whose attention probabilities the term reads (empty: none; eager attention if any)."""
 
     def __call__(self, state: StepState) -> torch.Tensor:
         """Weighted loss per request, shape [n_requests] (the term carries its own weight)."""
+
+
+@contextlib.contextmanager
+def term_attention(
+    bundle: ModelBundle, terms: Sequence[LossTerm], batch: SplitBatch, first_changed: int
+) -> Iterator[Mapping[int, torch.Tensor]]:
+    """Record the last-prompt-token attention rows the terms read, for layers ``>= first_changed``
+    (below it nothing depends on the optimised parameters, so a term's KL there is exactly zero)."""
+    n_layers = bundle.adapter.n_layers
+    layers = sorted(
+        {layer for t in terms for layer in t.attention_layers(n_layers) if first_changed <= layer < n_layers}
+    )
+    if not layers:
+        yield {}
+        return
+    with attention_probabilities(
+        bundle.model, bundle.adapter, layers, detach=False, query=batch.last_prompt
+    ) as view:
+        yield view
+
+
+def add_terms(
+    terms: Sequence[LossTerm], state: StepState, loss: torch.Tensor, parts: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """``loss`` + every term's value (per request); the values and diagnostics go into ``parts``."""
+    for term in terms:
+        value = term(state)
+        parts[term.name] = value.detach()
+        for key, diag in getattr(term, "diagnostics", {}).items():
+            parts[f"{term.name}.{key}"] = diag
+        loss = loss + value
+    return loss
 
 
 @dataclass
@@ -343,7 +390,7 @@ def target_reads(batch: SplitBatch) -> TargetReads:
     )
 
 
-def _per_request_mean(
+def per_request_mean(
     values: torch.Tensor, rows: torch.Tensor, request_index: torch.Tensor, n: int
 ) -> torch.Tensor:
     """Mean of ``values`` (one per selected row) over the rows of each request."""
@@ -390,83 +437,69 @@ def _optimise_group(
         y[row_index, 0] = y[row_index, 0] + deltas[inj][batch.request_index].to(y.dtype)
         return y
 
-    attention_layers = sorted(
-        {
-            layer
-            for term in terms
-            for layer in term.attention_layers(adapter.n_layers)
-            if layer >= frozen.first_layer
-        }
-    )
-    optimiser = torch.optim.Adam(list(deltas.values()), lr=settings.lr)
-    active = torch.ones(n, dtype=torch.bool, device=device)
-    kl_init: torch.Tensor | None = None
-    steps = [0] * n
-    last_loss = torch.full((n,), math.nan)
-    parts: dict[str, torch.Tensor] = {}
+    # an injection at layer L (MLP, attention or block output) leaves the attention of layers <= L unchanged
+    with term_attention(bundle, terms, batch, frozen.first_layer + 1) as attention:
+        fact_key = torch.full((len(rows),), batch.prefix_width, device=device)
+        optimiser = torch.optim.Adam(list(deltas.values()), lr=settings.lr)
+        active = torch.ones(n, dtype=torch.bool, device=device)
+        kl_init: torch.Tensor | None = None
+        steps = [0] * n
+        last_loss = torch.full((n,), math.nan)
+        parts: dict[str, torch.Tensor] = {}
 
-    for step in range(settings.steps):
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(Trace(model, list(names), retain_output=False, edit_output=inject))
-            attention: Mapping[int, torch.Tensor] = {}
-            if attention_layers:
-                attention = stack.enter_context(
-                    attention_probabilities(model, adapter, attention_layers, detach=False)
+        for step in range(settings.steps):
+            with Trace(model, list(names), retain_output=False, edit_output=inject):
+                hidden = frozen.forward()
+                row_nll = reads.row_nll(head, hidden)
+                nll = per_request_mean(row_nll[template_rows], template_rows, batch.request_index, n)
+                kl_logp = torch.log_softmax(head(hidden[kl_rows, 0]).float(), dim=-1)
+                if kl_init is None:
+                    kl_init = kl_logp.detach()
+                kl_each = (kl_init.exp() * (kl_init - kl_logp)).sum(-1)
+                kl = per_request_mean(kl_each, kl_rows, batch.request_index, n)
+                decay = torch.zeros(n, device=device)
+                for inj in injections:
+                    decay = (
+                        decay
+                        + settings.weight_decay
+                        * deltas[inj].norm(dim=-1)
+                        / init[inj].norm(dim=-1).clamp_min(1e-12) ** 2
+                    )
+                loss = nll + settings.kl_factor * kl + decay
+                parts = {"nll": nll.detach(), "kl": kl.detach(), "weight_decay": decay.detach()}
+                if terms:
+                    state = StepState(step, batch, n, attention, fact_key, template_rows)
+                    loss = add_terms(terms, state, loss, parts)
+            if not torch.isfinite(loss[active]).all():
+                bad = [request_ids[i] for i in torch.nonzero(~torch.isfinite(loss)).flatten().tolist()]
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step} for request(s) {bad}; the model is unchanged"
                 )
-            hidden = frozen.forward()
-            row_nll = reads.row_nll(head, hidden)
-            nll = _per_request_mean(row_nll[template_rows], template_rows, batch.request_index, n)
-            kl_logp = torch.log_softmax(head(hidden[kl_rows, 0]).float(), dim=-1)
-            if kl_init is None:
-                kl_init = kl_logp.detach()
-            kl_each = (kl_init.exp() * (kl_init - kl_logp)).sum(-1)
-            kl = _per_request_mean(kl_each, kl_rows, batch.request_index, n)
-            decay = torch.zeros(n, device=device)
-            for inj in injections:
-                decay = (
-                    decay
-                    + settings.weight_decay
-                    * deltas[inj].norm(dim=-1)
-                    / init[inj].norm(dim=-1).clamp_min(1e-12) ** 2
-                )
-            loss = nll + settings.kl_factor * kl + decay
-            parts = {"nll": nll.detach(), "kl": kl.detach(), "weight_decay": decay.detach()}
-            if terms:
-                state = StepState(step=step, batch=batch, n_requests=n, attention=attention)
-                for term in terms:
-                    value = term(state)
-                    parts[term.name] = value.detach()
-                    loss = loss + value
-        if not torch.isfinite(loss[active]).all():
-            bad = [request_ids[i] for i in torch.nonzero(~torch.isfinite(loss)).flatten().tolist()]
-            raise NonFiniteLossError(
-                f"non-finite loss at step {step} for request(s) {bad}; the model is unchanged"
-            )
-        with torch.no_grad():
-            for i in torch.nonzero(active).flatten().tolist():
-                steps[i] = step
-                last_loss[i] = float(loss[i])
-            active &= loss.detach() >= settings.early_stop_loss
-        if not active.any() or step == settings.steps - 1:
-            break
-        frozen_deltas = {inj: d.detach().clone() for inj, d in deltas.items()}
-        optimiser.zero_grad(set_to_none=True)
-        loss[active].sum().backward()
-        optimiser.step()
-        with torch.no_grad():
-            for inj, d in deltas.items():
-                d[~active] = frozen_deltas[inj][
-                    ~active
-                ]  # finished requests keep the delta that met the stop rule
-                limit = settings.clamp_norm_factor * init[inj].norm(dim=-1)
-                norms = d.norm(dim=-1)
-                scale = torch.where(norms > limit, limit / norms.clamp_min(1e-12), torch.ones_like(norms))
-                d.mul_(scale[:, None])
+            with torch.no_grad():
+                for i in torch.nonzero(active).flatten().tolist():
+                    steps[i] = step
+                    last_loss[i] = float(loss[i])
+                active &= loss.detach() >= settings.early_stop_loss
+            if not active.any() or step == settings.steps - 1:
+                break
+            frozen_deltas = {inj: d.detach().clone() for inj, d in deltas.items()}
+            optimiser.zero_grad(set_to_none=True)
+            loss[active].sum().backward()
+            optimiser.step()
+            with torch.no_grad():
+                for inj, d in deltas.items():
+                    d[~active] = frozen_deltas[inj][
+                        ~active
+                    ]  # finished requests keep the delta that met the stop rule
+                    limit = settings.clamp_norm_factor * init[inj].norm(dim=-1)
+                    norms = d.norm(dim=-1)
+                    scale = torch.where(norms > limit, limit / norms.clamp_min(1e-12), torch.ones_like(norms))
+                    d.mul_(scale[:, None])
 
-    for i, rid in enumerate(request_ids):
-        out.steps[rid] = steps[i]
-        out.final_loss[rid] = float(last_loss[i])
-        out.loss_parts[rid] = {k: float(v[i]) for k, v in parts.items()}
-    for inj in injections:
-        out.init[inj][request_ids] = init[inj].cpu()
-        out.delta[inj][request_ids] = deltas[inj].detach().float().cpu()
+        for i, rid in enumerate(request_ids):
+            out.steps[rid] = steps[i]
+            out.final_loss[rid] = float(last_loss[i])
+            out.loss_parts[rid] = {k: float(v[i]) for k, v in parts.items()}
+        for inj in injections:
+            out.init[inj][request_ids] = init[inj].cpu()
+            out.delta[inj][request_ids] = deltas[inj].detach().float().cpu()

@@ -299,7 +299,7 @@ def _edit_info(edit: object, index: int) -> dict:
     """Optimisation steps and final loss of one request of an edit (when the method reports them)."""
     info = getattr(getattr(edit, "edit", None), "info", None) or {}
     picked = {}
-    for key in ("steps", "final_loss"):
+    for key in ("steps", "final_loss", "loss_parts"):
         value = info.get(key)
         picked[key] = value[index] if isinstance(value, list) and index < len(value) else value
     return {k: v for k, v in picked.items() if v is not None}

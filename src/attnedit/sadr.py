@@ -1,0 +1,176 @@
+"""SADR, Selective Attention Drift Restriction (SADR paper, section 4, equation 2), as a loss term.
+
+For each optimisation prompt S_j (context template + request prompt), in every layer l and query head
+h, take the attention row of the last prompt token (the position that predicts the first target
+token). The reference is the same row of the model before the edit: the optimisation's step 0, where
+every optimised delta is still zero (computed once per edit; with sequential edits it is the model
+before the current edit). A head is selected when its current weight on the subject's last token
+exceeds the maximum over heads of the reference weights there (recomputed every step, no gradient
+through the selection)::
+
+    L_SADR = 1/N sum_j sum_l sum_{h selected} KL(reference row || current row)
+
+and the term returns gamma * L_SADR per request. Options: ``heads="all"`` (every head constrained,
+the paper's figure 6 ablation), a layer range, and ``prompt_reduction="sum"`` (sum instead of mean over
+prompts). The official code's ``--gamma`` flag is our gamma times 1e4 (flag 100 = gamma 0.01); its
+reference is the step-0 attention, as here. Layers at or below the lowest optimised layer cannot
+drift (their KL is exactly zero) and are not recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from attnedit.optimise import SplitBatch, StepState, per_request_mean
+from attnedit.presets import PresetError
+
+logger = logging.getLogger(__name__)
+
+HEAD_RULES = ("selective", "all")
+PROMPT_REDUCTIONS = ("mean", "sum")
+_TINY = 1e-30
+
+
+@dataclass
+class SadrSettings:
+    """The regulariser's settings (recorded in the run manifest)."""
+
+    gamma: float = 0.01
+    heads: str = "selective"  # selective: the paper's rule; all: every head (figure 6 ablation)
+    layers: tuple[int, int] | None = None  # inclusive layer range; None = every layer
+    prompt_reduction: str = "mean"  # mean over prompts (the paper); sum
+
+    def __post_init__(self) -> None:
+        if self.heads not in HEAD_RULES:
+            raise ValueError(f"SADR heads must be one of {HEAD_RULES}, not {self.heads!r}")
+        if self.prompt_reduction not in PROMPT_REDUCTIONS:
+            raise ValueError(
+                f"SADR prompt reduction must be one of {PROMPT_REDUCTIONS}, not {self.prompt_reduction!r}"
+            )
+        if not (self.gamma >= 0 and self.gamma < float("inf")):
+            raise ValueError(f"SADR gamma must be finite and >= 0, not {self.gamma}")
+        if self.layers is not None:
+            lo, hi = self.layers
+            if lo < 0 or hi < lo:
+                raise ValueError(f"SADR layer range must be 0 <= first <= last, not {self.layers}")
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+
+SETTING_KEYS = ("gamma", "heads", "layers", "prompt_reduction")
+
+
+def sadr_settings(block: dict[str, Any], overrides: dict[str, Any]) -> SadrSettings:
+    """Settings from a preset's ``sadr`` block plus overrides (CLI strings are parsed: ``layers=6-29``)."""
+    values = {k: v for k, v in block.items() if k in SETTING_KEYS}
+    for key, value in overrides.items():
+        if key not in SETTING_KEYS:
+            raise PresetError(f"SADR has no setting {key!r}; known: {', '.join(SETTING_KEYS)}")
+        values[key] = _parse(key, value) if isinstance(value, str) else value
+    if isinstance(values.get("layers"), list):
+        values["layers"] = tuple(values["layers"])
+    return SadrSettings(**values)
+
+
+def _parse(key: str, text: str) -> Any:
+    text = text.strip()
+    try:
+        if key == "gamma":
+            return float(text)
+        if key == "layers":
+            if text.lower() in ("", "all", "none"):
+                return None
+            lo, _, hi = text.partition("-")
+            return (int(lo), int(hi or lo))
+        return text
+    except ValueError:
+        raise PresetError(
+            f"SADR {key}={text!r}: expected {'a number' if key == 'gamma' else 'FIRST-LAST'}"
+        ) from None
+
+
+def drift_kl(reference: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """KL(reference || current) over the last (key) dimension; zero-probability keys contribute 0.
+
+    The log difference is taken per key before weighting, which keeps small drifts accurate in float32.
+    """
+    log_ratio = reference.clamp_min(_TINY).log() - current.clamp_min(_TINY).log()
+    return (reference * log_ratio).sum(-1)
+
+
+def select_heads(reference: torch.Tensor, current: torch.Tensor, fact_key: torch.Tensor) -> torch.Tensor:
+    """The paper's rule: heads whose current weight on the subject's last token exceeds the maximum
+    over heads of the reference weights there. Inputs ``[L, B, H, K]``; returns a bool ``[L, B, H]``."""
+    index = fact_key.view(1, -1, 1, 1).expand(*current.shape[:3], 1)
+    on_fact = current.detach().gather(-1, index)[..., 0]
+    threshold = reference.gather(-1, index)[..., 0].amax(dim=-1, keepdim=True)
+    return on_fact > threshold
+
+
+@dataclass
+class SadrTerm:
+    """The SADR loss term for ``optimise_targets`` and fine-tuning (``LossTerm`` protocol)."""
+
+    settings: SadrSettings = field(default_factory=SadrSettings)
+    name: str = "sadr"
+    diagnostics: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+    _reference: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _batch: SplitBatch | None = field(default=None, init=False, repr=False)
+
+    def describe(self) -> dict:
+        return {"name": self.name, **self.settings.describe()}
+
+    def attention_layers(self, n_layers: int) -> Sequence[int]:
+        if self.settings.layers is None:
+            return range(n_layers)
+        lo, hi = self.settings.layers
+        if hi >= n_layers:
+            raise ValueError(
+                f"SADR layer range {self.settings.layers} is outside the model's {n_layers} layers"
+            )
+        return range(lo, hi + 1)
+
+    def __call__(self, state: StepState) -> torch.Tensor:
+        device = state.batch.suffix_ids.device
+        if not state.attention:  # every requested layer is below the optimised one: nothing can drift
+            self.diagnostics = {}
+            return torch.zeros(state.n_requests, device=device)
+        layers = sorted(state.attention)
+        rows = state.prompt_rows
+        current = torch.stack([state.attention[layer][rows] for layer in layers]).float()  # [L, R, H, K]
+        if state.step == 0 or self._batch is not state.batch:
+            if state.step != 0:
+                raise RuntimeError("SADR needs the step-0 attention of every batch as its reference")
+            self._reference, self._batch = current.detach(), state.batch
+        reference = self._reference
+        assert reference is not None
+        kl = drift_kl(reference, current)  # [L, R, H]
+        if self.settings.heads == "all":
+            selected = torch.ones_like(kl, dtype=torch.bool)
+        else:
+            selected = select_heads(reference, current, state.fact_key[rows])
+        per_prompt = (kl * selected).sum(dim=(0, 2))  # [R]
+        request = state.batch.request_index
+        value = per_request_mean(per_prompt, rows, request, state.n_requests)
+        if self.settings.prompt_reduction == "sum":
+            counts = torch.zeros(state.n_requests, device=device).index_add(
+                0, request[rows], torch.ones_like(per_prompt)
+            )
+            value = value * counts
+        with torch.no_grad():
+            self.diagnostics = {
+                "heads_selected": per_request_mean(
+                    selected.sum(dim=(0, 2)).float(), rows, request, state.n_requests
+                ),
+                "kl_all_heads": per_request_mean(
+                    kl.detach().sum(dim=(0, 2)), rows, request, state.n_requests
+                ),
+                "unweighted": value.detach(),
+            }
+        return self.settings.gamma * value

@@ -1,0 +1,168 @@
+"""SADR: the term against a direct computation from full attention matrices; gamma 0; batching; wiring."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CORPUS, make_tiny
+
+from attnedit.data import EditCase, EditRequest, Probe
+from attnedit.editing import make_editor
+from attnedit.interventions import Trace, attention_implementation
+from attnedit.methods import FineTune, Rome
+from attnedit.optimise import Injection, TargetSettings, build_rows, optimise_targets
+from attnedit.presets import FTParams, PresetError, RomeParams
+from attnedit.sadr import SadrSettings, SadrTerm
+
+TEMPLATES = ["{}", "The city. {}", "You know that. {}"]
+REQUESTS = [
+    EditRequest("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", "Paris"),
+    EditRequest("Danielle Darrieux speaks the language", "Danielle Darrieux", "English", "French"),
+]
+# large steps so that attention drifts visibly on a random tiny model
+SETTINGS = TargetSettings(lr=2.0, steps=3, weight_decay=0.0, clamp_norm_factor=1e3, early_stop_loss=0.0)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNEDIT_CACHE", str(tmp_path / "cache"))
+
+
+def _direct_sadr(bundle, request, templates, layer, delta, heads):
+    """Equation 2 by hand: full attention matrices from plain forward passes, loops over layers/heads."""
+    model, adapter = bundle.model, bundle.adapter
+    name = adapter.module_name("mlp", layer)
+    total, selected, rows = 0.0, 0, build_rows(bundle, [request], templates)
+    prompts = [row for row in rows if not row.kl]
+    for row in prompts:
+        ids = torch.tensor([row.ids])
+
+        def add(y, _name, row=row):
+            y = y.clone()
+            y[0, row.fact] += delta
+            return y
+
+        with attention_implementation(model, "eager"), torch.no_grad():
+            ref = model(input_ids=ids, output_attentions=True).attentions
+            with Trace(model, [name], retain_output=False, edit_output=add):
+                cur = model(input_ids=ids, output_attentions=True).attentions
+        q = row.n_prompt - 1
+        for lay in range(adapter.n_layers):
+            threshold = max(float(ref[lay][0, h, q, row.fact]) for h in range(adapter.n_heads))
+            for h in range(adapter.n_heads):
+                p, r = ref[lay][0, h, q].double(), cur[lay][0, h, q].double()
+                if lay <= layer:  # below the injection nothing drifts; the term does not record it
+                    assert torch.equal(p, r)
+                elif heads == "all" or float(cur[lay][0, h, q, row.fact]) > threshold:
+                    keep = p > 0
+                    total += float((p[keep] * (p[keep].log() - r[keep].log())).sum())
+                    selected += 1
+    return total / len(prompts), selected / len(prompts)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])  # llama: grouped-query attention
+@pytest.mark.parametrize("heads", ["selective", "all"])
+def test_term_matches_direct_computation_from_full_attention(tiny_tokenizer, family, heads):
+    bundle = make_tiny(family, tiny_tokenizer)
+    if family == "llama":
+        assert bundle.adapter.n_kv_heads < bundle.adapter.n_heads
+    term = SadrTerm(SadrSettings(gamma=0.5, heads=heads))
+    result = optimise_targets(bundle, REQUESTS[:1], TEMPLATES, [Injection("mlp", 0)], SETTINGS, [term])
+    assert result.steps == [SETTINGS.steps - 1]
+    parts = result.loss_parts[0]
+    delta = result.delta[Injection("mlp", 0)][0]
+    expected, n_selected = _direct_sadr(bundle, REQUESTS[0], TEMPLATES, 0, delta, heads)
+    assert parts["sadr.heads_selected"] == pytest.approx(n_selected, abs=1e-6)
+    if family != "gpt_neox" or heads == "all":  # (no head of the tiny NeoX over-focuses: none selected)
+        assert n_selected > 0 and expected > 1e-6  # the check is not vacuous
+    assert parts["sadr.unweighted"] == pytest.approx(expected, rel=1e-3, abs=1e-7)
+    assert parts["sadr"] == pytest.approx(0.5 * expected, rel=1e-3, abs=1e-7)
+
+
+def test_gamma_zero_reproduces_the_plain_editor_exactly(tiny_tokenizer, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS * 3))
+    bundle = make_tiny("llama", tiny_tokenizer)
+    bundle.model.set_attn_implementation("eager")  # the same kernel in both runs
+    params = RomeParams(layers=[1], stats_corpus=str(corpus), stats_samples=50, templates=[[4, 2]], steps=6)
+    case = EditCase("t", REQUESTS[0], rewrite=(Probe(REQUESTS[0].prompt, "Rome"),))
+    plain = Rome(params).apply(bundle, [case])
+    plain_deltas = {k: v.clone() for k, v in plain.edit.deltas.items()}
+    plain.revert()
+    sadr = Rome(params, terms=[SadrTerm(SadrSettings(gamma=0.0))]).apply(bundle, [case])
+    sadr.revert()
+    assert sadr.edit.info["loss_parts"][0]["sadr.heads_selected"] >= 0
+    for name, delta in plain_deltas.items():
+        assert torch.equal(delta, sadr.edit.deltas[name])
+    assert sadr.edit.info["steps"] == plain.edit.info["steps"]
+
+
+def test_batched_requests_keep_their_own_reference(tiny_tokenizer):
+    """MEMIT batch mode: the term over two requests equals two separate optimisations."""
+    bundle = make_tiny("llama", tiny_tokenizer)
+    inj = [Injection("layer", 0)]
+    term = SadrTerm(SadrSettings(gamma=1.0))
+    together = optimise_targets(bundle, REQUESTS, TEMPLATES, inj, SETTINGS, [term])
+    for i, request in enumerate(REQUESTS):
+        alone = optimise_targets(bundle, [request], TEMPLATES, inj, SETTINGS, [term])
+        torch.testing.assert_close(together.delta[inj[0]][i], alone.delta[inj[0]][0], atol=1e-4, rtol=1e-4)
+        assert together.loss_parts[i]["sadr"] == pytest.approx(
+            alone.loss_parts[0]["sadr"], rel=1e-3, abs=1e-6
+        )
+
+
+def test_sadr_pulls_the_attention_back(tiny_tokenizer):
+    """A large gamma lowers the final drift against the same optimisation without the term."""
+    bundle = make_tiny("llama", tiny_tokenizer)
+    inj = [Injection("mlp", 0)]
+    settings = TargetSettings(lr=1.0, steps=8, weight_decay=0.0, clamp_norm_factor=1e3, early_stop_loss=0.0)
+    weak = optimise_targets(
+        bundle, REQUESTS[:1], TEMPLATES, inj, settings, [SadrTerm(SadrSettings(gamma=0.0))]
+    )
+    strong = optimise_targets(
+        bundle, REQUESTS[:1], TEMPLATES, inj, settings, [SadrTerm(SadrSettings(gamma=100.0, heads="all"))]
+    )
+    assert strong.loss_parts[0]["sadr.kl_all_heads"] < weak.loss_parts[0]["sadr.kl_all_heads"]
+
+
+def test_fine_tuning_accepts_the_term(tiny_tokenizer):
+    bundle = make_tiny("gpt2", tiny_tokenizer)
+    case = EditCase("t", REQUESTS[0], rewrite=(Probe(REQUESTS[0].prompt, "Rome"),))
+    ft = FineTune(FTParams(layers=[0], lr=1e-2, steps=4, norm_constraint=1.0, early_stop_loss=0.0))
+    ft.terms = [SadrTerm(SadrSettings(gamma=1.0, heads="all"))]
+    applied = ft.apply(bundle, [case])
+    applied.revert()
+    parts = applied.edit.info["loss_parts"][0]
+    assert parts["sadr.heads_selected"] == 3 * 4 - 4  # every head of layers 1-2 (layer 0 cannot drift)
+    assert parts["sadr"] > 0
+    assert ft.hyperparameters()["terms"][0]["name"] == "sadr"
+
+
+def test_make_editor_builds_sadr_methods(tmp_path):
+    editor = make_editor("rome+sadr", "smollm2-135m", overrides={"sadr_gamma": "0.5", "sadr_layers": "6-29"})
+    assert editor.name == "rome+sadr" and isinstance(editor, Rome)
+    term = editor.terms[0]
+    assert term.settings.gamma == 0.5 and term.settings.layers == (6, 29)
+    assert editor.hyperparameters()["terms"][0] == {
+        "name": "sadr",
+        "gamma": 0.5,
+        "heads": "selective",
+        "layers": (6, 29),
+        "prompt_reduction": "mean",
+    }
+    for method in ("memit+sadr", "pmet+sadr", "ft+sadr"):
+        assert make_editor(method, "smollm2-135m").terms[0].name == "sadr"
+    with pytest.raises(ValueError, match="need a '\\+sadr' method"):
+        make_editor("rome", "smollm2-135m", overrides={"sadr_gamma": "1"})
+    with pytest.raises(ValueError, match="unknown method"):
+        make_editor("none+sadr")
+    with pytest.raises(ValueError, match="unknown method"):
+        make_editor("rome+foo")
+    with pytest.raises(PresetError, match="no setting"):
+        make_editor("rome+sadr", "smollm2-135m", overrides={"sadr_weight": "1"})
+    with pytest.raises(PresetError, match="gamma"):
+        make_editor("rome+sadr", "smollm2-135m", overrides={"sadr_gamma": "x"})
+    with pytest.raises(ValueError, match="heads"):
+        SadrSettings(heads="some")
+    with pytest.raises(ValueError, match="gamma"):
+        SadrSettings(gamma=-1)
