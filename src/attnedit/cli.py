@@ -248,7 +248,8 @@ def stats_command(
     _setup(verbose, threads)
     import time
 
-    from attnedit.covariance import StatsSpec, second_moments
+    from attnedit.covariance import second_moments
+    from attnedit.methods import stats_spec
     from attnedit.models import load_model
     from attnedit.presets import load_preset, make_params
 
@@ -257,7 +258,7 @@ def stats_command(
         params = make_params(method, load_preset(method, bundle.name, preset), _overrides(param))
         if not hasattr(params, "stats_corpus"):
             raise ValueError(f"method {method!r} uses no covariance statistics")
-        spec = StatsSpec(params.stats_corpus, params.stats_samples, params.stats_max_tokens)
+        spec = stats_spec(params)
         t0 = time.perf_counter()
         moments = second_moments(bundle, "mlp_down", params.layers, spec)
     except (ValueError, FileNotFoundError, RuntimeError) as err:

@@ -78,7 +78,7 @@ def _check_layers(bundle: ModelBundle, layers: Sequence[int], method: str) -> No
         raise EditRequestError(f"{method}: layer(s) {bad} outside 0..{bundle.adapter.n_layers - 1}")
 
 
-def _settings(p: LocateParams) -> TargetSettings:
+def target_settings(p: LocateParams) -> TargetSettings:
     return TargetSettings(
         lr=p.lr,
         steps=p.steps,
@@ -90,12 +90,12 @@ def _settings(p: LocateParams) -> TargetSettings:
     )
 
 
-def _templates(bundle: ModelBundle, p: LocateParams) -> list[str]:
+def method_templates(bundle: ModelBundle, p: LocateParams) -> list[str]:
     spec = TemplateSpec(lengths=tuple((int(a), int(b)) for a, b in p.templates), seed=p.template_seed)
     return context_templates(bundle, spec)
 
 
-def _stats(p: LocateParams) -> StatsSpec:
+def stats_spec(p: LocateParams) -> StatsSpec:
     return StatsSpec(corpus=p.stats_corpus, samples=p.stats_samples, max_tokens=p.stats_max_tokens)
 
 
@@ -114,7 +114,7 @@ class Rome:
         return {
             "preset": self.preset,
             **params_dict(self.params),
-            "stats": _stats(self.params).describe(),
+            "stats": stats_spec(self.params).describe(),
             "terms": [t.describe() for t in self.terms],
         }
 
@@ -129,10 +129,10 @@ class Rome:
         layer = p.layers[0]
         _check_layers(bundle, p.layers, self.name)
         request = validate_request(bundle, cases[0])
-        templates = _templates(bundle, p)
-        cov = second_moments(bundle, "mlp_down", [layer], _stats(p))[layer]
+        templates = method_templates(bundle, p)
+        cov = second_moments(bundle, "mlp_down", [layer], stats_spec(p))[layer]
         injection = Injection("mlp", layer)
-        result = optimise_targets(bundle, [request], templates, [injection], _settings(p), self.terms)
+        result = optimise_targets(bundle, [request], templates, [injection], target_settings(p), self.terms)
         keys = read_at_fact_token(bundle, [request], templates, [Read("mlp_down", layer, "input")])
         key_per_template = next(iter(keys.values()))[0]
         key = key_per_template.mean(0) if p.key_mode == "templates" else key_per_template[0]
@@ -179,11 +179,17 @@ class Memit(Rome):
         layers = sorted(p.layers)
         _check_layers(bundle, layers, self.name)
         requests = [validate_request(bundle, case) for case in cases]
-        templates = _templates(bundle, p)
-        covs = second_moments(bundle, "mlp_down", layers, _stats(p))
+        templates = method_templates(bundle, p)
+        covs = second_moments(bundle, "mlp_down", layers, stats_spec(p))
         injections = self._injections()
         result = optimise_targets(
-            bundle, requests, templates, injections, _settings(p), self.terms, progress=len(requests) > 50
+            bundle,
+            requests,
+            templates,
+            injections,
+            target_settings(p),
+            self.terms,
+            progress=len(requests) > 50,
         )
         # the MLP part for PMET, the whole residual for MEMIT
         targets = result.target(injections[-1])
