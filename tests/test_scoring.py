@@ -64,6 +64,28 @@ def test_generation_is_greedy_and_batched(tiny: ModelBundle):
     assert sampled == generate(tiny.model, tiny.tokenizer, prompts, max_new_tokens=5, top_k=5, seed=3)
 
 
+def _hf_greedy(bundle: ModelBundle, prompts, n):
+    return generate(bundle.model, bundle.tokenizer, prompts, max_new_tokens=n)  # no adapter: HF generate
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "gptj"])
+def test_fast_greedy_decoding_equals_hf_generate(tiny_tokenizer, family):
+    from conftest import make_tiny
+
+    bundle = make_tiny(family, tiny_tokenizer)
+    prompts = ["The Eiffel Tower is", "What does Freddy Cole play? They play", "Rome"]
+    fast = generate(bundle.model, bundle.tokenizer, prompts, max_new_tokens=12, adapter=bundle.adapter)
+    assert fast == _hf_greedy(bundle, prompts, 12)
+    assert any(len(t) > 0 for t in fast)  # (a random model may end a text at once)
+
+
+@pytest.mark.smollm2
+def test_fast_greedy_decoding_equals_hf_generate_on_smollm2(smollm2: ModelBundle):
+    prompts = ["The Eiffel Tower is located in", "Danielle Darrieux's mother tongue is", "Hi"]
+    fast = generate(smollm2.model, smollm2.tokenizer, prompts, max_new_tokens=40, adapter=smollm2.adapter)
+    assert fast == _hf_greedy(smollm2, prompts, 40)
+
+
 @pytest.mark.smollm2
 def test_engine_matches_reference_on_smollm2(smollm2: ModelBundle):
     fast = score_targets(smollm2.model, smollm2.tokenizer, smollm2.adapter, PAIRS)

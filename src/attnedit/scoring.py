@@ -304,6 +304,12 @@ def generate(
             width = ids.shape[1]
             if adapter is not None:
                 check_length(adapter, width + max_new_tokens, prompts[start])
+            if top_k is None and adapter is not None:
+                new = greedy_decode(
+                    model, adapter, ids, mask, max_new_tokens, _eos_ids(model, tokenizer), pad_id
+                )
+                texts.extend(tokenizer.decode(row, skip_special_tokens=True) for row in new)
+                continue
             out = model.generate(
                 input_ids=ids,
                 attention_mask=mask,
@@ -318,6 +324,66 @@ def generate(
     finally:
         torch.random.set_rng_state(generator_state)
     return texts
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """End-of-sequence ids as ``generate`` uses them (the generation config's, else the tokenizer's)."""
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, list | tuple) else [int(eos)]
+
+
+@torch.inference_mode()
+def greedy_decode(
+    model: PreTrainedModel,
+    adapter: ModelAdapter,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_ids: Sequence[int],
+    pad_id: int,
+) -> list[list[int]]:
+    """Greedy continuation of a left-padded batch with a KV cache: the new ids of each row.
+
+    Same tokens as ``model.generate(do_sample=False)`` without its per-step overhead (logits only for
+    the last position, no processors); a row stops at its first end-of-sequence token.
+    """
+    base, head = _base_and_head(model, adapter)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = base(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    cache, last = out.past_key_values, out.last_hidden_state[:, -1]
+    position = positions[:, -1:]
+    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=ids.device)
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    new: list[torch.Tensor] = []
+    for step in range(max_new_tokens):
+        token = head(last).argmax(dim=-1)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        new.append(token)
+        finished |= torch.isin(token, eos)
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        position = position + 1
+        out = base(
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=position,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache, last = out.past_key_values, out.last_hidden_state[:, -1]
+    rows = torch.stack(new, dim=1).tolist() if new else [[] for _ in range(ids.shape[0])]
+    # drop what follows each row's end of sequence (pads), keep the eos itself as generate does
+    result = []
+    for row in rows:
+        stop = next((i for i, t in enumerate(row) if t in set(eos_ids)), None)
+        result.append(row if stop is None else row[: stop + 1])
+    return result
 
 
 @torch.inference_mode()
