@@ -150,6 +150,9 @@ def test_make_editor_builds_sadr_methods(tmp_path):
         "layers": (6, 29),
         "prompt_reduction": "mean",
     }
+    paper = make_editor("rome+sadr", "EleutherAI/gpt-j-6b")
+    assert paper.terms[0].settings.gamma == 0.01 and paper.params.steps == 80  # the preset's sadr block
+    assert make_editor("rome", "EleutherAI/gpt-j-6b").params.steps == 20
     for method in ("memit+sadr", "pmet+sadr", "ft+sadr"):
         assert make_editor(method, "smollm2-135m").terms[0].name == "sadr"
     with pytest.raises(ValueError, match="need a '\\+sadr' method"):

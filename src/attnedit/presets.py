@@ -3,7 +3,8 @@
 Presets live in ``resources/presets/<method>/<model>.json``::
 
     {"method": "rome", "model": "gpt-j-6b", "matches": ["EleutherAI/gpt-j-6b", "gpt-j-6b"],
-     "source": "where the values come from", "params": {...}}
+     "source": "where the values come from", "params": {...},
+     "sadr": {"gamma": 0.01, "heads": "selective", "params": {"steps": 80}}}   # optional
 
 A preset is found by the loaded model's name; any field can be overridden (``--param key=value``).
 """
