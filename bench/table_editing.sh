@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The SmolLM2 editing table of docs/benchmarks.md: None, ROME, MEMIT, PMET, FT on the first N merged
 # CounterFact cases (default 200), each method at its preset; statistics from 5,000 WikiText-2 lines.
+# FL: greedy 100-token generations from each case's rewrite and paraphrase prompts (the merged file
+# has no generation prompts).
 #   bash bench/table_editing.sh [N]      (resumable: run it again after an interruption)
 set -euo pipefail
 N=${1:-200}
@@ -9,9 +11,8 @@ W=../shared/data/wikitext2_test.txt,../shared/data/wikitext2_valid.txt
 for m in none rome memit pmet ft; do
   P=()
   if [[ $m == rome || $m == memit || $m == pmet ]]; then P=(-p "stats_corpus=$W" -p stats_samples=5000); fi
-  attnedit eval "$DATA" --method "$m" --limit "$N" --no-fluency --ppl-corpus none "${P[@]}" \
-    --out "runs/table-$m" --threads 2
+  attnedit eval "$DATA" --method "$m" --limit "$N" --fluency-prompts rewrite --ppl-corpus none "${P[@]}" \
+    --out "runs/table-fl-$m" --threads 2
 done
-attnedit report runs/table-none runs/table-rome runs/table-memit runs/table-pmet runs/table-ft \
-  --magnitudes --out bench/results/table_editing
-python bench/edit_speed.py runs/table-rome runs/table-memit runs/table-pmet runs/table-ft
+attnedit report runs/table-fl-{none,rome,memit,pmet,ft} --magnitudes --out bench/results/table_editing
+python bench/edit_speed.py runs/table-fl-{rome,memit,pmet,ft}

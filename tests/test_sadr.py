@@ -77,6 +77,10 @@ def test_term_matches_direct_computation_from_full_attention(tiny_tokenizer, fam
         assert n_selected > 0 and expected > 1e-6  # the check is not vacuous
     assert parts["sadr.unweighted"] == pytest.approx(expected, rel=1e-3, abs=1e-7)
     assert parts["sadr"] == pytest.approx(0.5 * expected, rel=1e-3, abs=1e-7)
+    by_layer = parts["sadr.kl_by_layer"]
+    assert len(by_layer) == bundle.adapter.n_layers and by_layer[0] == 0.0  # layer 0 holds the injection
+    assert sum(by_layer) == pytest.approx(parts["sadr.kl_all_heads"], rel=1e-5, abs=1e-9)
+    assert sum(parts["sadr.selected_by_layer"]) == pytest.approx(n_selected, abs=1e-6)
 
 
 def test_gamma_zero_reproduces_the_plain_editor_exactly(tiny_tokenizer, tmp_path):

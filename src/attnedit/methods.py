@@ -37,6 +37,7 @@ from attnedit.optimise import (
     TargetSettings,
     add_terms,
     optimise_targets,
+    request_parts,
     split_rows,
     target_reads,
     term_attention,
@@ -310,7 +311,7 @@ class FineTune:
                 "info": {
                     "steps": steps,
                     "final_loss": float(loss.detach()),
-                    "loss_parts": [{k: float(v[i]) for k, v in parts.items()} for i in range(n)],
+                    "loss_parts": [request_parts(parts, i) for i in range(n)],
                 },
             }
         )

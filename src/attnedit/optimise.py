@@ -215,6 +215,11 @@ def term_attention(
         yield view
 
 
+def request_parts(parts: Mapping[str, torch.Tensor], i: int) -> dict[str, float | list[float]]:
+    """Request ``i``'s loss parts and diagnostics as plain numbers (vectors as lists)."""
+    return {k: float(v[i]) if v[i].dim() == 0 else v[i].tolist() for k, v in parts.items()}
+
+
 def add_terms(
     terms: Sequence[LossTerm], state: StepState, loss: torch.Tensor, parts: dict[str, torch.Tensor]
 ) -> torch.Tensor:
@@ -499,7 +504,7 @@ def _optimise_group(
         for i, rid in enumerate(request_ids):
             out.steps[rid] = steps[i]
             out.final_loss[rid] = float(last_loss[i])
-            out.loss_parts[rid] = {k: float(v[i]) for k, v in parts.items()}
+            out.loss_parts[rid] = request_parts(parts, i)
         for inj in injections:
             out.init[inj][request_ids] = init[inj].cpu()
             out.delta[inj][request_ids] = deltas[inj].detach().float().cpu()

@@ -122,11 +122,13 @@ class SadrTerm:
     diagnostics: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
     _reference: torch.Tensor | None = field(default=None, init=False, repr=False)
     _batch: SplitBatch | None = field(default=None, init=False, repr=False)
+    _n_layers: int = field(default=0, init=False, repr=False)
 
     def describe(self) -> dict:
         return {"name": self.name, **self.settings.describe()}
 
     def attention_layers(self, n_layers: int) -> Sequence[int]:
+        self._n_layers = n_layers
         if self.settings.layers is None:
             return range(n_layers)
         lo, hi = self.settings.layers
@@ -164,13 +166,32 @@ class SadrTerm:
             )
             value = value * counts
         with torch.no_grad():
-            self.diagnostics = {
-                "heads_selected": per_request_mean(
-                    selected.sum(dim=(0, 2)).float(), rows, request, state.n_requests
-                ),
-                "kl_all_heads": per_request_mean(
-                    kl.detach().sum(dim=(0, 2)), rows, request, state.n_requests
-                ),
-                "unweighted": value.detach(),
-            }
+            self.diagnostics = self._diagnose(kl.detach(), selected, layers, rows, request, state.n_requests)
+            self.diagnostics["unweighted"] = value.detach()
         return self.settings.gamma * value
+
+    def _diagnose(
+        self,
+        kl: torch.Tensor,
+        selected: torch.Tensor,
+        layers: list[int],
+        rows: torch.Tensor,
+        request: torch.Tensor,
+        n: int,
+    ) -> dict[str, torch.Tensor]:
+        """Per request (mean over its prompts): heads selected and KL summed over all heads, in total
+        and per model layer (``[n, n_layers]``, zero where the layer cannot drift or is not recorded)."""
+        n_layers = max(self._n_layers, max(layers) + 1)
+        index = torch.tensor(layers, device=kl.device)
+
+        def by_layer(x: torch.Tensor) -> torch.Tensor:  # [L, R] -> [n, n_layers]
+            full = torch.zeros(n_layers, x.shape[1], device=x.device).index_copy(0, index, x.float())
+            return torch.stack([per_request_mean(f, rows, request, n) for f in full], dim=1)
+
+        kl_layer, sel_layer = by_layer(kl.sum(-1)), by_layer(selected.sum(-1))
+        return {
+            "heads_selected": sel_layer.sum(1),
+            "kl_all_heads": kl_layer.sum(1),
+            "kl_by_layer": kl_layer,
+            "selected_by_layer": sel_layer,
+        }
