@@ -97,6 +97,21 @@ def test_shards_merge_to_the_full_run(tmp_path, tiny_dir):
         collect([tmp_path / "s0", tmp_path / "s0"])
 
 
+def test_first_selects_a_case_range(tmp_path, tiny_dir):
+    full = tmp_path / "full"
+    run(_config(full, tiny_dir, limit=6), progress=False)
+    part = tmp_path / "part"
+    run(_config(part, tiny_dir, first=2, limit=3), progress=False)
+    assert _ids(part) == _ids(full)[2:5]
+    for a, b in zip(read_results(full / RESULTS)[2:5], read_results(part / RESULTS), strict=True):
+        assert a["comparisons"] == b["comparisons"]
+    assert json.loads((part / "manifest.json").read_text())["first"] == 2
+    with pytest.raises(RunConflictError, match="first"):
+        run(_config(part, tiny_dir, first=1, limit=3), progress=False)
+    with pytest.raises(ValueError, match="--first"):
+        _config(part, tiny_dir, first=-1)
+
+
 def test_shard_parse():
     assert Shard.parse("1/4") == Shard(1, 4)
     for bad in ("4/4", "a/b", "1", "-1/2"):

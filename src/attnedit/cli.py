@@ -80,7 +80,8 @@ def eval_command(
     method: Annotated[
         str, typer.Option(help="none (unedited) | rome | memit | pmet | ft, optionally +sadr (rome+sadr)")
     ] = "none",
-    limit: Annotated[int | None, typer.Option(help="first N cases only")] = None,
+    limit: Annotated[int | None, typer.Option(help="first N cases only (counted from --first)")] = None,
+    first: Annotated[int, typer.Option(help="skip the cases before this index")] = 0,
     shard: Annotated[str, typer.Option(help="i/n: run block i of n (merge with 'attnedit report')")] = "0/1",
     data_format: Annotated[
         str | None, typer.Option("--format", help="data format (default: detected)")
@@ -141,6 +142,7 @@ def eval_command(
             model=model,
             method=method,
             limit=limit,
+            first=first,
             shard=Shard.parse(shard),
             data_format=data_format,
             skip_invalid=skip_invalid,

@@ -75,6 +75,7 @@ class RunConfig:
     model: str = "smollm2-135m"
     method: str = "none"
     limit: int | None = None
+    first: int = 0  # skip the cases before this index (then --limit counts from here)
     shard: Shard = field(default_factory=Shard)
     data_format: str | None = None
     skip_invalid: bool = False
@@ -95,6 +96,8 @@ class RunConfig:
             raise ValueError(f"--mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if self.batch_size < 1:
             raise ValueError("--batch-size must be at least 1")
+        if self.first < 0:
+            raise ValueError("--first must be at least 0")
         if self.mode == "single" and self.batch_size != 1:
             raise ValueError("--batch-size needs --mode batch or sequential")
 
@@ -126,6 +129,7 @@ def build_manifest(config: RunConfig, bundle: ModelBundle, dataset: Dataset, edi
             "skipped": dataset.skipped,
         },
         "limit": config.limit,
+        "first": config.first,
         "mode": config.mode,
         "batch_size": config.batch_size,
         "shard": asdict(config.shard),
@@ -149,6 +153,7 @@ _IDENTITY = (
     "hyperparameters",
     "data",
     "limit",
+    "first",
     "mode",
     "batch_size",
     "shard",
@@ -158,13 +163,16 @@ _IDENTITY = (
 )
 
 
+_ADDED_LATER = {"first": 0}  # identity fields newer than some run directories: their implied value
+
+
 def _check_resumable(out: Path, manifest: dict) -> None:
     path = out / MANIFEST
     if not path.is_file():
         return
     old = json.loads(path.read_text())
     for key in _IDENTITY:
-        if old.get(key) != manifest.get(key):
+        if old.get(key, _ADDED_LATER.get(key)) != manifest.get(key):
             raise RunConflictError(
                 f"{out} holds a run with different {key!r}: {old.get(key)!r} != {manifest.get(key)!r}; "
                 "use another --out directory"
@@ -217,7 +225,8 @@ def run(
     _set_seed(config.seed)
     out = Path(config.out)
     dataset = load_cases(config.data, config.data_format, config.skip_invalid)
-    cases = dataset.cases[: config.limit] if config.limit else dataset.cases
+    cases = dataset.cases[config.first :]
+    cases = cases[: config.limit] if config.limit else cases
     cases = config.shard.select(cases)
     bundle = bundle or load_model(config.model)
     editor = editor or make_editor(config.method, bundle.name, config.preset, config.params)
