@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import CORPUS, make_tiny
@@ -10,9 +13,10 @@ from attnedit.data import EditCase, EditRequest, Probe
 from attnedit.editing import make_editor
 from attnedit.interventions import Trace, attention_implementation
 from attnedit.methods import FineTune, Rome
-from attnedit.optimise import Injection, TargetSettings, build_rows, optimise_targets
+from attnedit.optimise import Injection, Row, TargetSettings, build_rows, optimise_targets
 from attnedit.presets import FTParams, PresetError, RomeParams
 from attnedit.sadr import SadrSettings, SadrTerm
+from attnedit.tokens import encode_target, locate_subject
 
 TEMPLATES = ["{}", "The city. {}", "You know that. {}"]
 REQUESTS = [
@@ -28,39 +32,61 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ATTNEDIT_CACHE", str(tmp_path / "cache"))
 
 
-def _direct_sadr(bundle, request, templates, layer, delta, heads):
-    """Equation 2 by hand: full attention matrices from plain forward passes, loops over layers/heads."""
-    model, adapter = bundle.model, bundle.adapter
-    name = adapter.module_name("mlp", layer)
-    total, selected, rows = 0.0, 0, build_rows(bundle, [request], templates)
-    prompts = [row for row in rows if not row.kl]
-    for row in prompts:
-        ids = torch.tensor([row.ids])
+def _direct_sadr(bundle, rows, first_changed, heads, edited):
+    """Equation 2 by hand: full attention matrices from plain forward passes, loops over layers/heads.
 
-        def add(y, _name, row=row):
+    ``rows``: the optimisation prompts (``Row``s; ``subject`` = key index of the subject's last token);
+    ``edited(row)``: a context manager under which the model runs as edited.
+    """
+    model, adapter = bundle.model, bundle.adapter
+    total, selected = 0.0, 0
+    for row, subject in rows:
+        ids = torch.tensor([row.ids])
+        with attention_implementation(model, "eager"), torch.no_grad():
+            ref = model(input_ids=ids, output_attentions=True).attentions
+            with edited(row):
+                cur = model(input_ids=ids, output_attentions=True).attentions
+        q = row.n_prompt - 1
+        for lay in range(adapter.n_layers):
+            threshold = max(float(ref[lay][0, h, q, subject]) for h in range(adapter.n_heads))
+            for h in range(adapter.n_heads):
+                p, r = ref[lay][0, h, q].double(), cur[lay][0, h, q].double()
+                if lay < first_changed:  # below the change nothing drifts; the term does not record it
+                    assert torch.equal(p, r)
+                elif heads == "all" or float(cur[lay][0, h, q, subject]) > threshold:
+                    keep = p > 0
+                    total += float((p[keep] * (p[keep].log() - r[keep].log())).sum())
+                    selected += 1
+    return total / len(rows), selected / len(rows)
+
+
+def _injected(bundle, component, layer, delta):
+    name = bundle.adapter.module_name(component, layer)
+
+    def edited(row):
+        def add(y, _name):
             y = y.clone()
             y[0, row.fact] += delta
             return y
 
-        with attention_implementation(model, "eager"), torch.no_grad():
-            ref = model(input_ids=ids, output_attentions=True).attentions
-            with Trace(model, [name], retain_output=False, edit_output=add):
-                cur = model(input_ids=ids, output_attentions=True).attentions
-        q = row.n_prompt - 1
-        for lay in range(adapter.n_layers):
-            threshold = max(float(ref[lay][0, h, q, row.fact]) for h in range(adapter.n_heads))
-            for h in range(adapter.n_heads):
-                p, r = ref[lay][0, h, q].double(), cur[lay][0, h, q].double()
-                if lay <= layer:  # below the injection nothing drifts; the term does not record it
-                    assert torch.equal(p, r)
-                elif heads == "all" or float(cur[lay][0, h, q, row.fact]) > threshold:
-                    keep = p > 0
-                    total += float((p[keep] * (p[keep].log() - r[keep].log())).sum())
-                    selected += 1
-    return total / len(prompts), selected / len(prompts)
+        return Trace(bundle.model, [name], retain_output=False, edit_output=add)
+
+    return edited
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])  # llama: grouped-query attention
+def _check(parts, expected, n_selected, n_layers, gamma, nonvacuous=True):
+    assert parts["sadr.heads_selected"] == pytest.approx(n_selected, abs=1e-6)
+    if nonvacuous:
+        assert n_selected > 0 and expected > 1e-6  # the check is not vacuous
+    assert parts["sadr.unweighted"] == pytest.approx(expected, rel=1e-3, abs=1e-7)
+    assert parts["sadr"] == pytest.approx(gamma * expected, rel=1e-3, abs=1e-7)
+    by_layer = parts["sadr.kl_by_layer"]
+    assert len(by_layer) == n_layers and by_layer[0] == 0.0  # layer 0 holds the change
+    assert sum(by_layer) == pytest.approx(parts["sadr.kl_all_heads"], rel=1e-5, abs=1e-9)
+    assert sum(parts["sadr.selected_by_layer"]) == pytest.approx(n_selected, abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "gptj"])  # llama: grouped-query attention
 @pytest.mark.parametrize("heads", ["selective", "all"])
 def test_term_matches_direct_computation_from_full_attention(tiny_tokenizer, family, heads):
     bundle = make_tiny(family, tiny_tokenizer)
@@ -69,18 +95,58 @@ def test_term_matches_direct_computation_from_full_attention(tiny_tokenizer, fam
     term = SadrTerm(SadrSettings(gamma=0.5, heads=heads))
     result = optimise_targets(bundle, REQUESTS[:1], TEMPLATES, [Injection("mlp", 0)], SETTINGS, [term])
     assert result.steps == [SETTINGS.steps - 1]
-    parts = result.loss_parts[0]
     delta = result.delta[Injection("mlp", 0)][0]
-    expected, n_selected = _direct_sadr(bundle, REQUESTS[0], TEMPLATES, 0, delta, heads)
-    assert parts["sadr.heads_selected"] == pytest.approx(n_selected, abs=1e-6)
-    if family != "gpt_neox" or heads == "all":  # (no head of the tiny NeoX over-focuses: none selected)
-        assert n_selected > 0 and expected > 1e-6  # the check is not vacuous
-    assert parts["sadr.unweighted"] == pytest.approx(expected, rel=1e-3, abs=1e-7)
-    assert parts["sadr"] == pytest.approx(0.5 * expected, rel=1e-3, abs=1e-7)
-    by_layer = parts["sadr.kl_by_layer"]
-    assert len(by_layer) == bundle.adapter.n_layers and by_layer[0] == 0.0  # layer 0 holds the injection
-    assert sum(by_layer) == pytest.approx(parts["sadr.kl_all_heads"], rel=1e-5, abs=1e-9)
-    assert sum(parts["sadr.selected_by_layer"]) == pytest.approx(n_selected, abs=1e-6)
+    rows = [(row, row.fact) for row in build_rows(bundle, REQUESTS[:1], TEMPLATES) if not row.kl]
+    expected, n_selected = _direct_sadr(bundle, rows, 1, heads, _injected(bundle, "mlp", 0, delta))
+    # (no head of the tiny NeoX over-focuses: none is selected)
+    nonvacuous = family != "gpt_neox" or heads == "all"
+    _check(result.loss_parts[0], expected, n_selected, bundle.adapter.n_layers, 0.5, nonvacuous)
+
+
+@pytest.mark.parametrize("component", ["attn", "layer"])  # PMET's and MEMIT's injections
+def test_term_matches_direct_computation_for_other_injections(tiny_tokenizer, component):
+    bundle = make_tiny("llama", tiny_tokenizer)
+    inj = Injection(component, 0)
+    result = optimise_targets(bundle, REQUESTS[:1], TEMPLATES, [inj], SETTINGS, [SadrTerm(SadrSettings(0.5))])
+    rows = [(row, row.fact) for row in build_rows(bundle, REQUESTS[:1], TEMPLATES) if not row.kl]
+    edited = _injected(bundle, component, 0, result.delta[inj][0])
+    expected, n_selected = _direct_sadr(bundle, rows, 1, "selective", edited)
+    _check(result.loss_parts[0], expected, n_selected, bundle.adapter.n_layers, 0.5)
+
+
+def test_fine_tuning_term_matches_direct_computation(tiny_tokenizer):
+    """FT: the whole prompt is recomputed (no prefix cache); the subject's last token is a prompt index."""
+    bundle = make_tiny("llama", tiny_tokenizer)
+    case = EditCase("t", REQUESTS[0], rewrite=(Probe(REQUESTS[0].prompt, "Rome"),))
+    ft = FineTune(FTParams(layers=[0], lr=0.05, steps=4, norm_constraint=1.0, early_stop_loss=0.0))
+    ft.terms = [SadrTerm(SadrSettings(gamma=1.0))]
+    applied = ft.apply(bundle, [case])
+    try:
+        span = locate_subject(bundle.tokenizer, REQUESTS[0].prompt, REQUESTS[0].subject)
+        target = encode_target(bundle.tokenizer, span.text, "Rome", span.input_ids)
+        row = Row(0, tuple(span.input_ids) + tuple(target[:-1]), 0, len(span.input_ids), tuple(target), 0)
+        # the reference is the unedited model: undo the edit for it, redo it for the current rows
+        originals = {k: v.clone() for k, v in applied.originals.items()}
+        edited_weights = {k: applied._params[k].detach().clone() for k in originals}
+
+        @contextlib.contextmanager
+        def edited(_row):
+            for k in originals:
+                applied._params[k].data.copy_(edited_weights[k])
+            try:
+                yield
+            finally:
+                for k in originals:
+                    applied._params[k].data.copy_(originals[k])
+
+        for k in originals:
+            applied._params[k].data.copy_(originals[k])
+        expected, n_selected = _direct_sadr(bundle, [(row, span.last_token)], 1, "selective", edited)
+        for k in originals:
+            applied._params[k].data.copy_(edited_weights[k])
+    finally:
+        applied.revert()
+    _check(applied.edit.info["loss_parts"][0], expected, n_selected, bundle.adapter.n_layers, 1.0)
 
 
 def test_gamma_zero_reproduces_the_plain_editor_exactly(tiny_tokenizer, tmp_path):
@@ -107,9 +173,11 @@ def test_batched_requests_keep_their_own_reference(tiny_tokenizer):
     inj = [Injection("layer", 0)]
     term = SadrTerm(SadrSettings(gamma=1.0))
     together = optimise_targets(bundle, REQUESTS, TEMPLATES, inj, SETTINGS, [term])
+    grouped = optimise_targets(bundle, REQUESTS, TEMPLATES, inj, replace(SETTINGS, max_rows=4), [term])
     for i, request in enumerate(REQUESTS):
         alone = optimise_targets(bundle, [request], TEMPLATES, inj, SETTINGS, [term])
         torch.testing.assert_close(together.delta[inj[0]][i], alone.delta[inj[0]][0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(grouped.delta[inj[0]][i], alone.delta[inj[0]][0], atol=1e-4, rtol=1e-4)
         assert together.loss_parts[i]["sadr"] == pytest.approx(
             alone.loss_parts[0]["sadr"], rel=1e-3, abs=1e-6
         )
@@ -151,7 +219,7 @@ def test_make_editor_builds_sadr_methods(tmp_path):
         "name": "sadr",
         "gamma": 0.5,
         "heads": "selective",
-        "layers": (6, 29),
+        "layers": [6, 29],
         "prompt_reduction": "mean",
     }
     paper = make_editor("rome+sadr", "EleutherAI/gpt-j-6b")

@@ -37,7 +37,10 @@ def _setup(verbose: bool, threads: int | None) -> None:
 SadrFlag = Annotated[
     bool, typer.Option("--sadr", help="add the SADR regulariser (same as METHOD+sadr, e.g. rome+sadr)")
 ]
-SadrGamma = Annotated[float | None, typer.Option("--gamma", help="SADR weight (default: the preset's)")]
+SadrGamma = Annotated[
+    float | None,
+    typer.Option("--gamma", help="SADR weight (default: the preset's); the official code's --gamma / 10000"),
+]
 SadrHeads = Annotated[
     str | None, typer.Option("--sadr-heads", help="SADR heads: selective (the paper) | all (its ablation)")
 ]
@@ -257,7 +260,8 @@ def stats_command(
 
     try:
         bundle = load_model(model)
-        params = make_params(method, load_preset(method, bundle.name, preset), _overrides(param))
+        base = method.removesuffix("+sadr")  # SADR needs no statistics of its own
+        params = make_params(base, load_preset(base, bundle.name, preset), _overrides(param))
         if not hasattr(params, "stats_corpus"):
             raise ValueError(f"method {method!r} uses no covariance statistics")
         spec = stats_spec(params)

@@ -83,7 +83,8 @@ def make_editor(
         k.removeprefix(SADR_PREFIX): params.pop(k) for k in list(params) if k.startswith(SADR_PREFIX)
     }
     if sadr_overrides and not extra:
-        raise ValueError(f"SADR settings {sorted(sadr_overrides)} need a '+sadr' method (e.g. {base}+sadr)")
+        example = "rome+sadr" if base == "none" else f"{base}+sadr"
+        raise ValueError(f"SADR settings {sorted(sadr_overrides)} need a '+sadr' method (e.g. {example})")
     if base == "none":
         if params or preset:
             raise ValueError("method 'none' takes no preset or parameters")

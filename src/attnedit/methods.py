@@ -33,6 +33,7 @@ from attnedit.optimise import (
     LossTerm,
     NonFiniteLossError,
     Row,
+    SplitBatch,
     StepState,
     TargetSettings,
     add_terms,
@@ -41,6 +42,7 @@ from attnedit.optimise import (
     split_rows,
     target_reads,
     term_attention,
+    term_kernel,
 )
 from attnedit.presets import FTParams, LocateParams, MemitParams, RomeParams, params_dict
 from attnedit.solvers import Read, least_squares_update, rank_one_update, read_at_fact_token
@@ -243,7 +245,7 @@ class FineTune:
         p = self.params
         _check_layers(bundle, p.layers, self.name)
         requests = [validate_request(bundle, case) for case in cases]
-        model, adapter, device = bundle.model, bundle.adapter, bundle.device
+        device = bundle.device
         rows, subject_last = [], []
         for r, req in enumerate(requests):
             span = locate_subject(bundle.tokenizer, req.prompt, req.subject)
@@ -256,6 +258,19 @@ class FineTune:
         pad_id = bundle.tokenizer.pad_token_id if bundle.tokenizer.pad_token_id is not None else 0
         batch = split_rows(rows, [row.request for row in rows], pad_id, device)
         first = min(p.layers)
+        with term_kernel(bundle, self.terms, first + 1):
+            return self._optimise(bundle, requests, batch, first, subject_last)
+
+    def _optimise(
+        self,
+        bundle: ModelBundle,
+        requests: list[EditRequest],
+        batch: SplitBatch,
+        first: int,
+        subject_last: list[int],
+    ) -> AppliedEdit:
+        p = self.params
+        model, adapter, device = bundle.model, bundle.adapter, bundle.device
         frozen = FrozenBelow(bundle, batch, first)
         reads = target_reads(batch)
         head = adapter.unembedding(model)

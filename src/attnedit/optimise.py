@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from attnedit.data import EditRequest
-from attnedit.interventions import Trace, attention_probabilities, start_at_layer
+from attnedit.interventions import Trace, attention_implementation, attention_probabilities, start_at_layer
 from attnedit.models import ModelBundle
 from attnedit.scoring import check_length, pad_batch
 from attnedit.templates import template_prefix
@@ -196,16 +196,30 @@ class LossTerm(Protocol):
         """Weighted loss per request, shape [n_requests] (the term carries its own weight)."""
 
 
+def _term_layers(bundle: ModelBundle, terms: Sequence[LossTerm], first_changed: int) -> list[int]:
+    n_layers = bundle.adapter.n_layers
+    return sorted(
+        {layer for t in terms for layer in t.attention_layers(n_layers) if first_changed <= layer < n_layers}
+    )
+
+
+def term_kernel(
+    bundle: ModelBundle, terms: Sequence[LossTerm], first_changed: int
+) -> contextlib.AbstractContextManager:
+    """Eager attention for a whole optimisation when its terms read attention probabilities (so the
+    cached prefix and lower blocks come from the same kernel as the steps); otherwise no change."""
+    if _term_layers(bundle, terms, first_changed):
+        return attention_implementation(bundle.model, "eager")
+    return contextlib.nullcontext()
+
+
 @contextlib.contextmanager
 def term_attention(
     bundle: ModelBundle, terms: Sequence[LossTerm], batch: SplitBatch, first_changed: int
 ) -> Iterator[Mapping[int, torch.Tensor]]:
     """Record the last-prompt-token attention rows the terms read, for layers ``>= first_changed``
     (below it nothing depends on the optimised parameters, so a term's KL there is exactly zero)."""
-    n_layers = bundle.adapter.n_layers
-    layers = sorted(
-        {layer for t in terms for layer in t.attention_layers(n_layers) if first_changed <= layer < n_layers}
-    )
+    layers = _term_layers(bundle, terms, first_changed)
     if not layers:
         yield {}
         return
@@ -275,12 +289,14 @@ def optimise_targets(
         widths[row.request] = max(widths[row.request], len(row.ids) - row.fact)
     order = sorted(range(len(requests)), key=widths.__getitem__)
     groups = [order[i : i + group] for i in range(0, len(order), group)]
-    for ids in tqdm(
-        groups, desc="targets", unit="group", disable=not progress or len(groups) < 2, leave=False
-    ):
-        members = set(ids)
-        group_rows = [row for row in rows if row.request in members]
-        _optimise_group(bundle, group_rows, ids, injections, settings, terms, out)
+    # one attention kernel for the whole optimisation, cached prefix and lower blocks included
+    with term_kernel(bundle, terms, min(inj.layer for inj in injections) + 1):
+        for ids in tqdm(
+            groups, desc="targets", unit="group", disable=not progress or len(groups) < 2, leave=False
+        ):
+            members = set(ids)
+            group_rows = [row for row in rows if row.request in members]
+            _optimise_group(bundle, group_rows, ids, injections, settings, terms, out)
     return out
 
 

@@ -60,7 +60,10 @@ class SadrSettings:
                 raise ValueError(f"SADR layer range must be 0 <= first <= last, not {self.layers}")
 
     def describe(self) -> dict:
-        return asdict(self)
+        """JSON-ready (the layer range as a list, as a manifest read back holds it)."""
+        out = asdict(self)
+        out["layers"] = list(self.layers) if self.layers is not None else None
+        return out
 
 
 SETTING_KEYS = ("gamma", "heads", "layers", "prompt_reduction")
@@ -143,7 +146,11 @@ class SadrTerm:
         if not state.attention:  # every requested layer is below the optimised one: nothing can drift
             self.diagnostics = {}
             return torch.zeros(state.n_requests, device=device)
-        layers = sorted(state.attention)
+        own = set(self.attention_layers(self._n_layers or max(state.attention) + 1))
+        layers = sorted(layer for layer in state.attention if layer in own)  # other terms may read more
+        if not layers:
+            self.diagnostics = {}
+            return torch.zeros(state.n_requests, device=device)
         rows = state.prompt_rows
         current = torch.stack([state.attention[layer][rows] for layer in layers]).float()  # [L, R, H, K]
         if state.step == 0 or self._batch is not state.batch:
