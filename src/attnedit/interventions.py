@@ -320,3 +320,157 @@ def start_at_layer(
     finally:
         for block in blocks:
             block.__dict__.pop("forward", None)
+
+
+# --- attention scores and probabilities inside the softmax (SADR section 3.4 and appendix D.2) ---
+
+SoftmaxEdit = Callable[[torch.Tensor, int], torch.Tensor]  # ([batch, query_head, query, key], layer) -> same
+PATCHABLE_ATTENTION = "attnedit_eager"  # the attention implementation registered for attention_softmax
+_SOFTMAX_HOOK = "_attnedit_softmax"  # instance attribute of an attention module while it is hooked
+
+
+@dataclass
+class AttentionSoftmax:
+    """What ``attention_softmax`` saw per layer, ``[batch, query_head, query, key]``, after any edit:
+    the scores before the softmax (attention mask added) and the probabilities after it."""
+
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    probabilities: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class _SoftmaxHook:
+    """Eager attention of one layer with optional edits before and after the softmax."""
+
+    layer: int
+    edit_scores: SoftmaxEdit | None = None
+    edit_probabilities: SoftmaxEdit | None = None
+    record: AttentionSoftmax | None = None
+    detach: bool = True
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: torch.Tensor | None,
+        scale: float,
+        upcast: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``softmax(q k^T * scale + mask) v`` per query head: output ``[batch, head, query, head_dim]``."""
+        groups = query.shape[1] // key.shape[1]  # grouped-query attention: query heads per key/value head
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        if upcast:  # GPT-J keeps the scores in float32
+            query, key = query.float(), key.float()
+        scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+        if mask is not None:
+            scores = scores + mask
+        if self.edit_scores is not None:
+            scores = self.edit_scores(scores, self.layer)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+        if self.edit_probabilities is not None:
+            probs = self.edit_probabilities(probs, self.layer)
+        if self.record is not None:
+            self.record.scores[self.layer] = scores.detach() if self.detach else scores
+            self.record.probabilities[self.layer] = probs.detach() if self.detach else probs
+        return torch.matmul(probs, value), probs
+
+
+def _patchable_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: object,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``AttentionInterface`` function registered as ``PATCHABLE_ATTENTION``: eager attention that runs
+    the hook ``attention_softmax`` put on the module (plain eager attention on modules without one)."""
+    if dropout:
+        raise RuntimeError("attention_softmax needs the model in eval mode (it applies no attention dropout)")
+    unsupported = [k for k in ("softcap", "s_aux") if kwargs.get(k) is not None]
+    if unsupported:
+        from attnedit.adapters import UnsupportedModelError
+
+        raise UnsupportedModelError(f"attention_softmax does not implement {unsupported} attention")
+    hook = module.__dict__.get(_SOFTMAX_HOOK) or _SoftmaxHook(layer=-1)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    out, probs = hook.attend(query, key, value, attention_mask, scale, upcast=False)
+    return out.transpose(1, 2).contiguous(), probs
+
+
+def _register_patchable_attention() -> None:
+    """Register ``PATCHABLE_ATTENTION`` (attention function and its eager-style mask) once per process."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(PATCHABLE_ATTENTION, _patchable_attention)
+    AttentionMaskInterface.register(PATCHABLE_ATTENTION, eager_mask)
+
+
+@contextlib.contextmanager
+def attention_softmax(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    layers: Iterable[int] | None = None,
+    edit_scores: SoftmaxEdit | None = None,
+    edit_probabilities: SoftmaxEdit | None = None,
+    retain: bool = True,
+    detach: bool = True,
+) -> Iterator[AttentionSoftmax]:
+    """Read and replace attention scores (before the softmax) and probabilities (after it) per query head.
+
+    ``edit_scores(scores, layer)`` and ``edit_probabilities(probs, layer)`` receive and return
+    ``[batch, query_head, query, key]``; the scores include the attention mask (masked keys hold the
+    dtype's minimum). The attention of the hooked layers is computed here, eagerly, from the query, key and
+    value the module computed (so rotary embeddings, caches and grouped-query layouts stay the family's own):
+
+    * families whose attention goes through transformers' ``AttentionInterface`` (Llama, Qwen2, Mistral,
+      GPT-2, GPT-NeoX) are switched for the block to the implementation ``attnedit_eager`` registered here;
+      layers that are not hooked run plain eager attention;
+    * attention modules with their own eager ``_attn(query, key, value, attention_mask)`` (GPT-J) get it
+      shadowed on the instance.
+
+    Other models raise ``UnsupportedModelError``. Attention dropout is not applied (eval mode only).
+    """
+    layer_list = list(range(adapter.n_layers)) if layers is None else list(layers)
+    modules = {layer: adapter.module(model, "attn", layer) for layer in layer_list}
+    record = AttentionSoftmax()
+    hooks = {
+        layer: _SoftmaxHook(layer, edit_scores, edit_probabilities, record if retain else None, detach)
+        for layer in layer_list
+    }
+    if getattr(type(model), "_supports_attention_backend", False):
+        _register_patchable_attention()
+        switch: contextlib.AbstractContextManager = attention_implementation(model, PATCHABLE_ATTENTION)
+        attribute = _SOFTMAX_HOOK
+        installed = dict(hooks)
+    elif "flash" not in str(model.config._attn_implementation) and all(
+        callable(getattr(m, "_attn", None)) for m in modules.values()
+    ):
+        switch, attribute = contextlib.nullcontext(), "_attn"
+
+        def own_attn(module: nn.Module, hook: _SoftmaxHook) -> Callable:
+            def attn(query, key, value, attention_mask=None):  # GPT-J divides the scores by scale_attn
+                return hook.attend(query, key, value, attention_mask, 1.0 / float(module.scale_attn), True)
+
+            return attn
+
+        installed = {layer: own_attn(modules[layer], hook) for layer, hook in hooks.items()}
+    else:
+        from attnedit.adapters import UnsupportedModelError
+
+        raise UnsupportedModelError(
+            f"attention_softmax supports models using transformers' AttentionInterface and GPT-J-style "
+            f"_attn modules, not {type(model).__name__}"
+        )
+    with switch:
+        try:
+            for layer, module in modules.items():
+                module.__dict__[attribute] = installed[layer]
+            yield record
+        finally:
+            for module in modules.values():
+                module.__dict__.pop(attribute, None)
