@@ -15,4 +15,3 @@ for m in none rome memit pmet ft; do
     --out "runs/table-fl-$m" --threads 2
 done
 attnedit report runs/table-fl-{none,rome,memit,pmet,ft} --magnitudes --out bench/results/table_editing
-python bench/edit_speed.py runs/table-fl-{rome,memit,pmet,ft}
