@@ -9,12 +9,14 @@ from typing import Annotated
 
 import typer
 
+from attnedit.analyze_cmd import app as analyze_app
 from attnedit.data import SAMPLE_DATA
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Attention-aware knowledge editing of LLMs."
 )
 logger = logging.getLogger("attnedit")
+app.add_typer(analyze_app, name="analyze")
 
 
 def _setup(verbose: bool, threads: int | None) -> None:
