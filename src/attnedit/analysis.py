@@ -65,16 +65,16 @@ Intervene = Callable[[torch.Tensor, torch.Tensor], contextlib.AbstractContextMan
 # --- shared machinery -------------------------------------------------------------------------------
 
 
-def _plain(value: Any) -> Any:
+def json_ready(value: Any) -> Any:
     """JSON-ready copy: arrays to nested lists, NaN/inf to None."""
     if isinstance(value, np.ndarray):
-        return _plain(value.tolist())
+        return json_ready(value.tolist())
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): json_ready(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [json_ready(v) for v in value]
     if isinstance(value, np.generic):
-        return _plain(value.item())
+        return json_ready(value.item())
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
@@ -84,7 +84,7 @@ class JsonResult:
     """Mixin of the result dataclasses: ``to_json()`` gives plain lists, numbers and strings."""
 
     def to_json(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
+        return {f.name: json_ready(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
 
 
 def window_layers(layer: int, window: int, n_layers: int) -> tuple[int, ...]:

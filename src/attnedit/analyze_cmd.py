@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
-import platform
 import random
 import time
 import warnings
@@ -95,21 +92,10 @@ def _nanmean(arrays: Sequence[Any], shape: tuple[int, ...]) -> Any:
         return np.nanmean(np.stack([np.asarray(a, dtype=float) for a in arrays]), axis=0)
 
 
-def _plain(value: Any) -> Any:
-    """JSON-ready copy: arrays and tuples to lists, numpy scalars to numbers, NaN/inf to None."""
-    import numpy as np
+def _json_ready(value: Any) -> Any:
+    from attnedit.analysis import json_ready  # lazy: the CLI imports this module at start-up
 
-    if isinstance(value, np.ndarray):
-        return _plain(value.tolist())
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return _plain(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+    return json_ready(value)
 
 
 def _array(value: Any) -> Any:
@@ -149,53 +135,22 @@ class Session:
 
 
 def _manifest(setting: Setting, bundle: Any, dataset: Any, editor: Any) -> dict:
-    import torch
-    import transformers
-
     from attnedit import __version__
+    from attnedit.runner import data_manifest, environment_manifest, model_manifest
 
     return {
         "attnedit_version": __version__,
         "analysis": setting.analysis,
-        "model": {
-            "name": bundle.name,
-            "source": bundle.source,
-            "fingerprint": bundle.fingerprint,
-            "family": bundle.adapter.family,
-            "dtype": str(next(bundle.model.parameters()).dtype),
-        },
+        "model": model_manifest(bundle),
         "method": editor.name if editor is not None else "none",
         "hyperparameters": editor.hyperparameters() if editor is not None else {},
-        "data": {
-            "path": dataset.path,
-            "format": dataset.format,
-            "sha256": dataset.sha256,
-            "records": len(dataset) + len(dataset.skipped),
-        },
+        "data": data_manifest(dataset),
         "first": setting.first,
         "limit": setting.limit,
         "seed": setting.seed,
         "options": setting.options,
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        },
-        "torch_threads": torch.get_num_threads(),
+        **environment_manifest(),
     }
-
-
-def _check_resumable(out: Path, manifest: dict) -> None:
-    path = out / MANIFEST
-    if not path.is_file():
-        return
-    old = json.loads(path.read_text())
-    for key in IDENTITY:
-        if old.get(key) != manifest.get(key):
-            raise AnalysisConflictError(
-                f"{out} holds a run with different {key!r}: {old.get(key)!r} != {manifest.get(key)!r}; "
-                "use another --out directory"
-            )
 
 
 def start(setting: Setting) -> Session:
@@ -206,7 +161,7 @@ def start(setting: Setting) -> Session:
     from attnedit.data import load_cases
     from attnedit.editing import make_editor
     from attnedit.models import load_model
-    from attnedit.runner import read_results
+    from attnedit.runner import check_resumable, read_results
 
     if setting.first < 0:
         raise ValueError("--first must be at least 0")
@@ -229,7 +184,7 @@ def start(setting: Setting) -> Session:
     manifest = json.loads(json.dumps(_manifest(setting, bundle, dataset, editor)))
     out = setting.out
     out.mkdir(parents=True, exist_ok=True)
-    _check_resumable(out, manifest)
+    check_resumable(out, manifest, IDENTITY, AnalysisConflictError)
     if not (out / MANIFEST).is_file():
         stamped = {**manifest, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         (out / MANIFEST).write_text(json.dumps(stamped, indent=1))
@@ -240,15 +195,11 @@ def start(setting: Setting) -> Session:
     return Session(setting, cases, bundle, editor, records)
 
 
-def _append(fh, record: dict) -> None:
-    fh.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
-    fh.flush()
-    os.fsync(fh.fileno())
-
-
 def run_cases(session: Session, compute: Callable[[Any], dict]) -> list[dict]:
     """``compute`` each case not done yet, appending its record; all records in case order."""
     from tqdm.auto import tqdm
+
+    from attnedit.runner import append_record
 
     done = session.records
     bar = tqdm(
@@ -262,8 +213,8 @@ def run_cases(session: Session, compute: Callable[[Any], dict]) -> list[dict]:
                 record = compute(case)
             except (ValueError, KeyError, IndexError) as err:
                 raise ValueError(f"case {case.case_id} ({case.source}): {err}") from err
-            record = _plain({"case_id": case.case_id, "source": case.source, **record})
-            _append(fh, record)
+            record = _json_ready({"case_id": case.case_id, "source": case.source, **record})
+            append_record(fh, record, allow_nan=False)
             done[case.case_id] = record
             bar.update(1)
     return [done[c.case_id] for c in session.cases]
@@ -283,7 +234,7 @@ def finish(session: Session, records: list[dict], aggregate: dict, figures: Sequ
     }
     path = out / f"{name}.json"
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_plain(result), allow_nan=False))
+    tmp.write_text(json.dumps(_json_ready(result), allow_nan=False))
     tmp.replace(path)
     typer.echo(f"{name}: {len(records)} cases -> {path}")
     for figure in figures:
@@ -459,7 +410,7 @@ def trace_command(
                 ylabel="restored - corrupted P(o_true)",
             ),
         ]
-        finish(session, records, _plain(aggregate), figures)
+        finish(session, records, _json_ready(aggregate), figures)
 
     _guarded(body)
 
@@ -593,7 +544,7 @@ def substitute_command(
             )
             for kind in chosen
         ]
-        finish(session, records, _plain(aggregate), figures)
+        finish(session, records, _json_ready(aggregate), figures)
 
     _guarded(body)
 
@@ -706,7 +657,7 @@ def drift_command(
                 **{f: _nanmean(list(v), ()) for f, v in factor_values.items()},
             }
             points[TASKS[task]] = (factor_values["kl"], outcome)
-        aggregate = _plain(aggregate)
+        aggregate = _json_ready(aggregate)
         table = correlation_table(aggregate["correlations"])
         (out / "drift_correlations.md").write_text(table)
         figures = [
@@ -851,6 +802,6 @@ def patch_command(
                     colorbar="patched - edited P",
                 )
             )
-        finish(session, records, _plain(aggregate), figures)
+        finish(session, records, _json_ready(aggregate), figures)
 
     _guarded(body)

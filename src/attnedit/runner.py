@@ -18,6 +18,7 @@ import os
 import platform
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -108,26 +109,48 @@ def _set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def model_manifest(bundle: ModelBundle) -> dict:
+    """The model part of every manifest (runs and analyses)."""
+    return {
+        "name": bundle.name,
+        "source": bundle.source,
+        "fingerprint": bundle.fingerprint,
+        "family": bundle.adapter.family,
+        "dtype": str(next(bundle.model.parameters()).dtype),
+    }
+
+
+def data_manifest(dataset: Dataset) -> dict:
+    """The data part of every manifest: path, format, content hash, record count, skipped records."""
+    return {
+        "path": dataset.path,
+        "format": dataset.format,
+        "sha256": dataset.sha256,
+        "records": len(dataset) + len(dataset.skipped),
+        "skipped": dataset.skipped,
+    }
+
+
+def environment_manifest() -> dict:
+    """Library versions and the torch thread count."""
+    return {
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
 def build_manifest(config: RunConfig, bundle: ModelBundle, dataset: Dataset, editor: Editor) -> dict:
     return {
         "attnedit_version": __version__,
-        "model": {
-            "name": bundle.name,
-            "source": bundle.source,
-            "fingerprint": bundle.fingerprint,
-            "family": bundle.adapter.family,
-            "dtype": str(next(bundle.model.parameters()).dtype),
-        },
+        "model": model_manifest(bundle),
         "method": editor.name,
         "label": config.label or editor.name,
         "hyperparameters": editor.hyperparameters(),
-        "data": {
-            "path": dataset.path,
-            "format": dataset.format,
-            "sha256": dataset.sha256,
-            "records": len(dataset) + len(dataset.skipped),
-            "skipped": dataset.skipped,
-        },
+        "data": data_manifest(dataset),
         "limit": config.limit,
         "first": config.first,
         "mode": config.mode,
@@ -136,12 +159,7 @@ def build_manifest(config: RunConfig, bundle: ModelBundle, dataset: Dataset, edi
         "seed": config.seed,
         "eval": config.eval.manifest(),
         "ppl_corpus": config.ppl_corpus,
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        },
-        "torch_threads": torch.get_num_threads(),
+        **environment_manifest(),
     }
 
 
@@ -166,14 +184,20 @@ _IDENTITY = (
 _ADDED_LATER = {"first": 0}  # identity fields newer than some run directories: their implied value
 
 
-def _check_resumable(out: Path, manifest: dict) -> None:
+def check_resumable(
+    out: Path,
+    manifest: dict,
+    identity: Sequence[str] = _IDENTITY,
+    error: type[Exception] = RunConflictError,
+) -> None:
+    """Refuse to continue in ``out`` when its manifest differs from ``manifest`` in an identity field."""
     path = out / MANIFEST
     if not path.is_file():
         return
     old = json.loads(path.read_text())
-    for key in _IDENTITY:
+    for key in identity:
         if old.get(key, _ADDED_LATER.get(key)) != manifest.get(key):
-            raise RunConflictError(
+            raise error(
                 f"{out} holds a run with different {key!r}: {old.get(key)!r} != {manifest.get(key)!r}; "
                 "use another --out directory"
             )
@@ -204,8 +228,9 @@ def read_results(path: Path, repair: bool = False) -> list[dict]:
     return records
 
 
-def _append(fh, record: dict) -> None:
-    fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+def append_record(fh, record: dict, allow_nan: bool = True) -> None:
+    """One JSON line, flushed and fsynced (an interrupted run loses at most a torn last line)."""
+    fh.write(json.dumps(record, ensure_ascii=False, allow_nan=allow_nan) + "\n")
     fh.flush()
     os.fsync(fh.fileno())
 
@@ -234,7 +259,7 @@ def run(
         config.eval.ppl_texts = load_texts(config.ppl_corpus, config.ppl_limit)
     manifest = build_manifest(config, bundle, dataset, editor)
     out.mkdir(parents=True, exist_ok=True)
-    _check_resumable(out, manifest)
+    check_resumable(out, manifest)
     if not (out / MANIFEST).is_file():
         (out / MANIFEST).write_text(
             json.dumps({**manifest, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1)
@@ -272,7 +297,7 @@ def run(
                         record["seconds_edit"] = seconds_edit / len(group)
                         record["seconds_eval"] = time.perf_counter() - t1
                         record["edit"] = _edit_info(edit, group.index(case))
-                        _append(fh, record)
+                        append_record(fh, record)
                         records.append(record)
                         bar.update(1)
                 finally:
@@ -353,7 +378,7 @@ def _run_sequential(
             record["seconds_edit"] = seconds[case.case_id]
             record["seconds_eval"] = time.perf_counter() - t1
             record["edits_applied"] = len(applied)
-            _append(fh, record)
+            append_record(fh, record)
             records.append(record)
             bar.update(1)
     finally:
