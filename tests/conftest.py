@@ -108,3 +108,22 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"../shared/data not found at {SHARED_DATA}: the tests read the shared data sets")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny Llama saved as a local Hugging Face directory (loads like any user model)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    bundle = make_tiny("llama", tiny_tokenizer)
+    bundle.model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module of tiny-model tests (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

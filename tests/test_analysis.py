@@ -52,12 +52,8 @@ ATOL = 1e-8  # probabilities of the random tiny models are about 1/320: compare 
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
+def _one_thread(one_thread):
     """Tiny models gain nothing from threads, and on a busy machine extra threads make them much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _json(result) -> dict:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from attnedit import analysis
@@ -19,22 +18,8 @@ N_LAYERS = 3  # conftest.tiny_config
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tiny_tokenizer) -> Path:
-    from conftest import make_tiny
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    bundle = make_tiny("llama", tiny_tokenizer)
-    bundle.model.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
+def _one_thread(one_thread):
+    """Tiny models on one thread (see conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")

@@ -13,18 +13,6 @@ from attnedit.report import collect
 from attnedit.runner import RESULTS, RunConfig, RunConflictError, Shard, read_results, run
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tiny_tokenizer) -> Path:
-    """A tiny Llama saved as a local Hugging Face directory (loads like any user model)."""
-    from conftest import make_tiny
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    bundle = make_tiny("llama", tiny_tokenizer)
-    bundle.model.save_pretrained(path)
-    tiny_tokenizer.save_pretrained(path)
-    return path
-
-
 def _config(out: Path, model: Path, **kw) -> RunConfig:
     return RunConfig(data="sample", out=str(out), model=str(model), eval=EvalConfig(fluency=False), **kw)
 
