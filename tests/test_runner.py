@@ -228,7 +228,7 @@ def test_interrupted_batch_run_reapplies_its_saved_edit(tmp_path, tiny_dir, corp
     assert not (clean / "edits").exists() or not any((clean / "edits").iterdir())
 
     out = tmp_path / "interrupted"
-    real = evaluation.Evaluator.evaluate
+    real = evaluation.Evaluator.score
     calls = []
 
     def fail_on_third(self, case, reference=None):
@@ -237,7 +237,7 @@ def test_interrupted_batch_run_reapplies_its_saved_edit(tmp_path, tiny_dir, corp
             raise KeyboardInterrupt
         return real(self, case, reference)
 
-    monkeypatch.setattr(evaluation.Evaluator, "evaluate", fail_on_third)
+    monkeypatch.setattr(evaluation.Evaluator, "score", fail_on_third)
     with pytest.raises(KeyboardInterrupt):
         run(
             _edit_config(out, tiny_dir, corpus_file, limit=4, mode="batch", batch_size=4),
@@ -247,7 +247,7 @@ def test_interrupted_batch_run_reapplies_its_saved_edit(tmp_path, tiny_dir, corp
     assert model_hash(bundle.model) == original
     assert (out / "edits" / "00000.safetensors").is_file() and len(read_results(out / RESULTS)) == 2
 
-    monkeypatch.setattr(evaluation.Evaluator, "evaluate", real)
+    monkeypatch.setattr(evaluation.Evaluator, "score", real)
 
     def no_recompute(self, bundle, cases):
         raise AssertionError("the saved batch edit must be re-applied, not recomputed")
@@ -271,3 +271,59 @@ def test_bad_mode_and_batch_size_are_refused(tmp_path, tiny_dir, corpus_file):
         _edit_config(tmp_path, tiny_dir, corpus_file, mode="parallel")
     with pytest.raises(ValueError, match="--batch-size needs"):
         _edit_config(tmp_path, tiny_dir, corpus_file, batch_size=4)
+
+
+@pytest.mark.parametrize("mode", ["single", "batch", "sequential"])
+def test_fluency_batched_across_cases_equals_per_case_generation(tmp_path, tiny_dir, corpus_file, mode):
+    """Single mode generates several edited cases in one batch, each row with its own deltas; batch and
+    sequential mode several cases at once on the edited model: the generations are those of evaluating
+    each case alone with its edit applied, and the model is restored."""
+    from dataclasses import replace
+
+    from attnedit.deltas import model_hash
+    from attnedit.editing import make_editor
+    from attnedit.evaluation import Evaluator
+    from attnedit.models import load_model
+
+    bundle = load_model(str(tiny_dir))
+    original = model_hash(bundle.model)
+    fl = EvalConfig(max_new_tokens=6, fluency_prompts="rewrite")
+    kw = {"mode": mode, "batch_size": 1 if mode == "single" else 2}
+    config = replace(_edit_config(tmp_path / mode, tiny_dir, corpus_file, limit=5, **kw), eval=fl)
+    run(replace(config, generation_cases=3), bundle=bundle, progress=False)
+    assert model_hash(bundle.model) == original
+    records = read_results(tmp_path / mode / RESULTS)
+    assert [r["case_id"] for r in records] == ["0", "1", "2", "3", "4"]
+
+    editor = make_editor(config.method, bundle.name, config.preset, config.params)
+    evaluator = Evaluator(bundle, fl)
+    from attnedit.data import load_cases
+
+    cases = load_cases("sample").cases[:5]
+    if mode == "single":
+        expected = []
+        for case in cases:
+            edit = editor.apply(bundle, [case])
+            try:
+                expected.append(evaluator.evaluate(case))
+            finally:
+                edit.revert()
+    else:
+        edits = []
+        groups = [cases[:2], cases[2:4], cases[4:]]
+        try:
+            expected = []
+            for group in groups:
+                edits.append(editor.apply(bundle, group))
+                if mode == "batch":
+                    expected += [evaluator.evaluate(c) for c in group]
+                    edits.pop().revert()
+            if mode == "sequential":
+                expected = [evaluator.evaluate(c) for c in cases]
+        finally:
+            for edit in reversed(edits):
+                edit.revert()
+    for got, want in zip(records, expected, strict=True):
+        assert got["generations"] == want["generations"] and got["fluency"] == want["fluency"]
+        assert got["comparisons"] == want["comparisons"]
+    assert model_hash(bundle.model) == original

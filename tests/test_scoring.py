@@ -104,3 +104,66 @@ def test_too_long_sequence_is_a_clear_error(tiny_tokenizer):
     long_prompt = "The Eiffel Tower is in Paris. " * 60
     with pytest.raises(ValueError, match="exceed the model's 512 positions"):
         score_targets(bundle.model, bundle.tokenizer, bundle.adapter, [(long_prompt, "Rome")])
+
+
+def test_generation_with_row_deltas_equals_each_edit_applied(tiny: ModelBundle):
+    """Cases with different weight edits generate in one batch (interventions.row_deltas) exactly as
+    each would with its edit applied: an MLP down-projection in one layer (Linear, or GPT-2 Conv1D),
+    an attention output projection in another, a bias where the family has one, and no edit at all."""
+    model, adapter = tiny.model, tiny.adapter
+    params = dict(model.named_parameters())
+    down = adapter.weight_name("mlp_down", 0)
+    o_proj = adapter.weight_name("attn_o", 1)
+    gen = torch.Generator().manual_seed(0)
+
+    def noise(name: str, scale: float) -> torch.Tensor:
+        return torch.randn(params[name].shape, generator=gen) * scale
+
+    edits = [
+        {down: noise(down, 0.5)},
+        {o_proj: noise(o_proj, 0.5), down: noise(down, 0.3)},
+        {},
+    ]
+    bias = down.rsplit(".", 1)[0] + ".bias"
+    if bias in params:
+        edits[1][bias] = noise(bias, 1.0)
+    prompts = ["The Eiffel Tower is", "What does Freddy Cole play? They play", "Paris is the capital of"]
+    owner = [0, 1, 1, 2, 0, 2]
+    rows = [prompts[i % 3] for i in range(len(owner))]
+    together = generate(
+        model, tiny.tokenizer, rows, max_new_tokens=6, adapter=adapter, batch_size=4, row_edits=(edits, owner)
+    )
+    expected = []
+    for prompt, k in zip(rows, owner, strict=True):
+        originals = {name: params[name].detach().clone() for name in edits[k]}
+        with torch.no_grad():
+            for name, delta in edits[k].items():
+                params[name].add_(delta)
+        try:
+            expected += generate(model, tiny.tokenizer, [prompt], max_new_tokens=6, adapter=adapter)
+        finally:
+            with torch.no_grad():
+                for name, original in originals.items():
+                    params[name].copy_(original)
+    assert together == expected
+    plain = generate(model, tiny.tokenizer, rows, max_new_tokens=6, adapter=adapter)
+    assert any(t != p for t, p, k in zip(together, plain, owner, strict=True) if edits[k])  # edits matter
+
+
+def test_row_deltas_refuse_what_they_cannot_add(tiny: ModelBundle):
+    from attnedit.interventions import row_deltas
+
+    embedding = next(n for n, p in tiny.model.named_parameters() if p.ndim == 2)
+    prompts = ["The Eiffel Tower is"]
+    with pytest.raises((TypeError, ValueError), match="per-row"):
+        generate(
+            tiny.model,
+            tiny.tokenizer,
+            prompts,
+            max_new_tokens=2,
+            adapter=tiny.adapter,
+            row_edits=([{embedding: torch.zeros_like(dict(tiny.model.named_parameters())[embedding])}], [0]),
+        )
+    with pytest.raises(KeyError, match="no parameter"):
+        with row_deltas(tiny.model, [{"nope.weight": torch.zeros(1)}], [0]):
+            pass

@@ -118,6 +118,9 @@ def eval_command(
         typer.Option("--param", "-p", help="override a preset field: KEY=VALUE (repeatable)"),
     ] = None,
     save_edits: Annotated[bool, typer.Option(help="keep each edit in OUT/edits/*.safetensors")] = False,
+    generation_cases: Annotated[
+        int, typer.Option(help="fluency: cases generated in one decoding batch (speed only)")
+    ] = 16,
     sadr: SadrFlag = False,
     gamma: SadrGamma = None,
     sadr_heads: SadrHeads = None,
@@ -160,6 +163,7 @@ def eval_command(
             preset=preset,
             params=overrides,
             save_edits=save_edits,
+            generation_cases=generation_cases,
             eval=EvalConfig(
                 fluency=fluency,
                 fluency_prompts=fluency_prompts,

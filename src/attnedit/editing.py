@@ -48,10 +48,10 @@ class NoEdit:
         return {}
 
     def apply(self, bundle: ModelBundle, cases: list[EditCase]) -> AppliedEdit:
-        return _Unchanged()
+        return Unchanged()
 
 
-class _Unchanged:
+class Unchanged:
     def revert(self) -> None:
         return None
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+
+import torch
 
 from attnedit.data import EditCase
 from attnedit.metrics import comparisons, knowedit_probes, ngram_entropy
@@ -61,6 +64,14 @@ class Evaluator:
         return {"locality_argmax": [list(s.argmax_ids) for s in self._score(pairs)]}
 
     def evaluate(self, case: EditCase, reference: dict | None = None) -> dict:
+        """The whole record of one case on the current model (comparisons, fluency, PPL)."""
+        record = self.score(case, reference)
+        if self.config.fluency:
+            self.add_fluency([case], [record])
+        return record
+
+    def score(self, case: EditCase, reference: dict | None = None) -> dict:
+        """The record without fluency: comparisons, KnowEdit probes, PPL (``add_fluency`` adds FL)."""
         start = time.perf_counter()
         comps = comparisons(case)
         ke = knowedit_probes(case)
@@ -92,30 +103,59 @@ class Evaluator:
             record["knowedit"] = knowedit
         record["seconds_scoring"] = time.perf_counter() - start
 
+        if self.config.ppl_texts:
+            record["ppl"] = self._perplexity()
+        return record
+
+    def fluency_prompts(self, case: EditCase) -> list[str]:
         sources = (
             case.generation
             if self.config.fluency_prompts == "generation"
             else tuple(p.prompt for p in case.rewrite + case.paraphrase)
         )
-        if self.config.fluency and sources:
-            t0 = time.perf_counter()
-            prompts = list(sources[: self.config.max_generation_prompts])
-            texts = generate(
-                self.bundle.model,
-                self.bundle.tokenizer,
-                prompts,
-                max_new_tokens=self.config.max_new_tokens,
-                top_k=self.config.generation_top_k,
-                seed=self.config.seed,
-                adapter=self.bundle.adapter,
-            )
-            full = [p + t for p, t in zip(prompts, texts, strict=True)]
+        return list(sources[: self.config.max_generation_prompts])
+
+    def add_fluency(
+        self,
+        cases: Sequence[EditCase],
+        records: Sequence[dict],
+        deltas: Sequence[Mapping[str, torch.Tensor]] | None = None,
+    ) -> None:
+        """Generate from the fluency prompts of several cases in one batch and add FL to their records.
+
+        ``deltas[k]``: the weight edit case ``k`` is generated with (``interventions.row_deltas``; the
+        model itself unedited); ``None``: every case uses the model as it is. Decoding reads every
+        weight once per step whatever the batch, so one batch for many cases is several times faster
+        than one per case. ``seconds_generation`` is the batch's time divided among its cases.
+        """
+        prompts: list[str] = []
+        owner: list[int] = []
+        for k, case in enumerate(cases):
+            mine = self.fluency_prompts(case)
+            prompts += mine
+            owner += [k] * len(mine)
+        if not prompts:
+            return
+        t0 = time.perf_counter()
+        texts = generate(
+            self.bundle.model,
+            self.bundle.tokenizer,
+            prompts,
+            max_new_tokens=self.config.max_new_tokens,
+            top_k=self.config.generation_top_k,
+            seed=self.config.seed,
+            batch_size=len(prompts),
+            adapter=self.bundle.adapter,
+            row_edits=None if deltas is None else (deltas, owner),
+        )
+        seconds = (time.perf_counter() - t0) / len(cases)
+        for k, record in enumerate(records):
+            full = [p + t for p, t, o in zip(prompts, texts, owner, strict=True) if o == k]
+            if not full:
+                continue
             record["fluency"] = [ngram_entropy(t) for t in full]
             record["generations"] = full
-            record["seconds_generation"] = time.perf_counter() - t0
-        if self.config.ppl_texts:
-            record["ppl"] = self._perplexity()
-        return record
+            record["seconds_generation"] = seconds
 
     def _perplexity(self) -> dict:
         """Corpus NLL, recomputed only when a weight changed in place since the last call.

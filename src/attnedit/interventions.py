@@ -474,3 +474,61 @@ def attention_softmax(
         finally:
             for module in modules.values():
                 module.__dict__.pop(attribute, None)
+
+
+@contextlib.contextmanager
+def row_deltas(
+    model: nn.Module, deltas: Sequence[Mapping[str, torch.Tensor]], rows: Sequence[int]
+) -> Iterator[None]:
+    """Run one batch in which each row sees its own weight edit: row ``r`` computes with the weights
+    plus ``deltas[rows[r]]`` (parameter name -> delta in the parameter's layout), as if that edit were
+    applied. Used to generate for many edited cases in one batch: decoding reads every weight once per
+    step, whatever the batch size, so batching cases amortises it.
+
+    A changed ``weight`` of an ``nn.Linear`` or GPT-2 ``Conv1D`` and a changed ``bias`` are supported
+    (output += x @ delta per row group); any other parameter raises. The result equals applying the edit
+    up to float rounding (x W + x D instead of x (W + D)).
+    """
+    rows_t = torch.as_tensor(list(rows), dtype=torch.long)
+    params = dict(model.named_parameters())
+    by_module: dict[str, dict[str, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+    for k, edit in enumerate(deltas):
+        members = (rows_t == k).nonzero().flatten()
+        if not len(members):
+            continue
+        for name, delta in edit.items():
+            if name not in params:
+                raise KeyError(f"the model has no parameter {name!r}")
+            module_name, _, kind = name.rpartition(".")
+            if kind not in ("weight", "bias"):
+                raise ValueError(f"per-row deltas support weights and biases, not {name!r}")
+            cast = delta.to(params[name].device, params[name].dtype)
+            by_module.setdefault(module_name, {}).setdefault(kind, []).append((members, cast))
+    modules = dict(model.named_modules())
+    handles = []
+
+    def hook_for(module: nn.Module, parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]):
+        transposed = type(module).__name__ == "Conv1D"  # GPT-2: weight [in, out], y = x @ W + b
+        if "weight" in parts and not (isinstance(module, nn.Linear) or transposed):
+            kind = type(module).__name__
+            raise TypeError(f"per-row weight deltas need a Linear or Conv1D module, not {kind}")
+
+        def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            x = args[0]
+            extra = torch.zeros_like(output)
+            for members, delta in parts.get("weight", []):
+                idx = members.to(x.device)
+                extra[idx] += x[idx] @ delta if transposed else x[idx] @ delta.T
+            for members, delta in parts.get("bias", []):
+                extra[members.to(x.device)] += delta
+            return output + extra
+
+        return hook
+
+    try:
+        for module_name, parts in by_module.items():
+            handles.append(modules[module_name].register_forward_hook(hook_for(modules[module_name], parts)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from attnedit import __version__
 from attnedit.data import Dataset, EditCase, load_cases, load_texts
 from attnedit.deltas import WeightEdit
-from attnedit.editing import Editor, make_editor
+from attnedit.editing import Editor, Unchanged, make_editor
 from attnedit.evaluation import EvalConfig, Evaluator
 from attnedit.metrics import summarize
 from attnedit.models import ModelBundle, load_model
@@ -91,6 +91,8 @@ class RunConfig:
     preset: str | None = None
     params: dict = field(default_factory=dict)  # overrides of preset fields
     save_edits: bool = False  # keep every edit as DIR/edits/NNNNN.safetensors (always in sequential mode)
+    # fluency generation: cases decoded in one batch (a speed setting: not part of a run's identity)
+    generation_cases: int = 16
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -99,6 +101,8 @@ class RunConfig:
             raise ValueError("--batch-size must be at least 1")
         if self.first < 0:
             raise ValueError("--first must be at least 0")
+        if self.generation_cases < 1:
+            raise ValueError("--generation-cases must be at least 1")
         if self.mode == "single" and self.batch_size != 1:
             raise ValueError("--batch-size needs --mode batch or sequential")
 
@@ -159,6 +163,7 @@ def build_manifest(config: RunConfig, bundle: ModelBundle, dataset: Dataset, edi
         "seed": config.seed,
         "eval": config.eval.manifest(),
         "ppl_corpus": config.ppl_corpus,
+        "generation_cases": config.generation_cases,
         **environment_manifest(),
     }
 
@@ -282,29 +287,83 @@ def run(
     )
     with open(results_path, "a", encoding="utf-8") as fh, bar:
         if config.mode == "sequential":
-            _run_sequential(out, groups, done, bundle, editor, evaluator, fh, records, bar)
+            _run_sequential(out, groups, done, bundle, editor, evaluator, fh, records, bar, config)
         else:
-            for k, group in enumerate(groups):
-                todo = [c for c in group if c.case_id not in done]
-                if not todo:
-                    continue
-                references = {c.case_id: evaluator.reference(c) for c in todo if c.locality}
-                edit, seconds_edit, checkpoint = _edit_group(out, k, group, bundle, editor, config)
-                try:
-                    for case in todo:
-                        t1 = time.perf_counter()
-                        record = evaluator.evaluate(case, references.get(case.case_id))
-                        record["seconds_edit"] = seconds_edit / len(group)
-                        record["seconds_eval"] = time.perf_counter() - t1
-                        record["edit"] = _edit_info(edit, group.index(case))
-                        append_record(fh, record)
-                        records.append(record)
-                        bar.update(1)
-                finally:
-                    edit.revert()
-                if checkpoint is not None and not config.save_edits:
-                    checkpoint.unlink()
+            _run_groups(out, groups, done, bundle, editor, evaluator, fh, records, bar, config)
     return write_summary(out, records)
+
+
+def _write(fh, records: list[dict], bar: tqdm, finished: list[dict]) -> None:
+    for record in finished:
+        append_record(fh, record)
+        records.append(record)
+        bar.update(1)
+
+
+def _run_groups(
+    out: Path,
+    groups: list[list[EditCase]],
+    done: set,
+    bundle: ModelBundle,
+    editor: Editor,
+    evaluator: Evaluator,
+    fh,
+    records: list[dict],
+    bar: tqdm,
+    config: RunConfig,
+) -> None:
+    """Single and batch mode: per group edit -> score -> revert.
+
+    Fluency: a batch edit generates for its cases while it is applied; single-case edits are collected
+    (``config.generation_cases`` at a time) and generated together on the unedited model with each
+    row's own deltas (``Evaluator.add_fluency``), since one decoding batch costs about what one case
+    costs. Records are written once their generations are done; an interruption loses at most that
+    many unwritten cases, which the resumed run recomputes.
+    """
+    fluency = evaluator.config.fluency
+    pending: list[tuple[EditCase, dict, dict]] = []
+
+    def flush() -> None:
+        if pending:
+            cases, finished, deltas = (list(x) for x in zip(*pending, strict=True))
+            evaluator.add_fluency(cases, finished, deltas)
+            _write(fh, records, bar, finished)
+            pending.clear()
+
+    for k, group in enumerate(groups):
+        todo = [c for c in group if c.case_id not in done]
+        if not todo:
+            continue
+        references = {c.case_id: evaluator.reference(c) for c in todo if c.locality}
+        edit, seconds_edit, checkpoint = _edit_group(out, k, group, bundle, editor, config)
+        try:
+            weights = getattr(edit, "edit", None)
+            deltas = weights.deltas if isinstance(weights, WeightEdit) else None
+            deltas = {} if isinstance(edit, Unchanged) else deltas
+            defer = fluency and len(group) == 1 and deltas is not None
+            step = config.generation_cases if fluency else 1
+            for start in range(0, len(todo), step):
+                chunk, scored = todo[start : start + step], []
+                for case in chunk:
+                    t1 = time.perf_counter()
+                    record = evaluator.score(case, references.get(case.case_id))
+                    record["seconds_edit"] = seconds_edit / len(group)
+                    record["seconds_eval"] = time.perf_counter() - t1
+                    record["edit"] = _edit_info(edit, group.index(case))
+                    scored.append(record)
+                if defer:
+                    pending.extend((case, record, deltas) for case, record in zip(chunk, scored, strict=True))
+                    continue
+                if fluency:  # a batch edit, or one that is not a weight delta: generate with it in place
+                    evaluator.add_fluency(chunk, scored)
+                _write(fh, records, bar, scored)
+        finally:
+            edit.revert()
+        if checkpoint is not None and not config.save_edits:
+            checkpoint.unlink()
+        if len(pending) >= config.generation_cases:
+            flush()
+    flush()
 
 
 def _edit_group(
@@ -349,9 +408,11 @@ def _run_sequential(
     fh,
     records: list[dict],
     bar: tqdm,
+    config: RunConfig,
 ) -> None:
     """Apply every group's edit on top of the previous ones (saved, so a resumed run re-applies them),
-    then evaluate every case on the final model; all edits are reverted at the end."""
+    then evaluate every case on the final model (fluency ``config.generation_cases`` cases per
+    decoding batch); all edits are reverted at the end."""
     cases = [c for g in groups for c in g]
     todo = [c for c in cases if c.case_id not in done]
     if not todo:
@@ -372,15 +433,19 @@ def _run_sequential(
                     edit.edit.save(path)
             for case in group:
                 seconds[case.case_id] = (time.perf_counter() - t0) / len(group)
-        for case in todo:
-            t1 = time.perf_counter()
-            record = evaluator.evaluate(case, references.get(case.case_id))
-            record["seconds_edit"] = seconds[case.case_id]
-            record["seconds_eval"] = time.perf_counter() - t1
-            record["edits_applied"] = len(applied)
-            append_record(fh, record)
-            records.append(record)
-            bar.update(1)
+        step = config.generation_cases
+        for start in range(0, len(todo), step):
+            chunk, finished = todo[start : start + step], []
+            for case in chunk:
+                t1 = time.perf_counter()
+                record = evaluator.score(case, references.get(case.case_id))
+                record["seconds_edit"] = seconds[case.case_id]
+                record["seconds_eval"] = time.perf_counter() - t1
+                record["edits_applied"] = len(applied)
+                finished.append(record)
+            if evaluator.config.fluency:
+                evaluator.add_fluency(chunk, finished)
+            _write(fh, records, bar, finished)
     finally:
         for edit in reversed(applied):
             edit.revert()

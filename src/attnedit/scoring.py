@@ -7,9 +7,10 @@ projects to the vocabulary only at the positions that predict target tokens.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from attnedit.adapters import ModelAdapter
+from attnedit.interventions import row_deltas
 from attnedit.tokens import encode_prompt, encode_target
 
 
@@ -288,8 +290,14 @@ def generate(
     seed: int = 0,
     batch_size: int = 16,
     adapter: ModelAdapter | None = None,
+    row_edits: tuple[Sequence[Mapping[str, torch.Tensor]], Sequence[int]] | None = None,
 ) -> list[str]:
-    """Continuations of ``prompts`` (greedy, or top-k sampling with a fixed seed), batched and left-padded."""
+    """Continuations of ``prompts`` (greedy, or top-k sampling with a fixed seed), batched and left-padded.
+
+    ``row_edits = (deltas, owner)``: prompt ``i`` is continued by the model plus the weight deltas
+    ``deltas[owner[i]]`` (``interventions.row_deltas``), so the prompts of many edited cases share one
+    batch.
+    """
     if not prompts:
         return []
     device = next(model.parameters()).device
@@ -304,22 +312,28 @@ def generate(
             width = ids.shape[1]
             if adapter is not None:
                 check_length(adapter, width + max_new_tokens, prompts[start])
-            if top_k is None and adapter is not None:
-                new = greedy_decode(
-                    model, adapter, ids, mask, max_new_tokens, _eos_ids(model, tokenizer), pad_id
-                )
-                texts.extend(tokenizer.decode(row, skip_special_tokens=True) for row in new)
-                continue
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=top_k is not None,
-                top_k=top_k,
-                top_p=None,
-                temperature=None,
-                pad_token_id=pad_id,
+            edits = (
+                row_deltas(model, row_edits[0], row_edits[1][start : start + batch_size])
+                if row_edits is not None
+                else contextlib.nullcontext()
             )
+            with edits:
+                if top_k is None and adapter is not None:
+                    new = greedy_decode(
+                        model, adapter, ids, mask, max_new_tokens, _eos_ids(model, tokenizer), pad_id
+                    )
+                    texts.extend(tokenizer.decode(row, skip_special_tokens=True) for row in new)
+                    continue
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=top_k is not None,
+                    top_k=top_k,
+                    top_p=None,
+                    temperature=None,
+                    pad_token_id=pad_id,
+                )
             texts.extend(tokenizer.decode(row[width:], skip_special_tokens=True) for row in out)
     finally:
         torch.random.set_rng_state(generator_state)

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The figures of docs/analysis.md: SmolLM2 edited with ROME (preset, statistics from 5,000 WikiText-2
+# lines) on the first N merged CounterFact cases (default 100): attention drift, attention patching,
+# contaminating substitution, causal tracing. Each command is resumable: run the script again after an
+# interruption.   bash bench/analysis.sh [N]
+set -euo pipefail
+N=${1:-100}
+DATA=../shared/data/sadr_merged_counterfact.json
+W=../shared/data/wikitext2_test.txt,../shared/data/wikitext2_valid.txt
+P=(-p "stats_corpus=$W" -p stats_samples=5000)
+for cmd in drift patch substitute; do
+  attnedit analyze "$cmd" "$DATA" --method rome "${P[@]}" --limit "$N" --out "runs/analysis/$cmd" --threads 2
+done
+attnedit analyze trace "$DATA" --limit "$N" --out runs/analysis/trace --threads 2
