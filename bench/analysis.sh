@@ -9,6 +9,6 @@ DATA=../shared/data/sadr_merged_counterfact.json
 W=../shared/data/wikitext2_test.txt,../shared/data/wikitext2_valid.txt
 P=(-p "stats_corpus=$W" -p stats_samples=5000)
 for cmd in drift patch substitute; do
-  attnedit analyze "$cmd" "$DATA" --method rome "${P[@]}" --limit "$N" --out "runs/analysis/$cmd" --threads 2
+  attnedit analyze "$cmd" "$DATA" --method rome "${P[@]}" --limit "$N" --out "runs/analysis/$cmd" --threads "${THREADS:-2}"
 done
-attnedit analyze trace "$DATA" --limit "$N" --out runs/analysis/trace --threads 2
+attnedit analyze trace "$DATA" --limit "$N" --out runs/analysis/trace --threads "${THREADS:-2}"

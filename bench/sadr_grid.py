@@ -2,6 +2,10 @@
 
     python bench/sadr_grid.py --method rome --cases 100 --steps 20,40,80 --gamma 0,5e-3,1e-2,4e-2,8e-2
     python bench/sadr_grid.py --method rome --cases 30 --steps 80 --gamma 0.1,0.3,1 --heads all
+    python bench/sadr_grid.py --method rome --steps 20 --gamma 0 --lr 0.1,0.5,2 --kl-factor 0.0625,1
+
+``--lr`` and ``--kl-factor`` vary the editor's own learning rate and KL factor (default: the preset's),
+the other axis of figure 7.
 
 Every (steps, gamma, heads, layers) point is one resumable ``attnedit eval`` run of ``METHOD+sadr`` over
 the first ``--cases`` dev cases (no generation: FL is measured on the test cases only), in
@@ -35,8 +39,11 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
-def point_dir(root: Path, method: str, steps: int, gamma: float, heads: str, layers: str) -> Path:
-    return root / f"{method}-s{steps}-g{gamma:g}-{heads}{'-L' + layers if layers else ''}"
+def point_dir(
+    root: Path, method: str, steps: int, gamma: float, heads: str, layers: str, lr: str = "", kl: str = ""
+) -> Path:
+    extra = (f"-L{layers}" if layers else "") + (f"-lr{lr}" if lr else "") + (f"-kl{kl}" if kl else "")
+    return root / f"{method}-s{steps}-g{gamma:g}-{heads}{extra}"
 
 
 def diagnostics(records: list[dict]) -> dict:
@@ -67,6 +74,8 @@ def main() -> None:
     ap.add_argument("--gamma", default="0,5e-3,1e-2,4e-2,8e-2")
     ap.add_argument("--heads", default="selective", help="comma list: selective, all")
     ap.add_argument("--layers", default="", help="comma list of SADR layer ranges (A-B); '' = every layer")
+    ap.add_argument("--lr", default="", help="comma list of the editor's learning rates ('' = preset)")
+    ap.add_argument("--kl-factor", default="", help="comma list of the editor's KL factors ('' = preset)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--root", default="runs/sadr-grid")
     ap.add_argument("--out", default=None)
@@ -80,15 +89,21 @@ def main() -> None:
             _floats(args.gamma),
             args.heads.split(","),
             args.layers.split(",") if args.layers else [""],
+            args.lr.split(",") if args.lr else [""],
+            args.kl_factor.split(",") if args.kl_factor else [""],
         )
     )
     rows = []
-    for steps, gamma, heads, layers in points:
-        out = point_dir(root, args.method, steps, gamma, heads, layers)
+    for steps, gamma, heads, layers, lr, kl in points:
+        out = point_dir(root, args.method, steps, gamma, heads, layers, lr, kl)
         params = {"stats_corpus": WIKITEXT, "stats_samples": "5000", "steps": str(steps)}
         params |= {"sadr_gamma": str(gamma), "sadr_heads": heads}
         if layers:
             params["sadr_layers"] = layers
+        if lr:
+            params["lr"] = lr
+        if kl:
+            params["kl_factor"] = kl
         config = RunConfig(
             data=DATA,
             out=str(out),
@@ -106,6 +121,8 @@ def main() -> None:
             "gamma": gamma,
             "heads": heads,
             "layers": layers or "all",
+            "lr": float(lr) if lr else None,
+            "kl_factor": float(kl) if kl else None,
             "run": str(out),
             "cases": len(records),
             **{m: summary[m]["mean"] for m in METRICS},
