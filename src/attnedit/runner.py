@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -286,32 +287,34 @@ def run(
         disable=not progress,
     )
     with open(results_path, "a", encoding="utf-8") as fh, bar:
-        if config.mode == "sequential":
-            _run_sequential(out, groups, done, bundle, editor, evaluator, fh, records, bar, config)
-        else:
-            _run_groups(out, groups, done, bundle, editor, evaluator, fh, records, bar, config)
+        state = _Loop(out, done, bundle, editor, evaluator, fh, records, bar, config)
+        (_run_sequential if config.mode == "sequential" else _run_groups)(state, groups)
     return write_summary(out, records)
 
 
-def _write(fh, records: list[dict], bar: tqdm, finished: list[dict]) -> None:
-    for record in finished:
-        append_record(fh, record)
-        records.append(record)
-        bar.update(1)
+@dataclass
+class _Loop:
+    """What the case loops of ``run`` share: the run directory, what is done, the model, editor and
+    evaluator, the open results file, the records so far and the progress bar."""
+
+    out: Path
+    done: set
+    bundle: ModelBundle
+    editor: Editor
+    evaluator: Evaluator
+    fh: IO[str]
+    records: list[dict]
+    bar: tqdm
+    config: RunConfig
+
+    def write(self, finished: list[dict]) -> None:
+        for record in finished:
+            append_record(self.fh, record)
+            self.records.append(record)
+            self.bar.update(1)
 
 
-def _run_groups(
-    out: Path,
-    groups: list[list[EditCase]],
-    done: set,
-    bundle: ModelBundle,
-    editor: Editor,
-    evaluator: Evaluator,
-    fh,
-    records: list[dict],
-    bar: tqdm,
-    config: RunConfig,
-) -> None:
+def _run_groups(state: _Loop, groups: list[list[EditCase]]) -> None:
     """Single and batch mode: per group edit -> score -> revert.
 
     Fluency: a batch edit generates for its cases while it is applied; single-case edits are collected
@@ -320,6 +323,7 @@ def _run_groups(
     costs. Records are written once their generations are done; an interruption loses at most that
     many unwritten cases, which the resumed run recomputes.
     """
+    evaluator, config, done = state.evaluator, state.config, state.done
     fluency = evaluator.config.fluency
     pending: list[tuple[EditCase, dict, dict]] = []
 
@@ -327,7 +331,7 @@ def _run_groups(
         if pending:
             cases, finished, deltas = (list(x) for x in zip(*pending, strict=True))
             evaluator.add_fluency(cases, finished, deltas)
-            _write(fh, records, bar, finished)
+            state.write(finished)
             pending.clear()
 
     for k, group in enumerate(groups):
@@ -335,7 +339,7 @@ def _run_groups(
         if not todo:
             continue
         references = {c.case_id: evaluator.reference(c) for c in todo if c.locality}
-        edit, seconds_edit, checkpoint = _edit_group(out, k, group, bundle, editor, config)
+        edit, seconds_edit, checkpoint = _edit_group(state.out, k, group, state.bundle, state.editor, config)
         try:
             weights = getattr(edit, "edit", None)
             deltas = weights.deltas if isinstance(weights, WeightEdit) else None
@@ -356,7 +360,7 @@ def _run_groups(
                     continue
                 if fluency:  # a batch edit, or one that is not a weight delta: generate with it in place
                     evaluator.add_fluency(chunk, scored)
-                _write(fh, records, bar, scored)
+                state.write(scored)
         finally:
             edit.revert()
         if checkpoint is not None and not config.save_edits:
@@ -398,21 +402,11 @@ def _edit_info(edit: object, index: int) -> dict:
     return {k: v for k, v in picked.items() if v is not None}
 
 
-def _run_sequential(
-    out: Path,
-    groups: list[list[EditCase]],
-    done: set,
-    bundle: ModelBundle,
-    editor: Editor,
-    evaluator: Evaluator,
-    fh,
-    records: list[dict],
-    bar: tqdm,
-    config: RunConfig,
-) -> None:
+def _run_sequential(state: _Loop, groups: list[list[EditCase]]) -> None:
     """Apply every group's edit on top of the previous ones (saved, so a resumed run re-applies them),
     then evaluate every case on the final model (fluency ``config.generation_cases`` cases per
     decoding batch); all edits are reverted at the end."""
+    evaluator, config, done, bundle, out = state.evaluator, state.config, state.done, state.bundle, state.out
     cases = [c for g in groups for c in g]
     todo = [c for c in cases if c.case_id not in done]
     if not todo:
@@ -427,7 +421,7 @@ def _run_sequential(
             if path.is_file():
                 applied.append(WeightEdit.load(path).apply(bundle.model))
             else:
-                edit = editor.apply(bundle, group)
+                edit = state.editor.apply(bundle, group)
                 applied.append(edit)
                 if hasattr(edit, "edit"):
                     edit.edit.save(path)
@@ -445,7 +439,7 @@ def _run_sequential(
                 finished.append(record)
             if evaluator.config.fluency:
                 evaluator.add_fluency(chunk, finished)
-            _write(fh, records, bar, finished)
+            state.write(finished)
     finally:
         for edit in reversed(applied):
             edit.revert()
