@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Table 3 analogue on SmolLM2 (SADR issue): None, ROME, ROME+SADR, MEMIT, MEMIT+SADR, PMET, PMET+SADR on
+# the test split of merged CounterFact: cases FIRST.. FIRST+N-1 (default 100..399; cases 0-99 are the
+# validation slice the SADR settings were chosen on). Each editor at its preset; +SADR takes the preset's
+# `sadr` block (docs/benchmarks.md says how it was chosen). Statistics from 5,000 WikiText-2 lines.
+# FL: greedy 100-token generations from each case's rewrite and paraphrase prompts.
+#   bash bench/table_sadr.sh [N] [FIRST]     (resumable; THREADS=1 to share the machine)
+set -euo pipefail
+N=${1:-300}
+FIRST=${2:-100}
+DATA=../shared/data/sadr_merged_counterfact.json
+W=../shared/data/wikitext2_test.txt,../shared/data/wikitext2_valid.txt
+runs=()
+for m in none rome rome+sadr memit memit+sadr pmet pmet+sadr; do
+  P=()
+  if [[ $m != none ]]; then P=(-p "stats_corpus=$W" -p stats_samples=5000); fi
+  out="runs/table-sadr-${m/+/-}"
+  attnedit eval "$DATA" --method "$m" --first "$FIRST" --limit "$N" --fluency-prompts rewrite --ppl-corpus none \
+    "${P[@]}" --out "$out" --threads "${THREADS:-2}"
+  runs+=("$out")
+done
+attnedit report "${runs[@]}" --magnitudes --out bench/results/table_sadr
