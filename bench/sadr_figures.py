@@ -1,0 +1,130 @@
+"""Figures 6 and 7 of the SADR paper from the points of ``bench/sadr_grid.py``.
+
+    python bench/sadr_figures.py --grid bench/results/sadr_grid_rome.json --steps 20
+
+Figure 6 analogue: ES, PS, RS and DNS against gamma, selective heads vs all heads (every layer, the
+preset's lr and KL factor, ``--steps``). Figure 7 analogue: edit success (mean of EM and PM) against
+RM and against DNM, when varying SADR's gamma versus varying the editor's own steps, learning rate and
+KL factor (gamma 0). Writes ``docs/figures/sadr_fig6.png``, ``docs/figures/sadr_fig7.png`` and the
+plotted series to ``bench/results/sadr_figures.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def _plain(p: dict) -> bool:
+    return p.get("layers", "all") == "all" and p.get("lr") is None and p.get("kl_factor") is None
+
+
+def _series(points: list[dict], steps: int) -> dict[str, list[dict]]:
+    """The curves of figure 7: each a list of points sorted along the varied setting."""
+    out = {
+        "SADR gamma": sorted(
+            (p for p in points if _plain(p) and p["heads"] == "selective" and p["steps"] == steps),
+            key=lambda p: p["gamma"],
+        ),
+        "ROME steps": sorted((p for p in points if _plain(p) and p["gamma"] == 0), key=lambda p: p["steps"]),
+    }
+    base = [p for p in points if _plain(p) and p["gamma"] == 0 and p["steps"] == steps]
+    for key, label in (("lr", "ROME lr"), ("kl_factor", "ROME KL factor")):
+        other = "kl_factor" if key == "lr" else "lr"
+        varied = [
+            p
+            for p in points
+            if p["gamma"] == 0 and p["steps"] == steps and p.get(key) is not None and p.get(other) is None
+        ]
+        if varied:
+            out[label] = sorted(varied + base, key=lambda p: p.get(key) or 0.0)
+    return {k: v for k, v in out.items() if v}
+
+
+def _success(p: dict) -> float:
+    return (p["EM"] + p["PM"]) / 2
+
+
+def figure6(points: list[dict], steps: int, path: Path) -> dict:
+    fig = Figure(figsize=(10, 3.2))
+    data = {}
+    for i, metric in enumerate(("ES", "PS", "RS", "DNS")):
+        ax = fig.add_subplot(1, 4, i + 1)
+        for heads in ("selective", "all"):
+            row = sorted(
+                (p for p in points if _plain(p) and p["heads"] == heads and p["steps"] == steps),
+                key=lambda p: p["gamma"],
+            )
+            if not row:
+                continue
+            x = [p["gamma"] for p in row]
+            y = [p[metric] for p in row]
+            data.setdefault(heads, {"gamma": x})[metric] = y
+            ax.plot(x, y, marker="o", markersize=3, label=f"{heads} heads")
+        ax.set_xscale("symlog", linthresh=1e-3)
+        ax.set_xlabel("gamma")
+        ax.set_title(metric, fontsize=10)
+        if i == 0:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"SADR: selective vs all heads (ROME, {steps} steps)", fontsize=10)
+    fig.tight_layout()
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return data
+
+
+def figure7(points: list[dict], steps: int, path: Path) -> dict:
+    series = _series(points, steps)
+    fig = Figure(figsize=(9, 3.6))
+    data = {}
+    for i, metric in enumerate(("RM", "DNM")):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for label, row in series.items():
+            x = [p[metric] for p in row]
+            y = [_success(p) for p in row]
+            ax.plot(x, y, marker="o", markersize=3, label=label)
+            data.setdefault(
+                label,
+                {
+                    "points": [{k: p.get(k) for k in ("steps", "gamma", "lr", "kl_factor")} for p in row],
+                    "success": y,
+                },
+            )[metric] = x
+        ax.set_xlabel(f"{metric} (specificity magnitude)")
+        ax.set_ylabel("edit success: mean of EM, PM")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"trade-off: SADR gamma vs ROME's own settings ({steps} steps where fixed)", fontsize=10)
+    fig.tight_layout()
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return data
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--grid", default="bench/results/sadr_grid_rome.json")
+    ap.add_argument("--steps", type=int, default=20, help="the steps of the gamma curves")
+    ap.add_argument("--figures", default="docs/figures")
+    ap.add_argument("--out", default="bench/results/sadr_figures.json")
+    args = ap.parse_args()
+    grid = json.loads(Path(args.grid).read_text())
+    points = [p for p in grid["points"] if not np.isnan(p.get("ES", np.nan))]
+    figures = Path(args.figures)
+    figures.mkdir(parents=True, exist_ok=True)
+    result = {
+        "grid": args.grid,
+        "steps": args.steps,
+        "figure6": figure6(points, args.steps, figures / "sadr_fig6.png"),
+        "figure7": figure7(points, args.steps, figures / "sadr_fig7.png"),
+    }
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1)[:2000])
+
+
+if __name__ == "__main__":
+    main()
