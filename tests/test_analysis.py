@@ -381,3 +381,43 @@ def test_specificity_prompts():
     assert TASKS.prompts[1] == "Eiffel Tower is in Rome. Louvre is in"
     assert TASKS.targets == (("French", "Rome"), ("Paris", "Rome"), ("Germany", "Rome"))
     assert specificity_prompts(CASE, ("RS",)).prompts == ("Eiffel Tower speaks",)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.inference_mode()
+def test_skipping_unchanged_lower_blocks_equals_running_them(family, tiny_tokenizer, monkeypatch):
+    """Substitution and single-entry patching rows skip the blocks below their window (start_at_layer fed
+    with the plain rows' outputs): the same values as running every block, for every family (GPT-J's
+    blocks return tuples)."""
+    import contextlib
+
+    from attnedit import analysis
+
+    bundle = make_tiny(family, tiny_tokenizer)
+    prompts, targets = TASKS.prompts[:3], TASKS.targets[:3]
+    unedited_attention = record_attention(bundle, prompts)
+    original = _perturb(bundle, "mlp_down", 1)
+    recorded = record_outputs(bundle, prompts, kinds=("attn", "mlp"))
+    _revert(bundle, original)
+    fast = substitute_outputs(bundle, recorded, targets, window=3)
+    original = _perturb(bundle, "mlp_down", 1)
+    fast_scores = patch_attention_scores(bundle, unedited_attention, targets, window=3)
+    _revert(bundle, original)
+    calls = []
+
+    def run_everything(model, adapter, layer, lower_output):
+        calls.append(layer)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(analysis, "start_at_layer", run_everything)
+    slow = substitute_outputs(bundle, recorded, targets, window=3)
+    original = _perturb(bundle, "mlp_down", 1)
+    slow_scores = patch_attention_scores(bundle, unedited_attention, targets, window=3)
+    _revert(bundle, original)
+    assert calls and max(calls) > 0  # rows did ask to skip blocks (here: ran them instead)
+    for kind in ("attn", "mlp"):
+        np.testing.assert_allclose(fast[kind].base, slow[kind].base, atol=1e-7)
+        for a, b in zip(fast[kind].values, slow[kind].values, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-7, err_msg=kind)
+    for a, b in zip(fast_scores.values, slow_scores.values, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-7)

@@ -45,6 +45,7 @@ from attnedit.interventions import (
     attention_softmax,
     main_tensor,
     replace_positions,
+    start_at_layer,
 )
 from attnedit.metrics import comparisons
 from attnedit.models import ModelBundle
@@ -151,28 +152,70 @@ def _measure_rows(
     targets: torch.Tensor | None,
     measure: str = "prob",
     batch_rows: int = 128,
+    specs: Sequence[Restoration] | None = None,
 ) -> torch.Tensor | None:
     """Run rows (each a copy of prompt ``row_prompt[r]``) in chunks, each chunk under ``intervene``; return
-    the measure of the targets at the last position, ``[n_rows, n_targets]`` (None without targets)."""
+    the measure of the targets at the last position, ``[n_rows, n_targets]`` (None without targets).
+
+    ``specs`` (rows 0..n-1 being the plain rows of the n prompts, as every grid here builds them): a row
+    whose restoration starts at block ``a`` changes nothing below it, so rows are run grouped by ``a`` and
+    blocks ``0..a-1`` are skipped (``start_at_layer``) with the outputs block ``a-1`` gave the plain row of
+    the same prompt, under the same intervention context. Equal to running every block, up to float
+    rounding of the batch composition; about half the work for windows centred on every layer."""
     if measure not in MEASURES:
         raise ValueError(f"measure must be one of {MEASURES}, not {measure!r}")
     base, head = bundle.model.base_model, bundle.adapter.unembedding(bundle.model)
-    values = []
-    for start in range(0, len(row_prompt), batch_rows):
-        rows = torch.arange(start, min(start + batch_rows, len(row_prompt)))
-        prompt = row_prompt[rows].to(batch.ids.device)
-        context = intervene(rows, prompt) if intervene is not None else contextlib.nullcontext()
-        with context:
-            hidden = base(
-                input_ids=batch.ids[prompt],
-                attention_mask=batch.mask[prompt],
-                position_ids=batch.positions[prompt],
-            ).last_hidden_state[:, -1]
-        if targets is not None:
-            logits = head(hidden).float()
-            scores = logits.softmax(-1) if measure == "prob" else logits
-            values.append(scores.gather(1, targets[prompt]))
-    return torch.cat(values) if targets is not None else None
+    n_rows, n = len(row_prompt), len(batch.prompts)
+    starts = torch.zeros(n_rows, dtype=torch.long)
+    if specs is not None:
+        plain_rows = len(specs) == n_rows and not any(specs[p].layers for p in range(n))
+        if not plain_rows or (row_prompt[:n] != torch.arange(n)).any():
+            raise ValueError("specs must give every row, the first n being the plain rows of the n prompts")
+        starts = torch.tensor([min(spec.layers, default=0) for spec in specs])
+    blocks = [bundle.adapter.module_name("layer", layer) for layer in range(bundle.adapter.n_layers)]
+    lower: dict[str, object] = {}
+    values = torch.zeros(n_rows, targets.shape[1] if targets is not None else 0, device=batch.ids.device)
+    # (rows, chunk size): with specs the plain rows first, in one chunk, then the rest by start block
+    plain = specs is not None
+    rest = torch.arange(n if plain else 0, n_rows)
+    order = [(torch.arange(n), n)] if plain else []
+    order += [(rest[starts[rest] == a], batch_rows) for a in starts[rest].unique().tolist()]
+    for k, (group_rows, size) in enumerate(order):
+        start = int(starts[group_rows[0]]) if len(group_rows) else 0
+        for first in range(0, len(group_rows), size):
+            rows = group_rows[first : first + size]
+            prompt = row_prompt[rows].to(batch.ids.device)
+            contexts: list[contextlib.AbstractContextManager] = []
+            if intervene is not None:
+                contexts.append(intervene(rows, prompt))
+            if plain and k == 0:
+                contexts.append(Trace(bundle.model, blocks, detach=True))  # the plain rows' block outputs
+            elif start > 0:
+                below = _rows_of(lower[blocks[start - 1]], prompt, n)
+                contexts.append(start_at_layer(bundle.model, bundle.adapter, start, below))
+            entered: list[tuple] = []
+            with _together(*contexts, entered=entered):
+                hidden = base(
+                    input_ids=batch.ids[prompt],
+                    attention_mask=batch.mask[prompt],
+                    position_ids=batch.positions[prompt],
+                ).last_hidden_state[:, -1]
+            if plain and k == 0:
+                trace = entered[0][-1]
+                lower.update({name: trace[name].output for name in blocks})
+            if targets is not None:
+                logits = head(hidden).float()
+                scores = logits.softmax(-1) if measure == "prob" else logits
+                values[rows.to(values.device)] = scores.gather(1, targets[prompt])
+    return values if targets is not None else None
+
+
+def _rows_of(output: object, prompt: torch.Tensor, n: int) -> object:
+    """A block's output object for the plain rows of all ``n`` prompts, re-indexed to the rows ``prompt``
+    (every tensor in it whose first dimension is the prompt dimension)."""
+    if isinstance(output, torch.Tensor):
+        return output[prompt]
+    return tuple(x[prompt] if isinstance(x, torch.Tensor) and x.shape[0] == n else x for x in output)  # type: ignore[union-attr]
 
 
 def _record_outputs(
@@ -562,7 +605,7 @@ def substitute_outputs(
     specs, row_prompt = _token_grid(batch, n_layers, window, kinds)
     intervene = _restore(bundle, batch, recorded.outputs, specs)
     values = _measure_rows(
-        bundle, batch, row_prompt, intervene, _target_ids(bundle, batch, targets), "prob", batch_rows
+        bundle, batch, row_prompt, intervene, _target_ids(bundle, batch, targets), "prob", batch_rows, specs
     )
     base, per_kind = _split_grid(values, batch, n_layers, kinds)  # type: ignore[arg-type]
     tokens = [batch.tokens(bundle, p) for p in range(len(batch.prompts))]
@@ -852,7 +895,7 @@ def _patch(
         return attention_softmax(bundle.model, bundle.adapter, edit_probabilities=replace, retain=False)
 
     target_ids = _target_ids(bundle, batch, targets)
-    return _measure_rows(bundle, batch, row_prompt, intervene, target_ids, "prob", batch_rows)  # type: ignore[return-value]
+    return _measure_rows(bundle, batch, row_prompt, intervene, target_ids, "prob", batch_rows, specs)  # type: ignore[return-value]
 
 
 @torch.inference_mode()
