@@ -385,10 +385,10 @@ def test_specificity_prompts():
 
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.inference_mode()
-def test_skipping_unchanged_lower_blocks_equals_running_them(family, tiny_tokenizer, monkeypatch):
+def test_skipping_unchanged_blocks_and_columns_equals_running_them(family, tiny_tokenizer, monkeypatch):
     """Substitution and single-entry patching rows skip the blocks below their window (start_at_layer fed
-    with the plain rows' outputs): the same values as running every block, for every family (GPT-J's
-    blocks return tuples)."""
+    with the plain rows' outputs) and the columns before the first one they change (the plain rows' KV
+    cache): the same values as running everything, for every family (GPT-J's blocks return tuples)."""
     import contextlib
 
     from attnedit import analysis
@@ -410,6 +410,7 @@ def test_skipping_unchanged_lower_blocks_equals_running_them(family, tiny_tokeni
         return contextlib.nullcontext()
 
     monkeypatch.setattr(analysis, "start_at_layer", run_everything)
+    monkeypatch.setattr(analysis, "_first_column", lambda spec, batch, prompt: 0)
     slow = substitute_outputs(bundle, recorded, targets, window=3)
     original = _perturb(bundle, "mlp_down", 1)
     slow_scores = patch_attention_scores(bundle, unedited_attention, targets, window=3)

@@ -59,8 +59,9 @@ TRACE_KINDS = ("layer", "mlp", "attn")  # module kinds whose output is a hidden 
 MEASURES = ("prob", "logit")
 NOISE_FACTOR = 3.0  # ROME: noise std = 3 x the std of the embeddings
 
-# the intervention of one chunk of rows: (global row indices, their prompts) -> context manager
-Intervene = Callable[[torch.Tensor, torch.Tensor], contextlib.AbstractContextManager]
+# the intervention of one chunk of rows: (global row indices, their prompts, batch column of the first
+# position fed: > 0 when the positions before it come from a KV cache) -> context manager
+Intervene = Callable[[torch.Tensor, torch.Tensor, int], contextlib.AbstractContextManager]
 
 
 # --- shared machinery -------------------------------------------------------------------------------
@@ -158,64 +159,101 @@ def _measure_rows(
     the measure of the targets at the last position, ``[n_rows, n_targets]`` (None without targets).
 
     ``specs`` (rows 0..n-1 being the plain rows of the n prompts, as every grid here builds them): a row
-    whose restoration starts at block ``a`` changes nothing below it, so rows are run grouped by ``a`` and
-    blocks ``0..a-1`` are skipped (``start_at_layer``) with the outputs block ``a-1`` gave the plain row of
-    the same prompt, under the same intervention context. Equal to running every block, up to float
-    rounding of the batch composition; about half the work for windows centred on every layer."""
+    whose restoration starts at block ``a`` and first touches batch column ``c`` changes nothing below
+    block ``a`` and nothing before column ``c``. Rows are run grouped by ``(a, c)``: blocks ``0..a-1`` are
+    skipped (``start_at_layer``, fed with what block ``a-1`` gave the plain row of the same prompt) and
+    only columns ``c..`` are fed, the earlier ones coming from the plain rows' KV cache, all under the same
+    intervention context. Equal to running everything, up to float rounding of the batch composition; a
+    fraction of the work for windows centred on every layer and token."""
     if measure not in MEASURES:
         raise ValueError(f"measure must be one of {MEASURES}, not {measure!r}")
     base, head = bundle.model.base_model, bundle.adapter.unembedding(bundle.model)
     n_rows, n = len(row_prompt), len(batch.prompts)
-    starts = torch.zeros(n_rows, dtype=torch.long)
+    keys = [(0, 0)] * n_rows
     if specs is not None:
         plain_rows = len(specs) == n_rows and not any(specs[p].layers for p in range(n))
         if not plain_rows or (row_prompt[:n] != torch.arange(n)).any():
             raise ValueError("specs must give every row, the first n being the plain rows of the n prompts")
-        starts = torch.tensor([min(spec.layers, default=0) for spec in specs])
+        keys = [(0, 0)] * n + [
+            (min(spec.layers, default=0), _first_column(spec, batch, int(p)))
+            for spec, p in zip(specs[n:], row_prompt[n:].tolist(), strict=True)
+        ]
     blocks = [bundle.adapter.module_name("layer", layer) for layer in range(bundle.adapter.n_layers)]
-    lower: dict[str, object] = {}
     values = torch.zeros(n_rows, targets.shape[1] if targets is not None else 0, device=batch.ids.device)
-    # (rows, chunk size): with specs the plain rows first, in one chunk, then the rest by start block
+    # chunks: with specs the plain rows first (one chunk), then the rest grouped by (block, column)
     plain = specs is not None
-    rest = torch.arange(n if plain else 0, n_rows)
-    order = [(torch.arange(n), n)] if plain else []
-    order += [(rest[starts[rest] == a], batch_rows) for a in starts[rest].unique().tolist()]
-    for k, (group_rows, size) in enumerate(order):
-        start = int(starts[group_rows[0]]) if len(group_rows) else 0
-        for first in range(0, len(group_rows), size):
-            rows = group_rows[first : first + size]
-            prompt = row_prompt[rows].to(batch.ids.device)
-            contexts: list[contextlib.AbstractContextManager] = []
-            if intervene is not None:
-                contexts.append(intervene(rows, prompt))
-            if plain and k == 0:
-                contexts.append(Trace(bundle.model, blocks, detach=True))  # the plain rows' block outputs
-            elif start > 0:
-                below = _rows_of(lower[blocks[start - 1]], prompt, n)
-                contexts.append(start_at_layer(bundle.model, bundle.adapter, start, below))
-            entered: list[tuple] = []
-            with _together(*contexts, entered=entered):
-                hidden = base(
-                    input_ids=batch.ids[prompt],
-                    attention_mask=batch.mask[prompt],
-                    position_ids=batch.positions[prompt],
-                ).last_hidden_state[:, -1]
-            if plain and k == 0:
-                trace = entered[0][-1]
-                lower.update({name: trace[name].output for name in blocks})
-            if targets is not None:
-                logits = head(hidden).float()
-                scores = logits.softmax(-1) if measure == "prob" else logits
-                values[rows.to(values.device)] = scores.gather(1, targets[prompt])
+    groups: dict[tuple[int, int], list[int]] = {}
+    for row in range(n if plain else 0, n_rows):
+        groups.setdefault(keys[row], []).append(row)
+    chunks = [list(range(n))] if plain else []
+    for _, rows_of_key in sorted(groups.items()):
+        chunks += [rows_of_key[i : i + batch_rows] for i in range(0, len(rows_of_key), batch_rows)]
+    lower: dict[str, object] = {}
+    cache: Any = None
+    for k, chunk in enumerate(chunks):
+        start, column = keys[chunk[0]]
+        rows = torch.tensor(chunk)
+        prompt = row_prompt[rows].to(batch.ids.device)
+        contexts: list[contextlib.AbstractContextManager] = []
+        if intervene is not None:
+            contexts.append(intervene(rows, prompt, column))
+        if plain and k == 0:
+            contexts.append(Trace(bundle.model, blocks, detach=True))  # the plain rows' block outputs
+        elif start > 0:
+            below = _rows_of(lower[blocks[start - 1]], prompt, n, column)
+            contexts.append(start_at_layer(bundle.model, bundle.adapter, start, below))
+        entered: list[tuple] = []
+        with _together(*contexts, entered=entered):
+            out = base(
+                input_ids=batch.ids[prompt, column:],
+                attention_mask=batch.mask[prompt],
+                position_ids=batch.positions[prompt, column:],
+                past_key_values=_cache_prefix(bundle, cache, prompt, column) if column else None,
+                use_cache=(plain and k == 0) or column > 0,
+            )
+        hidden = out.last_hidden_state[:, -1]
+        if plain and k == 0:
+            trace = entered[0][-1]
+            lower.update({name: trace[name].output for name in blocks})
+            cache = out.past_key_values
+        if targets is not None:
+            logits = head(hidden).float()
+            scores = logits.softmax(-1) if measure == "prob" else logits
+            values[rows.to(values.device)] = scores.gather(1, targets[prompt])
     return values if targets is not None else None
 
 
-def _rows_of(output: object, prompt: torch.Tensor, n: int) -> object:
+def _first_column(spec: Restoration, batch: _PromptBatch, prompt: int) -> int:
+    """The first batch column a row's restoration can change: its first token for module outputs; the last
+    column for patches of the last query's attention; 0 (everything) for whole attention matrices."""
+    if spec.kind in TRACE_KINDS:
+        return min(batch.column(prompt, t) for t in spec.tokens)
+    if spec.kind in ("last_query", "last_score"):
+        return batch.width - 1
+    return 0
+
+
+def _cache_prefix(bundle: ModelBundle, cache: Any, prompt: torch.Tensor, column: int) -> Any:
+    """A KV cache holding the plain rows' keys and values of columns ``0..column-1``, re-indexed to the
+    rows ``prompt``."""
+    from transformers import DynamicCache
+
+    prefix = DynamicCache(config=bundle.model.config)
+    for layer, entry in enumerate(cache.layers):
+        prefix.update(entry.keys[prompt, :, :column], entry.values[prompt, :, :column], layer)
+    return prefix
+
+
+def _rows_of(output: object, prompt: torch.Tensor, n: int, column: int = 0) -> object:
     """A block's output object for the plain rows of all ``n`` prompts, re-indexed to the rows ``prompt``
-    (every tensor in it whose first dimension is the prompt dimension)."""
+    and the columns ``column..`` (the hidden states; other per-prompt tensors only by row)."""
     if isinstance(output, torch.Tensor):
-        return output[prompt]
-    return tuple(x[prompt] if isinstance(x, torch.Tensor) and x.shape[0] == n else x for x in output)  # type: ignore[union-attr]
+        return output[prompt, column:]
+    main, *rest = output  # type: ignore[misc]
+    return (
+        main[prompt, column:],
+        *(x[prompt] if isinstance(x, torch.Tensor) and x.shape[0] == n else x for x in rest),
+    )
 
 
 def _record_outputs(
@@ -226,7 +264,7 @@ def _record_outputs(
     names = {(k, layer): adapter.module_name(k, layer) for k in kinds for layer in range(adapter.n_layers)}
     traces: list[Trace] = []
 
-    def retain(rows: torch.Tensor, prompt: torch.Tensor) -> Trace:
+    def retain(rows: torch.Tensor, prompt: torch.Tensor, offset: int = 0) -> Trace:
         traces.append(Trace(bundle.model, list(names.values()), detach=True))
         return traces[-1]
 
@@ -283,10 +321,10 @@ def _restore(
 ) -> Intervene:
     """The intervention that writes ``source[kind][layer][prompt, column]`` into each row as ``specs`` say."""
 
-    def intervene(rows: torch.Tensor, prompt: torch.Tensor) -> Trace:
+    def intervene(rows: torch.Tensor, prompt: torch.Tensor, offset: int = 0) -> Trace:
         edits = {
             bundle.adapter.module_name(kind, layer): replace_positions(
-                r, c, source[kind][layer][prompt[r], c]
+                r, c - offset, source[kind][layer][prompt[r], c]
             )
             for (kind, layer), (r, c) in _group(specs, rows, prompt, batch).items()
         }
@@ -416,7 +454,9 @@ def trace_restorations(
     total = torch.zeros(len(restorations), dtype=torch.float64, device=bundle.device)
     for draw in subject_noise(bundle, len(subject_cols), samples, scale, seed):
 
-        def intervene(rows: torch.Tensor, prompt: torch.Tensor, noised=_noised(subject_cols, draw)):
+        def intervene(
+            rows: torch.Tensor, prompt: torch.Tensor, offset: int = 0, noised=_noised(subject_cols, draw)
+        ):
             corrupt = Trace(bundle.model, [embed], retain_output=False, edit_output=noised)
             return _together(corrupt, restore(rows, prompt))
 
@@ -677,7 +717,9 @@ def record_last_token_attention(
     layer_names = [adapter.module_name("layer", layer) for layer in range(adapter.n_layers)]
     entered: list[tuple] = []
 
-    def intervene(rows: torch.Tensor, prompt: torch.Tensor) -> contextlib.AbstractContextManager:
+    def intervene(
+        rows: torch.Tensor, prompt: torch.Tensor, offset: int = 0
+    ) -> contextlib.AbstractContextManager:
         query = torch.full((len(rows),), width - 1, device=prompt.device)
         last = Trace(bundle.model, layer_names, detach=True, reduce_output=lambda y, n: main_tensor(y)[:, -1])
         return _together(attention_probabilities(bundle.model, adapter, query=query), last, entered=entered)
@@ -839,7 +881,9 @@ def record_attention(bundle: ModelBundle, prompts: Sequence[str], batch_rows: in
     batch = _encode(bundle, prompts)
     entered: list[tuple] = []
 
-    def intervene(rows: torch.Tensor, prompt: torch.Tensor) -> contextlib.AbstractContextManager:
+    def intervene(
+        rows: torch.Tensor, prompt: torch.Tensor, offset: int = 0
+    ) -> contextlib.AbstractContextManager:
         return _together(attention_softmax(bundle.model, bundle.adapter), entered=entered)
 
     _measure_rows(bundle, batch, torch.arange(len(prompts)), intervene, None, "prob", batch_rows)
@@ -874,7 +918,9 @@ def _patch(
             "the recorded attention belongs to other prompts (record_attention on the same ones)"
         )
 
-    def intervene(rows: torch.Tensor, prompt: torch.Tensor) -> contextlib.AbstractContextManager:
+    def intervene(
+        rows: torch.Tensor, prompt: torch.Tensor, offset: int = 0
+    ) -> contextlib.AbstractContextManager:
         where = {layer: at for (_, layer), at in _group(specs, rows, prompt, batch).items()}
 
         def replace(x: torch.Tensor, layer: int) -> torch.Tensor:
@@ -885,7 +931,7 @@ def _patch(
             if kind == "probabilities":
                 out[r] = recorded.probabilities[layer][prompt[r]].to(out.dtype)
             elif kind == "last_query":
-                out[r, :, c] = recorded.probabilities[layer][prompt[r], :, c].to(out.dtype)
+                out[r, :, c - offset] = recorded.probabilities[layer][prompt[r], :, c].to(out.dtype)
             else:
                 out[r, :, -1, c] = recorded.scores[layer][prompt[r], :, -1, c].to(out.dtype)
             return out
