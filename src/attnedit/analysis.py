@@ -402,8 +402,8 @@ def _noised(columns: torch.Tensor, noise: torch.Tensor) -> Callable[[torch.Tenso
 
 
 @dataclass
-class RestorationRun(JsonResult):
-    """P(target) (or its logit) under restorations of a subject-corrupted prompt, mean over noise samples."""
+class CorruptedPrompt(JsonResult):
+    """A prompt whose subject embeddings are noised (ROME): what every tracing result of it records."""
 
     prompt: str
     subject: str
@@ -415,6 +415,12 @@ class RestorationRun(JsonResult):
     samples: int
     measure: str
     clean: float  # the uncorrupted run
+
+
+@dataclass
+class RestorationRun(CorruptedPrompt):
+    """P(target) (or its logit) under restorations of a subject-corrupted prompt, mean over noise samples."""
+
     values: np.ndarray  # [n_restorations]
 
 
@@ -478,22 +484,12 @@ def trace_restorations(
 
 
 @dataclass
-class CausalTrace(JsonResult):
+class CausalTrace(CorruptedPrompt):
     """ROME's causal trace of one prompt: ``restored[kind][layer, token]`` is the measure after restoring
     the clean output of ``kind`` over the window centred on ``layer`` at ``token``."""
 
-    prompt: str
-    subject: str
-    target: str
-    tokens: list[str]
-    subject_first: int
-    subject_last: int
     kinds: list[str]
     window: int
-    noise: float
-    samples: int
-    measure: str
-    clean: float
     corrupted: float
     restored: dict[str, np.ndarray]  # kind -> [n_layers, n_tokens]
     effects: dict[str, np.ndarray] = field(init=False)  # indirect effects: restored - corrupted
@@ -524,18 +520,9 @@ def causal_trace(
     run = trace_restorations(bundle, prompt, subject, target, grid, noise, samples, seed, measure, batch_rows)
     corrupted, restored = _split_grid(torch.from_numpy(run.values)[:, None], batch, n_layers, kinds)
     return CausalTrace(
-        prompt=run.prompt,
-        subject=subject,
-        target=target,
-        tokens=run.tokens,
-        subject_first=run.subject_first,
-        subject_last=run.subject_last,
+        **{f.name: getattr(run, f.name) for f in fields(CorruptedPrompt)},
         kinds=list(kinds),
         window=window,
-        noise=run.noise,
-        samples=samples,
-        measure=measure,
-        clean=run.clean,
         corrupted=float(corrupted[0, 0]),
         restored={kind: values[0][..., 0] for kind, values in restored.items()},
     )
