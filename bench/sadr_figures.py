@@ -16,8 +16,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from attnedit.plots import save_figure
 
 
 def _plain(p: dict) -> bool:
@@ -73,8 +74,7 @@ def figure6(points: list[dict], steps: int, path: Path) -> dict:
             ax.legend(fontsize=7)
     fig.suptitle(f"SADR: selective vs all heads (ROME, {steps} steps)", fontsize=10)
     fig.tight_layout()
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    save_figure(fig, path)
     return data
 
 
@@ -100,8 +100,7 @@ def figure7(points: list[dict], steps: int, path: Path) -> dict:
         ax.legend(fontsize=7)
     fig.suptitle(f"trade-off: SADR gamma vs ROME's own settings ({steps} steps where fixed)", fontsize=10)
     fig.tight_layout()
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    save_figure(fig, path)
     return data
 
 
