@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The figures of docs/analysis.md: SmolLM2 edited with ROME (preset, statistics from 5,000 WikiText-2
-# lines) on the first N merged CounterFact cases (default 100): attention drift, attention patching,
+# lines) on the first N merged CounterFact cases (default 130: about 100 of them have a Relation or
+# Distract-Neighborhood prompt that contains the subject): attention drift, attention patching,
 # contaminating substitution, causal tracing. Each command is resumable: run the script again after an
-# interruption.   bash bench/analysis.sh [N]
+# interruption, or with a larger N to extend the runs.   bash bench/analysis.sh [N]
 set -euo pipefail
-N=${1:-100}
+N=${1:-130}
 DATA=../shared/data/sadr_merged_counterfact.json
 W=../shared/data/wikitext2_test.txt,../shared/data/wikitext2_valid.txt
 P=(-p "stats_corpus=$W" -p stats_samples=5000)

@@ -115,6 +115,15 @@ def test_trace_writes_figures_and_resumes(tmp_path, tiny_dir, monkeypatch):
     refused = _invoke("trace", out, tiny_dir, "--samples", "3", "--window", "2")
     assert refused.exit_code == 2 and "samples" in refused.output
 
+    # a longer case range continues the run: only the new case is traced, all three are aggregated
+    calls.clear()
+    _ok(_invoke("trace", out, tiny_dir, *extra, limit=3))
+    assert len(calls) == 2 and [r["case_id"] for r in _lines(out)] == ["0", "1", "2"]
+    assert json.loads((out / "trace.json").read_text())["n_cases"] == 3
+    assert json.loads((out / "manifest.json").read_text())["limit"] == 3
+    _ok(_invoke("trace", out, tiny_dir, *extra, limit=1))  # a shorter one aggregates only its cases
+    assert len(calls) == 2 and json.loads((out / "trace.json").read_text())["n_cases"] == 1
+
 
 def test_substitute(tmp_path, tiny_dir, corpus):
     out = tmp_path / "substitute"

@@ -44,7 +44,9 @@ MANIFEST = "manifest.json"
 POSITIONS = ("first subject", "middle subject", "last subject", "first subsequent", "further", "last")
 TASKS = {"DNS": "Distract-Neighborhood", "RS": "Relation"}
 TARGETS = ("o_true", "o_edit")
-IDENTITY = ("analysis", "model", "method", "hyperparameters", "data", "first", "limit", "seed", "options")
+# what must match to continue in an output directory; the case range (--first, --limit) need not: records
+# are per case, so a run can be extended to more cases, and only the selected cases are aggregated
+IDENTITY = ("analysis", "model", "method", "hyperparameters", "data", "seed", "options")
 
 
 class AnalysisConflictError(RuntimeError):
@@ -185,9 +187,12 @@ def start(setting: Setting) -> Session:
     out = setting.out
     out.mkdir(parents=True, exist_ok=True)
     check_resumable(out, manifest, IDENTITY, AnalysisConflictError)
-    if not (out / MANIFEST).is_file():
-        stamped = {**manifest, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        (out / MANIFEST).write_text(json.dumps(stamped, indent=1))
+    path = out / MANIFEST
+    created = json.loads(path.read_text()).get("created") if path.is_file() else None
+    stamped = {**manifest, "created": created or time.strftime("%Y-%m-%dT%H:%M:%S")}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(stamped, indent=1))  # the current case range
+    tmp.replace(path)
     wanted = {c.case_id for c in cases}
     records = {r["case_id"]: r for r in read_results(out / CASES, repair=True) if r["case_id"] in wanted}
     if records:
