@@ -192,13 +192,14 @@ def _measure_rows(
     cache: Any = None
     for k, chunk in enumerate(chunks):
         start, column = keys[chunk[0]]
+        recording = plain and k == 0  # the plain rows: record block outputs and the KV cache
         rows = torch.tensor(chunk)
         prompt = row_prompt[rows].to(batch.ids.device)
         contexts: list[contextlib.AbstractContextManager] = []
         if intervene is not None:
             contexts.append(intervene(rows, prompt, column))
-        if plain and k == 0:
-            contexts.append(Trace(bundle.model, blocks, detach=True))  # the plain rows' block outputs
+        if recording:
+            contexts.append(Trace(bundle.model, blocks, detach=True))
         elif start > 0:
             below = _rows_of(lower[blocks[start - 1]], prompt, n, column)
             contexts.append(start_at_layer(bundle.model, bundle.adapter, start, below))
@@ -209,10 +210,10 @@ def _measure_rows(
                 attention_mask=batch.mask[prompt],
                 position_ids=batch.positions[prompt, column:],
                 past_key_values=_cache_prefix(bundle, cache, prompt, column) if column else None,
-                use_cache=(plain and k == 0) or column > 0,
+                use_cache=recording or column > 0,
             )
         hidden = out.last_hidden_state[:, -1]
-        if plain and k == 0:
+        if recording:
             trace = entered[0][-1]
             lower.update({name: trace[name].output for name in blocks})
             cache = out.past_key_values

@@ -423,8 +423,9 @@ def trace_command(
 # --- 2. contaminating substitution --------------------------------------------------------------------
 
 
-def _task_prompts(record: dict, task: str) -> list[int]:
-    return [i for i, m in enumerate(record["metrics"]) if m == task]
+def _task_prompts(records: Sequence[dict], task: str) -> list[tuple[dict, int]]:
+    """(record, prompt index) of every prompt of ``task`` in ``records``."""
+    return [(r, i) for r in records for i, m in enumerate(r["metrics"]) if m == task]
 
 
 def _edited_session(
@@ -514,14 +515,13 @@ def substitute_command(
         n_layers = bundle.adapter.n_layers
         shape = (len(POSITIONS), n_layers)
         aggregate: dict[str, Any] = {"effects": {}, "base": {}, "n_prompts": {}}
-        for task in TASKS:
-            at = [(r, i) for r in used for i in _task_prompts(r, task)]
+        prompts_of = {task: _task_prompts(used, task) for task in TASKS}
+        for task, at in prompts_of.items():
             aggregate["n_prompts"][task] = len(at)
             aggregate["base"][task] = _nanmean([_array(r["base"][i]) for r, i in at], (2,))
         for kind in chosen:
             aggregate["effects"][kind] = {}
-            for task in TASKS:
-                at = [(r, i) for r in used for i in _task_prompts(r, task)]
+            for task, at in prompts_of.items():
                 aggregate["effects"][kind][task] = {}
                 for t, target in enumerate(TARGETS):
                     grids = [
@@ -649,7 +649,7 @@ def drift_command(
         aggregate: dict[str, Any] = {"outcome": "edited P(o_edit)", "correlations": {}, "means": {}}
         points = {}
         for task in TASKS:
-            at = [(r, i) for r in used for i in _task_prompts(r, task)]
+            at = _task_prompts(used, task)
             outcome = np.array([r["p_edited"][i][1] for r, i in at], dtype=float)
             factor_values = {f: np.array([r["factors"][f][i] for r, i in at], dtype=float) for f in A.FACTORS}
             aggregate["correlations"][task] = {
@@ -761,7 +761,7 @@ def patch_command(
             aggregate["scores"] = {}
         panels, score_panels = [], []
         for task in TASKS:
-            at = [(r, i) for r in used for i in _task_prompts(r, task)]
+            at = _task_prompts(used, task)
             aggregate["n_prompts"][task] = len(at)
             curve = _nanmean([_array(r["curves"][i]) for r, i in at], (n_layers, 2))
             edited = _nanmean([_array(r["p_edited"][i]) for r, i in at], (2,))

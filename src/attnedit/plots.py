@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -26,6 +27,16 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     return path
+
+
+def _label_and_save(fig: Figure, ax: Any, path: str | Path, title: str, xlabel: str, ylabel: str) -> Path:
+    """Axis labels, title and legend of a one-axes figure, then save it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
 
 
 @dataclass
@@ -96,12 +107,7 @@ def layer_lines(
         ax.plot(np.arange(len(values)), values, marker="o", markersize=3, label=label)
     ax.axhline(0.0, color="grey", linewidth=0.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return save_figure(fig, path)
+    return _label_and_save(fig, ax, path, title, xlabel, ylabel)
 
 
 @dataclass
@@ -160,9 +166,4 @@ def scatter(
     ax = fig.add_subplot(1, 1, 1)
     for label, (x, y) in groups.items():
         ax.scatter(np.asarray(x, dtype=float), np.asarray(y, dtype=float), s=12, alpha=0.7, label=label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return save_figure(fig, path)
+    return _label_and_save(fig, ax, path, title, xlabel, ylabel)
