@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 
 from attnedit.metrics import summarize
-from attnedit.runner import read_results
+from attnedit.runner import selected_records
 
 # the official code on SmolLM2, layer 5, 20 steps, 2 threads, first 30 dev cases (issue 3)
 OFFICIAL_ROME = {"seconds_per_edit": 35.0, "ES": 100.0, "PS": 97.0, "RS": 8.1, "DNS": 26.7}
@@ -28,7 +28,7 @@ def main() -> None:
     out: dict = {"official_rome_first30": OFFICIAL_ROME, "runs": {}}
     for run_dir in args.runs:
         manifest = json.loads((Path(run_dir) / "manifest.json").read_text())
-        records = read_results(Path(run_dir) / "results.jsonl")
+        records = selected_records(run_dir)
         seconds = [r["seconds_edit"] for r in records]
         first30 = summarize(records[:30])
         row = {

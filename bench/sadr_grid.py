@@ -28,7 +28,7 @@ import torch
 from attnedit.evaluation import EvalConfig
 from attnedit.metrics import summarize
 from attnedit.models import load_model
-from attnedit.runner import RunConfig, read_results, run
+from attnedit.runner import RunConfig, run, selected_records
 
 DATA = "../shared/data/sadr_merged_counterfact.json"
 WIKITEXT = "../shared/data/wikitext2_test.txt,../shared/data/wikitext2_valid.txt"
@@ -114,7 +114,7 @@ def main() -> None:
             eval=EvalConfig(fluency=False),
         )
         run(config, bundle=bundle)
-        records = read_results(out / "results.jsonl")
+        records = selected_records(out)
         summary = summarize(records)
         row = {
             "steps": steps,

@@ -14,7 +14,9 @@ runs=()
 for m in none rome rome+sadr memit memit+sadr pmet pmet+sadr; do
   P=()
   if [[ $m != none ]]; then P=(-p "stats_corpus=$W" -p stats_samples=5000); fi
-  out="runs/table-sadr-${m/+/-}"
+  # the plain rows extend the editing table's runs (cases 0-199, same settings): single-mode runs keep
+  # records per case, so only the missing cases are computed and the report takes cases FIRST.. only
+  if [[ $m == *+sadr ]]; then out="runs/table-sadr-${m/+/-}"; else out="runs/table-fl-$m"; fi
   attnedit eval "$DATA" --method "$m" --first "$FIRST" --limit "$N" --fluency-prompts rewrite --ppl-corpus none \
     "${P[@]}" --out "$out" --threads "${THREADS:-2}"
   runs+=("$out")

@@ -10,7 +10,7 @@ import pytest
 
 from attnedit.evaluation import EvalConfig
 from attnedit.report import collect
-from attnedit.runner import RESULTS, RunConfig, RunConflictError, Shard, read_results, run
+from attnedit.runner import RESULTS, RunConfig, RunConflictError, Shard, read_results, run, selected_records
 
 
 def _config(out: Path, model: Path, **kw) -> RunConfig:
@@ -94,10 +94,31 @@ def test_first_selects_a_case_range(tmp_path, tiny_dir):
     for a, b in zip(read_results(full / RESULTS)[2:5], read_results(part / RESULTS), strict=True):
         assert a["comparisons"] == b["comparisons"]
     assert json.loads((part / "manifest.json").read_text())["first"] == 2
-    with pytest.raises(RunConflictError, match="first"):
-        run(_config(part, tiny_dir, first=1, limit=3), progress=False)
     with pytest.raises(ValueError, match="--first"):
         _config(part, tiny_dir, first=-1)
+
+
+def test_single_mode_run_extends_to_another_case_range(tmp_path, tiny_dir):
+    run_dir = tmp_path / "run"
+    run(_config(run_dir, tiny_dir, first=2, limit=3), progress=False)
+    created = json.loads((run_dir / "manifest.json").read_text())["created"]
+    # cases 3 and 4 are reused, only case 5 is computed; the summary and reports cover 3..5 only
+    extended = run(_config(run_dir, tiny_dir, first=3, limit=3), progress=False)
+    assert _ids(run_dir) == ["2", "3", "4", "5"]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert (manifest["first"], manifest["case_ids"], manifest["created"]) == (3, ["3", "4", "5"], created)
+    assert [r["case_id"] for r in selected_records(run_dir)] == ["3", "4", "5"]
+    fresh = run(_config(tmp_path / "fresh", tiny_dir, first=3, limit=3), progress=False)
+    (row,) = collect([run_dir])
+    for key in ("ES", "NS", "DNS", "EM", "DNM", "AvgS"):
+        assert extended[key] == fresh[key]
+        assert row.summary[key] == fresh[key]
+    assert row.summary["_cases"] == 3
+    # a batch edit depends on which cases share it: there the range is part of the run's identity
+    batch = tmp_path / "batch"
+    run(_config(batch, tiny_dir, limit=4, mode="batch", batch_size=2), progress=False)
+    with pytest.raises(RunConflictError, match="first"):
+        run(_config(batch, tiny_dir, first=1, limit=4, mode="batch", batch_size=2), progress=False)
 
 
 def test_shard_parse():

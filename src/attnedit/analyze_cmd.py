@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -163,7 +162,7 @@ def start(setting: Setting) -> Session:
     from attnedit.data import load_cases
     from attnedit.editing import make_editor
     from attnedit.models import load_model
-    from attnedit.runner import check_resumable, read_results
+    from attnedit.runner import check_resumable, read_results, write_manifest
 
     if setting.first < 0:
         raise ValueError("--first must be at least 0")
@@ -187,12 +186,7 @@ def start(setting: Setting) -> Session:
     out = setting.out
     out.mkdir(parents=True, exist_ok=True)
     check_resumable(out, manifest, IDENTITY, AnalysisConflictError)
-    path = out / MANIFEST
-    created = json.loads(path.read_text()).get("created") if path.is_file() else None
-    stamped = {**manifest, "created": created or time.strftime("%Y-%m-%dT%H:%M:%S")}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(stamped, indent=1))  # the current case range
-    tmp.replace(path)
+    write_manifest(out, manifest)  # with the current case range
     wanted = {c.case_id for c in cases}
     records = {r["case_id"]: r for r in read_results(out / CASES, repair=True) if r["case_id"] in wanted}
     if records:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from attnedit.metrics import summarize
-from attnedit.runner import MANIFEST, RESULTS, read_results
+from attnedit.runner import MANIFEST, selected_records
 
 TABLE_COLUMNS = ("AvgS", "ES", "PS", "NS", "RS", "DNS", "FL")
 MAGNITUDE_COLUMNS = ("EM", "PM", "NM", "RM", "DNM", "RM_onew", "DNM_onew")
@@ -31,6 +31,7 @@ def _shard_key(manifest: dict) -> tuple:
         json.dumps(manifest.get("hyperparameters"), sort_keys=True),
         manifest["data"]["sha256"],
         manifest.get("limit"),
+        manifest.get("first", 0),
         json.dumps(manifest.get("eval"), sort_keys=True),
     )
 
@@ -50,7 +51,7 @@ def collect(run_dirs: list[str | Path]) -> list[ReportRow]:
             raise ValueError(f"the same shard appears twice among {[str(d) for d, _ in members]}")
         records, seen = [], set()
         for d, _ in members:
-            for r in read_results(d / RESULTS):
+            for r in selected_records(d):
                 if r["case_id"] in seen:
                     raise ValueError(f"case {r['case_id']!r} appears in more than one shard ({d})")
                 seen.add(r["case_id"])

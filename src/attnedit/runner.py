@@ -2,12 +2,15 @@
 
 Layout of a run directory::
 
-    manifest.json   model, method, hyper-parameters, data file hash, versions, seed, shard
+    manifest.json   model, method, hyper-parameters, data file hash, versions, seed, shard, and the
+                    case range (and ids) of the latest invocation
     results.jsonl   one line per finished case (appended, flushed and fsynced one by one)
-    summary.json    pooled metrics of the cases in results.jsonl
+    summary.json    pooled metrics of the selected cases
 
 Resuming (the same command again, even after ``kill -9``): a torn last line is cut off, cases
-already in ``results.jsonl`` are skipped, so every case appears exactly once.
+already in ``results.jsonl`` are skipped, so every case appears exactly once. A single-mode run may
+also be given another case range (``--first``/``--limit``): cases already done are reused, and the
+summary and reports cover the new range only (``selected_records``).
 """
 
 from __future__ import annotations
@@ -188,6 +191,38 @@ _IDENTITY = (
 
 
 _ADDED_LATER = {"first": 0}  # identity fields newer than some run directories: their implied value
+_RANGE = ("limit", "first")
+
+
+def run_identity(mode: str) -> tuple[str, ...]:
+    """The manifest fields a run directory must match to be continued. A single-mode record depends on
+    its case alone, so such a run may be extended (or narrowed) to another case range: its records are
+    kept per case and only the selected ones aggregated. A batch or sequential edit depends on which
+    cases share it, so there the range is part of the identity."""
+    return tuple(k for k in _IDENTITY if mode != "single" or k not in _RANGE)
+
+
+def write_manifest(out: Path, manifest: dict) -> None:
+    """Write ``manifest`` (this invocation's settings and case range) atomically, keeping the directory's
+    first ``created`` stamp."""
+    path = out / MANIFEST
+    created = json.loads(path.read_text()).get("created") if path.is_file() else None
+    tmp = path.with_name(path.name + ".tmp")
+    stamped = {**manifest, "created": created or time.strftime("%Y-%m-%dT%H:%M:%S")}
+    tmp.write_text(json.dumps(stamped, indent=1))
+    tmp.replace(path)
+
+
+def selected_records(run_dir: str | Path) -> list[dict]:
+    """The records of a run directory's current case range (the manifest's ``case_ids``; all records for
+    runs written before the range was recorded), in case order."""
+    run_dir = Path(run_dir)
+    records = read_results(run_dir / RESULTS)
+    ids = json.loads((run_dir / MANIFEST).read_text()).get("case_ids")
+    if ids is None:
+        return records
+    by_id = {r["case_id"]: r for r in records}
+    return [by_id[i] for i in ids if i in by_id]
 
 
 def check_resumable(
@@ -263,16 +298,14 @@ def run(
     editor = editor or make_editor(config.method, bundle.name, config.preset, config.params)
     if config.ppl_corpus:
         config.eval.ppl_texts = load_texts(config.ppl_corpus, config.ppl_limit)
-    manifest = build_manifest(config, bundle, dataset, editor)
+    manifest = {**build_manifest(config, bundle, dataset, editor), "case_ids": [c.case_id for c in cases]}
     out.mkdir(parents=True, exist_ok=True)
-    check_resumable(out, manifest)
-    if not (out / MANIFEST).is_file():
-        (out / MANIFEST).write_text(
-            json.dumps({**manifest, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1)
-        )
+    check_resumable(out, manifest, run_identity(config.mode))
+    write_manifest(out, manifest)
 
     results_path = out / RESULTS
-    records = read_results(results_path, repair=True)
+    wanted = set(manifest["case_ids"])
+    records = [r for r in read_results(results_path, repair=True) if r["case_id"] in wanted]
     done = {r["case_id"] for r in records}
     if done:
         logger.info("resuming %s: %d of %d cases already done", out, len(done), len(cases))
