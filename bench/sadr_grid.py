@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--first", type=int, default=0)
     ap.add_argument("--steps", default="20,40,80")
     ap.add_argument("--gamma", default="0,5e-3,1e-2,4e-2,8e-2")
-    ap.add_argument("--heads", default="selective", help="comma list: selective, all")
+    ap.add_argument("--heads", default="selective", help="comma list: selective, increased, all")
     ap.add_argument("--layers", default="", help="comma list of SADR layer ranges (A-B); '' = every layer")
     ap.add_argument("--lr", default="", help="comma list of the editor's learning rates ('' = preset)")
     ap.add_argument("--kl-factor", default="", help="comma list of the editor's KL factors ('' = preset)")

@@ -44,7 +44,11 @@ SadrGamma = Annotated[
     typer.Option("--gamma", help="SADR weight (default: the preset's); the official code's --gamma / 10000"),
 ]
 SadrHeads = Annotated[
-    str | None, typer.Option("--sadr-heads", help="SADR heads: selective (the paper) | all (its ablation)")
+    str | None,
+    typer.Option(
+        "--sadr-heads",
+        help="SADR heads: selective (the paper) | increased (ours, looser) | all (its ablation)",
+    ),
 ]
 SadrLayers = Annotated[
     str | None, typer.Option("--sadr-layers", help="SADR layer range FIRST-LAST (default: every layer)")

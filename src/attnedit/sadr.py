@@ -11,10 +11,12 @@ through the selection)::
     L_SADR = 1/N sum_j sum_l sum_{h selected} KL(reference row || current row)
 
 and the term returns gamma * L_SADR per request. Options: ``heads="all"`` (every head constrained,
-the paper's figure 6 ablation), a layer range, and ``prompt_reduction="sum"`` (sum instead of mean over
-prompts). The official code's ``--gamma`` flag is our gamma times 1e4 (flag 100 = gamma 0.01); its
-reference is the step-0 attention, as here. Layers at or below the lowest optimised layer cannot
-drift (their KL is exactly zero) and are not recorded.
+the paper's figure 6 ablation), ``heads="increased"`` (every head whose weight on the subject's last
+token rose above its own reference weight: a looser rule than the paper's, ours), a layer range, and
+``prompt_reduction="sum"`` (sum instead of mean over prompts). The official code's ``--gamma`` flag
+is our gamma times 1e4 (flag 100 = gamma 0.01); its reference is the step-0 attention, as here.
+Layers at or below the lowest optimised layer cannot drift (their KL is exactly zero) and are not
+recorded.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from attnedit.presets import PresetError
 
 logger = logging.getLogger(__name__)
 
-HEAD_RULES = ("selective", "all")
+HEAD_RULES = ("selective", "increased", "all")
 PROMPT_REDUCTIONS = ("mean", "sum")
 _TINY = 1e-30
 
@@ -41,7 +43,9 @@ class SadrSettings:
     """The regulariser's settings (recorded in the run manifest)."""
 
     gamma: float = 0.01
-    heads: str = "selective"  # selective: the paper's rule; all: every head (figure 6 ablation)
+    # selective: the paper's rule; increased: every head whose weight on the subject's last token rose
+    # above its own reference weight (a looser rule, ours); all: every head (figure 6 ablation)
+    heads: str = "selective"
     layers: tuple[int, int] | None = None  # inclusive layer range; None = every layer
     prompt_reduction: str = "mean"  # mean over prompts (the paper); sum
 
@@ -107,12 +111,19 @@ def drift_kl(reference: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
     return (reference * log_ratio).sum(-1)
 
 
-def select_heads(reference: torch.Tensor, current: torch.Tensor, fact_key: torch.Tensor) -> torch.Tensor:
-    """The paper's rule: heads whose current weight on the subject's last token exceeds the maximum
-    over heads of the reference weights there. Inputs ``[L, B, H, K]``; returns a bool ``[L, B, H]``."""
+def select_heads(
+    reference: torch.Tensor, current: torch.Tensor, fact_key: torch.Tensor, rule: str = "selective"
+) -> torch.Tensor:
+    """Heads whose current weight on the subject's last token exceeds a threshold: the maximum over
+    heads of the reference weights there (``selective``, the paper's rule) or the head's own reference
+    weight (``increased``); ``all`` selects every head. Inputs ``[L, B, H, K]``; returns ``[L, B, H]``."""
+    if rule == "all":
+        return torch.ones(current.shape[:3], dtype=torch.bool, device=current.device)
     index = fact_key.view(1, -1, 1, 1).expand(*current.shape[:3], 1)
     on_fact = current.detach().gather(-1, index)[..., 0]
-    threshold = reference.gather(-1, index)[..., 0].amax(dim=-1, keepdim=True)
+    threshold = reference.gather(-1, index)[..., 0]
+    if rule == "selective":
+        threshold = threshold.amax(dim=-1, keepdim=True)
     return on_fact > threshold
 
 
@@ -160,10 +171,7 @@ class SadrTerm:
         reference = self._reference
         assert reference is not None
         kl = drift_kl(reference, current)  # [L, R, H]
-        if self.settings.heads == "all":
-            selected = torch.ones_like(kl, dtype=torch.bool)
-        else:
-            selected = select_heads(reference, current, state.fact_key[rows])
+        selected = select_heads(reference, current, state.fact_key[rows], self.settings.heads)
         per_prompt = (kl * selected).sum(dim=(0, 2))  # [R]
         request = state.batch.request_index
         value = per_request_mean(per_prompt, rows, request, state.n_requests)
