@@ -1,12 +1,13 @@
 """Figures 6 and 7 of the SADR paper from the points of ``bench/sadr_grid.py``.
 
-    python bench/sadr_figures.py --grid bench/results/sadr_grid_rome.json --steps 20
+    python bench/sadr_figures.py --steps 20 --cases 100 --layers 20-29
 
-Figure 6 analogue: ES, PS, RS and DNS against gamma, selective heads vs all heads (every layer, the
-preset's lr and KL factor, ``--steps``). Figure 7 analogue: edit success (mean of EM and PM) against
-RM and against DNM, when varying SADR's gamma versus varying the editor's own steps, learning rate and
-KL factor (gamma 0). Writes ``docs/figures/sadr_fig6.png``, ``docs/figures/sadr_fig7.png`` and the
-plotted series to ``bench/results/sadr_figures.json``.
+Only the grid points over ``--cases`` cases are drawn. Figure 6 analogue: ES, PS, RS and DNS against
+gamma, selective heads vs all heads (SADR on ``--layers``, the preset's lr and KL factor,
+``--steps``). Figure 7 analogue: edit success (mean of EM and PM) against RM and against DNM, when
+varying SADR's gamma versus varying the editor's own steps, learning rate and KL factor (gamma 0).
+Writes ``docs/figures/sadr_fig6.png``, ``docs/figures/sadr_fig7.png`` and the plotted series to
+``bench/results/sadr_figures.json``.
 """
 
 from __future__ import annotations
@@ -21,20 +22,22 @@ from matplotlib.figure import Figure
 from attnedit.plots import save_figure
 
 
-def _plain(p: dict) -> bool:
-    return p.get("layers", "all") == "all" and p.get("lr") is None and p.get("kl_factor") is None
+def _plain(p: dict, layers: str | None = None) -> bool:
+    """The editor's own lr and KL factor; SADR on ``layers`` (any range for gamma 0, where SADR is off)."""
+    same_layers = layers is None or p["gamma"] == 0 or p.get("layers", "all") == layers
+    return same_layers and p.get("lr") is None and p.get("kl_factor") is None
 
 
-def _series(points: list[dict], steps: int) -> dict[str, list[dict]]:
+def _series(points: list[dict], steps: int, layers: str) -> dict[str, list[dict]]:
     """The curves of figure 7: each a list of points sorted along the varied setting."""
     out = {
         "SADR gamma": sorted(
-            (p for p in points if _plain(p) and p["heads"] == "selective" and p["steps"] == steps),
+            (p for p in points if _plain(p, layers) and p["heads"] == "selective" and p["steps"] == steps),
             key=lambda p: p["gamma"],
         ),
         "ROME steps": sorted((p for p in points if _plain(p) and p["gamma"] == 0), key=lambda p: p["steps"]),
     }
-    base = [p for p in points if _plain(p) and p["gamma"] == 0 and p["steps"] == steps]
+    base = [p for p in points if _plain(p) and p["gamma"] == 0 and p["steps"] == steps][:1]
     for key, label in (("lr", "ROME lr"), ("kl_factor", "ROME KL factor")):
         other = "kl_factor" if key == "lr" else "lr"
         varied = [
@@ -51,14 +54,14 @@ def _success(p: dict) -> float:
     return (p["EM"] + p["PM"]) / 2
 
 
-def figure6(points: list[dict], steps: int, path: Path) -> dict:
+def figure6(points: list[dict], steps: int, layers: str, path: Path) -> dict:
     fig = Figure(figsize=(10, 3.2))
     data = {}
     for i, metric in enumerate(("ES", "PS", "RS", "DNS")):
         ax = fig.add_subplot(1, 4, i + 1)
         for heads in ("selective", "all"):
             row = sorted(
-                (p for p in points if _plain(p) and p["heads"] == heads and p["steps"] == steps),
+                (p for p in points if _plain(p, layers) and p["heads"] == heads and p["steps"] == steps),
                 key=lambda p: p["gamma"],
             )
             if not row:
@@ -72,14 +75,14 @@ def figure6(points: list[dict], steps: int, path: Path) -> dict:
         ax.set_title(metric, fontsize=10)
         if i == 0:
             ax.legend(fontsize=7)
-    fig.suptitle(f"SADR: selective vs all heads (ROME, {steps} steps)", fontsize=10)
+    fig.suptitle(f"SADR: selective vs all heads (ROME, {steps} steps, SADR layers {layers})", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
     return data
 
 
-def figure7(points: list[dict], steps: int, path: Path) -> dict:
-    series = _series(points, steps)
+def figure7(points: list[dict], steps: int, layers: str, path: Path) -> dict:
+    series = _series(points, steps, layers)
     fig = Figure(figsize=(9, 3.6))
     data = {}
     for i, metric in enumerate(("RM", "DNM")):
@@ -108,18 +111,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--grid", default="bench/results/sadr_grid_rome.json")
     ap.add_argument("--steps", type=int, default=20, help="the steps of the gamma curves")
+    ap.add_argument("--cases", type=int, required=True, help="draw the grid points over this many cases")
+    ap.add_argument("--layers", default="all", help="SADR layer range of the gamma curves (A-B or all)")
     ap.add_argument("--figures", default="docs/figures")
     ap.add_argument("--out", default="bench/results/sadr_figures.json")
     args = ap.parse_args()
     grid = json.loads(Path(args.grid).read_text())
-    points = [p for p in grid["points"] if not np.isnan(p.get("ES", np.nan))]
+    points = [p for p in grid["points"] if not np.isnan(p.get("ES", np.nan)) and p["cases"] == args.cases]
+    if not points:
+        raise SystemExit(f"{args.grid}: no grid point over {args.cases} cases")
     figures = Path(args.figures)
     figures.mkdir(parents=True, exist_ok=True)
     result = {
         "grid": args.grid,
         "steps": args.steps,
-        "figure6": figure6(points, args.steps, figures / "sadr_fig6.png"),
-        "figure7": figure7(points, args.steps, figures / "sadr_fig7.png"),
+        "cases": args.cases,
+        "layers": args.layers,
+        "figure6": figure6(points, args.steps, args.layers, figures / "sadr_fig6.png"),
+        "figure7": figure7(points, args.steps, args.layers, figures / "sadr_fig7.png"),
     }
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1)[:2000])
