@@ -2,8 +2,9 @@
 # The figures of docs/analysis.md: SmolLM2 edited with ROME (preset, statistics from 5,000 WikiText-2
 # lines) on the first N merged CounterFact cases (default 130: about 100 of them have a Relation or
 # Distract-Neighborhood prompt that contains the subject): attention drift, attention patching,
-# contaminating substitution (first SUB_N cases, default 100), causal tracing. Each command is resumable: run the script again after an
-# interruption, or with a larger N to extend the runs.   bash bench/analysis.sh [N]
+# contaminating substitution (first SUB_N cases, default 100), causal tracing. Each command is
+# resumable: run the script again after an interruption, or with a larger N to extend the runs.
+#   bash bench/analysis.sh [N]
 set -euo pipefail
 N=${1:-130}
 DATA=../shared/data/sadr_merged_counterfact.json
