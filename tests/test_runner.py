@@ -114,6 +114,12 @@ def test_single_mode_run_extends_to_another_case_range(tmp_path, tiny_dir):
         assert extended[key] == fresh[key]
         assert row.summary[key] == fresh[key]
     assert row.summary["_cases"] == 3
+    # extended backwards: case 1 is written after 2..5, yet summary and report pool in case order
+    back = run(_config(run_dir, tiny_dir, first=1, limit=5), progress=False)
+    assert _ids(run_dir) == ["2", "3", "4", "5", "1"]
+    fresh = run(_config(tmp_path / "fresh15", tiny_dir, first=1, limit=5), progress=False)
+    (row,) = collect([run_dir])
+    assert back == fresh and row.summary["AvgS"] == fresh["AvgS"]
     # a batch edit depends on which cases share it: there the range is part of the run's identity
     batch = tmp_path / "batch"
     run(_config(batch, tiny_dir, limit=4, mode="batch", batch_size=2), progress=False)

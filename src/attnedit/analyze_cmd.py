@@ -162,7 +162,7 @@ def start(setting: Setting) -> Session:
     from attnedit.data import load_cases
     from attnedit.editing import make_editor
     from attnedit.models import load_model
-    from attnedit.runner import check_resumable, read_results, write_manifest
+    from attnedit.runner import check_resumable, records_of_cases, write_manifest
 
     if setting.first < 0:
         raise ValueError("--first must be at least 0")
@@ -187,8 +187,8 @@ def start(setting: Setting) -> Session:
     out.mkdir(parents=True, exist_ok=True)
     check_resumable(out, manifest, IDENTITY, AnalysisConflictError)
     write_manifest(out, manifest)  # with the current case range
-    wanted = {c.case_id for c in cases}
-    records = {r["case_id"]: r for r in read_results(out / CASES, repair=True) if r["case_id"] in wanted}
+    ids = [c.case_id for c in cases]
+    records = {r["case_id"]: r for r in records_of_cases(out / CASES, ids, repair=True)}
     if records:
         logger.info("resuming %s: %d of %d cases already done", out, len(records), len(cases))
     return Session(setting, cases, bundle, editor, records)

@@ -213,16 +213,21 @@ def write_manifest(out: Path, manifest: dict) -> None:
     tmp.replace(path)
 
 
+def records_of_cases(path: Path, case_ids: Sequence, repair: bool = False) -> list[dict]:
+    """The records in ``path`` of the cases ``case_ids`` that have one, in the order of ``case_ids``
+    (a file extended to another case range holds others, and not necessarily in case order)."""
+    by_id = {r["case_id"]: r for r in read_results(path, repair=repair)}
+    return [by_id[i] for i in case_ids if i in by_id]
+
+
 def selected_records(run_dir: str | Path) -> list[dict]:
     """The records of a run directory's current case range (the manifest's ``case_ids``; all records for
     runs written before the range was recorded), in case order."""
     run_dir = Path(run_dir)
-    records = read_results(run_dir / RESULTS)
     ids = json.loads((run_dir / MANIFEST).read_text()).get("case_ids")
     if ids is None:
-        return records
-    by_id = {r["case_id"]: r for r in records}
-    return [by_id[i] for i in ids if i in by_id]
+        return read_results(run_dir / RESULTS)
+    return records_of_cases(run_dir / RESULTS, ids)
 
 
 def check_resumable(
@@ -304,8 +309,7 @@ def run(
     write_manifest(out, manifest)
 
     results_path = out / RESULTS
-    wanted = set(manifest["case_ids"])
-    records = [r for r in read_results(results_path, repair=True) if r["case_id"] in wanted]
+    records = records_of_cases(results_path, manifest["case_ids"], repair=True)
     done = {r["case_id"] for r in records}
     if done:
         logger.info("resuming %s: %d of %d cases already done", out, len(done), len(cases))
@@ -322,6 +326,8 @@ def run(
     with open(results_path, "a", encoding="utf-8") as fh, bar:
         state = _Loop(out, done, bundle, editor, evaluator, fh, records, bar, config)
         (_run_sequential if config.mode == "sequential" else _run_groups)(state, groups)
+    order = {case_id: i for i, case_id in enumerate(manifest["case_ids"])}
+    records.sort(key=lambda r: order[r["case_id"]])  # case order, as reports read them
     return write_summary(out, records)
 
 
