@@ -9,7 +9,8 @@ the other axis of figure 7.
 
 Every (steps, gamma, heads, layers) point is one resumable ``attnedit eval`` run of ``METHOD+sadr`` over
 the first ``--cases`` dev cases (no generation: FL is measured on the test cases only), in
-``runs/sadr-grid/``. gamma 0 is the plain editor at those steps, with the SADR diagnostics recorded.
+``runs/sadr-grid/``; ``--cases`` may narrow or extend an existing point (records are kept per case).
+gamma 0 is the plain editor at those steps, with the SADR diagnostics recorded.
 For each point the script reports ES, PS, NS, RS, DNS, the magnitudes, and from the optimisation's
 loss parts: the mean NLL, the mean unweighted SADR loss, heads selected per prompt, the drift over all
 heads, and the drift per layer. Writes ``bench/results/sadr_grid_<method>.json`` and prints a table.
@@ -98,8 +99,7 @@ def main() -> None:
         out = point_dir(root, args.method, steps, gamma, heads, layers, lr, kl)
         params = {"stats_corpus": WIKITEXT, "stats_samples": "5000", "steps": str(steps)}
         params |= {"sadr_gamma": str(gamma), "sadr_heads": heads}
-        if layers:
-            params["sadr_layers"] = layers
+        params["sadr_layers"] = layers or "all"  # explicit: the preset's sadr block may name a range
         if lr:
             params["lr"] = lr
         if kl:
@@ -133,7 +133,9 @@ def main() -> None:
     target = Path(args.out or f"bench/results/sadr_grid_{args.method}.json")
     target.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(target.read_text()) if target.is_file() else {"points": []}
-    keep = [p for p in previous["points"] if p["run"] not in {r["run"] for r in rows}]
+    # one entry per (run directory, case count): a run narrowed to fewer cases keeps its larger view
+    done = {(r["run"], r["cases"]) for r in rows}
+    keep = [p for p in previous["points"] if (p["run"], p["cases"]) not in done]
     target.write_text(json.dumps({"data": DATA, "first": args.first, "points": keep + rows}, indent=1))
     print("\n| steps | gamma | heads | layers | ES | PS | NS | RS | DNS | NLL | SADR | heads sel. | drift |")
     print("|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -15,7 +15,7 @@ from attnedit.interventions import Trace, attention_implementation
 from attnedit.methods import FineTune, Rome
 from attnedit.optimise import Injection, Row, TargetSettings, build_rows, optimise_targets
 from attnedit.presets import FTParams, PresetError, RomeParams
-from attnedit.sadr import SadrSettings, SadrTerm
+from attnedit.sadr import SadrSettings, SadrTerm, sadr_settings
 from attnedit.tokens import encode_target, locate_subject
 
 TEMPLATES = ["{}", "The city. {}", "You know that. {}"]
@@ -224,6 +224,8 @@ def test_make_editor_builds_sadr_methods(tmp_path):
         "layers": [6, 29],
         "prompt_reduction": "mean",
     }
+    ours = make_editor("rome+sadr", "smollm2-135m").terms[0].settings  # the validated setting
+    assert (ours.gamma, ours.heads, ours.layers) == (0.1, "selective", (20, 29))
     paper = make_editor("rome+sadr", "EleutherAI/gpt-j-6b")
     assert paper.terms[0].settings.gamma == 0.01 and paper.params.steps == 80  # the preset's sadr block
     assert make_editor("rome", "EleutherAI/gpt-j-6b").params.steps == 20
@@ -237,6 +239,8 @@ def test_make_editor_builds_sadr_methods(tmp_path):
         make_editor("rome+foo")
     with pytest.raises(PresetError, match="no setting"):
         make_editor("rome+sadr", "smollm2-135m", overrides={"sadr_weight": "1"})
+    with pytest.raises(PresetError, match=r"'sadr' block: unknown field\(s\) \['gama'\]"):
+        sadr_settings({"gama": 0.1}, {})
     with pytest.raises(PresetError, match="gamma"):
         make_editor("rome+sadr", "smollm2-135m", overrides={"sadr_gamma": "x"})
     with pytest.raises(ValueError, match="heads"):

@@ -71,10 +71,16 @@ class SadrSettings:
 
 
 SETTING_KEYS = ("gamma", "heads", "layers", "prompt_reduction")
+BLOCK_KEYS = ("params", "source")  # a preset's sadr block may also change the base method's parameters
 
 
 def sadr_settings(block: dict[str, Any], overrides: dict[str, Any]) -> SadrSettings:
     """Settings from a preset's ``sadr`` block plus overrides (CLI strings are parsed: ``layers=6-29``)."""
+    unknown = sorted(set(block) - set(SETTING_KEYS) - set(BLOCK_KEYS))
+    if unknown:
+        raise PresetError(
+            f"preset 'sadr' block: unknown field(s) {unknown}; known: {', '.join(SETTING_KEYS + BLOCK_KEYS)}"
+        )
     values = {k: v for k, v in block.items() if k in SETTING_KEYS}
     for key, value in overrides.items():
         if key not in SETTING_KEYS:
