@@ -366,11 +366,13 @@ class _Loop:
             self.evaluator.add_fluency(cases, records)
         self.write(records)
 
-    def write(self, finished: list[dict]) -> None:
+    def write(self, finished: list[dict], counted: bool = False) -> None:
+        """Append records; ``counted``: the progress bar already advanced for them when scored."""
         for record in finished:
             append_record(self.fh, record)
             self.records.append(record)
-            self.bar.update(1)
+            if not counted:
+                self.bar.update(1)
 
 
 def _run_groups(state: _Loop, groups: list[list[EditCase]]) -> None:
@@ -390,8 +392,9 @@ def _run_groups(state: _Loop, groups: list[list[EditCase]]) -> None:
         if pending:
             cases, finished, deltas = (list(x) for x in zip(*pending, strict=True))
             evaluator.add_fluency(cases, finished, deltas)
-            state.write(finished)
+            state.write(finished, counted=True)
             pending.clear()
+            state.bar.set_postfix_str("")
 
     for k, group in enumerate(groups):
         todo = [c for c in group if c.case_id not in done]
@@ -414,8 +417,10 @@ def _run_groups(state: _Loop, groups: list[list[EditCase]]) -> None:
                     )
                     for case in chunk
                 ]
-                if defer:
+                if defer:  # the bar counts edited cases; the postfix says how many await their fluency
                     pending.extend((case, record, deltas) for case, record in zip(chunk, scored, strict=True))
+                    state.bar.update(len(chunk))
+                    state.bar.set_postfix_str(f"{len(pending)} awaiting fluency", refresh=True)
                 else:  # a batch edit, or one that is not a weight delta: generate with it in place
                     state.finish_in_place(chunk, scored)
         finally:
