@@ -1,6 +1,6 @@
 """Figures 6 and 7 of the SADR paper from the points of ``bench/sadr_grid.py``.
 
-    python bench/sadr_figures.py --steps 20 --cases 100 --layers 20-29
+    python bench/sadr_figures.py --steps 20 --cases 30 --layers 20-29  # bench/sadr_figures.sh runs its points
 
 Only the grid points over ``--cases`` cases are drawn. Figure 6 analogue: ES, PS, RS and DNS against
 gamma, selective heads vs all heads (SADR on ``--layers``, the preset's lr and KL factor,
