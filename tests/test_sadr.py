@@ -185,6 +185,26 @@ def test_batched_requests_keep_their_own_reference(tiny_tokenizer):
         )
 
 
+def test_sequential_edits_take_the_model_before_the_current_edit_as_reference(tiny_tokenizer):
+    """Sequential editing: the same term, reused for the next edit, takes its reference from the model
+    with the earlier edits in place (not from the unedited model, not from the previous edit's run)."""
+    bundle = make_tiny("llama", tiny_tokenizer)
+    term = SadrTerm(SadrSettings(gamma=0.5, heads="all"))
+    inj = Injection("mlp", 0)
+    optimise_targets(bundle, REQUESTS[:1], TEMPLATES, [inj], SETTINGS, [term])
+    before = term._reference.clone()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # an earlier edit in place: every layer's attention changes
+        for param in bundle.model.model.layers[0].parameters():
+            param.add_(0.2 * torch.randn(param.shape, generator=generator))
+    result = optimise_targets(bundle, REQUESTS[:1], TEMPLATES, [inj], SETTINGS, [term])
+    assert not torch.allclose(term._reference, before, atol=1e-4)
+    rows = [(row, row.fact) for row in build_rows(bundle, REQUESTS[:1], TEMPLATES) if not row.kl]
+    edited = _injected(bundle, "mlp", 0, result.delta[inj][0])
+    expected, n_selected = _direct_sadr(bundle, rows, 1, "all", edited)
+    _check(result.loss_parts[0], expected, n_selected, bundle.adapter.n_layers, 0.5)
+
+
 def test_sadr_pulls_the_attention_back(tiny_tokenizer):
     """A large gamma lowers the final drift against the same optimisation without the term."""
     bundle = make_tiny("llama", tiny_tokenizer)
