@@ -21,4 +21,4 @@ for m in none rome rome+sadr memit memit+sadr pmet pmet+sadr; do
     "${P[@]}" --out "$out" --threads "${THREADS:-2}"
   runs+=("$out")
 done
-attnedit report "${runs[@]}" --magnitudes --out bench/results/table_sadr
+attnedit report "${runs[@]}" --magnitudes --against rome --out bench/results/table_sadr

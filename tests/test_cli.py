@@ -57,6 +57,13 @@ def test_eval_and_report(tmp_path, tiny_tokenizer):
     assert "| none | 4 |" in result.output
     for name in ("report.md", "report.csv", "report.json"):
         assert (tmp_path / "rep" / name).is_file()
+    # paired differences against a row: a run labelled apart from the same shards differs by nothing
+    again = runner.invoke(app, ["report", outs[0], "--against", "none", "--out", str(tmp_path / "rep2")])
+    assert again.exit_code == 0, again.output
+    assert "| Method - none | cases |" in again.output
+    assert json.loads((tmp_path / "rep2" / "paired.json").read_text()) == {"against": "none", "rows": {}}
+    bad = runner.invoke(app, ["report", *outs, "--against", "rome"])
+    assert bad.exit_code == 2 and "no row has this label" in bad.output
 
 
 def test_eval_bad_input_is_a_clear_error(tmp_path, tiny_tokenizer):

@@ -21,6 +21,7 @@ from attnedit.metrics import (
     knowedit_probes,
     mean_ci,
     ngram_entropy,
+    paired_difference,
     summarize,
 )
 
@@ -359,3 +360,38 @@ def test_fluency_from_rewrite_prompts_for_data_without_generation_prompts(tiny):
     assert len(on["fluency"]) == 2 and on["generations"][1].startswith("The Eiffel Tower stands in")
     with pytest.raises(ValueError, match="fluency prompts"):
         EvalConfig(fluency_prompts="paraphrase")
+
+
+def test_paired_difference_matches_the_pooled_rates_and_pairs_by_case(records):
+    base = [{**r, "case_id": str(i)} for i, r in enumerate(records)]
+    # the other run: every prompt of case 1 flips to a hit, in another record order, plus an unshared case
+    flipped = {
+        **base[1],
+        "comparisons": {
+            m: {"right_nll": c["right_nll"], "wrong_nll": [9.0] * len(c["right_nll"])}
+            for m, c in base[1]["comparisons"].items()
+        },
+    }
+    other = [flipped, *reversed([r for r in base if r["case_id"] != "1"]), {**base[0], "case_id": "extra"}]
+    out = paired_difference(base, other, resamples=500)
+    for metric in ("ES", "PS", "NS", "RS", "DNS"):
+        right, wrong = _pooled(base, metric)
+        right_o, wrong_o = _pooled([flipped if r["case_id"] == "1" else r for r in base], metric)
+        d = out[metric]
+        assert d["cases"] == len(base) and d["prompts"] == right.size
+        assert d["base"] == pytest.approx(100 * (right < wrong).mean())
+        assert d["other"] == pytest.approx(100 * (right_o < wrong_o).mean())
+        assert d["diff"] == pytest.approx(d["other"] - d["base"]) and d["diff"] >= 0
+        lo, hi = d["diff_ci"]
+        assert lo <= d["diff"] <= hi and lo >= 0  # only gains: no resample can show a loss
+        assert d["relative"] == pytest.approx(100 * d["diff"] / d["base"])
+    same = paired_difference(base, base, resamples=100)
+    assert all(d["diff"] == 0 and d["diff_ci"] == [0.0, 0.0] for d in same.values())
+    with pytest.raises(ValueError, match="share no case"):
+        paired_difference(base, [{**base[0], "case_id": "x"}])
+    fewer = {
+        **base[0],
+        "comparisons": {**base[0]["comparisons"], "PS": {"right_nll": [0.5], "wrong_nll": [2.0]}},
+    }
+    with pytest.raises(ValueError, match="PS: the two runs scored different prompts"):
+        paired_difference(base, [fewer])

@@ -291,25 +291,36 @@ def report_command(
     out: Annotated[Path | None, typer.Option("--out", help="write report.md/.csv/.json here")] = None,
     magnitudes: Annotated[bool, typer.Option(help="add EM, PM, NM, RM, DNM and P(o_new) columns")] = False,
     extra: Annotated[bool, typer.Option(help="add DRS, RES, ALIAS, OS, DOS, PPL columns")] = False,
+    against: Annotated[
+        str | None,
+        typer.Option(
+            "--against",
+            help="also print each row minus the row with this label (e.g. rome) on their shared cases, "
+            "with paired-bootstrap 95%% intervals",
+        ),
+    ] = None,
 ) -> None:
     """Merge run directories into one table shaped like the SADR paper's Table 3."""
     _setup(False, None)
-    from attnedit.report import collect, columns, markdown_table, write_report
+    from attnedit.report import collect, columns, markdown_table, paired, paired_table, write_report
 
     try:
         rows = collect([str(d) for d in run_dirs])
+        differences = paired(rows, against) if against is not None else None
     except (ValueError, FileNotFoundError) as err:
         logger.error("%s", err)
         raise typer.Exit(2) from None
     cols = columns(magnitudes, extra)
     typer.echo(markdown_table(rows, cols))
+    if differences is not None:
+        typer.echo("\n" + paired_table(differences, against))
     for row in rows:
         if not row.summary["_complete_shards"]:
             logger.warning(
                 "%s: not all shards are present; the row covers %d cases", row.label, row.summary["_cases"]
             )
     if out:
-        paths = write_report(rows, out, cols)
+        paths = write_report(rows, out, cols, against)
         typer.echo(json.dumps({k: str(v) for k, v in paths.items()}))
 
 

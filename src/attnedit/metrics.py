@@ -143,10 +143,7 @@ def summarize(records: Sequence[dict], bootstrap: int = 1000, seed: int = 0) -> 
             summary[spec.magnitude] = _entry(*mean_ci(np.exp(-all_right)), scale=100)
         if spec.failure:
             summary[spec.failure] = _entry(*mean_ci(np.exp(-all_wrong)), scale=100)
-        # per-case (hits, prompts) for the Avg S bootstrap
-        per_case_counts[spec.score] = np.array(
-            [[(a < b).sum(), a.size] for a, b in zip(right, wrong, strict=True)]
-        )
+        per_case_counts[spec.score] = _counts(right, wrong)  # for the Avg S bootstrap
 
     parts = [summary[m]["mean"] for m in AVG_S_COMPONENTS]
     if any(p is None for p in parts):
@@ -167,6 +164,67 @@ def summarize(records: Sequence[dict], bootstrap: int = 1000, seed: int = 0) -> 
             *mean_ci(v for r in records for v in r.get("knowedit", {}).get(name, [])), scale=100
         )
     return summary
+
+
+def _counts(right: list[np.ndarray], wrong: list[np.ndarray]) -> np.ndarray:
+    """Per case: (prompts where the right answer wins, prompts) -> ``[cases, 2]``."""
+    return np.array([[(a < b).sum(), a.size] for a, b in zip(right, wrong, strict=True)]).reshape(-1, 2)
+
+
+def case_counts(records: Sequence[dict], score: str) -> np.ndarray:
+    """One comparison score's per-case (hits, prompts), ``[cases, 2]``."""
+    sides = [r["comparisons"].get(score, {}) for r in records]
+    right = [np.asarray(c.get("right_nll", [])) for c in sides]
+    return _counts(right, [np.asarray(c.get("wrong_nll", [])) for c in sides])
+
+
+PAIRED_SCORES = ("ES", "PS", "NS", "RS", "DNS")
+
+
+def paired_difference(
+    base: Sequence[dict],
+    other: Sequence[dict],
+    scores: Sequence[str] = PAIRED_SCORES,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict]:
+    """``other`` minus ``base`` on the cases both runs hold (matched by ``case_id``), per score: the
+    pooled rates (percent), their difference in points and relative to ``base`` (percent), each with a
+    95% percentile interval from resampling cases, the same resample for both runs."""
+    by_id = {r["case_id"]: r for r in other}
+    shared = [r for r in base if r["case_id"] in by_id]
+    if not shared:
+        raise ValueError("the two runs share no case")
+    paired = [by_id[r["case_id"]] for r in shared]
+    idx = np.random.default_rng(seed).integers(0, len(shared), size=(resamples, len(shared)))
+    out: dict[str, dict] = {}
+    for score in scores:
+        a, b = case_counts(shared, score), case_counts(paired, score)
+        if not np.array_equal(a[:, 1], b[:, 1]):
+            raise ValueError(f"{score}: the two runs scored different prompts for the same cases")
+        total = a[:, 1]
+        if total.sum() == 0:
+            continue
+        rate_a, rate_b = 100.0 * a[:, 0].sum() / total.sum(), 100.0 * b[:, 0].sum() / total.sum()
+        n = total[idx].sum(axis=1)
+        keep = n > 0  # a resample without prompts of this score has no rate
+        boot_a = 100.0 * a[idx, 0].sum(axis=1)[keep] / n[keep]
+        boot_b = 100.0 * b[idx, 0].sum(axis=1)[keep] / n[keep]
+        diff = boot_b - boot_a
+        with np.errstate(divide="ignore", invalid="ignore"):
+            relative = np.where(boot_a > 0, 100.0 * diff / boot_a, np.nan)
+        finite = relative[np.isfinite(relative)]
+        out[score] = {
+            "base": rate_a,
+            "other": rate_b,
+            "diff": rate_b - rate_a,
+            "diff_ci": [float(x) for x in np.percentile(diff, [2.5, 97.5])],
+            "relative": 100.0 * (rate_b - rate_a) / rate_a if rate_a > 0 else None,
+            "relative_ci": [float(x) for x in np.percentile(finite, [2.5, 97.5])] if finite.size else None,
+            "cases": len(shared),
+            "prompts": int(total.sum()),
+        }
+    return out
 
 
 def _bootstrap_avg_s(counts: dict[str, np.ndarray], resamples: int, seed: int) -> float | None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from attnedit.metrics import summarize
+from attnedit.metrics import PAIRED_SCORES, paired_difference, summarize
 from attnedit.runner import MANIFEST, selected_records
 
 TABLE_COLUMNS = ("AvgS", "ES", "PS", "NS", "RS", "DNS", "FL")
@@ -22,6 +22,7 @@ class ReportRow:
     run_dirs: list[str]
     manifest: dict
     summary: dict
+    records: list[dict] = field(default_factory=list, repr=False)
 
 
 def _shard_key(manifest: dict) -> tuple:
@@ -64,7 +65,11 @@ def collect(run_dirs: list[str | Path]) -> list[ReportRow]:
         summary["_complete_shards"] = complete
         rows.append(
             ReportRow(
-                manifest.get("label") or manifest["method"], [str(d) for d, _ in members], manifest, summary
+                manifest.get("label") or manifest["method"],
+                [str(d) for d, _ in members],
+                manifest,
+                summary,
+                records,
             )
         )
     return rows
@@ -105,10 +110,50 @@ def csv_table(rows: list[ReportRow], cols: tuple[str, ...]) -> str:
     return buf.getvalue()
 
 
-def write_report(rows: list[ReportRow], out_dir: str | Path, cols: tuple[str, ...]) -> dict[str, Path]:
+def paired(rows: list[ReportRow], against: str) -> dict[str, dict]:
+    """Every other row minus the row labelled ``against``, on the cases both hold (paired bootstrap)."""
+    base = [r for r in rows if r.label == against]
+    if len(base) != 1:
+        labels = ", ".join(r.label for r in rows)
+        which = "no" if not base else "more than one"
+        raise ValueError(f"--against {against!r}: {which} row has this label (rows: {labels})")
+    return {r.label: paired_difference(base[0].records, r.records) for r in rows if r is not base[0]}
+
+
+def paired_table(differences: dict[str, dict], against: str) -> str:
+    """Markdown: per row and score, the difference in points and relative, with 95% intervals."""
+
+    def cell(d: dict | None) -> str:
+        if not d:
+            return "-"
+        lo, hi = d["diff_ci"]
+        text = f"{d['diff']:+.1f} [{lo:+.1f}, {hi:+.1f}]"
+        if d["relative"] is not None and d["relative_ci"] is not None:
+            rlo, rhi = d["relative_ci"]
+            text += f"; {d['relative']:+.0f}% [{rlo:+.0f}, {rhi:+.0f}]"
+        return text
+
+    lines = [f"| Method - {against} | cases | " + " | ".join(PAIRED_SCORES) + " |"]
+    lines.append("|---|---:|" + "---:|" * len(PAIRED_SCORES))
+    for label, by_score in differences.items():
+        cases = next((d["cases"] for d in by_score.values()), 0)
+        cells = " | ".join(cell(by_score.get(s)) for s in PAIRED_SCORES)
+        lines.append(f"| {label} | {cases} | {cells} |")
+    return "\n".join(lines)
+
+
+def write_report(
+    rows: list[ReportRow], out_dir: str | Path, cols: tuple[str, ...], against: str | None = None
+) -> dict[str, Path]:
+    """report.md/.csv/.json; with ``against``, also paired.md/.json (differences to that row)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "report.md", "csv": out / "report.csv", "json": out / "report.json"}
+    if against is not None:
+        differences = paired(rows, against)
+        paths |= {"paired_md": out / "paired.md", "paired_json": out / "paired.json"}
+        paths["paired_md"].write_text(paired_table(differences, against) + "\n")
+        paths["paired_json"].write_text(json.dumps({"against": against, "rows": differences}, indent=1))
     paths["md"].write_text(markdown_table(rows, cols) + "\n")
     paths["csv"].write_text(csv_table(rows, cols))
     paths["json"].write_text(
