@@ -57,7 +57,7 @@ def test_eval_and_report(tmp_path, tiny_tokenizer):
     assert "| none | 4 |" in result.output
     for name in ("report.md", "report.csv", "report.json"):
         assert (tmp_path / "rep" / name).is_file()
-    # paired differences against a row: a run labelled apart from the same shards differs by nothing
+    # paired differences: a report whose only row is the --against row has no other row to pair
     again = runner.invoke(app, ["report", outs[0], "--against", "none", "--out", str(tmp_path / "rep2")])
     assert again.exit_code == 0, again.output
     assert "| Method - none | cases |" in again.output

@@ -306,21 +306,21 @@ def report_command(
 
     try:
         rows = collect([str(d) for d in run_dirs])
-        differences = paired(rows, against) if against is not None else None
+        differences = (against, paired(rows, against)) if against is not None else None
     except (ValueError, FileNotFoundError) as err:
         logger.error("%s", err)
         raise typer.Exit(2) from None
     cols = columns(magnitudes, extra)
     typer.echo(markdown_table(rows, cols))
     if differences is not None:
-        typer.echo("\n" + paired_table(differences, against))
+        typer.echo("\n" + paired_table(differences[1], differences[0]))
     for row in rows:
         if not row.summary["_complete_shards"]:
             logger.warning(
                 "%s: not all shards are present; the row covers %d cases", row.label, row.summary["_cases"]
             )
     if out:
-        paths = write_report(rows, out, cols, against)
+        paths = write_report(rows, out, cols, differences)
         typer.echo(json.dumps({k: str(v) for k, v in paths.items()}))
 
 

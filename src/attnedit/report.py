@@ -143,17 +143,21 @@ def paired_table(differences: dict[str, dict], against: str) -> str:
 
 
 def write_report(
-    rows: list[ReportRow], out_dir: str | Path, cols: tuple[str, ...], against: str | None = None
+    rows: list[ReportRow],
+    out_dir: str | Path,
+    cols: tuple[str, ...],
+    differences: tuple[str, dict[str, dict]] | None = None,
 ) -> dict[str, Path]:
-    """report.md/.csv/.json; with ``against``, also paired.md/.json (differences to that row)."""
+    """report.md/.csv/.json; with ``differences`` (the ``against`` label and ``paired(rows, against)``),
+    also paired.md/.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "report.md", "csv": out / "report.csv", "json": out / "report.json"}
-    if against is not None:
-        differences = paired(rows, against)
+    if differences is not None:
+        against, by_row = differences
         paths |= {"paired_md": out / "paired.md", "paired_json": out / "paired.json"}
-        paths["paired_md"].write_text(paired_table(differences, against) + "\n")
-        paths["paired_json"].write_text(json.dumps({"against": against, "rows": differences}, indent=1))
+        paths["paired_md"].write_text(paired_table(by_row, against) + "\n")
+        paths["paired_json"].write_text(json.dumps({"against": against, "rows": by_row}, indent=1))
     paths["md"].write_text(markdown_table(rows, cols) + "\n")
     paths["csv"].write_text(csv_table(rows, cols))
     paths["json"].write_text(

@@ -420,7 +420,7 @@ def _run_groups(state: _Loop, groups: list[list[EditCase]]) -> None:
                 if defer:  # the bar counts edited cases; the postfix says how many await their fluency
                     pending.extend((case, record, deltas) for case, record in zip(chunk, scored, strict=True))
                     state.bar.update(len(chunk))
-                    state.bar.set_postfix_str(f"{len(pending)} awaiting fluency", refresh=True)
+                    state.bar.set_postfix_str(f"{len(pending)} awaiting fluency")
                 else:  # a batch edit, or one that is not a weight delta: generate with it in place
                     state.finish_in_place(chunk, scored)
         finally:
