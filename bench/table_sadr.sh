@@ -5,6 +5,8 @@
 # `sadr` block (docs/benchmarks.md says how it was chosen). Statistics from 5,000 WikiText-2 lines.
 # FL: greedy 100-token generations from each case's rewrite and paraphrase prompts.
 #   bash bench/table_sadr.sh [N] [FIRST]     (resumable; THREADS=1 to share the machine)
+# -> bench/results/table_sadr/{report,paired}.* (paired against ROME) and {memit,pmet}/paired.* (each +SADR
+#    row against its own editor)
 set -euo pipefail
 N=${1:-300}
 FIRST=${2:-100}
@@ -22,3 +24,7 @@ for m in none rome rome+sadr memit memit+sadr pmet pmet+sadr; do
   runs+=("$out")
 done
 attnedit report "${runs[@]}" --magnitudes --against rome --out bench/results/table_sadr
+# each editor's +SADR row against that editor, paired on the same cases
+for e in memit pmet; do
+  attnedit report "runs/table-fl-$e" "runs/table-sadr-$e-sadr" --magnitudes --against "$e" --out "bench/results/table_sadr/$e"
+done

@@ -296,7 +296,7 @@ def report_command(
         typer.Option(
             "--against",
             help="also print each row minus the row with this label (e.g. rome) on their shared cases, "
-            "with paired-bootstrap 95%% intervals",
+            "with paired-bootstrap 95% intervals",
         ),
     ] = None,
 ) -> None:
