@@ -20,6 +20,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from attnedit.plots import save_figure
+from attnedit.presets import load_preset
 
 
 def _plain(p: dict, layers: str | None = None) -> bool:
@@ -28,8 +29,9 @@ def _plain(p: dict, layers: str | None = None) -> bool:
     return same_layers and p.get("lr") is None and p.get("kl_factor") is None
 
 
-def _series(points: list[dict], steps: int, layers: str) -> dict[str, list[dict]]:
-    """The curves of figure 7: each a list of points sorted along the varied setting."""
+def _series(points: list[dict], steps: int, layers: str, preset: dict) -> dict[str, list[dict]]:
+    """The curves of figure 7: each a list of points sorted along the varied setting; a point that does
+    not set lr or the KL factor has the ``preset`` value."""
     out = {
         "SADR gamma": sorted(
             (p for p in points if _plain(p, layers) and p["heads"] == "selective" and p["steps"] == steps),
@@ -46,8 +48,16 @@ def _series(points: list[dict], steps: int, layers: str) -> dict[str, list[dict]
             if p["gamma"] == 0 and p["steps"] == steps and p.get(key) is not None and p.get(other) is None
         ]
         if varied:
-            out[label] = sorted(varied + base, key=lambda p: p.get(key) or 0.0)
+            out[label] = sorted(varied + base, key=lambda p, key=key: _value(p, key, preset))
     return {k: v for k, v in out.items() if v}
+
+
+def _value(p: dict, key: str, preset: dict) -> float:
+    return p[key] if p.get(key) is not None else preset[key]
+
+
+# each curve of figure 7 labels its points with the setting it varies
+_VARIED = {"SADR gamma": "gamma", "ROME steps": "steps", "ROME lr": "lr", "ROME KL factor": "kl_factor"}
 
 
 def _success(p: dict) -> float:
@@ -81,8 +91,8 @@ def figure6(points: list[dict], steps: int, layers: str, path: Path) -> dict:
     return data
 
 
-def figure7(points: list[dict], steps: int, layers: str, path: Path) -> dict:
-    series = _series(points, steps, layers)
+def figure7(points: list[dict], steps: int, layers: str, preset: dict, path: Path) -> dict:
+    series = _series(points, steps, layers, preset)
     fig = Figure(figsize=(9, 3.6))
     data = {}
     for i, metric in enumerate(("RM", "DNM")):
@@ -90,11 +100,24 @@ def figure7(points: list[dict], steps: int, layers: str, path: Path) -> dict:
         for label, row in series.items():
             x = [p[metric] for p in row]
             y = [_success(p) for p in row]
-            ax.plot(x, y, marker="o", markersize=3, label=label)
+            (line,) = ax.plot(x, y, marker="o", markersize=3, label=label)
+            key = _VARIED[label]
+            for xi, yi, p in zip(x, y, row, strict=True):
+                v = _value(p, key, preset)
+                ax.annotate(
+                    f"{v:g}",
+                    (xi, yi),
+                    fontsize=6,
+                    color=line.get_color(),
+                    xytext=(3, 2),
+                    textcoords="offset points",
+                )
             data.setdefault(
                 label,
                 {
-                    "points": [{k: p.get(k) for k in ("steps", "gamma", "lr", "kl_factor")} for p in row],
+                    "points": [
+                        {k: _value(p, k, preset) for k in ("steps", "gamma", "lr", "kl_factor")} for p in row
+                    ],
                     "success": y,
                 },
             )[metric] = x
@@ -113,6 +136,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="the steps of the gamma curves")
     ap.add_argument("--cases", type=int, required=True, help="draw the grid points over this many cases")
     ap.add_argument("--layers", default="all", help="SADR layer range of the gamma curves (A-B or all)")
+    ap.add_argument("--preset", default="smollm2-135m", help="the ROME preset the grid ran (sadr_grid.py's)")
     ap.add_argument("--figures", default="docs/figures")
     ap.add_argument("--out", default="bench/results/sadr_figures.json")
     args = ap.parse_args()
@@ -120,6 +144,8 @@ def main() -> None:
     points = [p for p in grid["points"] if not np.isnan(p.get("ES", np.nan)) and p["cases"] == args.cases]
     if not points:
         raise SystemExit(f"{args.grid}: no grid point over {args.cases} cases")
+    # the grid runs ROME at its SmolLM2 preset: the lr and KL factor of points that do not set them
+    preset = load_preset("rome", args.preset, preset=args.preset)["params"]
     figures = Path(args.figures)
     figures.mkdir(parents=True, exist_ok=True)
     result = {
@@ -128,7 +154,7 @@ def main() -> None:
         "cases": args.cases,
         "layers": args.layers,
         "figure6": figure6(points, args.steps, args.layers, figures / "sadr_fig6.png"),
-        "figure7": figure7(points, args.steps, args.layers, figures / "sadr_fig7.png"),
+        "figure7": figure7(points, args.steps, args.layers, preset, figures / "sadr_fig7.png"),
     }
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1)[:2000])
