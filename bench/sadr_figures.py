@@ -29,6 +29,10 @@ def _plain(p: dict, layers: str | None = None) -> bool:
     return same_layers and p.get("lr") is None and p.get("kl_factor") is None
 
 
+# each curve of figure 7 labels its points with the setting it varies
+_VARIED = {"SADR gamma": "gamma", "ROME steps": "steps", "ROME lr": "lr", "ROME KL factor": "kl_factor"}
+
+
 def _series(points: list[dict], steps: int, layers: str, preset: dict) -> dict[str, list[dict]]:
     """The curves of figure 7: each a list of points sorted along the varied setting; a point that does
     not set lr or the KL factor has the ``preset`` value."""
@@ -40,7 +44,8 @@ def _series(points: list[dict], steps: int, layers: str, preset: dict) -> dict[s
         "ROME steps": sorted((p for p in points if _plain(p) and p["gamma"] == 0), key=lambda p: p["steps"]),
     }
     base = [p for p in points if _plain(p) and p["gamma"] == 0 and p["steps"] == steps][:1]
-    for key, label in (("lr", "ROME lr"), ("kl_factor", "ROME KL factor")):
+    for label in ("ROME lr", "ROME KL factor"):
+        key = _VARIED[label]
         other = "kl_factor" if key == "lr" else "lr"
         varied = [
             p
@@ -54,10 +59,6 @@ def _series(points: list[dict], steps: int, layers: str, preset: dict) -> dict[s
 
 def _value(p: dict, key: str, preset: dict) -> float:
     return p[key] if p.get(key) is not None else preset[key]
-
-
-# each curve of figure 7 labels its points with the setting it varies
-_VARIED = {"SADR gamma": "gamma", "ROME steps": "steps", "ROME lr": "lr", "ROME KL factor": "kl_factor"}
 
 
 def _success(p: dict) -> float:

@@ -171,6 +171,14 @@ def _counts(right: list[np.ndarray], wrong: list[np.ndarray]) -> np.ndarray:
     return np.array([[(a < b).sum(), a.size] for a, b in zip(right, wrong, strict=True)]).reshape(-1, 2)
 
 
+def _resampled_rates(counts: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Pooled rate (percent) of per-case ``counts`` ``[cases, 2]`` in each resample of case indices
+    ``idx`` ``[resamples, cases]``; NaN for a resample without prompts."""
+    hits, total = counts[idx, 0].sum(axis=1), counts[idx, 1].sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(total > 0, 100.0 * hits / total, np.nan)
+
+
 def case_counts(records: Sequence[dict], score: str) -> np.ndarray:
     """One comparison score's per-case (hits, prompts), ``[cases, 2]``."""
     sides = [r["comparisons"].get(score, {}) for r in records]
@@ -206,10 +214,9 @@ def paired_difference(
         if total.sum() == 0:
             continue
         rate_a, rate_b = 100.0 * a[:, 0].sum() / total.sum(), 100.0 * b[:, 0].sum() / total.sum()
-        n = total[idx].sum(axis=1)
-        keep = n > 0  # a resample without prompts of this score has no rate
-        boot_a = 100.0 * a[idx, 0].sum(axis=1)[keep] / n[keep]
-        boot_b = 100.0 * b[idx, 0].sum(axis=1)[keep] / n[keep]
+        boot_a, boot_b = _resampled_rates(a, idx), _resampled_rates(b, idx)
+        keep = ~np.isnan(boot_a)  # a resample without prompts of this score has no rate
+        boot_a, boot_b = boot_a[keep], boot_b[keep]
         diff = boot_b - boot_a
         with np.errstate(divide="ignore", invalid="ignore"):
             relative = np.where(boot_a > 0, 100.0 * diff / boot_a, np.nan)
@@ -234,15 +241,9 @@ def _bootstrap_avg_s(counts: dict[str, np.ndarray], resamples: int, seed: int) -
         return None
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n_cases, size=(resamples, n_cases))
-    stats = []
-    for sample in idx:
-        parts = []
-        for m in AVG_S_COMPONENTS:
-            hits, total = counts[m][sample].sum(axis=0)
-            parts.append(100.0 * hits / total if total else None)
-        # a resample without prompts for a component has no Avg S; it is left out
-        if all(p is not None for p in parts):
-            stats.append(harmonic_mean(parts))  # type: ignore[arg-type]
+    rates = np.stack([_resampled_rates(counts[m], idx) for m in AVG_S_COMPONENTS], axis=1)
+    # a resample without prompts for a component has no Avg S; it is left out
+    stats = [harmonic_mean(list(parts)) for parts in rates[~np.isnan(rates).any(axis=1)]]
     if not stats:
         return None
     lo, hi = np.percentile(stats, [2.5, 97.5])
