@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from attnedit.covariance import StatsSpec, _accumulate, corpus_texts, second_moments
-from attnedit.data import load_cases
-from attnedit.editing import make_editor
-from attnedit.evaluation import EvalConfig, Evaluator
-from attnedit.metrics import summarize
-from attnedit.models import load_model
-from attnedit.runner import edit_each
+from attnedit.core.data import load_cases
+from attnedit.core.models import load_model
+from attnedit.editing.covariance import StatsSpec, _accumulate, corpus_texts, second_moments
+from attnedit.editing.registry import make_editor
+from attnedit.evaluation.evaluator import EvalConfig, Evaluator
+from attnedit.evaluation.metrics import summarize
+from attnedit.runs.runner import edit_each
 
 WIKITEXT = "../shared/data/wikitext2_test.txt,../shared/data/wikitext2_valid.txt"
 

@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 
 from attnedit import __version__
-from attnedit.data import load_cases, load_texts
-from attnedit.evaluation import EvalConfig, Evaluator
-from attnedit.metrics import comparisons
-from attnedit.models import load_model
-from attnedit.scoring import score_targets_reference
-from attnedit.tokens import encode_prompt, encode_target
+from attnedit.core.data import load_cases, load_texts
+from attnedit.core.models import load_model
+from attnedit.core.scoring import score_targets_reference
+from attnedit.core.tokens import encode_prompt, encode_target
+from attnedit.evaluation.evaluator import EvalConfig, Evaluator
+from attnedit.evaluation.metrics import comparisons
 
 
 def main() -> None:

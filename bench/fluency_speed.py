@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from attnedit import __version__
-from attnedit.data import load_cases
-from attnedit.editing import make_editor
-from attnedit.evaluation import EvalConfig, Evaluator
-from attnedit.models import load_model
+from attnedit.core.data import load_cases
+from attnedit.core.models import load_model
+from attnedit.editing.registry import make_editor
+from attnedit.evaluation.evaluator import EvalConfig, Evaluator
 
 
 def main() -> None:

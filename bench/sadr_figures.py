@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from attnedit.plots import save_figure
-from attnedit.presets import load_preset
+from attnedit.analysis.plots import save_figure
+from attnedit.editing.presets import load_preset
 
 
 def _plain(p: dict, layers: str | None = None) -> bool:

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attnedit.evaluation import EvalConfig
-from attnedit.metrics import summarize
-from attnedit.models import load_model
-from attnedit.runner import RunConfig, run, selected_records
+from attnedit.core.models import load_model
+from attnedit.evaluation.evaluator import EvalConfig
+from attnedit.evaluation.metrics import summarize
+from attnedit.runs.runner import RunConfig, run, selected_records
 
 DATA = "../shared/data/sadr_merged_counterfact.json"
 WIKITEXT = "../shared/data/wikitext2_test.txt,../shared/data/wikitext2_valid.txt"

@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 
 from attnedit import __version__
-from attnedit.data import load_cases
-from attnedit.editing import make_editor
-from attnedit.methods import method_templates, stats_spec, target_settings
-from attnedit.models import load_model
-from attnedit.optimise import Injection, optimise_targets
-from attnedit.sadr import SadrSettings, SadrTerm
+from attnedit.core.data import load_cases
+from attnedit.core.models import load_model
+from attnedit.editing.methods import method_templates, stats_spec, target_settings
+from attnedit.editing.optimise import Injection, optimise_targets
+from attnedit.editing.registry import make_editor
+from attnedit.editing.sadr import SadrSettings, SadrTerm
 
 # the official SADR code on this machine: ROME+SADR on SmolLM2, layer 5, gamma 0.01, 80 steps (issue 4)
 OFFICIAL_SECONDS_PER_EDIT = 137.0
@@ -73,7 +73,7 @@ def main() -> None:
         )
 
     editor = make_editor("rome+sadr", bundle.name, overrides={**stats, "steps": 80})
-    from attnedit.covariance import second_moments
+    from attnedit.editing.covariance import second_moments
 
     second_moments(
         bundle, "mlp_down", params.layers, stats_spec(params), progress=True

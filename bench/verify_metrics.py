@@ -45,7 +45,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.model_dir is None:
-        from attnedit.models import DEFAULT_MODEL, EMBEDDED_MODELS, materialise_gguf
+        from attnedit.core.models import DEFAULT_MODEL, EMBEDDED_MODELS, materialise_gguf
 
         args.model_dir = str(materialise_gguf(EMBEDDED_MODELS[DEFAULT_MODEL]))
     tok = AutoTokenizer.from_pretrained(args.model_dir)

@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 ruff check src tests bench
+lint-imports
 python -m pytest -q -p no:cacheprovider "$@"

@@ -10,7 +10,7 @@ import torch
 import transformers as T
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from attnedit.models import ModelBundle, bundle_from_model
+from attnedit.core.models import ModelBundle, bundle_from_model
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CORPUS = [
@@ -97,7 +97,7 @@ def tiny(request, tiny_tokenizer) -> ModelBundle:
 @pytest.fixture(scope="session")
 def smollm2() -> ModelBundle:
     """The real SmolLM2-135M (dequantised once into the attnedit cache)."""
-    from attnedit.models import load_model
+    from attnedit.core.models import load_model
 
     torch.set_num_threads(int(os.environ.get("ATTNEDIT_TEST_THREADS", "2")))
     return load_model("smollm2-135m")

@@ -4,8 +4,8 @@ import pytest
 import torch
 import transformers as T
 
-from attnedit.adapters import FAMILIES, UnsupportedModelError, get_adapter
-from attnedit.models import ModelBundle
+from attnedit.core.adapters import FAMILIES, UnsupportedModelError, get_adapter
+from attnedit.core.models import ModelBundle
 
 
 def test_adapter_names_every_component(tiny: ModelBundle):
@@ -56,7 +56,7 @@ def test_unknown_architecture_names_class_and_file():
     with pytest.raises(UnsupportedModelError) as err:
         get_adapter(model)
     assert "BloomForCausalLM" in str(err.value)
-    assert str(Path("attnedit") / "adapters.py") in str(err.value)
+    assert str(Path("attnedit") / "core" / "adapters.py") in str(err.value)
 
 
 def test_every_family_has_a_table():

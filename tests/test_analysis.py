@@ -11,32 +11,25 @@ import scipy.stats
 import torch
 from conftest import FAMILIES, make_tiny
 
-from attnedit.adapters import UnsupportedModelError
-from attnedit.analysis import (
+from attnedit.analysis.drift import (
     FACTORS,
     LastTokenAttention,
-    Restoration,
     attention_drift,
-    causal_trace,
     correlate,
     drift_factors,
-    layer_effects,
-    patch_attention,
-    patch_attention_scores,
     pearson,
-    record_attention,
     record_last_token_attention,
-    record_outputs,
-    specificity_prompts,
-    subject_noise,
-    substitute_outputs,
-    trace_restorations,
-    window_layers,
 )
-from attnedit.data import EditCase, EditRequest, Probe
-from attnedit.interventions import attention_probabilities
-from attnedit.models import ModelBundle
-from attnedit.tokens import encode_prompt, encode_target, locate_subject
+from attnedit.analysis.engine import Restoration, window_layers
+from attnedit.analysis.patching import patch_attention, patch_attention_scores, record_attention
+from attnedit.analysis.specificity import specificity_prompts
+from attnedit.analysis.substitution import record_outputs, substitute_outputs
+from attnedit.analysis.tracing import causal_trace, layer_effects, subject_noise, trace_restorations
+from attnedit.core.adapters import UnsupportedModelError
+from attnedit.core.data import EditCase, EditRequest, Probe
+from attnedit.core.interventions import attention_probabilities
+from attnedit.core.models import ModelBundle
+from attnedit.core.tokens import encode_prompt, encode_target, locate_subject
 
 # short prompts: the tiny tokenizer is almost character-level, and every test runs many rows per prompt
 PROMPT, SUBJECT, TARGET = "The Eiffel Tower is in", "Eiffel Tower", "Paris"
@@ -391,7 +384,7 @@ def test_skipping_unchanged_blocks_and_columns_equals_running_them(family, tiny_
     cache): the same values as running everything, for every family (GPT-J's blocks return tuples)."""
     import contextlib
 
-    from attnedit import analysis
+    from attnedit.analysis import engine
 
     bundle = make_tiny(family, tiny_tokenizer)
     prompts, targets = TASKS.prompts[:3], TASKS.targets[:3]
@@ -409,8 +402,8 @@ def test_skipping_unchanged_blocks_and_columns_equals_running_them(family, tiny_
         calls.append(layer)
         return contextlib.nullcontext()
 
-    monkeypatch.setattr(analysis, "start_at_layer", run_everything)
-    monkeypatch.setattr(analysis, "_first_column", lambda spec, batch, prompt: 0)
+    monkeypatch.setattr(engine, "start_at_layer", run_everything)
+    monkeypatch.setattr(engine, "_first_column", lambda spec, batch, prompt: 0)
     slow = substitute_outputs(bundle, recorded, targets, window=3)
     original = _perturb(bundle, "mlp_down", 1)
     slow_scores = patch_attention_scores(bundle, unedited_attention, targets, window=3)

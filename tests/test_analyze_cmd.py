@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from attnedit import analysis
-from attnedit.analyze_cmd import CASES, POSITIONS, aligned, token_positions
-from attnedit.cli import app
+from attnedit.analysis import drift, tracing
+from attnedit.analysis.aggregate import POSITIONS, aligned, token_positions
+from attnedit.cli.main import app
+from attnedit.runs.analyses import CASES
 
 PRESET = str(Path(__file__).parents[1] / "src/attnedit/resources/presets/rome/smollm2-135m.json")
 N_LAYERS = 3  # conftest.tiny_config
@@ -104,8 +105,8 @@ def test_trace_writes_figures_and_resumes(tmp_path, tiny_dir, monkeypatch):
     lines = (out / CASES).read_text().splitlines(keepends=True)
     (out / CASES).write_text(lines[0] + lines[1][:10])  # plus a torn line
     calls = []
-    original = analysis.causal_trace
-    monkeypatch.setattr(analysis, "causal_trace", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = tracing.causal_trace
+    monkeypatch.setattr(tracing, "causal_trace", lambda *a, **k: calls.append(1) or original(*a, **k))
     _ok(_invoke("trace", out, tiny_dir, *extra))
     assert len(calls) == 2  # case 1 only: one call per window (1 for layer, 2 for mlp and attn)
     assert [r["case_id"] for r in _lines(out)] == ["0", "1"]
@@ -154,7 +155,7 @@ def test_drift(tmp_path, tiny_dir, corpus):
     agg = result["aggregate"]
     assert set(agg["correlations"]) == {"DNS", "RS"}
     for task in ("DNS", "RS"):
-        assert set(agg["correlations"][task]) == set(analysis.FACTORS)
+        assert set(agg["correlations"][task]) == set(drift.FACTORS)
         for corr in agg["correlations"][task].values():
             assert set(corr) == {"r", "p", "n"}
     assert agg["correlations"]["DNS"]["kl"]["n"] == 8
@@ -186,7 +187,7 @@ def test_errors_name_the_case_or_record(tmp_path, tiny_dir, corpus, monkeypatch)
     def fail(*args, **kwargs):
         raise ValueError("cannot record this one")
 
-    monkeypatch.setattr(analysis, "record_last_token_attention", fail)
+    monkeypatch.setattr(drift, "record_last_token_attention", fail)
     result = _invoke("drift", tmp_path / "d", tiny_dir, *_edit_args(corpus), "--first", "3", limit=1)
     assert result.exit_code == 2
     assert "case3(sample_counterfact.json#3):cannotrecordthisone" in _squeezed(result.output)

@@ -2,7 +2,7 @@ import json
 
 from typer.testing import CliRunner
 
-from attnedit.cli import app
+from attnedit.cli.main import app
 
 runner = CliRunner()
 

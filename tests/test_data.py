@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from attnedit.data import (
+from attnedit.core.data import (
     FORMATS,
     DataFormatError,
     EditRequest,

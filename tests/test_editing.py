@@ -10,12 +10,13 @@ import pytest
 import torch
 from conftest import CORPUS, make_tiny
 
-from attnedit.covariance import StatsSpec, second_moments
-from attnedit.data import EditCase, EditRequest, Probe, load_cases
-from attnedit.deltas import EditMismatchError, WeightEdit, model_hash
-from attnedit.interventions import Trace
-from attnedit.methods import EditRequestError, FineTune, Memit, Pmet, Rome
-from attnedit.optimise import (
+from attnedit.core.data import EditCase, EditRequest, Probe, load_cases
+from attnedit.core.deltas import EditMismatchError, WeightEdit, model_hash
+from attnedit.core.interventions import Trace
+from attnedit.core.scoring import score_targets
+from attnedit.editing.covariance import StatsSpec, second_moments
+from attnedit.editing.methods import EditRequestError, FineTune, Memit, Pmet, Rome
+from attnedit.editing.optimise import (
     FrozenBelow,
     Injection,
     NonFiniteLossError,
@@ -24,7 +25,7 @@ from attnedit.optimise import (
     optimise_targets,
     split_rows,
 )
-from attnedit.presets import (
+from attnedit.editing.presets import (
     FTParams,
     MemitParams,
     PmetParams,
@@ -33,8 +34,7 @@ from attnedit.presets import (
     load_preset,
     make_params,
 )
-from attnedit.scoring import score_targets
-from attnedit.solvers import least_squares_update, rank_one_update, solve_spd
+from attnedit.editing.solvers import least_squares_update, rank_one_update, solve_spd
 
 TEMPLATES = ["{}", "The city. {}", "You know that. {}"]
 
@@ -290,7 +290,7 @@ def test_second_moments_match_a_direct_computation_and_are_cached(tiny_tokenizer
     k = torch.cat(keys)
     assert torch.allclose(moments[2], k.T @ k / len(k), atol=1e-5)
     bundle.cache.clear()  # from disk now: computing again would fail
-    monkeypatch.setattr("attnedit.covariance._accumulate", lambda *a, **kw: pytest.fail("recomputed"))
+    monkeypatch.setattr("attnedit.editing.covariance._accumulate", lambda *a, **kw: pytest.fail("recomputed"))
     again = second_moments(bundle, "mlp_down", [2], spec, progress=False)
     assert torch.equal(again[2], moments[2])
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from attnedit.interventions import (
+from attnedit.core.interventions import (
     StopForward,
     Trace,
     add_at_positions,
@@ -9,7 +9,7 @@ from attnedit.interventions import (
     head_outputs,
     replace_positions,
 )
-from attnedit.models import ModelBundle
+from attnedit.core.models import ModelBundle
 
 
 def _ids(bundle: ModelBundle, text: str = "The Eiffel Tower is located in the city of Paris") -> torch.Tensor:

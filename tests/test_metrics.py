@@ -9,8 +9,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from attnedit.data import CommonsenseProbe, EditCase, EditRequest, Probe
-from attnedit.metrics import (
+from attnedit.core.data import CommonsenseProbe, EditCase, EditRequest, Probe
+from attnedit.evaluation.metrics import (
     AVG_S_COMPONENTS,
     COMPARISON_METRICS,
     KNOWEDIT_METRICS,
@@ -346,7 +346,7 @@ def test_summarize_single_record():
 
 
 def test_fluency_from_rewrite_prompts_for_data_without_generation_prompts(tiny):
-    from attnedit.evaluation import EvalConfig, Evaluator
+    from attnedit.evaluation.evaluator import EvalConfig, Evaluator
 
     case = EditCase(
         case_id="x",

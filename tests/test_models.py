@@ -3,7 +3,7 @@ import time
 import pytest
 import torch
 
-from attnedit.models import DEFAULT_MODEL, ModelLoadError, cache_dir, load_model
+from attnedit.core.models import DEFAULT_MODEL, ModelLoadError, cache_dir, load_model
 
 
 def test_local_directory_loads_with_adapter(tmp_path, tiny_tokenizer):

@@ -8,9 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from attnedit.evaluation import EvalConfig
-from attnedit.report import collect
-from attnedit.runner import RESULTS, RunConfig, RunConflictError, Shard, read_results, run, selected_records
+from attnedit.evaluation.evaluator import EvalConfig
+from attnedit.runs.report import collect
+from attnedit.runs.runner import (
+    RESULTS,
+    RunConfig,
+    RunConflictError,
+    Shard,
+    read_results,
+    run,
+    selected_records,
+)
 
 
 def _config(out: Path, model: Path, **kw) -> RunConfig:
@@ -203,8 +211,8 @@ def corpus_file(tmp_path, monkeypatch) -> Path:
 
 @pytest.mark.parametrize("mode", ["batch", "sequential"])
 def test_batch_and_sequential_modes_restore_the_model(tmp_path, tiny_dir, corpus_file, mode):
-    from attnedit.deltas import model_hash
-    from attnedit.models import load_model
+    from attnedit.core.deltas import model_hash
+    from attnedit.core.models import load_model
 
     bundle = load_model(str(tiny_dir))
     original = model_hash(bundle.model)
@@ -239,9 +247,10 @@ def test_batch_and_sequential_modes_restore_the_model(tmp_path, tiny_dir, corpus
 
 
 def test_interrupted_batch_run_reapplies_its_saved_edit(tmp_path, tiny_dir, corpus_file, monkeypatch):
-    from attnedit import evaluation, methods
-    from attnedit.deltas import model_hash
-    from attnedit.models import load_model
+    from attnedit.core.deltas import model_hash
+    from attnedit.core.models import load_model
+    from attnedit.editing import methods
+    from attnedit.evaluation import evaluator as evaluation
 
     bundle = load_model(str(tiny_dir))
     original = model_hash(bundle.model)
@@ -307,10 +316,10 @@ def test_fluency_batched_across_cases_equals_per_case_generation(tmp_path, tiny_
     each case alone with its edit applied, and the model is restored."""
     from dataclasses import replace
 
-    from attnedit.deltas import model_hash
-    from attnedit.editing import make_editor
-    from attnedit.evaluation import Evaluator
-    from attnedit.models import load_model
+    from attnedit.core.deltas import model_hash
+    from attnedit.core.models import load_model
+    from attnedit.editing.registry import make_editor
+    from attnedit.evaluation.evaluator import Evaluator
 
     bundle = load_model(str(tiny_dir))
     original = model_hash(bundle.model)
@@ -324,7 +333,7 @@ def test_fluency_batched_across_cases_equals_per_case_generation(tmp_path, tiny_
 
     editor = make_editor(config.method, bundle.name, config.preset, config.params)
     evaluator = Evaluator(bundle, fl)
-    from attnedit.data import load_cases
+    from attnedit.core.data import load_cases
 
     cases = load_cases("sample").cases[:5]
     if mode == "single":

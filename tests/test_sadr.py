@@ -9,14 +9,14 @@ import pytest
 import torch
 from conftest import CORPUS, make_tiny
 
-from attnedit.data import EditCase, EditRequest, Probe
-from attnedit.editing import make_editor
-from attnedit.interventions import Trace, attention_implementation
-from attnedit.methods import FineTune, Rome
-from attnedit.optimise import Injection, Row, TargetSettings, build_rows, optimise_targets
-from attnedit.presets import FTParams, PresetError, RomeParams
-from attnedit.sadr import SadrSettings, SadrTerm, sadr_settings
-from attnedit.tokens import encode_target, locate_subject
+from attnedit.core.data import EditCase, EditRequest, Probe
+from attnedit.core.interventions import Trace, attention_implementation
+from attnedit.core.tokens import encode_target, locate_subject
+from attnedit.editing.methods import FineTune, Rome
+from attnedit.editing.optimise import Injection, Row, TargetSettings, build_rows, optimise_targets
+from attnedit.editing.presets import FTParams, PresetError, RomeParams
+from attnedit.editing.registry import make_editor
+from attnedit.editing.sadr import SadrSettings, SadrTerm, sadr_settings
 
 TEMPLATES = ["{}", "The city. {}", "You know that. {}"]
 REQUESTS = [

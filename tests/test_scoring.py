@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from attnedit.models import ModelBundle
-from attnedit.scoring import generate, score_targets, score_targets_reference, text_nll
+from attnedit.core.models import ModelBundle
+from attnedit.core.scoring import generate, score_targets, score_targets_reference, text_nll
 
 PAIRS = [
     ("The Eiffel Tower is located in the city of", "Paris"),
@@ -151,7 +151,7 @@ def test_generation_with_row_deltas_equals_each_edit_applied(tiny: ModelBundle):
 
 
 def test_row_deltas_refuse_what_they_cannot_add(tiny: ModelBundle):
-    from attnedit.interventions import row_deltas
+    from attnedit.core.interventions import row_deltas
 
     embedding = next(n for n, p in tiny.model.named_parameters() if p.ndim == 2)
     prompts = ["The Eiffel Tower is"]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-from attnedit.cli import app
-from attnedit.data import load_cases
-from attnedit.deltas import WeightEdit, model_hash
-from attnedit.editing import make_editor
-from attnedit.scoring import score_targets
+from attnedit.cli.main import app
+from attnedit.core.data import load_cases
+from attnedit.core.deltas import WeightEdit, model_hash
+from attnedit.core.scoring import score_targets
+from attnedit.editing.registry import make_editor
 
 pytestmark = pytest.mark.smollm2
 

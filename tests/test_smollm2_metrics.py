@@ -7,10 +7,10 @@ RS and DNS agree with the official SADR evaluation code run on the same model an
 
 import pytest
 
-from attnedit.data import load_cases
-from attnedit.evaluation import EvalConfig, Evaluator
-from attnedit.metrics import comparisons, summarize
-from attnedit.scoring import score_targets_reference
+from attnedit.core.data import load_cases
+from attnedit.core.scoring import score_targets_reference
+from attnedit.evaluation.evaluator import EvalConfig, Evaluator
+from attnedit.evaluation.metrics import comparisons, summarize
 
 pytestmark = pytest.mark.smollm2
 

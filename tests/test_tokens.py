@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from attnedit.tokens import SubjectNotFoundError, encode_prompt, encode_target, fill_prompt, locate_subject
+from attnedit.core.tokens import (
+    SubjectNotFoundError,
+    encode_prompt,
+    encode_target,
+    fill_prompt,
+    locate_subject,
+)
 
 TOKENIZERS = ["tiny_tokenizer", "tiny_bos_tokenizer"]
 

@@ -1,3 +1,3 @@
-from attnedit.cli import app
+from attnedit.cli.main import app
 
 app()

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from attnedit.adapters import ModelAdapter, get_adapter
+from attnedit.core.adapters import ModelAdapter, get_adapter
 
 logger = logging.getLogger(__name__)
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from attnedit.data import EditCase, EditRequest, Probe, load_cases
-from attnedit.deltas import WeightEdit
-from attnedit.editing import make_editor
-from attnedit.models import ModelBundle, load_model
-from attnedit.scoring import generate, score_targets
-from attnedit.tokens import fill_prompt
+from attnedit.core.data import EditCase, EditRequest, Probe, load_cases
+from attnedit.core.deltas import WeightEdit
+from attnedit.editing.registry import make_editor
+from attnedit.core.models import ModelBundle, load_model
+from attnedit.core.scoring import generate, score_targets
+from attnedit.core.tokens import fill_prompt
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from attnedit.data import EditCase
+from attnedit.core.data import EditCase
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attnedit.covariance import StatsSpec, second_moments
-from attnedit.data import EditCase, EditRequest
-from attnedit.deltas import AppliedEdit, EditBuilder
-from attnedit.interventions import Trace
-from attnedit.models import ModelBundle
-from attnedit.optimise import (
+from attnedit.core.data import EditCase, EditRequest
+from attnedit.core.deltas import AppliedEdit, EditBuilder
+from attnedit.core.interventions import Trace
+from attnedit.core.models import ModelBundle
+from attnedit.core.tokens import SubjectNotFoundError, encode_target, locate_subject
+from attnedit.editing.covariance import StatsSpec, second_moments
+from attnedit.editing.optimise import (
     FrozenBelow,
     Injection,
     LossTerm,
@@ -44,10 +45,9 @@ from attnedit.optimise import (
     term_attention,
     term_kernel,
 )
-from attnedit.presets import FTParams, LocateParams, MemitParams, RomeParams, params_dict
-from attnedit.solvers import Read, least_squares_update, rank_one_update, read_at_fact_token
-from attnedit.templates import TemplateSpec, context_templates
-from attnedit.tokens import SubjectNotFoundError, encode_target, locate_subject
+from attnedit.editing.presets import FTParams, LocateParams, MemitParams, RomeParams, params_dict
+from attnedit.editing.solvers import Read, least_squares_update, rank_one_update, read_at_fact_token
+from attnedit.editing.templates import TemplateSpec, context_templates
 
 logger = logging.getLogger(__name__)
 

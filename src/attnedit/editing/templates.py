@@ -13,8 +13,8 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 
-from attnedit.models import ModelBundle, cache_dir
-from attnedit.scoring import generate
+from attnedit.core.models import ModelBundle, cache_dir
+from attnedit.core.scoring import generate
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from attnedit.adapters import ModelAdapter
+from attnedit.core.adapters import ModelAdapter
 
 EditFn = Callable[[torch.Tensor, str], torch.Tensor]
 
@@ -392,7 +392,7 @@ def _patchable_attention(
         raise RuntimeError("attention_softmax needs the model in eval mode (it applies no attention dropout)")
     unsupported = [k for k in ("softcap", "s_aux") if kwargs.get(k) is not None]
     if unsupported:
-        from attnedit.adapters import UnsupportedModelError
+        from attnedit.core.adapters import UnsupportedModelError
 
         raise UnsupportedModelError(f"attention_softmax does not implement {unsupported} attention")
     hook = module.__dict__.get(_SOFTMAX_HOOK) or _SoftmaxHook(layer=-1)
@@ -460,7 +460,7 @@ def attention_softmax(
 
         installed = {layer: own_attn(modules[layer], hook) for layer, hook in hooks.items()}
     else:
-        from attnedit.adapters import UnsupportedModelError
+        from attnedit.core.adapters import UnsupportedModelError
 
         raise UnsupportedModelError(
             f"attention_softmax supports models using transformers' AttentionInterface and GPT-J-style "

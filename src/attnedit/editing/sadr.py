@@ -28,14 +28,14 @@ from typing import Any
 
 import torch
 
-from attnedit.optimise import SplitBatch, StepState, per_request_mean
-from attnedit.presets import PresetError
+from attnedit.analysis.drift import drift_kl
+from attnedit.editing.optimise import SplitBatch, StepState, per_request_mean
+from attnedit.editing.presets import PresetError
 
 logger = logging.getLogger(__name__)
 
 HEAD_RULES = ("selective", "increased", "all")
 PROMPT_REDUCTIONS = ("mean", "sum")
-_TINY = 1e-30
 
 
 @dataclass
@@ -106,15 +106,6 @@ def _parse(key: str, text: str) -> Any:
         raise PresetError(
             f"SADR {key}={text!r}: expected {'a number' if key == 'gamma' else 'FIRST-LAST'}"
         ) from None
-
-
-def drift_kl(reference: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
-    """KL(reference || current) over the last (key) dimension; zero-probability keys contribute 0.
-
-    The log difference is taken per key before weighting, which keeps small drifts accurate in float32.
-    """
-    log_ratio = reference.clamp_min(_TINY).log() - current.clamp_min(_TINY).log()
-    return (reference * log_ratio).sum(-1)
 
 
 def select_heads(

@@ -19,9 +19,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from attnedit.adapters import ModelAdapter
-from attnedit.interventions import row_deltas
-from attnedit.tokens import encode_prompt, encode_target
+from attnedit.core.adapters import ModelAdapter
+from attnedit.core.interventions import row_deltas
+from attnedit.core.tokens import encode_prompt, encode_target
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from attnedit.data import EditRequest
-from attnedit.interventions import Trace
-from attnedit.models import ModelBundle
-from attnedit.scoring import pad_batch
-from attnedit.templates import template_prefix
-from attnedit.tokens import locate_subject
+from attnedit.core.data import EditRequest
+from attnedit.core.interventions import Trace
+from attnedit.core.models import ModelBundle
+from attnedit.core.scoring import pad_batch
+from attnedit.core.tokens import locate_subject
+from attnedit.editing.templates import template_prefix
 
 logger = logging.getLogger(__name__)
 

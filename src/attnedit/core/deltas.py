@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from attnedit.data import EditRequest
+from attnedit.core.data import EditRequest
 
 FORMAT = "attnedit-edit/1"
 

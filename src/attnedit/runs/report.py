@@ -8,8 +8,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from attnedit.metrics import PAIRED_SCORES, paired_difference, summarize
-from attnedit.runner import MANIFEST, selected_records
+from attnedit.evaluation.metrics import PAIRED_SCORES, paired_difference, summarize
+from attnedit.runs.runner import MANIFEST, selected_records
 
 TABLE_COLUMNS = ("AvgS", "ES", "PS", "NS", "RS", "DNS", "FL")
 MAGNITUDE_COLUMNS = ("EM", "PM", "NM", "RM", "DNM", "RM_onew", "DNM_onew")

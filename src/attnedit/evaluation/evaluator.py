@@ -8,10 +8,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from attnedit.data import EditCase
-from attnedit.metrics import comparisons, knowedit_probes, ngram_entropy
-from attnedit.models import ModelBundle
-from attnedit.scoring import generate, score_targets, text_nll
+from attnedit.core.data import EditCase
+from attnedit.core.models import ModelBundle
+from attnedit.core.scoring import generate, score_targets, text_nll
+from attnedit.evaluation.metrics import comparisons, knowedit_probes, ngram_entropy
 
 
 @dataclass

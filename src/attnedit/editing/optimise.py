@@ -31,12 +31,17 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from attnedit.data import EditRequest
-from attnedit.interventions import Trace, attention_implementation, attention_probabilities, start_at_layer
-from attnedit.models import ModelBundle
-from attnedit.scoring import check_length, pad_batch
-from attnedit.templates import template_prefix
-from attnedit.tokens import encode_target, locate_subject
+from attnedit.core.data import EditRequest
+from attnedit.core.interventions import (
+    Trace,
+    attention_implementation,
+    attention_probabilities,
+    start_at_layer,
+)
+from attnedit.core.models import ModelBundle
+from attnedit.core.scoring import check_length, pad_batch
+from attnedit.core.tokens import encode_target, locate_subject
+from attnedit.editing.templates import template_prefix
 
 logger = logging.getLogger(__name__)
 

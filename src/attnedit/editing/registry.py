@@ -12,11 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from attnedit.data import EditCase
-from attnedit.methods import FineTune, Memit, Pmet, Rome
-from attnedit.models import ModelBundle
-from attnedit.presets import load_preset, make_params
-from attnedit.sadr import SadrSettings, SadrTerm, sadr_settings
+from attnedit.core.data import EditCase
+from attnedit.core.models import ModelBundle
+from attnedit.editing.methods import FineTune, Memit, Pmet, Rome
+from attnedit.editing.presets import load_preset, make_params
+from attnedit.editing.sadr import SadrSettings, SadrTerm, sadr_settings
 
 logger = logging.getLogger(__name__)
 SADR_PREFIX = "sadr_"  # override keys for the SADR term: sadr_gamma, sadr_heads, sadr_layers, ...

@@ -32,12 +32,12 @@ import transformers
 from tqdm.auto import tqdm
 
 from attnedit import __version__
-from attnedit.data import Dataset, EditCase, load_cases, load_texts
-from attnedit.deltas import WeightEdit
-from attnedit.editing import Editor, Unchanged, make_editor
-from attnedit.evaluation import EvalConfig, Evaluator
-from attnedit.metrics import summarize
-from attnedit.models import ModelBundle, load_model
+from attnedit.core.data import Dataset, EditCase, load_cases, load_texts
+from attnedit.core.deltas import WeightEdit
+from attnedit.editing.registry import Editor, Unchanged, make_editor
+from attnedit.evaluation.evaluator import EvalConfig, Evaluator
+from attnedit.evaluation.metrics import summarize
+from attnedit.core.models import ModelBundle, load_model
 
 logger = logging.getLogger(__name__)
 

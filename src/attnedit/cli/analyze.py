@@ -20,16 +20,26 @@ last token). Tokens before the subject are left out. A prompt without the subjec
 
 from __future__ import annotations
 
-import json
 import logging
-import random
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from attnedit.analysis.aggregate import (
+    POSITIONS,
+    TARGETS,
+    TASKS,
+    aligned,
+    as_array,
+    correlation_table,
+    nanmean,
+)
+from attnedit.analysis.engine import json_ready
+from attnedit.cli.common import parse_overrides, setup_logging
+from attnedit.runs.analyses import Session, Setting, run_cases, start, subject_span
+from attnedit.runs.analyses import finish as write_result
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -38,226 +48,8 @@ app = typer.Typer(
 )
 logger = logging.getLogger("attnedit")
 
-CASES = "cases.jsonl"
-MANIFEST = "manifest.json"
-POSITIONS = ("first subject", "middle subject", "last subject", "first subsequent", "further", "last")
-TASKS = {"DNS": "Distract-Neighborhood", "RS": "Relation"}
-TARGETS = ("o_true", "o_edit")
-# what must match to continue in an output directory; the case range (--first, --limit) need not: records
-# are per case, so a run can be extended to more cases, and only the selected cases are aggregated
-IDENTITY = ("analysis", "model", "method", "hyperparameters", "data", "seed", "options")
-
-
-class AnalysisConflictError(RuntimeError):
-    """The output directory holds an analysis run with different settings."""
-
-
-# --- token alignment and aggregation (pure) ----------------------------------------------------------
-
-
-def token_positions(n_tokens: int, first: int, last: int) -> list[list[int]]:
-    """Token indices of each of ``POSITIONS`` for a prompt of ``n_tokens`` whose subject spans tokens
-    ``first..last`` (``first < 0``: no subject)."""
-    end = n_tokens - 1
-    if first < 0:
-        return [[], [], [], [], list(range(end)), [end]]
-    return [
-        [first],
-        list(range(first + 1, last)),
-        [last],
-        [last + 1] if last + 1 < end else [],
-        list(range(last + 2, end)),
-        [end],
-    ]
-
-
-def aligned(values: Any, first: int, last: int) -> Any:
-    """``values[layer, token]`` averaged over each of ``POSITIONS``: ``[len(POSITIONS), n_layers]``."""
-    import numpy as np
-
-    values = np.asarray(values, dtype=float)
-    out = np.full((len(POSITIONS), values.shape[0]), np.nan)
-    for row, tokens in enumerate(token_positions(values.shape[1], first, last)):
-        if tokens:
-            out[row] = values[:, tokens].mean(axis=1)
-    return out
-
-
-def _nanmean(arrays: Sequence[Any], shape: tuple[int, ...]) -> Any:
-    import numpy as np
-
-    if not arrays:
-        return np.full(shape, np.nan)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cells stay NaN
-        return np.nanmean(np.stack([np.asarray(a, dtype=float) for a in arrays]), axis=0)
-
-
-def _json_ready(value: Any) -> Any:
-    from attnedit.analysis import json_ready  # lazy: the CLI imports this module at start-up
-
-    return json_ready(value)
-
-
-def _array(value: Any) -> Any:
-    """A JSON list back to a float array (None -> NaN)."""
-    import numpy as np
-
-    return np.array(value, dtype=float)
-
-
-# --- the run directory --------------------------------------------------------------------------------
-
-
-@dataclass
-class Setting:
-    """What one ``attnedit analyze`` invocation runs; ``method=None`` analyses the unedited model only."""
-
-    analysis: str
-    data: str
-    model: str
-    out: Path
-    first: int = 0
-    limit: int | None = None
-    seed: int = 0
-    options: dict = field(default_factory=dict)
-    method: str | None = None
-    preset: str | None = None
-    params: dict = field(default_factory=dict)
-
-
-@dataclass
-class Session:
-    setting: Setting
-    cases: list
-    bundle: Any
-    editor: Any
-    records: dict[str, dict]  # case_id -> record, those already in cases.jsonl
-
-
-def _manifest(setting: Setting, bundle: Any, dataset: Any, editor: Any) -> dict:
-    from attnedit import __version__
-    from attnedit.runner import data_manifest, environment_manifest, model_manifest
-
-    return {
-        "attnedit_version": __version__,
-        "analysis": setting.analysis,
-        "model": model_manifest(bundle),
-        "method": editor.name if editor is not None else "none",
-        "hyperparameters": editor.hyperparameters() if editor is not None else {},
-        "data": data_manifest(dataset),
-        "first": setting.first,
-        "limit": setting.limit,
-        "seed": setting.seed,
-        "options": setting.options,
-        **environment_manifest(),
-    }
-
-
-def start(setting: Setting) -> Session:
-    """Load data, model and editor; write (or check) the manifest; read the finished cases."""
-    import numpy as np
-    import torch
-
-    from attnedit.data import load_cases
-    from attnedit.editing import make_editor
-    from attnedit.models import load_model
-    from attnedit.runner import check_resumable, records_of_cases, write_manifest
-
-    if setting.first < 0:
-        raise ValueError("--first must be at least 0")
-    if setting.limit is not None and setting.limit < 1:
-        raise ValueError("--limit must be at least 1")
-    random.seed(setting.seed)
-    np.random.seed(setting.seed)
-    torch.manual_seed(setting.seed)
-    dataset = load_cases(setting.data)
-    cases = dataset.cases[setting.first :]
-    cases = cases[: setting.limit] if setting.limit else cases
-    if not cases:
-        raise ValueError(f"{dataset.path}: no cases from index {setting.first} ({len(dataset)} cases)")
-    bundle = load_model(setting.model)
-    editor = None
-    if setting.method is not None:
-        if setting.method == "none":
-            raise ValueError(f"analyze {setting.analysis} needs an edit: give --method (e.g. rome)")
-        editor = make_editor(setting.method, bundle.name, setting.preset, setting.params)
-    manifest = json.loads(json.dumps(_manifest(setting, bundle, dataset, editor)))
-    out = setting.out
-    out.mkdir(parents=True, exist_ok=True)
-    check_resumable(out, manifest, IDENTITY, AnalysisConflictError)
-    write_manifest(out, manifest)  # with the current case range
-    ids = [c.case_id for c in cases]
-    records = {r["case_id"]: r for r in records_of_cases(out / CASES, ids, repair=True)}
-    if records:
-        logger.info("resuming %s: %d of %d cases already done", out, len(records), len(cases))
-    return Session(setting, cases, bundle, editor, records)
-
-
-def run_cases(session: Session, compute: Callable[[Any], dict]) -> list[dict]:
-    """``compute`` each case not done yet, appending its record; all records in case order."""
-    from tqdm.auto import tqdm
-
-    from attnedit.runner import append_record
-
-    done = session.records
-    bar = tqdm(
-        total=len(session.cases), initial=len(done), desc=f"analyze {session.setting.analysis}", unit="case"
-    )
-    with open(session.setting.out / CASES, "a", encoding="utf-8") as fh, bar:
-        for case in session.cases:
-            if case.case_id in done:
-                continue
-            try:
-                record = compute(case)
-            except (ValueError, KeyError, IndexError) as err:
-                raise ValueError(f"case {case.case_id} ({case.source}): {err}") from err
-            record = _json_ready({"case_id": case.case_id, "source": case.source, **record})
-            append_record(fh, record, allow_nan=False)
-            done[case.case_id] = record
-            bar.update(1)
-    return [done[c.case_id] for c in session.cases]
-
-
-def finish(session: Session, records: list[dict], aggregate: dict, figures: Sequence[Path]) -> Path:
-    """Write NAME.json (atomically) and print where everything is."""
-    out, name = session.setting.out, session.setting.analysis
-    result = {
-        "analysis": name,
-        "manifest": MANIFEST,
-        "n_cases": len(records),
-        "positions": list(POSITIONS),
-        "aggregate": aggregate,
-        "figures": [Path(f).name for f in figures],
-        "cases": records,
-    }
-    path = out / f"{name}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_json_ready(result), allow_nan=False))
-    tmp.replace(path)
-    typer.echo(f"{name}: {len(records)} cases -> {path}")
-    for figure in figures:
-        typer.echo(f"figure: {figure}")
-    return path
-
-
-def _subject_span(bundle: Any, prompt: str, subject: str, n_tokens: int) -> list[int]:
-    """[first, last] token of the subject's first occurrence in ``prompt``; [-1, -1] when absent."""
-    from attnedit.tokens import SubjectNotFoundError, locate_subject
-
-    if subject not in prompt:
-        return [-1, -1]
-    try:
-        span = locate_subject(bundle.tokenizer, prompt, subject)
-    except SubjectNotFoundError:
-        return [-1, -1]
-    if len(span.input_ids) != n_tokens:
-        return [-1, -1]
-    return [span.first_token, span.last_token]
-
-
 def _kinds(text: str) -> tuple[str, ...]:
-    from attnedit.analysis import TRACE_KINDS
+    from attnedit.analysis.engine import TRACE_KINDS
 
     kinds = tuple(dict.fromkeys(k.strip() for k in text.split(",") if k.strip()))
     bad = [k for k in kinds if k not in TRACE_KINDS]
@@ -279,6 +71,15 @@ def _layers(text: str | None) -> list[int] | None:
         raise ValueError(f"--drift-layers expects FIRST-LAST or a comma list, not {text!r}") from None
 
 
+def finish(session: Session, records: list[dict], aggregate: dict, figures: Sequence[Path]) -> Path:
+    """Write the analysis result and print where everything is."""
+    path = write_result(session, records, aggregate, figures)
+    typer.echo(f"{session.setting.analysis}: {len(records)} cases -> {path}")
+    for figure in figures:
+        typer.echo(f"figure: {figure}")
+    return path
+
+
 def _guarded(body: Callable[[], None]) -> None:
     try:
         body()
@@ -288,10 +89,8 @@ def _guarded(body: Callable[[], None]) -> None:
 
 
 def _prepare(verbose: bool, threads: int | None, param: list[str] | None) -> dict[str, str]:
-    from attnedit.cli import _overrides, _setup  # lazy: cli imports this module
-
-    _setup(verbose, threads)
-    return _overrides(param)
+    setup_logging(verbose, threads)
+    return parse_overrides(param)
 
 
 # --- options shared by the subcommands ----------------------------------------------------------------
@@ -340,8 +139,8 @@ def trace_command(
     _prepare(verbose, threads, None)
 
     def body() -> None:
-        from attnedit import analysis as A
-        from attnedit import plots
+        from attnedit.analysis import plots
+        from attnedit.analysis.tracing import causal_trace, layer_effects
 
         chosen = _kinds(kinds)
         if samples < 1:
@@ -356,37 +155,37 @@ def trace_command(
             record: dict[str, Any] = {"restored": {}, "layer_effects": {}}
             for w in dict.fromkeys(windows.values()):
                 group = [k for k in chosen if windows[k] == w]
-                trace = A.causal_trace(
+                trace = causal_trace(
                     bundle, req.prompt, req.subject, req.target_true, group, w, noise, samples, seed
                 )
                 for key in ("prompt", "subject", "target", "tokens", "subject_first", "subject_last"):
                     record[key] = getattr(trace, key)
                 record.update(noise=trace.noise, clean=trace.clean, corrupted=trace.corrupted)
                 record["restored"].update(trace.restored)
-                record["layer_effects"].update(A.layer_effects(trace))
+                record["layer_effects"].update(layer_effects(trace))
             return record
 
         records = run_cases(session, compute)
         n_layers = bundle.adapter.n_layers
         aggregate: dict[str, Any] = {
-            "clean": _nanmean([r["clean"] for r in records], ()),
-            "corrupted": _nanmean([r["corrupted"] for r in records], ()),
+            "clean": nanmean([r["clean"] for r in records], ()),
+            "corrupted": nanmean([r["corrupted"] for r in records], ()),
             "indirect_effect": {},
             "restored": {},
             "layer_effects": {},
         }
         for kind in chosen:
             grids = [
-                aligned(_array(r["restored"][kind]), r["subject_first"], r["subject_last"]) for r in records
+                aligned(as_array(r["restored"][kind]), r["subject_first"], r["subject_last"]) for r in records
             ]
-            corrupted = [_array(r["corrupted"]) for r in records]
+            corrupted = [as_array(r["corrupted"]) for r in records]
             shape = (len(POSITIONS), n_layers)
-            aggregate["restored"][kind] = _nanmean(grids, shape)
-            aggregate["indirect_effect"][kind] = _nanmean(
+            aggregate["restored"][kind] = nanmean(grids, shape)
+            aggregate["indirect_effect"][kind] = nanmean(
                 [g - c for g, c in zip(grids, corrupted, strict=True)], shape
             )
-            aggregate["layer_effects"][kind] = _nanmean(
-                [_array(r["layer_effects"][kind]) for r in records], (n_layers,)
+            aggregate["layer_effects"][kind] = nanmean(
+                [as_array(r["layer_effects"][kind]) for r in records], (n_layers,)
             )
         names = {"layer": "hidden states", "mlp": "MLP", "attn": "attention"}
         figures = [
@@ -409,7 +208,7 @@ def trace_command(
                 ylabel="restored - corrupted P(o_true)",
             ),
         ]
-        finish(session, records, _json_ready(aggregate), figures)
+        finish(session, records, json_ready(aggregate), figures)
 
     _guarded(body)
 
@@ -439,7 +238,7 @@ def _edited_session(
 
 
 def _specificity(case: Any) -> Any:
-    from attnedit.analysis import specificity_prompts
+    from attnedit.analysis.specificity import specificity_prompts
 
     sp = specificity_prompts(case, tuple(TASKS))
     if not sp.prompts:
@@ -469,8 +268,8 @@ def substitute_command(
     overrides = _prepare(verbose, threads, param)
 
     def body() -> None:
-        from attnedit import analysis as A
-        from attnedit import plots
+        from attnedit.analysis import plots
+        from attnedit.analysis.substitution import record_outputs, substitute_outputs
 
         chosen = _kinds(kinds)
         options = {"kinds": list(chosen), "window": window}
@@ -485,10 +284,10 @@ def substitute_command(
                 return {"skipped": "no Distract-Neighborhood or Relation prompts"}
             edit = session.editor.apply(bundle, [case])
             try:
-                recorded = A.record_outputs(bundle, sp.prompts, chosen)
+                recorded = record_outputs(bundle, sp.prompts, chosen)
             finally:
                 edit.revert()
-            effects = A.substitute_outputs(bundle, recorded, sp.targets, window, chosen)
+            effects = substitute_outputs(bundle, recorded, sp.targets, window, chosen)
             any_kind = effects[chosen[0]]
             return {
                 "subject": sp.subject,
@@ -497,7 +296,7 @@ def substitute_command(
                 "targets": sp.targets,
                 "tokens": any_kind.tokens,
                 "subject_tokens": [
-                    _subject_span(bundle, p, sp.subject, len(t))
+                    subject_span(bundle, p, sp.subject, len(t))
                     for p, t in zip(sp.prompts, any_kind.tokens, strict=True)
                 ],
                 "base": any_kind.base,
@@ -512,7 +311,7 @@ def substitute_command(
         prompts_of = {task: _task_prompts(used, task) for task in TASKS}
         for task, at in prompts_of.items():
             aggregate["n_prompts"][task] = len(at)
-            aggregate["base"][task] = _nanmean([_array(r["base"][i]) for r, i in at], (2,))
+            aggregate["base"][task] = nanmean([as_array(r["base"][i]) for r, i in at], (2,))
         for kind in chosen:
             aggregate["effects"][kind] = {}
             for task, at in prompts_of.items():
@@ -520,11 +319,11 @@ def substitute_command(
                 for t, target in enumerate(TARGETS):
                     grids = [
                         aligned(
-                            _array(r["values"][kind][i])[..., t] - r["base"][i][t], *r["subject_tokens"][i]
+                            as_array(r["values"][kind][i])[..., t] - r["base"][i][t], *r["subject_tokens"][i]
                         )
                         for r, i in at
                     ]
-                    aggregate["effects"][kind][task][target] = _nanmean(grids, shape)
+                    aggregate["effects"][kind][task][target] = nanmean(grids, shape)
         names = {"layer": "hidden states", "mlp": "MLP", "attn": "attention"}
         figures = [
             plots.heatmaps(
@@ -543,32 +342,12 @@ def substitute_command(
             )
             for kind in chosen
         ]
-        finish(session, records, _json_ready(aggregate), figures)
+        finish(session, records, json_ready(aggregate), figures)
 
     _guarded(body)
 
 
 # --- 3. attention drift -------------------------------------------------------------------------------
-
-
-def correlation_table(correlations: dict[str, dict[str, dict]]) -> str:
-    """Markdown table: one row per factor, Pearson r and p with P(o_edit) per task."""
-    from attnedit.analysis import FACTORS
-
-    def cell(value: float | None, spec: str) -> str:
-        return "n/a" if value is None else format(value, spec)
-
-    head = "| factor | " + " | ".join(f"{TASKS[t]} r | {TASKS[t]} p" for t in correlations) + " |"
-    rule = "|---|" + "---|---|" * len(correlations)
-    rows = [head, rule]
-    for factor in FACTORS:
-        cells = []
-        for task in correlations:
-            c = correlations[task][factor]
-            cells += [cell(c["r"], ".3f"), cell(c["p"], ".2g")]
-        rows.append(f"| {factor} | " + " | ".join(cells) + " |")
-    n = ", ".join(f"{TASKS[t]}: n = {next(iter(correlations[t].values()))['n']}" for t in correlations)
-    return "\n".join(rows) + f"\n\nPearson correlation with the edited model's P(o_edit) per prompt ({n}).\n"
 
 
 @app.command("drift")
@@ -596,8 +375,14 @@ def drift_command(
     def body() -> None:
         import numpy as np
 
-        from attnedit import analysis as A
-        from attnedit import plots
+        from attnedit.analysis import plots
+        from attnedit.analysis.drift import (
+            FACTORS,
+            attention_drift,
+            drift_factors,
+            pearson,
+            record_last_token_attention,
+        )
 
         layers = _layers(drift_layers)
         options = {"drift_layers": layers}
@@ -618,13 +403,13 @@ def drift_command(
                 return {"skipped": "no Distract-Neighborhood or Relation prompt containing the subject"}
             prompts = [sp.prompts[i] for i in keep]
             targets = [sp.targets[i] for i in keep]
-            unedited = A.record_last_token_attention(bundle, prompts, sp.subject, targets)
+            unedited = record_last_token_attention(bundle, prompts, sp.subject, targets)
             edit = session.editor.apply(bundle, [case])
             try:
-                edited = A.record_last_token_attention(bundle, prompts, sp.subject, targets)
+                edited = record_last_token_attention(bundle, prompts, sp.subject, targets)
             finally:
                 edit.revert()
-            factors = A.drift_factors(unedited, edited, layers)
+            factors = drift_factors(unedited, edited, layers)
             return {
                 "subject": sp.subject,
                 "metrics": [sp.metrics[i] for i in keep],
@@ -633,9 +418,9 @@ def drift_command(
                 "subject_last": unedited.subject_last,
                 "p_unedited": unedited.target_probs,
                 "p_edited": edited.target_probs,
-                "factors": {name: getattr(factors, name) for name in A.FACTORS},
+                "factors": {name: getattr(factors, name) for name in FACTORS},
                 "factor_layers": factors.layers,
-                "kl_per_layer": A.attention_drift(unedited, edited).sum(axis=2),
+                "kl_per_layer": attention_drift(unedited, edited).sum(axis=2),
             }
 
         records = run_cases(session, compute)
@@ -645,18 +430,18 @@ def drift_command(
         for task in TASKS:
             at = _task_prompts(used, task)
             outcome = np.array([r["p_edited"][i][1] for r, i in at], dtype=float)
-            factor_values = {f: np.array([r["factors"][f][i] for r, i in at], dtype=float) for f in A.FACTORS}
+            factor_values = {f: np.array([r["factors"][f][i] for r, i in at], dtype=float) for f in FACTORS}
             aggregate["correlations"][task] = {
-                f: A.pearson(values, outcome).to_json() for f, values in factor_values.items()
+                f: pearson(values, outcome).to_json() for f, values in factor_values.items()
             }
             aggregate["means"][task] = {
                 "n": len(at),
-                "p_edit_edited": _nanmean(list(outcome), ()),
-                "p_edit_unedited": _nanmean([r["p_unedited"][i][1] for r, i in at], ()),
-                **{f: _nanmean(list(v), ()) for f, v in factor_values.items()},
+                "p_edit_edited": nanmean(list(outcome), ()),
+                "p_edit_unedited": nanmean([r["p_unedited"][i][1] for r, i in at], ()),
+                **{f: nanmean(list(v), ()) for f, v in factor_values.items()},
             }
             points[TASKS[task]] = (factor_values["kl"], outcome)
-        aggregate = _json_ready(aggregate)
+        aggregate = json_ready(aggregate)
         table = correlation_table(aggregate["correlations"])
         (out / "drift_correlations.md").write_text(table)
         figures = [
@@ -706,11 +491,17 @@ def patch_command(
     overrides = _prepare(verbose, threads, param)
 
     def body() -> None:
-        from attnedit import analysis as A
-        from attnedit import plots
+        from attnedit.analysis import plots
+        from attnedit.analysis.drift import record_last_token_attention
+        from attnedit.analysis.patching import (
+            PATCH_QUERIES,
+            patch_attention,
+            patch_attention_scores,
+            record_attention,
+        )
 
-        if queries not in A.PATCH_QUERIES:
-            raise ValueError(f"--queries must be one of {', '.join(A.PATCH_QUERIES)}, not {queries!r}")
+        if queries not in PATCH_QUERIES:
+            raise ValueError(f"--queries must be one of {', '.join(PATCH_QUERIES)}, not {queries!r}")
         options = {"window": window, "queries": queries, "scores": scores}
         session = _edited_session(
             "patch", data, model, method, preset, overrides, out, first, limit, seed, options
@@ -721,12 +512,12 @@ def patch_command(
             sp = _specificity(case)
             if not sp.prompts:
                 return {"skipped": "no Distract-Neighborhood or Relation prompts"}
-            unedited = A.record_last_token_attention(bundle, sp.prompts, None, sp.targets).target_probs
-            recorded = A.record_attention(bundle, sp.prompts)
+            unedited = record_last_token_attention(bundle, sp.prompts, None, sp.targets).target_probs
+            recorded = record_attention(bundle, sp.prompts)
             edit = session.editor.apply(bundle, [case])
             try:
-                curves = A.patch_attention(bundle, recorded, sp.targets, window, queries)
-                single = A.patch_attention_scores(bundle, recorded, sp.targets, window) if scores else None
+                curves = patch_attention(bundle, recorded, sp.targets, window, queries)
+                single = patch_attention_scores(bundle, recorded, sp.targets, window) if scores else None
             finally:
                 edit.revert()
             record = {
@@ -742,7 +533,7 @@ def patch_command(
             if single is not None:
                 record["scores"] = single.values
                 record["subject_tokens"] = [
-                    _subject_span(bundle, p, sp.subject, len(t))
+                    subject_span(bundle, p, sp.subject, len(t))
                     for p, t in zip(sp.prompts, curves.tokens, strict=True)
                 ]
             return record
@@ -757,9 +548,9 @@ def patch_command(
         for task in TASKS:
             at = _task_prompts(used, task)
             aggregate["n_prompts"][task] = len(at)
-            curve = _nanmean([_array(r["curves"][i]) for r, i in at], (n_layers, 2))
-            edited = _nanmean([_array(r["p_edited"][i]) for r, i in at], (2,))
-            unedited = _nanmean([_array(r["p_unedited"][i]) for r, i in at], (2,))
+            curve = nanmean([as_array(r["curves"][i]) for r, i in at], (n_layers, 2))
+            edited = nanmean([as_array(r["p_edited"][i]) for r, i in at], (2,))
+            unedited = nanmean([as_array(r["p_unedited"][i]) for r, i in at], (2,))
             aggregate["curves"][task] = {target: curve[:, t] for t, target in enumerate(TARGETS)}
             aggregate["p_edited"][task] = {target: edited[t] for t, target in enumerate(TARGETS)}
             aggregate["p_unedited"][task] = {target: unedited[t] for t, target in enumerate(TARGETS)}
@@ -777,10 +568,12 @@ def patch_command(
                 aggregate["scores"][task] = {}
                 for t, target in enumerate(TARGETS):
                     grids = [
-                        aligned(_array(r["scores"][i])[..., t] - r["p_edited"][i][t], *r["subject_tokens"][i])
+                        aligned(
+                            as_array(r["scores"][i])[..., t] - r["p_edited"][i][t], *r["subject_tokens"][i]
+                        )
                         for r, i in at
                     ]
-                    mean = _nanmean(grids, (len(POSITIONS), n_layers))
+                    mean = nanmean(grids, (len(POSITIONS), n_layers))
                     aggregate["scores"][task][target] = mean
                     score_panels.append(plots.HeatmapPanel(f"{TASKS[task]}: effect on P({target})", mean))
         figures = [
@@ -801,6 +594,6 @@ def patch_command(
                     colorbar="patched - edited P",
                 )
             )
-        finish(session, records, _json_ready(aggregate), figures)
+        finish(session, records, json_ready(aggregate), figures)
 
     _guarded(body)

@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from attnedit.tokens import SubjectNotFoundError, fill_prompt
+from attnedit.core.tokens import SubjectNotFoundError, fill_prompt
 
 logger = logging.getLogger(__name__)
 

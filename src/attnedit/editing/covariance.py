@@ -22,11 +22,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from attnedit.data import load_texts
-from attnedit.interventions import Trace
-from attnedit.models import ModelBundle, cache_dir
-from attnedit.scoring import generate, length_batches, pad_batch
-from attnedit.templates import SEED_WORDS
+from attnedit.core.data import load_texts
+from attnedit.core.interventions import Trace
+from attnedit.core.models import ModelBundle, cache_dir
+from attnedit.core.scoring import generate, length_batches, pad_batch
+from attnedit.editing.templates import SEED_WORDS
 
 logger = logging.getLogger(__name__)
 

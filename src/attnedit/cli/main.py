@@ -9,31 +9,15 @@ from typing import Annotated
 
 import typer
 
-from attnedit.analyze_cmd import app as analyze_app
-from attnedit.data import SAMPLE_DATA
+from attnedit.cli.analyze import app as analyze_app
+from attnedit.cli.common import parse_overrides, setup_logging
+from attnedit.core.data import SAMPLE_DATA
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Attention-aware knowledge editing of LLMs."
 )
 logger = logging.getLogger("attnedit")
 app.add_typer(analyze_app, name="analyze")
-
-
-def _setup(verbose: bool, threads: int | None) -> None:
-    from rich.logging import RichHandler
-
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(show_path=False)],
-        force=True,
-    )
-    for noisy in ("transformers", "httpx", "huggingface_hub", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
 
 
 SadrFlag = Annotated[
@@ -134,19 +118,19 @@ def eval_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Evaluate METHOD on DATA: edit -> evaluate -> restore (per case or batch); resumable; prints the row."""
-    _setup(verbose, threads)
-    from attnedit.evaluation import EvalConfig
-    from attnedit.report import collect, columns, markdown_table
-    from attnedit.runner import RunConfig, Shard, run
+    setup_logging(verbose, threads)
+    from attnedit.evaluation.evaluator import EvalConfig
+    from attnedit.runs.report import collect, columns, markdown_table
+    from attnedit.runs.runner import RunConfig, Shard, run
 
     corpus = None if ppl_corpus in (None, "none") else ppl_corpus
     if corpus == "sample":
-        from attnedit.data import sample_path
+        from attnedit.core.data import sample_path
 
         corpus = str(sample_path().with_name("sample_ppl_corpus.json"))
     try:
         method, overrides = _with_sadr(
-            method, _overrides(param), sadr, gamma, sadr_heads, sadr_layers, sadr_reduction
+            method, parse_overrides(param), sadr, gamma, sadr_heads, sadr_layers, sadr_reduction
         )
         config = RunConfig(
             data=data,
@@ -185,16 +169,6 @@ def eval_command(
     typer.echo(f"\nresults: {out / 'results.jsonl'}  summary: {out / 'summary.json'}")
 
 
-def _overrides(pairs: list[str] | None) -> dict[str, str]:
-    out = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise typer.BadParameter(f"--param expects KEY=VALUE, got {pair!r}")
-        out[key.strip()] = value
-    return out
-
-
 @app.command("edit")
 def edit_command(
     subject: Annotated[str | None, typer.Option(help="the subject, e.g. 'Eiffel Tower'")] = None,
@@ -229,15 +203,15 @@ def edit_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Edit one fact; print the model's answers before and after; save the edit."""
-    _setup(verbose, threads)
-    from attnedit.commands import answers_table, edit_case_from_args, run_single_edit
+    setup_logging(verbose, threads)
+    from attnedit.runs.single import answers_table, edit_case_from_args, run_single_edit
 
     try:
         case, probes = edit_case_from_args(
             model, subject, prompt, target_new, target_true, paraphrase, neighbor, request_file, index
         )
         method, overrides = _with_sadr(
-            method, _overrides(param), sadr, gamma, sadr_heads, sadr_layers, sadr_reduction
+            method, parse_overrides(param), sadr, gamma, sadr_heads, sadr_layers, sadr_reduction
         )
         before, after, edit = run_single_edit(case, probes, method, model, preset, overrides)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
@@ -260,18 +234,18 @@ def stats_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Precompute (and cache) the covariance statistics of a method's edit layers."""
-    _setup(verbose, threads)
+    setup_logging(verbose, threads)
     import time
 
-    from attnedit.covariance import second_moments
-    from attnedit.methods import stats_spec
-    from attnedit.models import load_model
-    from attnedit.presets import load_preset, make_params
+    from attnedit.core.models import load_model
+    from attnedit.editing.covariance import second_moments
+    from attnedit.editing.methods import stats_spec
+    from attnedit.editing.presets import load_preset, make_params
 
     try:
         bundle = load_model(model)
         base = method.removesuffix("+sadr")  # SADR needs no statistics of its own
-        params = make_params(base, load_preset(base, bundle.name, preset), _overrides(param))
+        params = make_params(base, load_preset(base, bundle.name, preset), parse_overrides(param))
         if not hasattr(params, "stats_corpus"):
             raise ValueError(f"method {method!r} uses no covariance statistics")
         spec = stats_spec(params)
@@ -301,8 +275,8 @@ def report_command(
     ] = None,
 ) -> None:
     """Merge run directories into one table shaped like the SADR paper's Table 3."""
-    _setup(False, None)
-    from attnedit.report import collect, columns, markdown_table, paired, paired_table, write_report
+    setup_logging(False, None)
+    from attnedit.runs.report import collect, columns, markdown_table, paired, paired_table, write_report
 
     try:
         rows = collect([str(d) for d in run_dirs])
@@ -327,8 +301,8 @@ def report_command(
 @app.command("models")
 def models_command() -> None:
     """List embedded models and supported families."""
-    from attnedit.adapters import FAMILIES
-    from attnedit.models import EMBEDDED_MODELS, cache_dir
+    from attnedit.core.adapters import FAMILIES
+    from attnedit.core.models import EMBEDDED_MODELS, cache_dir
 
     for spec in EMBEDDED_MODELS.values():
         typer.echo(

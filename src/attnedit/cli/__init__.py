@@ -1,0 +1,1 @@
+"""The command line (``attnedit ...``): typer apps over the layers below."""
