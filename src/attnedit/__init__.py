@@ -1,5 +1,65 @@
-"""attnedit: attention-aware knowledge editing of large language models."""
+"""attnedit: attention-aware knowledge editing of large language models.
+
+The public API (``attnedit.load_model``, ``attnedit.edit``, ``attnedit.evaluate``, ...) lives in
+``attnedit.api`` and is imported on first use, so ``import attnedit`` stays fast (no torch)::
+
+    import attnedit
+    bundle = attnedit.load_model("smollm2-135m")
+    with attnedit.edit(bundle, "rome", attnedit.EditRequest("{} is in", "Eiffel Tower", "Rome", "Paris")):
+        print(attnedit.answers(bundle, ["The Eiffel Tower is in"]))
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+# the public names, all defined in attnedit.api (imported lazily by __getattr__)
+_API = (
+    "AppliedEdit",
+    "EditCase",
+    "EditRequest",
+    "ModelBundle",
+    "answers",
+    "edit",
+    "editor",
+    "evaluate",
+    "from_model",
+    "load_cases",
+    "load_model",
+    "methods",
+    "reference",
+)
+
+__all__ = ["__version__", *_API]
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on first use
+    from attnedit.api import (  # noqa: F401
+        AppliedEdit,
+        EditCase,
+        EditRequest,
+        ModelBundle,
+        answers,
+        edit,
+        editor,
+        evaluate,
+        from_model,
+        load_cases,
+        load_model,
+        methods,
+        reference,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        value = getattr(importlib.import_module("attnedit.api"), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module 'attnedit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

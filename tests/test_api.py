@@ -1,0 +1,109 @@
+"""The public Python API (``attnedit.*``): the README's Python block runs as written, edits revert."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny
+
+import attnedit
+import attnedit.api
+from attnedit.core.deltas import model_hash
+from attnedit.editing.presets import PresetError
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+REQ = attnedit.EditRequest("{} is in", "Eiffel Tower", "Rome", "Paris")
+
+
+def _readme_python_block() -> str:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert blocks, "README has no python block"
+    return blocks[0]
+
+
+@pytest.fixture
+def tiny_presets(tmp_path, monkeypatch) -> Path:
+    """Presets for the tiny Llama (ROME, MEMIT) in a user preset directory, statistics from a small corpus."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"The city number {i} lies on the river {i % 7}." for i in range(40)))
+    root = tmp_path / "presets"
+    common = {"steps": 4, "stats_corpus": str(corpus), "stats_samples": 40, "stats_max_tokens": 32}
+    for method, layers in (("rome", [1]), ("memit", [1, 2])):
+        (root / method).mkdir(parents=True)
+        preset = {
+            "method": method,
+            "model": "tiny-llama",
+            "source": "test",
+            "params": {"layers": layers, "templates": [[4, 2]], **common},
+            "sadr": {"gamma": 0.05, "heads": "selective"},
+        }
+        (root / method / "tiny-llama.json").write_text(json.dumps(preset))
+    monkeypatch.setenv("ATTNEDIT_PRESETS", str(root))
+    return root
+
+
+def test_readme_python_block_runs_as_written(tmp_path, monkeypatch, tiny_tokenizer, tiny_presets, capsys):
+    bundle = make_tiny("llama", tiny_tokenizer)
+    monkeypatch.setattr(attnedit.api, "_load_model", lambda name, **kwargs: bundle)
+    monkeypatch.chdir(tmp_path)
+    before = model_hash(bundle.model)
+    exec(compile(_readme_python_block(), str(README), "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 3  # two answer lists and the ES NLLs
+    assert (tmp_path / "eiffel.safetensors").is_file()
+    assert model_hash(bundle.model) == before  # every edit of the block was reverted
+
+
+def test_edit_reverts_on_exit_even_on_error_and_keep_keeps(tiny_tokenizer, tiny_presets):
+    bundle = make_tiny("llama", tiny_tokenizer)
+    original = model_hash(bundle.model)
+    with pytest.raises(RuntimeError, match="inside"), attnedit.edit(bundle, "rome", REQ) as applied:
+        assert model_hash(bundle.model) != original
+        assert applied.edit.deltas
+        raise RuntimeError("inside")
+    assert model_hash(bundle.model) == original
+    kept = attnedit.edit(bundle, "rome", REQ, keep=True)
+    with kept:
+        pass
+    assert model_hash(bundle.model) != original
+    kept.revert()
+    assert model_hash(bundle.model) == original
+
+
+def test_settings_are_routed_and_checked(tiny_tokenizer, tiny_presets):
+    bundle = make_tiny("llama", tiny_tokenizer)
+    editor = attnedit.editor(bundle, "rome+sadr", steps=3, gamma=0.2)
+    hyper = editor.hyperparameters()
+    assert hyper["steps"] == 3 and hyper["terms"][0]["gamma"] == 0.2
+    with pytest.raises(ValueError, match="rome\\+sadr"):
+        attnedit.editor(bundle, "rome", gamma=0.2)  # a SADR setting needs the +sadr method
+    with pytest.raises(PresetError, match="no_such_field"):
+        attnedit.editor(bundle, "rome", no_such_field=1)
+
+
+def test_the_preset_comes_from_the_bundles_model_never_a_default(tiny_tokenizer):
+    bundle = make_tiny("gpt2", tiny_tokenizer)  # no preset for tiny-gpt2
+    with pytest.raises(PresetError, match="tiny-gpt2"):
+        attnedit.editor(bundle, "rome")
+    with torch.no_grad():
+        assert attnedit.answers(bundle, "Paris is")[0] == attnedit.answers(bundle, ["Paris is"])[0]
+
+
+def test_from_model_wraps_a_transformers_model(tiny_tokenizer):
+    model = make_tiny("qwen2", tiny_tokenizer).model
+    bundle = attnedit.from_model(model, tiny_tokenizer, name="my-qwen")
+    assert bundle.name == "my-qwen" and bundle.adapter.family == "qwen2"
+    assert attnedit.load_cases("sample")[0].request.subject
+
+
+def test_import_attnedit_does_not_import_torch():
+    code = "import sys, attnedit; assert 'torch' not in sys.modules; attnedit.EditRequest; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ok"
+    assert set(attnedit.__all__) >= {"load_model", "from_model", "edit", "answers", "evaluate", "load_cases"}
