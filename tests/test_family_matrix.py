@@ -82,7 +82,8 @@ def test_qkv_weights_compute_the_per_head_outputs(tiny: ModelBundle):
         # the feature indices name the same numbers in the module's own output
         with Trace(model, [projection.module], detach=True) as out:
             model(ids)
-        torch.testing.assert_close(out[projection.module].hidden[..., projection.rows()], heads[c].flatten(-2))
+        own = out[projection.module].hidden[..., projection.rows()]
+        torch.testing.assert_close(own, heads[c].flatten(-2))
     # the three parts partition the module's output features (fused) or fill their own modules
     rows = torch.cat([projections[c].rows() for c in QKV])
     if a.table.qkv_layout:
@@ -137,9 +138,10 @@ def test_replacing_qkv_heads(tiny: ModelBundle):
 
         with head_outputs(model, a, [layer]) as plain:
             model(ids)
-        with qkv_heads(model, a, "attn_v", [layer], replace=zero_value_head0) as seen, head_outputs(
-            model, a, [layer]
-        ) as heads:
+        with (
+            qkv_heads(model, a, "attn_v", [layer], replace=zero_value_head0) as seen,
+            head_outputs(model, a, [layer]) as heads,
+        ):
             model(ids)
         assert torch.all(seen[layer][:, :, 0] == 0)
         readers = _kv_head(tiny) == 0  # the query heads that read value head 0: their outputs vanish

@@ -323,9 +323,7 @@ def qkv_heads(
     def read(retained: Retained, name: str) -> torch.Tensor | None:
         return None if retained.output is None else projections[names[name]].heads(retained.hidden)
 
-    with Trace(
-        model, list(names), detach=detach, edit_output=edit if replace is not None else None
-    ) as trace:
+    with Trace(model, list(names), detach=detach, edit_output=edit if replace is not None else None) as trace:
         yield LayerView(trace, names, read)
 
 
