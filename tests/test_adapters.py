@@ -1,3 +1,4 @@
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -38,15 +39,32 @@ def test_conv1d_view_is_transposed_storage(tiny_tokenizer):
     assert view.data_ptr() == raw.data_ptr()  # a view, so in-place edits reach the model
 
 
-def test_fused_projection_error_and_layer_range(tiny_tokenizer):
+def test_fused_projections_and_layer_range(tiny_tokenizer):
+    """GPT-2 and GPT-NeoX compute q, k and v in one module: the table says where each part lies (the
+    numbers are checked against the models' own attention in test_family_matrix.py)."""
     from conftest import make_tiny
 
-    bundle = make_tiny("gpt2", tiny_tokenizer)
-    with pytest.raises(UnsupportedModelError, match="attn_q"):
-        bundle.adapter.module_name("attn_q", 0)
+    gpt2 = make_tiny("gpt2", tiny_tokenizer).adapter
+    assert gpt2.module_name("attn_q", 0) == gpt2.module_name("attn_qkv", 0) == "transformer.h.0.attn.c_attn"
+    width = gpt2.n_heads * gpt2.head_dim
+    # [q | k | v]
+    assert gpt2.qkv("attn_k", 0).rows().tolist() == list(range(width, 2 * width))
+    neox = make_tiny("gpt_neox", tiny_tokenizer).adapter
+    value = neox.qkv("attn_v", 2)
+    assert value.module == "gpt_neox.layers.2.attention.query_key_value"
+    # [head][q, k, v][head_dim]: head h's value is features 3hd + 2d ... 3hd + 3d
+    d = neox.head_dim
+    assert value.rows().tolist() == [3 * h * d + 2 * d + i for h in range(neox.n_heads) for i in range(d)]
+    with pytest.raises(ValueError, match="fused"):  # a fused weight is not the query's [out, in] matrix
+        gpt2.weight_view(make_tiny("gpt2", tiny_tokenizer).model, "attn_q", 0)
+    llama = make_tiny("llama", tiny_tokenizer).adapter
+    assert llama.qkv("attn_k", 1).layout is None and llama.qkv("attn_k", 1).n_heads == llama.n_kv_heads
+    with pytest.raises(UnsupportedModelError, match="attn_qkv"):  # nothing fused in Llama
+        llama.module_name("attn_qkv", 0)
     with pytest.raises(IndexError):
-        bundle.adapter.module_name("mlp_down", 3)
-    assert bundle.adapter.module_name("attn_qkv", 0) == "transformer.h.0.attn.c_attn"
+        gpt2.module_name("mlp_down", 3)
+    with pytest.raises(ValueError, match="qkv_layout"):  # a fused family must say where q, k, v lie
+        replace(next(t for t in FAMILIES if t.family == "gpt2"), qkv_layout=None)
 
 
 def test_unknown_architecture_names_class_and_file():

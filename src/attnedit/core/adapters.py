@@ -2,7 +2,9 @@
 
 Every intervention, editor and metric is written against the names here (``layer``, ``mlp_out``,
 ``attn_o``...), never against a family's own module names. A new architecture is one new
-``FamilyTable`` entry in ``FAMILIES`` below.
+``FamilyTable`` entry in ``FAMILIES`` below. Query, key and value are read and written through
+``ModelAdapter.qkv`` (and ``qkv_weight``/``qkv_bias``), which also covers families that fuse them into one
+projection: the table says which part of the fused module's output each of them is.
 """
 
 from __future__ import annotations
@@ -17,6 +19,14 @@ class UnsupportedModelError(ValueError):
     """Raised for a model class no adapter knows."""
 
 
+QKV = ("attn_q", "attn_k", "attn_v")  # the components a fused projection computes together, in this order
+# How a fused projection lays out its output features (checked against transformers' own attention code):
+#   blocks:   [q | k | v], each block head-major [head][head_dim] (GPT-2 ``c_attn``, split by embed width)
+#   per_head: [head][q, k, v][head_dim], interleaved per head (GPT-NeoX ``query_key_value``, viewed as
+#             [..., heads, 3 * head_dim] and chunked in three)
+QKV_LAYOUTS = ("blocks", "per_head")
+
+
 @dataclass(frozen=True)
 class FamilyTable:
     """Module paths of one family; ``{}`` stands for the layer index."""
@@ -26,7 +36,7 @@ class FamilyTable:
     layers: str  # container of the transformer blocks
     embed: str  # token embedding
     attn: str  # attention module of block {}; its output[0] is the attention output, [1] the weights
-    attn_q: str | None  # separate projections (None where fused)
+    attn_q: str | None  # separate projections (None where fused: attn_qkv and qkv_layout say where)
     attn_k: str | None
     attn_v: str | None
     attn_qkv: str | None  # fused q/k/v projection (GPT-2 c_attn, NeoX query_key_value)
@@ -39,6 +49,16 @@ class FamilyTable:
     conv1d: bool = False
     # GPT-J and GPT-NeoX (parallel residual) feed attention and MLP the same block input
     parallel_residual: bool = False
+    # where q, k and v lie in the fused projection's output (one of QKV_LAYOUTS); None where separate
+    qkv_layout: str | None = None
+
+    def __post_init__(self) -> None:
+        fused = [c for c in QKV if getattr(self, c) is None]
+        if fused and (self.attn_qkv is None or self.qkv_layout not in QKV_LAYOUTS):
+            raise ValueError(
+                f"family {self.family!r}: {fused} have no module of their own, so the table needs attn_qkv "
+                f"and a qkv_layout from {QKV_LAYOUTS}"
+            )
 
 
 FAMILIES: tuple[FamilyTable, ...] = (
@@ -74,6 +94,7 @@ FAMILIES: tuple[FamilyTable, ...] = (
         mlp_down="transformer.h.{}.mlp.c_proj",
         final_norm="transformer.ln_f",
         conv1d=True,
+        qkv_layout="blocks",
     ),
     FamilyTable(
         family="gptj",
@@ -108,6 +129,7 @@ FAMILIES: tuple[FamilyTable, ...] = (
         mlp_down="gpt_neox.layers.{}.mlp.dense_4h_to_h",
         final_norm="gpt_neox.final_layer_norm",
         parallel_residual=True,
+        qkv_layout="per_head",
     ),
 )
 
@@ -123,6 +145,40 @@ COMPONENTS = (
     "mlp_in",
     "mlp_down",
 )
+
+
+@dataclass(frozen=True)
+class QKVProjection:
+    """Where one layer's query, key or value projection is computed: a module of its own, or its part of
+    a fused q/k/v module's output features (``layout`` from ``QKV_LAYOUTS``)."""
+
+    component: str  # attn_q, attn_k or attn_v
+    module: str  # path of the module whose output holds it
+    layout: str | None  # None: the module computes only this projection
+    n_heads: int  # heads of this projection (key/value heads under grouped-query attention)
+    head_dim: int
+    features: int  # output features of the module
+    offset: int = 0  # blocks layout: the first output feature of this projection's block
+
+    @property
+    def width(self) -> int:
+        return self.n_heads * self.head_dim
+
+    def heads(self, features: torch.Tensor) -> torch.Tensor:
+        """This projection's ``[..., n_heads, head_dim]`` out of the module's output features ``[..., out]``.
+
+        A view: writing into it writes into ``features``."""
+        if self.layout == "per_head":
+            grouped = features.unflatten(-1, (self.n_heads, len(QKV), self.head_dim))
+            return grouped[..., QKV.index(self.component), :]
+        if self.layout == "blocks":
+            features = features[..., self.offset : self.offset + self.width]
+        return features.unflatten(-1, (self.n_heads, self.head_dim))
+
+    def rows(self) -> torch.Tensor:
+        """Indices of this projection's output features in the module's output, head-major (the order of
+        a separate projection's output)."""
+        return self.heads(torch.arange(self.features)).flatten()
 
 
 @dataclass(frozen=True)
@@ -156,10 +212,10 @@ class ModelAdapter:
         if component not in COMPONENTS and component not in ("embed", "final_norm"):
             raise KeyError(f"unknown component {component!r}; known: {COMPONENTS}")
         path = getattr(self.table, component)
+        if path is None and component in QKV:  # fused: the module whose output holds it (see ``qkv``)
+            path = self.table.attn_qkv
         if path is None:
-            raise UnsupportedModelError(
-                f"family {self.family!r} has no separate {component!r} module (fused projections)"
-            )
+            raise UnsupportedModelError(f"family {self.family!r} has no {component!r} module")
         if "{}" in path:
             if layer is None:
                 raise ValueError(f"component {component!r} needs a layer index")
@@ -185,6 +241,11 @@ class ModelAdapter:
 
     def weight_view(self, model: nn.Module, component: str, layer: int) -> torch.Tensor:
         """A linear component's weight as an [out_features, in_features] view (Conv1D transposed)."""
+        if component in QKV and self.qkv(component, layer).layout is not None:
+            raise ValueError(
+                f"{component} of family {self.family!r} is part of a fused projection: "
+                f"use qkv_weight (per head) or weight_view('attn_qkv')"
+            )
         weight = self.module(model, component, layer).weight
         return weight.T if self.table.conv1d else weight
 
@@ -195,6 +256,47 @@ class ModelAdapter:
     def attn_o_weight(self, model: nn.Module, layer: int) -> torch.Tensor:
         """The attention output projection as an [out_features, in_features] view."""
         return self.weight_view(model, "attn_o", layer)
+
+    def qkv(self, component: str, layer: int) -> QKVProjection:
+        """Where the query (``attn_q``), key (``attn_k``) or value (``attn_v``) projection of ``layer`` is
+        computed, in every family: read and write q/k/v through this, never through a module's own layout."""
+        if component not in QKV:
+            raise KeyError(f"{component!r} is not one of {QKV}")
+        n_heads = self.n_heads if component == "attn_q" else self.n_kv_heads
+        layout = None if getattr(self.table, component) is not None else self.table.qkv_layout
+        if layout == "per_head" and self.n_kv_heads != self.n_heads:
+            raise UnsupportedModelError(
+                f"family {self.family!r}: per-head fused q/k/v needs as many key/value heads as query heads"
+            )
+        # heads per part: the query holds n_heads, key and value n_kv_heads (grouped-query attention)
+        sizes = [h * self.head_dim for h in (self.n_heads, self.n_kv_heads, self.n_kv_heads)]
+        part = QKV.index(component)
+        features, offset = sizes[part], 0
+        if layout is not None:  # [q | k | v] in blocks, or the same features interleaved per head
+            features, offset = sum(sizes), sum(sizes[:part])
+        return QKVProjection(
+            component=component,
+            module=self.module_name(component, layer),
+            layout=layout,
+            n_heads=n_heads,
+            head_dim=self.head_dim,
+            features=features,
+            offset=offset,
+        )
+
+    def qkv_weight(self, model: nn.Module, component: str, layer: int) -> torch.Tensor:
+        """The q, k or v projection's weight as an ``[n_heads, head_dim, in_features]`` view (in-place edits
+        reach the model), whatever the family's storage (fused, Conv1D-transposed)."""
+        projection = self.qkv(component, layer)
+        weight = model.get_submodule(projection.module).weight
+        by_input = weight if self.table.conv1d else weight.T  # [in, out]
+        return projection.heads(by_input).permute(1, 2, 0)
+
+    def qkv_bias(self, model: nn.Module, component: str, layer: int) -> torch.Tensor | None:
+        """The q, k or v projection's bias as an ``[n_heads, head_dim]`` view (None without a bias)."""
+        projection = self.qkv(component, layer)
+        bias = getattr(model.get_submodule(projection.module), "bias", None)
+        return None if bias is None else projection.heads(bias)
 
 
 def _config_value(config: object, *names: str) -> int | None:

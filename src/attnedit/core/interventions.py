@@ -295,6 +295,39 @@ def head_outputs(
 
 
 @contextlib.contextmanager
+def qkv_heads(
+    model: nn.Module,
+    adapter: ModelAdapter,
+    component: str,
+    layers: Iterable[int],
+    replace: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    detach: bool = True,
+) -> Iterator[LayerView]:
+    """Read (and optionally replace) the per-head output of the query, key or value projection
+    (``component``: ``attn_q``, ``attn_k``, ``attn_v``), in every family, fused projections included.
+
+    These are the projections' outputs as the module computed them: before any rotary position embedding
+    the attention applies afterwards. ``replace(heads, layer)`` receives ``[batch, seq, n_heads, head_dim]``
+    (key/value heads for ``attn_k``/``attn_v``) and returns the same shape; in a fused projection only this
+    component's part of the output is replaced. The view maps layer -> ``[batch, seq, n_heads, head_dim]``.
+    """
+    projections = {layer: adapter.qkv(component, layer) for layer in layers}
+    names = {p.module: layer for layer, p in projections.items()}
+
+    def edit(y: torch.Tensor, name: str) -> torch.Tensor:
+        projection, layer = projections[names[name]], names[name]
+        out = y.clone()  # the other parts of a fused output pass through unchanged
+        projection.heads(out).copy_(replace(projection.heads(y), layer))  # type: ignore[misc]
+        return out
+
+    def read(retained: Retained, name: str) -> torch.Tensor | None:
+        return None if retained.output is None else projections[names[name]].heads(retained.hidden)
+
+    with Trace(model, list(names), detach=detach, edit_output=edit if replace is not None else None) as trace:
+        yield LayerView(trace, names, read)
+
+
+@contextlib.contextmanager
 def start_at_layer(
     model: nn.Module, adapter: ModelAdapter, layer: int, lower_output: object
 ) -> Iterator[None]:
