@@ -145,6 +145,27 @@ def test_early_stop_and_clamp(tiny_tokenizer):
     assert float(result.delta[inj].norm()) <= 0.1 * float(result.init[inj].norm()) * (1 + 1e-5)
 
 
+def test_sites_resolve_through_the_adapter(tiny):
+    """A site names an adapter component; its module is the adapter's, whatever the family."""
+    adapter = tiny.adapter
+    key = Site("mlp_down", 1, "input")
+    assert key.module_name(adapter) == adapter.module_name("mlp_down", 1)
+    assert tiny.model.get_submodule(Site("attn", 2).module_name(adapter)) is adapter.module(
+        tiny.model, "attn", 2
+    )
+    assert Site("layer", 0).hidden_state and not key.hidden_state and not Site("mlp", 0, "input").hidden_state
+    assert Site("mlp", 1) == Site("mlp", 1, "output") and len({Site("mlp", 1), Site("mlp", 1, "output")}) == 1
+    for bad in (dict(component="mlp_up", layer=0), dict(component="embed", layer=0)):
+        with pytest.raises(ValueError, match="unknown site component"):
+            Site(**bad)
+    with pytest.raises(ValueError, match="side"):
+        Site("mlp", 0, "middle")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="layer"):
+        Site("mlp", -1)
+    with pytest.raises(IndexError):
+        Site("mlp", adapter.n_layers).module_name(adapter)
+
+
 def test_adam_loop_contract():
     """The loop every target optimisation runs: a unit that met the stop rule is frozen from then on, the
     projection holds after every step, the last forward pass only measures, and a non-finite loss of an
