@@ -26,8 +26,9 @@ import torch
 from attnedit import __version__
 from attnedit.core.data import load_cases
 from attnedit.core.models import load_model
-from attnedit.editing.methods import method_templates, stats_spec, target_settings
-from attnedit.editing.optimise import Injection, optimise_targets
+from attnedit.core.sites import Site
+from attnedit.editing.base import method_templates, stats_spec, target_settings
+from attnedit.editing.optimise import optimise_targets
 from attnedit.editing.registry import make_editor
 from attnedit.editing.sadr import SadrSettings, SadrTerm
 
@@ -57,7 +58,7 @@ def main() -> None:
     templates = method_templates(bundle, params)
     settings = target_settings(params)
     settings.steps, settings.early_stop_loss = args.steps, 0.0
-    injection = [Injection("mlp", params.layers[0])]
+    injection = [Site("mlp", params.layers[0])]
     term = SadrTerm(SadrSettings(gamma=0.01))
 
     per_step: dict[str, list[float]] = {"plain": [], "sadr": []}

@@ -14,17 +14,21 @@ from attnedit.core.data import EditCase, EditRequest, Probe, load_cases
 from attnedit.core.deltas import EditMismatchError, WeightEdit, model_hash
 from attnedit.core.interventions import Trace
 from attnedit.core.scoring import score_targets
+from attnedit.core.sites import Site
+from attnedit.editing.base import EditRequestError
 from attnedit.editing.covariance import StatsSpec, second_moments
-from attnedit.editing.methods import EditRequestError, FineTune, Memit, Pmet, Rome
+from attnedit.editing.ft import FineTune
+from attnedit.editing.memit import Memit
 from attnedit.editing.optimise import (
     FrozenBelow,
-    Injection,
     NonFiniteLossError,
     TargetSettings,
+    adam_loop,
     build_rows,
     optimise_targets,
     split_rows,
 )
+from attnedit.editing.pmet import Pmet
 from attnedit.editing.presets import (
     FTParams,
     MemitParams,
@@ -34,6 +38,7 @@ from attnedit.editing.presets import (
     load_preset,
     make_params,
 )
+from attnedit.editing.rome import Rome
 from attnedit.editing.solvers import least_squares_update, rank_one_update, solve_spd
 
 TEMPLATES = ["{}", "The city. {}", "You know that. {}"]
@@ -119,7 +124,7 @@ def test_batched_optimisation_equals_separate(tiny_tokenizer, max_rows):
         _case("Danielle Darrieux speaks", "Danielle Darrieux", "English", "French").request,
     ]
     settings = TargetSettings(steps=6, early_stop_loss=0.0, max_rows=max_rows)
-    inj = Injection("layer", 1)
+    inj = Site("layer", 1)
     joint = optimise_targets(bundle, reqs, TEMPLATES, [inj], settings)
     for i, req in enumerate(reqs):
         alone = optimise_targets(bundle, [req], TEMPLATES, [inj], settings)
@@ -129,7 +134,7 @@ def test_batched_optimisation_equals_separate(tiny_tokenizer, max_rows):
 
 def test_early_stop_and_clamp(tiny_tokenizer):
     bundle = make_tiny("llama", tiny_tokenizer)
-    inj = Injection("mlp", 1)
+    inj = Site("mlp", 1)
     result = optimise_targets(
         bundle, [_case().request], TEMPLATES, [inj], TargetSettings(steps=5, early_stop_loss=1e9)
     )
@@ -138,6 +143,64 @@ def test_early_stop_and_clamp(tiny_tokenizer):
         bundle, [_case().request], TEMPLATES, [inj], TargetSettings(steps=10, clamp_norm_factor=0.1, lr=5.0)
     )
     assert float(result.delta[inj].norm()) <= 0.1 * float(result.init[inj].norm()) * (1 + 1e-5)
+
+
+def test_sites_resolve_through_the_adapter(tiny):
+    """A site names an adapter component; its module is the adapter's, whatever the family."""
+    adapter = tiny.adapter
+    key = Site("mlp_down", 1, "input")
+    assert key.module_name(adapter) == adapter.module_name("mlp_down", 1)
+    assert tiny.model.get_submodule(Site("attn", 2).module_name(adapter)) is adapter.module(
+        tiny.model, "attn", 2
+    )
+    assert Site("layer", 0).hidden_state and not key.hidden_state and not Site("mlp", 0, "input").hidden_state
+    assert Site("mlp", 1) == Site("mlp", 1, "output") and len({Site("mlp", 1), Site("mlp", 1, "output")}) == 1
+    for bad in (dict(component="mlp_up", layer=0), dict(component="embed", layer=0)):
+        with pytest.raises(ValueError, match="unknown site component"):
+            Site(**bad)
+    with pytest.raises(ValueError, match="side"):
+        Site("mlp", 0, "middle")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="layer"):
+        Site("mlp", -1)
+    with pytest.raises(IndexError):
+        Site("mlp", adapter.n_layers).module_name(adapter)
+
+
+def test_adam_loop_contract():
+    """The loop every target optimisation runs: a unit that met the stop rule is frozen from then on, the
+    projection holds after every step, the last forward pass only measures, and a non-finite loss of an
+    active unit stops everything, naming the unit."""
+    targets = torch.tensor([[1.0, 0.0], [3.0, 4.0], [-6.0, 8.0]])  # the last two lie outside the clamp
+    x = torch.zeros(3, 2, requires_grad=True)
+    seen: list[torch.Tensor] = []
+
+    def losses(step: int) -> torch.Tensor:
+        seen.append(x.detach().clone())
+        return ((x - targets) ** 2).sum(-1)
+
+    def clamp() -> None:
+        x.mul_((2.0 / x.norm(dim=-1).clamp_min(2.0))[:, None])
+
+    result = adam_loop(
+        [x], losses, lr=0.5, steps=12, early_stop_loss=0.05, project=clamp, units=["a", "b", "c"]
+    )
+    stop = result.steps[0]
+    assert 0 < stop < 11 and result.steps[1:] == [11, 11] and len(seen) == 12
+    assert result.final_loss[0] < 0.05 <= float(((seen[stop - 1][0] - targets[0]) ** 2).sum())
+    for later in seen[stop:]:
+        assert torch.equal(later[0], seen[stop][0])  # Adam's momentum would have moved it
+    assert torch.equal(x.detach(), seen[-1])  # no update after the last measuring pass
+    assert all(float(v.norm(dim=-1).max()) <= 2.0 * (1 + 1e-6) for v in seen)
+    for i in (1, 2):
+        assert result.final_loss[i] == float(((seen[-1][i] - targets[i]) ** 2).sum())
+
+    def nan_for_b(step: int) -> torch.Tensor:
+        return losses(step) * torch.tensor([1.0, math.nan, 1.0])
+
+    before = x.detach().clone()
+    with pytest.raises(NonFiniteLossError, match=r"at step 0 for request\(s\) \['b'\]"):
+        adam_loop([x], nan_for_b, lr=0.5, steps=3, early_stop_loss=0.0, units=["a", "b", "c"])
+    assert torch.equal(x.detach(), before)
 
 
 @pytest.mark.parametrize("method", ["rome", "memit", "pmet", "ft"])
@@ -206,8 +269,8 @@ def test_bad_requests_are_refused_with_the_model_untouched(tiny_tokenizer, corpu
         FineTune(FTParams(layers=[1], lr=math.inf, norm_constraint=math.inf, steps=4)).apply(
             bundle, [_case()]
         )
-    with pytest.raises(ValueError, match="injection component"):
-        Injection("embed", 0)
+    with pytest.raises(ValueError, match="injection sites must be outputs of"):
+        optimise_targets(bundle, [_case().request], TEMPLATES, [Site("mlp_down", 1)], TargetSettings())
     assert model_hash(bundle.model) == original
 
 
@@ -327,7 +390,7 @@ def test_nothing_below_the_injection_is_recomputed_per_step(tiny_tokenizer, step
             bundle,
             [_case().request],
             TEMPLATES,
-            [Injection("mlp", 1)],
+            [Site("mlp", 1)],
             TargetSettings(steps=steps, early_stop_loss=0),
         )
     finally:

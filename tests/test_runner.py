@@ -249,7 +249,7 @@ def test_batch_and_sequential_modes_restore_the_model(tmp_path, tiny_dir, corpus
 def test_interrupted_batch_run_reapplies_its_saved_edit(tmp_path, tiny_dir, corpus_file, monkeypatch):
     from attnedit.core.deltas import model_hash
     from attnedit.core.models import load_model
-    from attnedit.editing import methods
+    from attnedit.editing import memit
     from attnedit.evaluation import evaluator as evaluation
 
     bundle = load_model(str(tiny_dir))
@@ -288,7 +288,7 @@ def test_interrupted_batch_run_reapplies_its_saved_edit(tmp_path, tiny_dir, corp
     def no_recompute(self, bundle, cases):
         raise AssertionError("the saved batch edit must be re-applied, not recomputed")
 
-    monkeypatch.setattr(methods.Memit, "apply", no_recompute)
+    monkeypatch.setattr(memit.Memit, "apply", no_recompute)
     run(
         _edit_config(out, tiny_dir, corpus_file, limit=4, mode="batch", batch_size=4),
         bundle=bundle,

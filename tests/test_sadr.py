@@ -11,11 +11,13 @@ from conftest import CORPUS, FAMILIES, make_tiny
 
 from attnedit.core.data import EditCase, EditRequest, Probe
 from attnedit.core.interventions import Trace, attention_implementation
+from attnedit.core.sites import Site
 from attnedit.core.tokens import encode_target, locate_subject
-from attnedit.editing.methods import FineTune, Rome
-from attnedit.editing.optimise import Injection, Row, TargetSettings, build_rows, optimise_targets
+from attnedit.editing.ft import FineTune
+from attnedit.editing.optimise import Row, TargetSettings, build_rows, optimise_targets
 from attnedit.editing.presets import FTParams, PresetError, RomeParams
 from attnedit.editing.registry import make_editor
+from attnedit.editing.rome import Rome
 from attnedit.editing.sadr import SadrSettings, SadrTerm, sadr_settings
 
 TEMPLATES = ["{}", "The city. {}", "You know that. {}"]
@@ -93,9 +95,9 @@ def _check(parts, expected, n_selected, n_layers, gamma, nonvacuous=True):
 def test_term_matches_direct_computation_from_full_attention(tiny_tokenizer, family, heads):
     bundle = make_tiny(family, tiny_tokenizer)
     term = SadrTerm(SadrSettings(gamma=0.5, heads=heads))
-    result = optimise_targets(bundle, REQUESTS[:1], TEMPLATES, [Injection("mlp", 0)], SETTINGS, [term])
+    result = optimise_targets(bundle, REQUESTS[:1], TEMPLATES, [Site("mlp", 0)], SETTINGS, [term])
     assert result.steps == [SETTINGS.steps - 1]
-    delta = result.delta[Injection("mlp", 0)][0]
+    delta = result.delta[Site("mlp", 0)][0]
     rows = [(row, row.fact) for row in build_rows(bundle, REQUESTS[:1], TEMPLATES) if not row.kl]
     expected, n_selected = _direct_sadr(bundle, rows, 1, heads, _injected(bundle, "mlp", 0, delta))
     # (no head of the tiny NeoX over-focuses: none is selected)
@@ -113,7 +115,7 @@ OTHER_RULES = ("selective", "increased")
 @pytest.mark.parametrize("component", ["attn", "layer"])  # PMET's and MEMIT's injections
 def test_term_matches_direct_computation_for_other_injections(tiny_tokenizer, component, heads, family):
     bundle = make_tiny(family, tiny_tokenizer)
-    inj = Injection(component, 0)
+    inj = Site(component, 0)
     term = SadrTerm(SadrSettings(0.5, heads=heads))
     result = optimise_targets(bundle, REQUESTS[:1], TEMPLATES, [inj], SETTINGS, [term])
     rows = [(row, row.fact) for row in build_rows(bundle, REQUESTS[:1], TEMPLATES) if not row.kl]
@@ -181,7 +183,7 @@ def test_gamma_zero_reproduces_the_plain_editor_exactly(tiny_tokenizer, tmp_path
 def test_batched_requests_keep_their_own_reference(tiny_tokenizer):
     """MEMIT batch mode: the term over two requests equals two separate optimisations."""
     bundle = make_tiny("llama", tiny_tokenizer)
-    inj = [Injection("layer", 0)]
+    inj = [Site("layer", 0)]
     term = SadrTerm(SadrSettings(gamma=1.0))
     together = optimise_targets(bundle, REQUESTS, TEMPLATES, inj, SETTINGS, [term])
     grouped = optimise_targets(bundle, REQUESTS, TEMPLATES, inj, replace(SETTINGS, max_rows=4), [term])
@@ -199,7 +201,7 @@ def test_sequential_edits_take_the_model_before_the_current_edit_as_reference(ti
     with the earlier edits in place (not from the unedited model, not from the previous edit's run)."""
     bundle = make_tiny("llama", tiny_tokenizer)
     term = SadrTerm(SadrSettings(gamma=0.5, heads="all"))
-    inj = Injection("mlp", 0)
+    inj = Site("mlp", 0)
     optimise_targets(bundle, REQUESTS[:1], TEMPLATES, [inj], SETTINGS, [term])
     before = term._reference.clone()
     generator = torch.Generator().manual_seed(0)
@@ -217,7 +219,7 @@ def test_sequential_edits_take_the_model_before_the_current_edit_as_reference(ti
 def test_sadr_pulls_the_attention_back(tiny_tokenizer):
     """A large gamma lowers the final drift against the same optimisation without the term."""
     bundle = make_tiny("llama", tiny_tokenizer)
-    inj = [Injection("mlp", 0)]
+    inj = [Site("mlp", 0)]
     settings = TargetSettings(lr=1.0, steps=8, weight_decay=0.0, clamp_norm_factor=1e3, early_stop_loss=0.0)
     weak = optimise_targets(
         bundle, REQUESTS[:1], TEMPLATES, inj, settings, [SadrTerm(SadrSettings(gamma=0.0))]

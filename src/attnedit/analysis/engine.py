@@ -44,12 +44,13 @@ from attnedit.core.interventions import (
 )
 from attnedit.core.models import ModelBundle
 from attnedit.core.scoring import pad_batch
+from attnedit.core.sites import HIDDEN_STATE_COMPONENTS, Site
 from attnedit.core.tokens import encode_prompt, encode_target
 
 logger = logging.getLogger(__name__)
 
 
-TRACE_KINDS = ("layer", "mlp", "attn")  # module kinds whose output is a hidden state at every token
+TRACE_KINDS = HIDDEN_STATE_COMPONENTS  # module kinds (site components) whose output is a hidden state
 MEASURES = ("prob", "logit")
 NOISE_FACTOR = 3.0  # ROME: noise std = 3 x the std of the embeddings
 
@@ -220,7 +221,7 @@ def measure_rows(
 def _first_column(spec: Restoration, batch: PromptBatch, prompt: int) -> int:
     """The first batch column a row's restoration can change: its first token for module outputs; the last
     column for patches of the last query's attention; 0 (everything) for whole attention matrices."""
-    if spec.kind in TRACE_KINDS:
+    if spec.restores_outputs:
         return min(batch.column(prompt, t) for t in spec.tokens)
     if spec.kind in ("last_query", "last_score"):
         return batch.width - 1
@@ -255,7 +256,9 @@ def record_module_outputs(
 ) -> tuple[dict[str, dict[int, torch.Tensor]], torch.Tensor | None]:
     """Module outputs ``kind -> layer -> [n_prompts, width, hidden]`` of a plain run, and its measure."""
     adapter = bundle.adapter
-    names = {(k, layer): adapter.module_name(k, layer) for k in kinds for layer in range(adapter.n_layers)}
+    names = {
+        (k, layer): Site(k, layer).module_name(adapter) for k in kinds for layer in range(adapter.n_layers)
+    }
     traces: list[Trace] = []
 
     def retain(rows: torch.Tensor, prompt: torch.Tensor, offset: int = 0) -> Trace:
@@ -278,12 +281,18 @@ def check_kinds(kinds: Sequence[str]) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Restoration:
-    """What one row copies in: the recorded values of ``kind`` (a module kind, or an attention patch kind)
-    at every (layer, token) of ``layers`` x ``tokens``; the empty restoration copies nothing."""
+    """What one row copies in: the recorded values of ``kind`` at every (layer, token) of ``layers`` x
+    ``tokens``; the empty restoration copies nothing. ``kind`` is a module kind, the component of the
+    output ``Site`` restored at each layer (``layer``, ``mlp``, ``attn``), or an attention patch kind."""
 
     kind: str = "layer"
     layers: tuple[int, ...] = ()
     tokens: tuple[int, ...] = ()
+
+    @property
+    def restores_outputs(self) -> bool:
+        """Whether the rows copy in module outputs (not attention patches)."""
+        return self.kind in TRACE_KINDS
 
 
 def restoration_sites(
@@ -317,7 +326,7 @@ def restorer(
 
     def intervene(rows: torch.Tensor, prompt: torch.Tensor, offset: int = 0) -> Trace:
         edits = {
-            bundle.adapter.module_name(kind, layer): replace_positions(
+            Site(kind, layer).module_name(bundle.adapter): replace_positions(
                 r, c - offset, source[kind][layer][prompt[r], c]
             )
             for (kind, layer), (r, c) in restoration_sites(specs, rows, prompt, batch).items()

@@ -238,8 +238,8 @@ def stats_command(
     import time
 
     from attnedit.core.models import load_model
+    from attnedit.editing.base import stats_spec
     from attnedit.editing.covariance import second_moments
-    from attnedit.editing.methods import stats_spec
     from attnedit.editing.presets import load_preset, make_params
 
     try:

@@ -1,7 +1,8 @@
 """Target optimisation, the shared heart of ROME (v*), MEMIT and PMET (z): Adam on injected deltas.
 
-For each request a delta is added at the fact token (the subject's last token) to the output of one
-or more modules (``Injection``); Adam minimises, per request (ROME's ``compute_v``)::
+For each request a delta is added at the fact token (the subject's last token) to one or more
+hidden-state output sites (``core.sites.Site``: a block, MLP or attention output); Adam minimises,
+per request (ROME's ``compute_v``)::
 
     NLL(o_new | template_j + prompt)  averaged over templates
     + kl_factor * KL(initial || current) of the next-token distribution of "{subject} is a"
@@ -11,7 +12,8 @@ or more modules (``Injection``); Adam minimises, per request (ROME's ``compute_v
 with ``||delta|| <= clamp_norm_factor * ||v_init||`` after every step, stopping when the loss falls
 below ``early_stop_loss``. Many requests are optimised together with independent deltas (their rows
 never interact, Adam is element-wise, a finished request is frozen), which is exactly equivalent to
-one optimisation per request, only batched.
+one optimisation per request, only batched. ``adam_loop`` is that loop (early stop per request,
+finished requests frozen, a projection after every step), shared with fine-tuning.
 
 Nothing below the injection point is recomputed per step: tokens before the fact token do not
 depend on the delta at any layer, so their keys and values are computed once (a KV cache); the
@@ -24,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -40,29 +42,28 @@ from attnedit.core.interventions import (
 )
 from attnedit.core.models import ModelBundle
 from attnedit.core.scoring import check_length, pad_batch
+from attnedit.core.sites import HIDDEN_STATE_COMPONENTS, Site
 from attnedit.core.tokens import encode_target, locate_subject
 from attnedit.editing.templates import template_prefix
 
 logger = logging.getLogger(__name__)
 
 KL_PROMPT = "{} is a"
-INJECTION_COMPONENTS = {"mlp": "mlp", "attn": "attn", "layer": "layer"}
 
 
 class NonFiniteLossError(FloatingPointError):
     """The optimisation produced NaN or infinity; nothing was written to the model."""
 
 
-@dataclass(frozen=True)
-class Injection:
-    """Where a delta is added: the output of ``component`` (``mlp``, ``attn``, ``layer``) of ``layer``."""
-
-    component: str
-    layer: int
-
-    def __post_init__(self) -> None:
-        if self.component not in INJECTION_COMPONENTS:
-            raise ValueError(f"injection component must be one of {sorted(INJECTION_COMPONENTS)}")
+def check_injections(sites: Sequence[Site]) -> None:
+    """Deltas are injected into hidden states: every site must be a block, MLP or attention output."""
+    if not sites:
+        raise ValueError("no injection site")
+    bad = [str(site) for site in sites if not site.hidden_state]
+    if bad:
+        raise ValueError(
+            f"injection sites must be outputs of {', '.join(HIDDEN_STATE_COMPONENTS)}, not {', '.join(bad)}"
+        )
 
 
 @dataclass
@@ -254,15 +255,16 @@ def add_terms(
 
 @dataclass
 class TargetResult:
-    """Per injection: the module's output at the plain prompt's fact token, and the optimised delta."""
+    """Per injection site: the module's output at the plain prompt's fact token, and the optimised delta."""
 
-    init: dict[Injection, torch.Tensor]  # [N, H]
-    delta: dict[Injection, torch.Tensor]  # [N, H]
+    init: dict[Site, torch.Tensor]  # [N, H]
+    delta: dict[Site, torch.Tensor]  # [N, H]
     steps: list[int]  # optimisation steps run per request
     final_loss: list[float]
     loss_parts: list[dict[str, float]] = field(default_factory=list)
 
-    def target(self, injection: Injection) -> torch.Tensor:
+    def target(self, injection: Site) -> torch.Tensor:
+        """The optimised value at an injection site (initial output + delta), ``[N, H]``."""
         return self.init[injection] + self.delta[injection]
 
 
@@ -270,12 +272,14 @@ def optimise_targets(
     bundle: ModelBundle,
     requests: Sequence[EditRequest],
     templates: Sequence[str],
-    injections: Sequence[Injection],
+    injections: Sequence[Site],
     settings: TargetSettings,
     terms: Sequence[LossTerm] = (),
     progress: bool = False,
 ) -> TargetResult:
-    """Optimise one delta per (request, injection); requests are processed in groups of ``max_rows``."""
+    """Optimise one delta per (request, injection site); requests are processed in groups of
+    ``max_rows``. Injection sites are hidden-state outputs (``check_injections``)."""
+    check_injections(injections)
     rows = build_rows(bundle, requests, templates)
     per_request = len(templates) + 1
     group = max(1, settings.max_rows // per_request)
@@ -426,11 +430,84 @@ def per_request_mean(
     return total / count.clamp_min(1)
 
 
+@dataclass
+class LoopResult:
+    """What ``adam_loop`` ran, per unit: the last step at which the unit was active, and its loss then."""
+
+    steps: list[int]
+    final_loss: list[float]
+
+
+def adam_loop(
+    parameters: Sequence[torch.Tensor],
+    loss_fn: Callable[[int], torch.Tensor],
+    *,
+    lr: float,
+    steps: int,
+    early_stop_loss: float,
+    project: Callable[[], None] | None = None,
+    units: int | Sequence[object] = 1,
+    what: str = "",
+) -> LoopResult:
+    """Adam on ``parameters`` against per-unit losses, each unit stopping on its own.
+
+    A unit is what has its own loss and stop rule (a request whose delta is optimised; or the whole
+    optimisation, for one loss over parameters that all requests share). ``loss_fn(step)`` runs the
+    step's forward pass and returns the losses ``[n_units]``. Every step: the losses of the active
+    units must be finite (else ``NonFiniteLossError``); each active unit records the step and its loss,
+    and stops being active once its loss falls below ``early_stop_loss`` (compared in the losses'
+    dtype); the loop ends when no unit is active or after ``steps`` forward passes (the last one only
+    measures). Otherwise: ``zero_grad``, backward of the sum of the active units' losses, Adam step,
+    then the rows of finished units are put back to their values before the step (Adam's momentum
+    would move them even without a gradient), then ``project()`` (a clamp, a projection; under
+    ``no_grad``). With several units the parameters' first dimension indexes the units; a single unit's
+    parameters may have any shape (the loop has ended before its unit could finish).
+
+    ``units``: how many units, or their names (request ids, named in the non-finite error); ``what``
+    prefixes that error's message.
+    """
+    names = None if isinstance(units, int) else list(units)
+    n = len(names) if names is not None else int(units)  # type: ignore[arg-type]
+    optimiser = torch.optim.Adam(list(parameters), lr=lr)
+    active: torch.Tensor | None = None
+    last_step, last_loss = [0] * n, [math.nan] * n
+    prefix = f"{what}: " if what else ""
+    for step in range(steps):
+        loss = loss_fn(step)
+        if loss.shape != (n,):
+            raise ValueError(f"loss_fn must return one loss per unit, shape ({n},), not {tuple(loss.shape)}")
+        if active is None:
+            active = torch.ones(n, dtype=torch.bool, device=loss.device)
+        if not torch.isfinite(loss[active]).all():
+            bad = torch.nonzero(~torch.isfinite(loss)).flatten().tolist()
+            where = f" for request(s) {[names[i] for i in bad]}" if names is not None else ""
+            raise NonFiniteLossError(f"{prefix}non-finite loss at step {step}{where}; the model is unchanged")
+        with torch.no_grad():
+            for i in torch.nonzero(active).flatten().tolist():
+                last_step[i] = step
+                last_loss[i] = float(loss[i])
+            active &= loss.detach() >= early_stop_loss
+        if not active.any() or step == steps - 1:
+            break
+        # finished units keep the values that met the stop rule (nothing to restore while all are active)
+        kept = None if bool(active.all()) else [p.detach().clone() for p in parameters]
+        optimiser.zero_grad(set_to_none=True)
+        loss[active].sum().backward()
+        optimiser.step()
+        with torch.no_grad():
+            if kept is not None:
+                for p, before in zip(parameters, kept, strict=True):
+                    p[~active] = before[~active]
+            if project is not None:
+                project()
+    return LoopResult(last_step, last_loss)
+
+
 def _optimise_group(
     bundle: ModelBundle,
     rows: list[Row],
     request_ids: list[int],
-    injections: Sequence[Injection],
+    injections: Sequence[Site],
     settings: TargetSettings,
     terms: Sequence[LossTerm],
     out: TargetResult,
@@ -448,11 +525,11 @@ def _optimise_group(
     first_row = {local[row.request]: b for b, row in enumerate(rows) if row.template == 0}
     first_rows = torch.tensor([first_row[i] for i in range(n)], device=device)
 
-    names = {adapter.module_name(inj.component, inj.layer): inj for inj in injections}
+    names = {inj.module_name(adapter): inj for inj in injections}
     deltas = {
         inj: torch.zeros(n, adapter.hidden_size, device=device, requires_grad=True) for inj in injections
     }
-    init: dict[Injection, torch.Tensor] = {}
+    init: dict[Site, torch.Tensor] = {}
     row_index = torch.arange(len(rows), device=device)
 
     def inject(y: torch.Tensor, name: str) -> torch.Tensor:
@@ -466,14 +543,11 @@ def _optimise_group(
     # an injection at layer L (MLP, attention or block output) leaves the attention of layers <= L unchanged
     with term_attention(bundle, terms, batch, frozen.first_layer + 1) as attention:
         fact_key = torch.full((len(rows),), batch.prefix_width, device=device)
-        optimiser = torch.optim.Adam(list(deltas.values()), lr=settings.lr)
-        active = torch.ones(n, dtype=torch.bool, device=device)
         kl_init: torch.Tensor | None = None
-        steps = [0] * n
-        last_loss = torch.full((n,), math.nan)
         parts: dict[str, torch.Tensor] = {}
 
-        for step in range(settings.steps):
+        def request_losses(step: int) -> torch.Tensor:
+            nonlocal kl_init
             with Trace(model, list(names), retain_output=False, edit_output=inject):
                 hidden = frozen.forward()
                 row_nll = reads.row_nll(head, hidden)
@@ -492,39 +566,33 @@ def _optimise_group(
                         / init[inj].norm(dim=-1).clamp_min(1e-12) ** 2
                     )
                 loss = nll + settings.kl_factor * kl + decay
-                parts = {"nll": nll.detach(), "kl": kl.detach(), "weight_decay": decay.detach()}
+                parts.clear()  # the parts of the last step are reported
+                parts.update({"nll": nll.detach(), "kl": kl.detach(), "weight_decay": decay.detach()})
                 if terms:
                     state = StepState(step, batch, n, attention, fact_key, template_rows)
                     loss = add_terms(terms, state, loss, parts)
-            if not torch.isfinite(loss[active]).all():
-                bad = [request_ids[i] for i in torch.nonzero(~torch.isfinite(loss)).flatten().tolist()]
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step} for request(s) {bad}; the model is unchanged"
-                )
-            with torch.no_grad():
-                for i in torch.nonzero(active).flatten().tolist():
-                    steps[i] = step
-                    last_loss[i] = float(loss[i])
-                active &= loss.detach() >= settings.early_stop_loss
-            if not active.any() or step == settings.steps - 1:
-                break
-            frozen_deltas = {inj: d.detach().clone() for inj, d in deltas.items()}
-            optimiser.zero_grad(set_to_none=True)
-            loss[active].sum().backward()
-            optimiser.step()
-            with torch.no_grad():
-                for inj, d in deltas.items():
-                    d[~active] = frozen_deltas[inj][
-                        ~active
-                    ]  # finished requests keep the delta that met the stop rule
-                    limit = settings.clamp_norm_factor * init[inj].norm(dim=-1)
-                    norms = d.norm(dim=-1)
-                    scale = torch.where(norms > limit, limit / norms.clamp_min(1e-12), torch.ones_like(norms))
-                    d.mul_(scale[:, None])
+            return loss
+
+        def clamp_norms() -> None:
+            for inj, d in deltas.items():
+                limit = settings.clamp_norm_factor * init[inj].norm(dim=-1)
+                norms = d.norm(dim=-1)
+                scale = torch.where(norms > limit, limit / norms.clamp_min(1e-12), torch.ones_like(norms))
+                d.mul_(scale[:, None])
+
+        result = adam_loop(
+            list(deltas.values()),
+            request_losses,
+            lr=settings.lr,
+            steps=settings.steps,
+            early_stop_loss=settings.early_stop_loss,
+            project=clamp_norms,
+            units=request_ids,
+        )
 
         for i, rid in enumerate(request_ids):
-            out.steps[rid] = steps[i]
-            out.final_loss[rid] = float(last_loss[i])
+            out.steps[rid] = result.steps[i]
+            out.final_loss[rid] = result.final_loss[i]
             out.loss_parts[rid] = request_parts(parts, i)
         for inj in injections:
             out.init[inj][request_ids] = init[inj].cpu()

@@ -14,8 +14,11 @@ from typing import Protocol
 
 from attnedit.core.data import EditCase
 from attnedit.core.models import ModelBundle
-from attnedit.editing.methods import FineTune, Memit, Pmet, Rome
+from attnedit.editing.ft import FineTune
+from attnedit.editing.memit import Memit
+from attnedit.editing.pmet import Pmet
 from attnedit.editing.presets import load_preset, make_params
+from attnedit.editing.rome import Rome
 from attnedit.editing.sadr import SadrSettings, SadrTerm, sadr_settings
 
 logger = logging.getLogger(__name__)

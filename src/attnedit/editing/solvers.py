@@ -1,6 +1,6 @@
 """Keys, values and the closed-form weight updates of locate-then-edit methods.
 
-``read_at_fact_token`` reads any module's input or output at the fact token of every (request,
+``read_at_fact_token`` reads any module's input or output (a ``Site``) at the fact token of every (request,
 template) prompt in one batched forward pass that stops after the highest module needed. The
 solvers work in float64 (MEMIT's least squares, ROME's rank-one update), regularising singular or
 ill-conditioned systems with a warning instead of failing or returning NaN.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -18,6 +17,7 @@ from attnedit.core.data import EditRequest
 from attnedit.core.interventions import Trace
 from attnedit.core.models import ModelBundle
 from attnedit.core.scoring import pad_batch
+from attnedit.core.sites import Site
 from attnedit.core.tokens import locate_subject
 from attnedit.editing.templates import template_prefix
 
@@ -28,24 +28,15 @@ RIDGE = 1e-6
 MAX_CONDITION = 1e12
 
 
-@dataclass(frozen=True)
-class Read:
-    """A module's ``input`` or ``output`` to read at the fact token."""
-
-    component: str
-    layer: int
-    side: str = "output"
-
-
 @torch.no_grad()
 def read_at_fact_token(
     bundle: ModelBundle,
     requests: Sequence[EditRequest],
     templates: Sequence[str],
-    reads: Sequence[Read],
+    reads: Sequence[Site],
     max_rows: int = 128,
-) -> dict[Read, torch.Tensor]:
-    """``{read: [N requests, T templates, dim]}`` (float32) at each prompt's fact token.
+) -> dict[Site, torch.Tensor]:
+    """``{site: [N requests, T templates, dim]}`` (float32) at each prompt's fact token.
 
     Prompts are cut after the fact token: later tokens cannot influence it in a causal model.
     """
@@ -57,8 +48,8 @@ def read_at_fact_token(
         for template in templates:
             span = locate_subject(tok, req.prompt, req.subject, prefix=template_prefix(template))
             seqs.append(span.input_ids[: span.last_token + 1])
-    names = {read: adapter.module_name(read.component, read.layer) for read in reads}
-    found: dict[Read, list[torch.Tensor]] = {read: [] for read in reads}
+    names = {read: read.module_name(adapter) for read in reads}
+    found: dict[Site, list[torch.Tensor]] = {read: [] for read in reads}
     inputs = any(r.side == "input" for r in reads)
     for start in range(0, len(seqs), max_rows):
         chunk = seqs[start : start + max_rows]

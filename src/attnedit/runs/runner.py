@@ -34,10 +34,10 @@ from tqdm.auto import tqdm
 from attnedit import __version__
 from attnedit.core.data import Dataset, EditCase, load_cases, load_texts
 from attnedit.core.deltas import WeightEdit
+from attnedit.core.models import ModelBundle, load_model
 from attnedit.editing.registry import Editor, Unchanged, make_editor
 from attnedit.evaluation.evaluator import EvalConfig, Evaluator
 from attnedit.evaluation.metrics import summarize
-from attnedit.core.models import ModelBundle, load_model
 
 logger = logging.getLogger(__name__)
 

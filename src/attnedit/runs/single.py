@@ -7,10 +7,10 @@ from pathlib import Path
 
 from attnedit.core.data import EditCase, EditRequest, Probe, load_cases
 from attnedit.core.deltas import WeightEdit
-from attnedit.editing.registry import make_editor
 from attnedit.core.models import ModelBundle, load_model
 from attnedit.core.scoring import generate, score_targets
 from attnedit.core.tokens import fill_prompt
+from attnedit.editing.registry import make_editor
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,120 @@
+"""What the editing methods share: request checks, settings from parameters, the edit's metadata.
+
+One module per method, each a short composition of the shared blocks (``optimise``, ``solvers``,
+``covariance``):
+
+- ``rome``: v* at the MLP output of one layer (``optimise``), k* (``solvers.read_at_fact_token``),
+  rank-one update of the MLP down-projection with C^-1 (``solvers.rank_one_update``).
+- ``memit``: z at the residual stream after the last edit layer, spread over the edit layers in
+  ascending order with least squares (``solvers.least_squares_update``), keys recomputed per layer.
+- ``pmet``: deltas at the attention and MLP outputs of the last edit layer; only the MLP part is the
+  target, spread with weight 1/sqrt(L - l) over the MLP down-projections as MEMIT does.
+- ``ft``: constrained fine-tuning of one down-projection (L-infinity bound), the standard baseline.
+
+Every editor returns an ``AppliedEdit`` whose ``.edit`` is a saveable ``WeightEdit``; any failure
+(bad request, non-finite loss or update) leaves the model untouched. ``terms`` are extra loss terms
+added to the target optimisation (SADR plugs in there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from attnedit.core.data import EditCase, EditRequest
+from attnedit.core.models import ModelBundle
+from attnedit.core.tokens import SubjectNotFoundError, locate_subject
+from attnedit.editing.covariance import StatsSpec
+from attnedit.editing.optimise import LossTerm, TargetResult, TargetSettings
+from attnedit.editing.presets import LocateParams, params_dict
+from attnedit.editing.templates import TemplateSpec, context_templates
+
+
+class EditRequestError(ValueError):
+    """A request that cannot be edited (names the case and the field)."""
+
+
+def validate_request(bundle: ModelBundle, case: EditCase) -> EditRequest:
+    """Check a case's request before any weight is touched."""
+    req = case.request
+    where = f"case {case.case_id}"
+    for name in ("target_new", "target_true", "subject"):
+        value = getattr(req, name)
+        if not isinstance(value, str) or not value.strip():
+            raise EditRequestError(f"{where}: requested_rewrite.{name} is empty")
+    if req.target_new.strip().lower() == req.target_true.strip().lower():
+        raise EditRequestError(
+            f"{where}: target_new equals target_true ({req.target_new!r}): nothing to edit"
+        )
+    try:
+        locate_subject(bundle.tokenizer, req.prompt, req.subject)
+    except SubjectNotFoundError as err:
+        raise EditRequestError(f"{where}: requested_rewrite.subject: {err}") from None
+    return req
+
+
+def check_layers(bundle: ModelBundle, layers: Sequence[int], method: str) -> None:
+    """Refuse edit layers outside the model."""
+    bad = [layer for layer in layers if not 0 <= layer < bundle.adapter.n_layers]
+    if bad:
+        raise EditRequestError(f"{method}: layer(s) {bad} outside 0..{bundle.adapter.n_layers - 1}")
+
+
+def target_settings(p: LocateParams) -> TargetSettings:
+    """The target optimisation's settings from a locate-then-edit method's parameters."""
+    return TargetSettings(
+        lr=p.lr,
+        steps=p.steps,
+        kl_factor=p.kl_factor,
+        weight_decay=p.weight_decay,
+        clamp_norm_factor=p.clamp_norm_factor,
+        early_stop_loss=p.early_stop_loss,
+        max_rows=p.max_rows,
+    )
+
+
+def method_templates(bundle: ModelBundle, p: LocateParams) -> list[str]:
+    """The context templates the method's parameters ask for (``"{}"`` first)."""
+    spec = TemplateSpec(lengths=tuple((int(a), int(b)) for a, b in p.templates), seed=p.template_seed)
+    return context_templates(bundle, spec)
+
+
+def stats_spec(p: LocateParams) -> StatsSpec:
+    """The key second-moment statistics the method's parameters ask for."""
+    return StatsSpec(corpus=p.stats_corpus, samples=p.stats_samples, max_tokens=p.stats_max_tokens)
+
+
+def target_info(result: TargetResult) -> dict[str, Any]:
+    """The target optimisation's per-request record kept with the edit."""
+    return {"steps": result.steps, "final_loss": result.final_loss, "loss_parts": result.loss_parts}
+
+
+def edit_metadata(editor: Any, bundle: ModelBundle, requests: list[EditRequest], info: dict) -> dict:
+    """Everything a ``WeightEdit`` records besides its deltas (``EditBuilder.finish``'s argument)."""
+    return {
+        "method": editor.name,
+        "hyperparameters": editor.hyperparameters(),
+        "requests": requests,
+        "model_fingerprint": bundle.fingerprint,
+        "info": info,
+    }
+
+
+@dataclass
+class LocateThenEdit:
+    """The fields and manifest record of the locate-then-edit methods (ROME, MEMIT, PMET)."""
+
+    params: LocateParams
+    terms: list[LossTerm] = field(default_factory=list)
+    name: str = ""
+    preset: str = ""
+
+    def hyperparameters(self) -> dict:
+        """Everything that determines the edit (written to the run manifest)."""
+        return {
+            "preset": self.preset,
+            **params_dict(self.params),
+            "stats": stats_spec(self.params).describe(),
+            "terms": [t.describe() for t in self.terms],
+        }

@@ -1,0 +1,66 @@
+"""ROME: v* at the MLP output of one layer, k* at the down-projection's input, a rank-one update with C^-1."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from attnedit.core.data import EditCase
+from attnedit.core.deltas import AppliedEdit, EditBuilder
+from attnedit.core.models import ModelBundle
+from attnedit.core.sites import Site
+from attnedit.editing.base import (
+    EditRequestError,
+    LocateThenEdit,
+    check_layers,
+    edit_metadata,
+    method_templates,
+    stats_spec,
+    target_info,
+    target_settings,
+    validate_request,
+)
+from attnedit.editing.covariance import second_moments
+from attnedit.editing.optimise import LossTerm, optimise_targets
+from attnedit.editing.presets import RomeParams
+from attnedit.editing.solvers import rank_one_update, read_at_fact_token
+
+
+@dataclass
+class Rome(LocateThenEdit):
+    """ROME (Meng et al. 2022): one request, one layer's MLP down-projection."""
+
+    params: RomeParams
+    terms: list[LossTerm] = field(default_factory=list)
+    name: str = "rome"
+    preset: str = ""
+
+    def apply(self, bundle: ModelBundle, cases: list[EditCase]) -> AppliedEdit:
+        """Edit the model in place for one case; the returned edit reverts it exactly."""
+        if len(cases) != 1:
+            raise EditRequestError("rome edits one request at a time; use --mode sequential for many")
+        p = self.params
+        if len(p.layers) != 1:
+            raise EditRequestError(f"rome edits one layer, got layers={p.layers}")
+        if p.key_mode not in ("templates", "prompt"):
+            raise EditRequestError(f"rome: key_mode must be 'templates' or 'prompt', not {p.key_mode!r}")
+        layer = p.layers[0]
+        check_layers(bundle, p.layers, self.name)
+        request = validate_request(bundle, cases[0])
+        templates = method_templates(bundle, p)
+        cov = second_moments(bundle, "mlp_down", [layer], stats_spec(p))[layer]
+        injection = Site("mlp", layer)
+        result = optimise_targets(bundle, [request], templates, [injection], target_settings(p), self.terms)
+        keys = read_at_fact_token(bundle, [request], templates, [Site("mlp_down", layer, "input")])
+        key_per_template = next(iter(keys.values()))[0]
+        key = key_per_template.mean(0) if p.key_mode == "templates" else key_per_template[0]
+        module = bundle.adapter.module(bundle.model, "mlp_down", layer)
+        delta = rank_one_update(
+            bundle.adapter.weight_view(bundle.model, "mlp_down", layer),
+            getattr(module, "bias", None),
+            cov,
+            key,
+            result.target(injection)[0],
+        )
+        with EditBuilder(bundle.model) as builder:
+            builder.add(bundle.adapter.weight_name("mlp_down", layer), bundle.adapter.to_weight_layout(delta))
+        return builder.finish(edit_metadata(self, bundle, [request], target_info(result)))
