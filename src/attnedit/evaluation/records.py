@@ -6,8 +6,7 @@ reading one back is ``json.loads``: the types name and document the keys, they c
 only some stages or some cases write are ``NotRequired``; the stage that writes each is noted beside it.
 """
 
-from __future__ import annotations
-
+# no ``from __future__ import annotations``: TypedDict reads NotRequired off evaluated annotations only
 from typing import NotRequired, TypedDict
 
 
