@@ -14,7 +14,7 @@ import statistics
 from pathlib import Path
 
 from attnedit.evaluation.metrics import summarize
-from attnedit.runs.runner import selected_records
+from attnedit.runs.rundir import selected_records
 
 # the official code on SmolLM2, layer 5, 20 steps, 2 threads, first 30 dev cases (issue 3)
 OFFICIAL_ROME = {"seconds_per_edit": 35.0, "ES": 100.0, "PS": 97.0, "RS": 8.1, "DNS": 26.7}

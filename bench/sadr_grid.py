@@ -29,7 +29,8 @@ import torch
 from attnedit.core.models import load_model
 from attnedit.evaluation.evaluator import EvalConfig
 from attnedit.evaluation.metrics import summarize
-from attnedit.runs.runner import RunConfig, run, selected_records
+from attnedit.runs.rundir import selected_records
+from attnedit.runs.runner import RunConfig, run
 
 DATA = "../shared/data/sadr_merged_counterfact.json"
 WIKITEXT = "../shared/data/wikitext2_test.txt,../shared/data/wikitext2_valid.txt"

@@ -10,15 +10,8 @@ import pytest
 
 from attnedit.evaluation.evaluator import EvalConfig
 from attnedit.runs.report import collect
-from attnedit.runs.runner import (
-    RESULTS,
-    RunConfig,
-    RunConflictError,
-    Shard,
-    read_results,
-    run,
-    selected_records,
-)
+from attnedit.runs.rundir import MANIFEST, RESULTS, RunConflictError, RunDir, read_results, selected_records
+from attnedit.runs.runner import RunConfig, Shard, run
 
 
 def _config(out: Path, model: Path, **kw) -> RunConfig:
@@ -363,3 +356,97 @@ def test_fluency_batched_across_cases_equals_per_case_generation(tmp_path, tiny_
         assert got["generations"] == want["generations"] and got["fluency"] == want["fluency"]
         assert got["comparisons"] == want["comparisons"]
     assert model_hash(bundle.model) == original
+
+
+def test_run_dir_open_keeps_created_and_checks_identity(tmp_path):
+    run_dir = RunDir(tmp_path / "run")
+    first = run_dir.open({"seed": 0, "method": "rome", "limit": 2}, ("seed", "method"))
+    assert (run_dir.path / MANIFEST).is_file() and run_dir.records_path.is_file()
+    assert run_dir.read_manifest() == first and first["created"]
+    (run_dir.path / MANIFEST).write_text(json.dumps({**first, "created": "2020-01-01T00:00:00"}))
+    # a field outside the identity may change (the case range); the first stamp stays
+    again = run_dir.open({"seed": 0, "method": "rome", "limit": 3}, ("seed", "method"))
+    assert (again["limit"], again["created"]) == (3, "2020-01-01T00:00:00")
+    with pytest.raises(RunConflictError, match="method"):
+        run_dir.open({"seed": 0, "method": "memit", "limit": 3}, ("seed", "method"))
+    assert run_dir.read_manifest()["method"] == "rome"  # a refused run writes nothing
+    # a manifest from before "first" existed implies first = 0
+    assert "first" not in run_dir.read_manifest()
+    with pytest.raises(RunConflictError, match="first"):
+        run_dir.open({"seed": 0, "method": "rome", "first": 1}, ("first",))
+    assert run_dir.open({"seed": 0, "method": "rome", "first": 0}, ("first",))["first"] == 0
+
+
+def test_run_dir_records_repair_only_when_asked(tmp_path):
+    run_dir = RunDir(tmp_path)
+    run_dir.open({"seed": 0}, ())
+    for i in ("0", "1", "2"):
+        run_dir.append({"case_id": i, "text": "é"})
+    intact = run_dir.records_path.read_bytes()
+    assert "é" in intact.decode() and intact.count(b"\n") == 3
+    run_dir.records_path.write_bytes(intact + b'{"case_id": "3", "te')  # an interrupted append
+    assert [r["case_id"] for r in run_dir.records(["2", "9", "0"])] == ["2", "0"]
+    assert len(run_dir.records_path.read_bytes()) > len(intact)  # a reader leaves the tail alone
+    assert [r["case_id"] for r in run_dir.records(repair=True)] == ["0", "1", "2"]
+    assert run_dir.records_path.read_bytes() == intact
+    run_dir.append({"case_id": "3"})
+    assert [r["case_id"] for r in read_results(run_dir.records_path)] == ["0", "1", "2", "3"]
+
+
+def test_run_dir_selected_records_follow_the_manifest(tmp_path):
+    run_dir = RunDir(tmp_path)
+    run_dir.open({"seed": 0}, ())  # a run from before case ranges were recorded: every record
+    for i in ("3", "1", "2"):
+        run_dir.append({"case_id": i})
+    assert [r["case_id"] for r in selected_records(tmp_path)] == ["3", "1", "2"]
+    run_dir.open({"seed": 0, "case_ids": ["1", "2", "4"]}, ())
+    assert [r["case_id"] for r in run_dir.selected_records()] == ["1", "2"]
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        selected_records(tmp_path / "missing")
+
+
+def test_run_dir_strict_json_and_atomic_writes(tmp_path):
+    strict = RunDir(tmp_path, "cases.jsonl", allow_nan=False)
+    strict.open({"seed": 0}, ())
+    with pytest.raises(ValueError):
+        strict.append({"case_id": "0", "x": float("nan")})
+    assert strict.records() == [] and strict.records_path.name == "cases.jsonl"
+    RunDir(tmp_path).append({"case_id": "0", "x": float("nan")})  # evaluation records may hold NaN
+    path = strict.write_json("result.json", {"a": [1, 2]}, indent=1)
+    assert json.loads(path.read_text()) == {"a": [1, 2]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["cases.jsonl", "manifest.json", "result.json", RESULTS]
+    )
+
+
+def test_run_dir_seeding_is_recorded(tmp_path):
+    import random
+
+    run_dir = RunDir(tmp_path)
+    run_dir.seed_everything(3)
+    drawn = random.random()
+    assert run_dir.seed_everything(3) == 3 and random.random() == drawn
+    with pytest.raises(ValueError, match="seed"):
+        run_dir.open({"seed": 4}, ())
+    assert not (tmp_path / MANIFEST).exists()
+    run_dir.open({"seed": 3}, ())
+
+
+def test_reading_a_run_directory_needs_no_torch():
+    code = "import sys, attnedit.runs.rundir; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_records_on_disk_are_case_records(tmp_path, tiny_dir, corpus_file):
+    """Every key a run writes is declared by ``CaseRecord`` (the type describes the whole line)."""
+    from dataclasses import replace
+
+    from attnedit.evaluation.records import CaseRecord
+
+    config = _edit_config(tmp_path / "run", tiny_dir, corpus_file, limit=2, ppl_corpus=str(corpus_file))
+    run(replace(config, eval=EvalConfig(max_new_tokens=3, fluency_prompts="rewrite")), progress=False)
+    records = read_results(tmp_path / "run" / RESULTS)
+    assert len(records) == 2
+    for record in records:
+        assert CaseRecord.__required_keys__ <= set(record) <= set(CaseRecord.__annotations__)
+        assert {"ppl", "edit", "fluency", "generations", "seconds_edit"} <= set(record)

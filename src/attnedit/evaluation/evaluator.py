@@ -12,6 +12,7 @@ from attnedit.core.data import EditCase
 from attnedit.core.models import ModelBundle
 from attnedit.core.scoring import generate, score_targets, text_nll
 from attnedit.evaluation.metrics import comparisons, knowedit_probes, ngram_entropy
+from attnedit.evaluation.records import CaseRecord, ComparisonNLLs, Perplexity, Reference
 
 
 @dataclass
@@ -42,7 +43,7 @@ class EvalConfig:
 
 
 class Evaluator:
-    """Computes the per-case record that ``results.jsonl`` stores.
+    """Computes the per-case record (``records.CaseRecord``) that ``results.jsonl`` stores.
 
     ``reference(case)`` runs on the unedited model (what KnowEdit locality compares against);
     ``evaluate(case, reference)`` on the edited one.
@@ -51,7 +52,7 @@ class Evaluator:
     def __init__(self, bundle: ModelBundle, config: EvalConfig | None = None):
         self.bundle = bundle
         self.config = config or EvalConfig()
-        self._ppl_cache: tuple[tuple[tuple[int, int], ...], dict] | None = None
+        self._ppl_cache: tuple[tuple[tuple[int, int], ...], Perplexity] | None = None
 
     def _score(self, pairs: list[tuple[str, str]]):
         b = self.bundle
@@ -59,18 +60,19 @@ class Evaluator:
             b.model, b.tokenizer, b.adapter, pairs, max_batch_tokens=self.config.max_batch_tokens
         )
 
-    def reference(self, case: EditCase) -> dict:
+    def reference(self, case: EditCase) -> Reference:
+        """What KnowEdit locality compares against; call on the unedited model."""
         pairs = knowedit_probes(case)["KE_LOC"]
         return {"locality_argmax": [list(s.argmax_ids) for s in self._score(pairs)]}
 
-    def evaluate(self, case: EditCase, reference: dict | None = None) -> dict:
+    def evaluate(self, case: EditCase, reference: Reference | None = None) -> CaseRecord:
         """The whole record of one case on the current model (comparisons, fluency, PPL)."""
         record = self.score(case, reference)
         if self.config.fluency:
             self.add_fluency([case], [record])
         return record
 
-    def score(self, case: EditCase, reference: dict | None = None) -> dict:
+    def score(self, case: EditCase, reference: Reference | None = None) -> CaseRecord:
         """The record without fluency: comparisons, KnowEdit probes, PPL (``add_fluency`` adds FL)."""
         start = time.perf_counter()
         comps = comparisons(case)
@@ -80,9 +82,9 @@ class Evaluator:
         scores = self._score(pairs + ke_pairs)
         right, wrong = scores[: len(comps)], scores[len(comps) : 2 * len(comps)]
 
-        record: dict = {"case_id": case.case_id, "source": case.source, "comparisons": {}}
+        record: CaseRecord = {"case_id": case.case_id, "source": case.source, "comparisons": {}}
         for c, r, w in zip(comps, right, wrong, strict=True):
-            entry = record["comparisons"].setdefault(c.metric, {"right_nll": [], "wrong_nll": []})
+            entry = record["comparisons"].setdefault(c.metric, ComparisonNLLs(right_nll=[], wrong_nll=[]))
             entry["right_nll"].append(r.nll)
             entry["wrong_nll"].append(w.nll)
 
@@ -118,7 +120,7 @@ class Evaluator:
     def add_fluency(
         self,
         cases: Sequence[EditCase],
-        records: Sequence[dict],
+        records: Sequence[CaseRecord],
         deltas: Sequence[Mapping[str, torch.Tensor]] | None = None,
     ) -> None:
         """Generate from the fluency prompts of several cases in one batch and add FL to their records.
@@ -157,7 +159,7 @@ class Evaluator:
             record["generations"] = full
             record["seconds_generation"] = seconds
 
-    def _perplexity(self) -> dict:
+    def _perplexity(self) -> Perplexity:
         """Corpus NLL, recomputed only when a weight changed in place since the last call.
 
         ``Tensor._version`` increments on every in-place write (an edit, a revert) and a swapped
@@ -169,4 +171,4 @@ class Evaluator:
             b = self.bundle
             nll, counts = text_nll(b.model, b.tokenizer, b.adapter, self.config.ppl_texts)
             self._ppl_cache = (state, {"nll": float(nll.sum()), "tokens": int(counts.sum())})
-        return dict(self._ppl_cache[1])
+        return self._ppl_cache[1].copy()

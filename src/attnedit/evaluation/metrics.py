@@ -1,4 +1,5 @@
-"""The evaluation suite: which prompts each metric compares, per-case records, pooled summaries.
+"""The evaluation suite: which prompts each metric compares, pooled summaries of per-case records
+(``records.CaseRecord``), paired differences of two runs.
 
 Definitions follow the SADR paper (section 2.1, appendix E) as fixed in ``guides/methods.md``:
 every score is the share of PROMPTS, pooled over all cases, whose right answer has the lower mean
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from attnedit.core.data import EditCase
+from attnedit.evaluation.records import CaseRecord, MetricEntry, PairedDifference, Summary
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ def mean_ci(values: Iterable[float]) -> tuple[float | None, float | None, int]:
     return float(arr.mean()), half, n
 
 
-def _entry(mean: float | None, ci: float | None, n: int, scale: float = 1.0) -> dict:
+def _entry(mean: float | None, ci: float | None, n: int, scale: float = 1.0) -> MetricEntry:
     return {
         "mean": None if mean is None else mean * scale,
         "ci95": None if ci is None else ci * scale,
@@ -129,9 +131,9 @@ def harmonic_mean(values: Sequence[float]) -> float:
     return len(values) / sum(1.0 / v for v in values)
 
 
-def summarize(records: Sequence[dict], bootstrap: int = 1000, seed: int = 0) -> dict[str, dict]:
+def summarize(records: Sequence[CaseRecord], bootstrap: int = 1000, seed: int = 0) -> Summary:
     """Pool per-case records into ``{name: {"mean", "ci95", "n"}}`` (percent for scores/magnitudes)."""
-    summary: dict[str, dict] = {}
+    summary: Summary = {}
     per_case_counts: dict[str, np.ndarray] = {}
     for spec in COMPARISON_METRICS:
         right = [np.asarray(r["comparisons"].get(spec.score, {}).get("right_nll", [])) for r in records]
@@ -179,7 +181,7 @@ def _resampled_rates(counts: np.ndarray, idx: np.ndarray) -> np.ndarray:
         return np.where(total > 0, 100.0 * hits / total, np.nan)
 
 
-def case_counts(records: Sequence[dict], score: str) -> np.ndarray:
+def case_counts(records: Sequence[CaseRecord], score: str) -> np.ndarray:
     """One comparison score's per-case (hits, prompts), ``[cases, 2]``."""
     sides = [r["comparisons"].get(score, {}) for r in records]
     right = [np.asarray(c.get("right_nll", [])) for c in sides]
@@ -190,12 +192,12 @@ PAIRED_SCORES = ("ES", "PS", "NS", "RS", "DNS")
 
 
 def paired_difference(
-    base: Sequence[dict],
-    other: Sequence[dict],
+    base: Sequence[CaseRecord],
+    other: Sequence[CaseRecord],
     scores: Sequence[str] = PAIRED_SCORES,
     resamples: int = 1000,
     seed: int = 0,
-) -> dict[str, dict]:
+) -> dict[str, PairedDifference]:
     """``other`` minus ``base`` on the cases both runs hold (matched by ``case_id``), per score: the
     pooled rates (percent), their difference in points and relative to ``base`` (percent), each with a
     95% percentile interval from resampling cases, the same resample for both runs."""
@@ -205,7 +207,7 @@ def paired_difference(
         raise ValueError("the two runs share no case")
     paired = [by_id[r["case_id"]] for r in shared]
     idx = np.random.default_rng(seed).integers(0, len(shared), size=(resamples, len(shared)))
-    out: dict[str, dict] = {}
+    out: dict[str, PairedDifference] = {}
     for score in scores:
         a, b = case_counts(shared, score), case_counts(paired, score)
         if not np.array_equal(a[:, 1], b[:, 1]):

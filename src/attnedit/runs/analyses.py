@@ -8,14 +8,14 @@ Layout::
     *.png           the figures
 
 Resuming: the same command again skips the cases already in ``cases.jsonl`` (a torn last line is cut off);
-a directory holding a run with other settings is refused, as ``attnedit eval`` does.
+a directory holding a run with other settings is refused, as ``attnedit eval`` does (both are a
+``rundir.RunDir``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,21 +23,25 @@ from typing import Any
 
 from attnedit.analysis.aggregate import POSITIONS
 from attnedit.analysis.engine import json_ready
+from attnedit.runs.rundir import (
+    MANIFEST,
+    RunConflictError,
+    RunDir,
+    data_manifest,
+    environment_manifest,
+    model_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
 CASES = "cases.jsonl"
-MANIFEST = "manifest.json"
 # what must match to continue in an output directory; the case range (--first, --limit) need not: records
 # are per case, so a run can be extended to more cases, and only the selected cases are aggregated
 IDENTITY = ("analysis", "model", "method", "hyperparameters", "data", "seed", "options")
 
 
-class AnalysisConflictError(RuntimeError):
+class AnalysisConflictError(RunConflictError):
     """The output directory holds an analysis run with different settings."""
-
-
-
 
 
 @dataclass
@@ -59,16 +63,19 @@ class Setting:
 
 @dataclass
 class Session:
+    """A started analysis run: its setting, cases, model and editor, the finished records and the run
+    directory that writes them."""
+
     setting: Setting
     cases: list
     bundle: Any
     editor: Any
     records: dict[str, dict]  # case_id -> record, those already in cases.jsonl
+    run_dir: RunDir[dict]
 
 
 def _manifest(setting: Setting, bundle: Any, dataset: Any, editor: Any) -> dict:
     from attnedit import __version__
-    from attnedit.runs.runner import data_manifest, environment_manifest, model_manifest
 
     return {
         "attnedit_version": __version__,
@@ -87,21 +94,17 @@ def _manifest(setting: Setting, bundle: Any, dataset: Any, editor: Any) -> dict:
 
 def start(setting: Setting) -> Session:
     """Load data, model and editor; write (or check) the manifest; read the finished cases."""
-    import numpy as np
-    import torch
-
     from attnedit.core.data import load_cases
     from attnedit.core.models import load_model
     from attnedit.editing.registry import make_editor
-    from attnedit.runs.runner import check_resumable, records_of_cases, write_manifest
 
     if setting.first < 0:
         raise ValueError("--first must be at least 0")
     if setting.limit is not None and setting.limit < 1:
         raise ValueError("--limit must be at least 1")
-    random.seed(setting.seed)
-    np.random.seed(setting.seed)
-    torch.manual_seed(setting.seed)
+    # records hold no NaN: the NAME.json they are copied into is strict JSON
+    run_dir = RunDir[dict](setting.out, CASES, allow_nan=False)
+    run_dir.seed_everything(setting.seed)
     dataset = load_cases(setting.data)
     cases = dataset.cases[setting.first :]
     cases = cases[: setting.limit] if setting.limit else cases
@@ -114,28 +117,23 @@ def start(setting: Setting) -> Session:
             raise ValueError(f"analyze {setting.analysis} needs an edit: give --method (e.g. rome)")
         editor = make_editor(setting.method, bundle.name, setting.preset, setting.params)
     manifest = json.loads(json.dumps(_manifest(setting, bundle, dataset, editor)))
-    out = setting.out
-    out.mkdir(parents=True, exist_ok=True)
-    check_resumable(out, manifest, IDENTITY, AnalysisConflictError)
-    write_manifest(out, manifest)  # with the current case range
+    run_dir.open(manifest, IDENTITY, AnalysisConflictError)  # with the current case range
     ids = [c.case_id for c in cases]
-    records = {r["case_id"]: r for r in records_of_cases(out / CASES, ids, repair=True)}
+    records = {r["case_id"]: r for r in run_dir.records(ids, repair=True)}
     if records:
-        logger.info("resuming %s: %d of %d cases already done", out, len(records), len(cases))
-    return Session(setting, cases, bundle, editor, records)
+        logger.info("resuming %s: %d of %d cases already done", run_dir.path, len(records), len(cases))
+    return Session(setting, cases, bundle, editor, records, run_dir)
 
 
 def run_cases(session: Session, compute: Callable[[Any], dict]) -> list[dict]:
     """``compute`` each case not done yet, appending its record; all records in case order."""
     from tqdm.auto import tqdm
 
-    from attnedit.runs.runner import append_record
-
     done = session.records
     bar = tqdm(
         total=len(session.cases), initial=len(done), desc=f"analyze {session.setting.analysis}", unit="case"
     )
-    with open(session.setting.out / CASES, "a", encoding="utf-8") as fh, bar:
+    with bar:
         for case in session.cases:
             if case.case_id in done:
                 continue
@@ -144,7 +142,7 @@ def run_cases(session: Session, compute: Callable[[Any], dict]) -> list[dict]:
             except (ValueError, KeyError, IndexError) as err:
                 raise ValueError(f"case {case.case_id} ({case.source}): {err}") from err
             record = json_ready({"case_id": case.case_id, "source": case.source, **record})
-            append_record(fh, record, allow_nan=False)
+            session.run_dir.append(record)
             done[case.case_id] = record
             bar.update(1)
     return [done[c.case_id] for c in session.cases]
@@ -152,7 +150,7 @@ def run_cases(session: Session, compute: Callable[[Any], dict]) -> list[dict]:
 
 def finish(session: Session, records: list[dict], aggregate: dict, figures: Sequence[Path]) -> Path:
     """Write NAME.json (atomically); returns its path."""
-    out, name = session.setting.out, session.setting.analysis
+    name = session.setting.analysis
     result = {
         "analysis": name,
         "manifest": MANIFEST,
@@ -162,12 +160,7 @@ def finish(session: Session, records: list[dict], aggregate: dict, figures: Sequ
         "figures": [Path(f).name for f in figures],
         "cases": records,
     }
-    path = out / f"{name}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(json_ready(result), allow_nan=False))
-    tmp.replace(path)
-    return path
-
+    return session.run_dir.write_json(f"{name}.json", json_ready(result), allow_nan=False)
 
 
 def subject_span(bundle: Any, prompt: str, subject: str, n_tokens: int) -> list[int]:

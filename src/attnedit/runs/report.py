@@ -7,9 +7,11 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from attnedit.evaluation.metrics import PAIRED_SCORES, paired_difference, summarize
-from attnedit.runs.runner import MANIFEST, selected_records
+from attnedit.evaluation.records import CaseRecord, PairedDifference
+from attnedit.runs.rundir import MANIFEST, RunDir
 
 TABLE_COLUMNS = ("AvgS", "ES", "PS", "NS", "RS", "DNS", "FL")
 MAGNITUDE_COLUMNS = ("EM", "PM", "NM", "RM", "DNM", "RM_onew", "DNM_onew")
@@ -18,11 +20,13 @@ EXTRA_COLUMNS = ("DRS", "RES", "ALIAS", "OS", "DOS", "PPL")
 
 @dataclass
 class ReportRow:
+    """One row of a report: a run (its shards merged), its pooled summary and its records in case order."""
+
     label: str
     run_dirs: list[str]
     manifest: dict
-    summary: dict
-    records: list[dict] = field(default_factory=list, repr=False)
+    summary: dict[str, Any]  # metrics.summarize's entries plus "_cases" and "_complete_shards"
+    records: list[CaseRecord] = field(default_factory=list, repr=False)
 
 
 def _shard_key(manifest: dict) -> tuple:
@@ -39,22 +43,23 @@ def _shard_key(manifest: dict) -> tuple:
 
 def collect(run_dirs: list[str | Path]) -> list[ReportRow]:
     """One row per distinct run; shards of the same run (same settings) are merged, duplicates refused."""
-    groups: dict[tuple, list[tuple[Path, dict]]] = {}
-    for d in map(Path, run_dirs):
-        if not (d / MANIFEST).is_file():
-            raise FileNotFoundError(f"{d}: no {MANIFEST}; not a run directory")
-        manifest = json.loads((d / MANIFEST).read_text())
+    groups: dict[tuple, list[tuple[RunDir[CaseRecord], dict]]] = {}
+    for d in map(RunDir[CaseRecord], run_dirs):
+        manifest = d.read_manifest()
+        if manifest is None:
+            raise FileNotFoundError(f"{d.path}: no {MANIFEST}; not a run directory")
         groups.setdefault(_shard_key(manifest), []).append((d, manifest))
     rows = []
     for members in groups.values():
         shards = [(m["shard"]["index"], m["shard"]["count"]) for _, m in members]
         if len(set(shards)) != len(shards):
-            raise ValueError(f"the same shard appears twice among {[str(d) for d, _ in members]}")
-        records, seen = [], set()
+            raise ValueError(f"the same shard appears twice among {[str(d.path) for d, _ in members]}")
+        records: list[CaseRecord] = []
+        seen: set[str] = set()
         for d, _ in members:
-            for r in selected_records(d):
+            for r in d.selected_records():
                 if r["case_id"] in seen:
-                    raise ValueError(f"case {r['case_id']!r} appears in more than one shard ({d})")
+                    raise ValueError(f"case {r['case_id']!r} appears in more than one shard ({d.path})")
                 seen.add(r["case_id"])
                 records.append(r)
         manifest = members[0][1]
@@ -66,7 +71,7 @@ def collect(run_dirs: list[str | Path]) -> list[ReportRow]:
         rows.append(
             ReportRow(
                 manifest.get("label") or manifest["method"],
-                [str(d) for d, _ in members],
+                [str(d.path) for d, _ in members],
                 manifest,
                 summary,
                 records,
@@ -110,7 +115,7 @@ def csv_table(rows: list[ReportRow], cols: tuple[str, ...]) -> str:
     return buf.getvalue()
 
 
-def paired(rows: list[ReportRow], against: str) -> dict[str, dict]:
+def paired(rows: list[ReportRow], against: str) -> dict[str, dict[str, PairedDifference]]:
     """Every other row minus the row labelled ``against``, on the cases both hold (paired bootstrap)."""
     base = [r for r in rows if r.label == against]
     if len(base) != 1:
@@ -120,10 +125,10 @@ def paired(rows: list[ReportRow], against: str) -> dict[str, dict]:
     return {r.label: paired_difference(base[0].records, r.records) for r in rows if r is not base[0]}
 
 
-def paired_table(differences: dict[str, dict], against: str) -> str:
+def paired_table(differences: dict[str, dict[str, PairedDifference]], against: str) -> str:
     """Markdown: per row and score, the difference in points and relative, with 95% intervals."""
 
-    def cell(d: dict | None) -> str:
+    def cell(d: PairedDifference | None) -> str:
         if not d:
             return "-"
         lo, hi = d["diff_ci"]
@@ -146,7 +151,7 @@ def write_report(
     rows: list[ReportRow],
     out_dir: str | Path,
     cols: tuple[str, ...],
-    differences: tuple[str, dict[str, dict]] | None = None,
+    differences: tuple[str, dict[str, dict[str, PairedDifference]]] | None = None,
 ) -> dict[str, Path]:
     """report.md/.csv/.json; with ``differences`` (the ``against`` label and ``paired(rows, against)``),
     also paired.md/.json."""

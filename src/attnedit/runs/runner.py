@@ -1,6 +1,6 @@
 """The resumable evaluation runner: per case, edit -> evaluate -> revert, one JSON line per case.
 
-Layout of a run directory::
+Layout of a run directory (a ``rundir.RunDir``, which implements it)::
 
     manifest.json   model, method, hyper-parameters, data file hash, versions, seed, shard, and the
                     case range (and ids) of the latest invocation
@@ -15,20 +15,12 @@ summary and reports cover the new range only (``selected_records``).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import platform
-import random
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO
 
 import numpy as np
-import torch
-import transformers
 from tqdm.auto import tqdm
 
 from attnedit import __version__
@@ -38,18 +30,19 @@ from attnedit.core.models import ModelBundle, load_model
 from attnedit.editing.registry import Editor, Unchanged, make_editor
 from attnedit.evaluation.evaluator import EvalConfig, Evaluator
 from attnedit.evaluation.metrics import summarize
+from attnedit.evaluation.records import CaseRecord, Reference, Summary
+from attnedit.runs.rundir import (
+    RunDir,
+    data_manifest,
+    environment_manifest,
+    model_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
 MODES = ("single", "batch", "sequential")
-RESULTS = "results.jsonl"
 EDITS = "edits"
-MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
-
-
-class RunConflictError(RuntimeError):
-    """The output directory holds a run with different settings."""
 
 
 @dataclass(frozen=True)
@@ -111,46 +104,6 @@ class RunConfig:
             raise ValueError("--batch-size needs --mode batch or sequential")
 
 
-def _set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def model_manifest(bundle: ModelBundle) -> dict:
-    """The model part of every manifest (runs and analyses)."""
-    return {
-        "name": bundle.name,
-        "source": bundle.source,
-        "fingerprint": bundle.fingerprint,
-        "family": bundle.adapter.family,
-        "dtype": str(next(bundle.model.parameters()).dtype),
-    }
-
-
-def data_manifest(dataset: Dataset) -> dict:
-    """The data part of every manifest: path, format, content hash, record count, skipped records."""
-    return {
-        "path": dataset.path,
-        "format": dataset.format,
-        "sha256": dataset.sha256,
-        "records": len(dataset) + len(dataset.skipped),
-        "skipped": dataset.skipped,
-    }
-
-
-def environment_manifest() -> dict:
-    """Library versions and the torch thread count."""
-    return {
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        },
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
 def build_manifest(config: RunConfig, bundle: ModelBundle, dataset: Dataset, editor: Editor) -> dict:
     return {
         "attnedit_version": __version__,
@@ -190,7 +143,6 @@ _IDENTITY = (
 )
 
 
-_ADDED_LATER = {"first": 0}  # identity fields newer than some run directories: their implied value
 _RANGE = ("limit", "first")
 
 
@@ -202,99 +154,19 @@ def run_identity(mode: str) -> tuple[str, ...]:
     return tuple(k for k in _IDENTITY if mode != "single" or k not in _RANGE)
 
 
-def write_manifest(out: Path, manifest: dict) -> None:
-    """Write ``manifest`` (this invocation's settings and case range) atomically, keeping the directory's
-    first ``created`` stamp."""
-    path = out / MANIFEST
-    created = json.loads(path.read_text()).get("created") if path.is_file() else None
-    tmp = path.with_name(path.name + ".tmp")
-    stamped = {**manifest, "created": created or time.strftime("%Y-%m-%dT%H:%M:%S")}
-    tmp.write_text(json.dumps(stamped, indent=1))
-    tmp.replace(path)
-
-
-def records_of_cases(path: Path, case_ids: Sequence, repair: bool = False) -> list[dict]:
-    """The records in ``path`` of the cases ``case_ids`` that have one, in the order of ``case_ids``
-    (a file extended to another case range holds others, and not necessarily in case order)."""
-    by_id = {r["case_id"]: r for r in read_results(path, repair=repair)}
-    return [by_id[i] for i in case_ids if i in by_id]
-
-
-def selected_records(run_dir: str | Path) -> list[dict]:
-    """The records of a run directory's current case range (the manifest's ``case_ids``; all records for
-    runs written before the range was recorded), in case order."""
-    run_dir = Path(run_dir)
-    ids = json.loads((run_dir / MANIFEST).read_text()).get("case_ids")
-    if ids is None:
-        return read_results(run_dir / RESULTS)
-    return records_of_cases(run_dir / RESULTS, ids)
-
-
-def check_resumable(
-    out: Path,
-    manifest: dict,
-    identity: Sequence[str] = _IDENTITY,
-    error: type[Exception] = RunConflictError,
-) -> None:
-    """Refuse to continue in ``out`` when its manifest differs from ``manifest`` in an identity field."""
-    path = out / MANIFEST
-    if not path.is_file():
-        return
-    old = json.loads(path.read_text())
-    for key in identity:
-        if old.get(key, _ADDED_LATER.get(key)) != manifest.get(key):
-            raise error(
-                f"{out} holds a run with different {key!r}: {old.get(key)!r} != {manifest.get(key)!r}; "
-                "use another --out directory"
-            )
-
-
-def read_results(path: Path, repair: bool = False) -> list[dict]:
-    """Records of a results file; a torn last line (interrupted write) is dropped (and cut if ``repair``)."""
-    if not path.is_file():
-        return []
-    data = path.read_bytes()
-    records, good_end, start = [], 0, 0
-    while start < len(data):
-        end = data.find(b"\n", start)
-        if end < 0:
-            break  # unterminated tail: an interrupted write
-        line = data[start:end]
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-        good_end, start = end + 1, end + 1
-    if good_end < len(data):
-        logger.warning("%s: dropping %d bytes of an interrupted write", path, len(data) - good_end)
-        if repair:
-            with open(path, "r+b") as fh:
-                fh.truncate(good_end)
-    return records
-
-
-def append_record(fh, record: dict, allow_nan: bool = True) -> None:
-    """One JSON line, flushed and fsynced (an interrupted run loses at most a torn last line)."""
-    fh.write(json.dumps(record, ensure_ascii=False, allow_nan=allow_nan) + "\n")
-    fh.flush()
-    os.fsync(fh.fileno())
-
-
-def write_summary(out: Path, records: list[dict]) -> dict:
+def write_summary(run_dir: RunDir[CaseRecord], records: list[CaseRecord]) -> Summary:
+    """Pool ``records`` (``metrics.summarize``) into the run's ``summary.json``; returns the summary."""
     summary = summarize(records)
-    tmp = out / (SUMMARY + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(out / SUMMARY)
+    run_dir.write_json(SUMMARY, summary, indent=1)
     return summary
 
 
 def run(
     config: RunConfig, bundle: ModelBundle | None = None, editor: Editor | None = None, progress: bool = True
-) -> dict:
+) -> Summary:
     """Run (or resume) an evaluation; returns the summary."""
-    _set_seed(config.seed)
-    out = Path(config.out)
+    run_dir = RunDir[CaseRecord](config.out)
+    run_dir.seed_everything(config.seed)
     dataset = load_cases(config.data, config.data_format, config.skip_invalid)
     cases = dataset.cases[config.first :]
     cases = cases[: config.limit] if config.limit else cases
@@ -304,15 +176,11 @@ def run(
     if config.ppl_corpus:
         config.eval.ppl_texts = load_texts(config.ppl_corpus, config.ppl_limit)
     manifest = {**build_manifest(config, bundle, dataset, editor), "case_ids": [c.case_id for c in cases]}
-    out.mkdir(parents=True, exist_ok=True)
-    check_resumable(out, manifest, run_identity(config.mode))
-    write_manifest(out, manifest)
-
-    results_path = out / RESULTS
-    records = records_of_cases(results_path, manifest["case_ids"], repair=True)
+    run_dir.open(manifest, run_identity(config.mode))
+    records = run_dir.records(manifest["case_ids"], repair=True)
     done = {r["case_id"] for r in records}
     if done:
-        logger.info("resuming %s: %d of %d cases already done", out, len(done), len(cases))
+        logger.info("resuming %s: %d of %d cases already done", run_dir.path, len(done), len(cases))
     evaluator = Evaluator(bundle, config.eval)
     # batches are cut from the full case list, so a resumed run edits exactly the same groups
     groups = [cases[i : i + config.batch_size] for i in range(0, len(cases), config.batch_size)]
@@ -323,28 +191,32 @@ def run(
         unit="case",
         disable=not progress,
     )
-    with open(results_path, "a", encoding="utf-8") as fh, bar:
-        state = _Loop(out, done, bundle, editor, evaluator, fh, records, bar, config)
+    with bar:
+        state = _Loop(run_dir, done, bundle, editor, evaluator, records, bar, config)
         (_run_sequential if config.mode == "sequential" else _run_groups)(state, groups)
     order = {case_id: i for i, case_id in enumerate(manifest["case_ids"])}
     records.sort(key=lambda r: order[r["case_id"]])  # case order, as reports read them
-    return write_summary(out, records)
+    return write_summary(run_dir, records)
 
 
 @dataclass
 class _Loop:
-    """What the case loops of ``run`` share: the run directory, what is done, the model, editor and
-    evaluator, the open results file, the records so far and the progress bar."""
+    """What the case loops of ``run`` share: the run directory (which writes the records), what is done,
+    the model, editor and evaluator, the records so far and the progress bar."""
 
-    out: Path
-    done: set
+    run_dir: RunDir[CaseRecord]
+    done: set[str]
     bundle: ModelBundle
     editor: Editor
     evaluator: Evaluator
-    fh: IO[str]
-    records: list[dict]
+    records: list[CaseRecord]
     bar: tqdm
     config: RunConfig
+
+    @property
+    def out(self) -> Path:
+        """The run directory's path (where edits are saved)."""
+        return self.run_dir.path
 
     def chunks(self, cases: list[EditCase]) -> list[list[EditCase]]:
         """The cases scored before their fluency is generated and they are written (one by one
@@ -352,24 +224,24 @@ class _Loop:
         step = self.config.generation_cases if self.evaluator.config.fluency else 1
         return [cases[i : i + step] for i in range(0, len(cases), step)]
 
-    def score(self, case: EditCase, reference: dict | None, **extra: object) -> dict:
+    def score(self, case: EditCase, reference: Reference | None, **extra: object) -> CaseRecord:
         """A case's record without fluency, timed (``seconds_eval``), plus ``extra`` fields."""
         t0 = time.perf_counter()
         record = self.evaluator.score(case, reference)
         record["seconds_eval"] = time.perf_counter() - t0
-        record.update(extra)
+        record.update(extra)  # seconds_edit with edit (single, batch) or edits_applied (sequential)
         return record
 
-    def finish_in_place(self, cases: list[EditCase], records: list[dict]) -> None:
+    def finish_in_place(self, cases: list[EditCase], records: list[CaseRecord]) -> None:
         """Add fluency generated by the model as it is now (edit applied), then write the records."""
         if self.evaluator.config.fluency:
             self.evaluator.add_fluency(cases, records)
         self.write(records)
 
-    def write(self, finished: list[dict], counted: bool = False) -> None:
+    def write(self, finished: list[CaseRecord], counted: bool = False) -> None:
         """Append records; ``counted``: the progress bar already advanced for them when scored."""
         for record in finished:
-            append_record(self.fh, record)
+            self.run_dir.append(record)
             self.records.append(record)
             if not counted:
                 self.bar.update(1)
@@ -386,7 +258,7 @@ def _run_groups(state: _Loop, groups: list[list[EditCase]]) -> None:
     """
     evaluator, config, done = state.evaluator, state.config, state.done
     fluency = evaluator.config.fluency
-    pending: list[tuple[EditCase, dict, dict]] = []
+    pending: list[tuple[EditCase, CaseRecord, dict]] = []
 
     def flush() -> None:
         if pending:
@@ -507,7 +379,7 @@ def _run_sequential(state: _Loop, groups: list[list[EditCase]]) -> None:
 
 def edit_each(
     bundle: ModelBundle, editor: Editor, evaluator: Evaluator, cases: list[EditCase]
-) -> tuple[list[dict], list[float]]:
+) -> tuple[list[CaseRecord], list[float]]:
     """Edit -> evaluate -> revert per case in memory (no run directory): records and edit seconds."""
     records, seconds = [], []
     for case in cases:
