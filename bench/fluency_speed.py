@@ -42,7 +42,7 @@ def main() -> None:
     bundle = load_model("smollm2-135m")
     cases = load_cases(args.data).cases[: args.cases]
     editor = make_editor(
-        "rome", bundle.name, overrides={"stats_corpus": args.stats_corpus, "stats_samples": 5000}
+        "rome", bundle, overrides={"stats_corpus": args.stats_corpus, "stats_samples": 5000}
     )
     evaluator = Evaluator(bundle, EvalConfig(fluency_prompts="rewrite"))
     edits = []
