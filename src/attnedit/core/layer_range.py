@@ -31,8 +31,7 @@ def parse_layers(text: str) -> list[int] | None:
             hi = int(last) if dash else lo
         except ValueError:
             raise ValueError(
-                f"layers {text!r}: {item!r} is not a layer or FIRST-LAST "
-                "(expected e.g. 3-7, 3,4,5 or all)"
+                f"layers {text!r}: {item!r} is not a layer or FIRST-LAST (expected e.g. 3-7, 3,4,5 or all)"
             ) from None
         if lo < 0 or hi < lo:
             raise ValueError(f"layers {text!r}: {item!r} is not a range 0 <= FIRST <= LAST")

@@ -135,10 +135,9 @@ def _convert(value: str, hint: Any, key: str) -> Any:
     except PresetError:
         raise
     except ValueError as err:
-        detail = f" ({err})" if hint == list[int] else ""
-        raise PresetError(
-            f"--param {key}={value!r}: expected {getattr(hint, '__name__', hint)}{detail}"
-        ) from None
+        if hint == list[int]:  # the parser says what is wrong with which item
+            raise PresetError(f"--param {key}={value!r}: {err}") from None
+        raise PresetError(f"--param {key}={value!r}: expected {getattr(hint, '__name__', hint)}") from None
 
 
 def make_params(method: str, preset: dict, overrides: dict[str, Any] | None = None):
