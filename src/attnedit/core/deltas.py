@@ -78,30 +78,25 @@ class WeightEdit:
         missing = [name for name in self.deltas if name not in params and name not in creates]
         if missing:
             raise EditMismatchError(f"the model has no parameter(s) {missing}")
-        new: dict[str, nn.Module] = {}
+        new: dict[str, nn.Linear] = {}  # the parameters to create, by their owning module
         for name, delta in self.deltas.items():
-            if name in creates and name in params:
-                if check:
-                    raise EditMismatchError(
-                        f"{name} exists in this model, but this edit creates it (model fingerprint "
-                        f"{self.model_fingerprint!r}); pass check=False to add the delta to it"
-                    )
-            elif name in creates:
+            if name in creates and name not in params:
                 new[name] = bias_owner(model, name)
-                continue
-            if params[name].shape != delta.shape:
+                shape = (new[name].out_features,)
+            elif name in creates and check:
                 raise EditMismatchError(
-                    f"{name}: delta shape {tuple(delta.shape)} != {tuple(params[name].shape)}"
+                    f"{name} exists in this model, but this edit creates it (model fingerprint "
+                    f"{self.model_fingerprint!r}); pass check=False to add the delta to it"
                 )
+            else:
+                shape = tuple(params[name].shape)
+            if tuple(delta.shape) != shape:
+                raise EditMismatchError(f"{name}: delta shape {tuple(delta.shape)} != {shape}")
             if check and name not in creates and tensor_hash(params[name]) != self.base_hashes.get(name):
                 raise EditMismatchError(
                     f"{name} differs from the weights this edit was computed on "
                     f"(model fingerprint {self.model_fingerprint!r}); pass check=False to add it anyway"
                 )
-        for name, module in new.items():
-            if tuple(self.deltas[name].shape) != (module.out_features,):
-                shape = tuple(self.deltas[name].shape)
-                raise EditMismatchError(f"{name}: delta shape {shape} != ({module.out_features},)")
         applied = AppliedEdit(self)
         with torch.no_grad():
             for name, delta in self.deltas.items():
@@ -163,7 +158,7 @@ def bias_owner(model: nn.Module, name: str) -> nn.Linear:
     return module
 
 
-@dataclass
+@dataclass(eq=False)  # an edit in place is itself, not its contents
 class AppliedEdit:
     """An edit in place on a model. ``revert()`` restores it bit for bit: copies the original weights
     back and removes the parameters the edit created; it is idempotent.
@@ -176,7 +171,7 @@ class AppliedEdit:
     # parameter name -> its weights before the edit (for the parameters the edit changes)
     originals: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _params: dict[str, nn.Parameter] = field(default_factory=dict, repr=False)
-    _created: dict[str, nn.Module] = field(default_factory=dict, repr=False)  # name -> owning module
+    _created: dict[str, nn.Linear] = field(default_factory=dict, repr=False)  # name -> owning module
     reverted: bool = False
     kept: bool = False
 

@@ -402,11 +402,9 @@ def _run_groups(state: _Loop, groups: list[list[EditCase]]) -> None:
         if not todo:
             continue
         references = {c.case_id: evaluator.reference(c) for c in todo if c.locality}
-        applied, seconds_edit, checkpoint = _edit_group(
-            state.out, k, group, state.bundle, state.editor, config
-        )
+        edit, seconds_edit, checkpoint = _edit_group(state.out, k, group, state.bundle, state.editor, config)
         try:
-            deltas = applied.edit.deltas
+            deltas = edit.edit.deltas
             defer = fluency and len(group) == 1
             for chunk in state.chunks(todo):
                 scored = [
@@ -414,7 +412,7 @@ def _run_groups(state: _Loop, groups: list[list[EditCase]]) -> None:
                         case,
                         references.get(case.case_id),
                         seconds_edit=seconds_edit / len(group),
-                        edit=_edit_info(applied.edit, group.index(case)),
+                        edit=_edit_info(edit.edit, group.index(case)),
                     )
                     for case in chunk
                 ]
@@ -425,7 +423,7 @@ def _run_groups(state: _Loop, groups: list[list[EditCase]]) -> None:
                 else:  # a batch edit: generate with it in place
                     state.finish_in_place(chunk, scored)
         finally:
-            applied.revert()
+            edit.revert()
         if checkpoint is not None and not config.save_edits:
             checkpoint.unlink()
         if len(pending) >= config.generation_cases:
