@@ -71,7 +71,7 @@ def main() -> None:
 
     overrides = {"stats_corpus": args.stats_corpus, "stats_samples": str(args.stats_samples)}
     for method in [m for m in args.methods.split(",") if m]:
-        editor = make_editor(method, bundle.name, overrides={} if method == "ft" else overrides)
+        editor = make_editor(method, bundle, overrides={} if method == "ft" else overrides)
         if method != "ft":
             second_moments(bundle, "mlp_down", editor.params.layers, spec, progress=False)  # untimed
         records, seconds = edit_each(bundle, editor, evaluator, cases)

@@ -41,9 +41,7 @@ def main() -> None:
     torch.manual_seed(0)
     bundle = load_model("smollm2-135m")
     cases = load_cases(args.data).cases[: args.cases]
-    editor = make_editor(
-        "rome", bundle.name, overrides={"stats_corpus": args.stats_corpus, "stats_samples": 5000}
-    )
+    editor = make_editor("rome", bundle, overrides={"stats_corpus": args.stats_corpus, "stats_samples": 5000})
     evaluator = Evaluator(bundle, EvalConfig(fluency_prompts="rewrite"))
     edits = []
     for case in cases:

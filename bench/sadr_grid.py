@@ -99,8 +99,8 @@ def main() -> None:
     for steps, gamma, heads, layers, lr, kl in points:
         out = point_dir(root, args.method, steps, gamma, heads, layers, lr, kl)
         params = {"stats_corpus": WIKITEXT, "stats_samples": "5000", "steps": str(steps)}
-        params |= {"sadr_gamma": str(gamma), "sadr_heads": heads}
-        params["sadr_layers"] = layers or "all"  # explicit: the preset's sadr block may name a range
+        # layers explicit ("all" too): the preset's sadr block may name a range
+        sadr = {"gamma": gamma, "heads": heads, "layers": layers or "all"}
         if lr:
             params["lr"] = lr
         if kl:
@@ -112,6 +112,7 @@ def main() -> None:
             limit=args.cases,
             first=args.first,
             params=params,
+            sadr=sadr,
             eval=EvalConfig(fluency=False),
         )
         run(config, bundle=bundle)

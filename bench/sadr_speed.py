@@ -53,7 +53,7 @@ def main() -> None:
     bundle = load_model("smollm2-135m")
     cases = load_cases(args.data).cases[: args.cases]
     stats = {"stats_corpus": args.stats_corpus, "stats_samples": args.stats_samples}
-    plain = make_editor("rome", bundle.name, overrides=stats)
+    plain = make_editor("rome", bundle, overrides=stats)
     params = plain.params
     templates = method_templates(bundle, params)
     settings = target_settings(params)
@@ -73,7 +73,7 @@ def main() -> None:
             f"case {case.case_id}: plain {per_step['plain'][-1]:.4f} s/step, sadr {per_step['sadr'][-1]:.4f}"
         )
 
-    editor = make_editor("rome+sadr", bundle.name, overrides={**stats, "steps": 80})
+    editor = make_editor("rome+sadr", bundle, overrides={**stats, "steps": 80})
     from attnedit.editing.covariance import second_moments
 
     second_moments(

@@ -47,7 +47,7 @@ def main() -> None:
     for layers in args.layers.split(sep):
         editor = make_editor(
             args.method,
-            bundle.name,
+            bundle,
             overrides={
                 "layers": layers,
                 "stats_corpus": args.stats_corpus,

@@ -81,3 +81,24 @@ def test_eval_bad_input_is_a_clear_error(tmp_path, tiny_tokenizer):
     assert "bad.json[0]" in result.output and "requested_rewrite.prompt" in result.output
     result = runner.invoke(app, ["eval", "sample", "--shard", "3/2", "--out", str(tmp_path / "o2")])
     assert result.exit_code == 2
+
+
+def test_sadr_options_become_typed_settings():
+    """--gamma/--sadr-* and --param sadr_KEY=VALUE go to make_editor's sadr= argument, not to the preset."""
+    import pytest
+    import typer
+
+    from attnedit.cli.main import _with_sadr
+    from attnedit.editing.registry import make_editor
+
+    method, params, sadr = _with_sadr("rome", ["steps=3", "sadr_heads=all"], True, 0.5, None, "6-29", None)
+    assert (method, params) == ("rome+sadr", {"steps": "3"})
+    assert sadr == {"heads": "all", "gamma": 0.5, "layers": "6-29"}
+    settings = make_editor(method, "smollm2-135m", overrides=params, sadr=sadr).terms[0].settings
+    assert (settings.gamma, settings.heads, settings.layers) == (0.5, "all", (6, 29))
+    with pytest.raises(typer.BadParameter, match="gamma is given twice"):
+        _with_sadr("rome+sadr", ["sadr_gamma=0.1"], False, 0.5, None, None, None)
+    # without +sadr, the settings are refused by make_editor
+    method, params, sadr = _with_sadr("rome", ["sadr_gamma=0.1"], False, None, None, None, None)
+    with pytest.raises(ValueError, match="need a '\\+sadr' method"):
+        make_editor(method, "smollm2-135m", overrides=params, sadr=sadr)

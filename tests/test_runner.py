@@ -324,7 +324,7 @@ def test_fluency_batched_across_cases_equals_per_case_generation(tmp_path, tiny_
     records = read_results(tmp_path / mode / RESULTS)
     assert [r["case_id"] for r in records] == ["0", "1", "2", "3", "4"]
 
-    editor = make_editor(config.method, bundle.name, config.preset, config.params)
+    editor = make_editor(config.method, bundle, config.preset, config.params, sadr=config.sadr)
     evaluator = Evaluator(bundle, fl)
     from attnedit.core.data import load_cases
 

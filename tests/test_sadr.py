@@ -244,7 +244,7 @@ def test_fine_tuning_accepts_the_term(tiny_tokenizer):
 
 
 def test_make_editor_builds_sadr_methods(tmp_path):
-    editor = make_editor("rome+sadr", "smollm2-135m", overrides={"sadr_gamma": "0.5", "sadr_layers": "6-29"})
+    editor = make_editor("rome+sadr", "smollm2-135m", sadr={"gamma": 0.5, "layers": (6, 29)})
     assert editor.name == "rome+sadr" and isinstance(editor, Rome)
     term = editor.terms[0]
     assert term.settings.gamma == 0.5 and term.settings.layers == (6, 29)
@@ -255,26 +255,60 @@ def test_make_editor_builds_sadr_methods(tmp_path):
         "layers": [6, 29],
         "prompt_reduction": "mean",
     }
+    # command-line text takes the same path: parsed into the same settings
+    from_text = make_editor("rome+sadr", "smollm2-135m", sadr={"gamma": "0.5", "layers": "6-29"})
+    assert from_text.hyperparameters() == editor.hyperparameters()
     ours = make_editor("rome+sadr", "smollm2-135m").terms[0].settings  # the validated setting
     assert (ours.gamma, ours.heads, ours.layers) == (0.1, "selective", (20, 29))
+    # an override replaces one field of the preset's block; layers=None (or "all") lifts its range
+    for every in (None, "all"):
+        lifted = make_editor("rome+sadr", "smollm2-135m", sadr={"layers": every}).terms[0].settings
+        assert (lifted.gamma, lifted.layers) == (0.1, None)
+    # a whole SadrSettings replaces the block's settings; the block's base-method params still apply
+    given = SadrSettings(gamma=0.2, heads="all")
+    paper = make_editor("rome+sadr", "EleutherAI/gpt-j-6b", sadr=given)
+    assert paper.terms[0].settings == given and paper.params.steps == 80
     paper = make_editor("rome+sadr", "EleutherAI/gpt-j-6b")
     assert paper.terms[0].settings.gamma == 0.01 and paper.params.steps == 80  # the preset's sadr block
     assert make_editor("rome", "EleutherAI/gpt-j-6b").params.steps == 20
     for method in ("memit+sadr", "pmet+sadr", "ft+sadr"):
         assert make_editor(method, "smollm2-135m").terms[0].name == "sadr"
     with pytest.raises(ValueError, match="need a '\\+sadr' method"):
-        make_editor("rome", "smollm2-135m", overrides={"sadr_gamma": "1"})
+        make_editor("rome", "smollm2-135m", sadr={"gamma": 1.0})
+    with pytest.raises(ValueError, match="need a '\\+sadr' method"):
+        make_editor("rome", "smollm2-135m", sadr=SadrSettings())
     with pytest.raises(ValueError, match="unknown method"):
-        make_editor("none+sadr")
+        make_editor("none+sadr", "smollm2-135m")
     with pytest.raises(ValueError, match="unknown method"):
-        make_editor("rome+foo")
-    with pytest.raises(PresetError, match="no setting"):
-        make_editor("rome+sadr", "smollm2-135m", overrides={"sadr_weight": "1"})
+        make_editor("rome+foo", "smollm2-135m")
+    with pytest.raises(PresetError, match="SADR has no setting 'weight'"):
+        make_editor("rome+sadr", "smollm2-135m", sadr={"weight": 1.0})
+    # SADR settings are not the method's parameters
+    with pytest.raises(PresetError, match="rome has no parameter 'sadr_gamma'"):
+        make_editor("rome+sadr", "smollm2-135m", overrides={"sadr_gamma": "1"})
     with pytest.raises(PresetError, match=r"'sadr' block: unknown field\(s\) \['gama'\]"):
         sadr_settings({"gama": 0.1}, {})
-    with pytest.raises(PresetError, match="gamma"):
-        make_editor("rome+sadr", "smollm2-135m", overrides={"sadr_gamma": "x"})
+    with pytest.raises(PresetError, match="gamma='x'"):
+        make_editor("rome+sadr", "smollm2-135m", sadr={"gamma": "x"})
+    with pytest.raises(PresetError, match="'6-x'"):
+        make_editor("rome+sadr", "smollm2-135m", sadr={"layers": "6-x"})
+    with pytest.raises(PresetError, match="contiguous"):
+        make_editor("rome+sadr", "smollm2-135m", sadr={"layers": "6,8"})
     with pytest.raises(ValueError, match="heads"):
         SadrSettings(heads="some")
     with pytest.raises(ValueError, match="gamma"):
         SadrSettings(gamma=-1)
+
+
+def test_the_preset_is_the_bundles_models(tiny_tokenizer):
+    """make_editor needs the model: a model without a preset is a PresetError naming it, never SmolLM2's."""
+    bundle = make_tiny("llama", tiny_tokenizer)
+    for method in ("rome", "memit+sadr", "ft"):
+        with pytest.raises(PresetError, match=r"no preset for model 'tiny-llama'"):
+            make_editor(method, bundle)
+    assert make_editor("rome", bundle, preset="smollm2-135m").preset == "smollm2-135m"  # chosen explicitly
+    assert make_editor("none", bundle).name == "none"
+    with pytest.raises(TypeError):
+        make_editor("rome")  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="needs the model"):
+        make_editor("rome", None)  # type: ignore[arg-type]

@@ -40,7 +40,7 @@ def _margin(bundle, case) -> float:
 @pytest.mark.parametrize("method", ["rome", "memit", "pmet", "ft"])
 def test_every_method_edits_smollm2_and_reverts_exactly(smollm2, dev_cases, stats_overrides, method):
     overrides = {} if method == "ft" else stats_overrides
-    editor = make_editor(method, smollm2.name, overrides=overrides)
+    editor = make_editor(method, smollm2, overrides=overrides)
     original = model_hash(smollm2.model)
     margins = []
     for case in dev_cases:
@@ -57,7 +57,7 @@ def test_every_method_edits_smollm2_and_reverts_exactly(smollm2, dev_cases, stat
 
 
 def test_batch_memit_and_saved_edit_on_smollm2(smollm2, dev_cases, stats_overrides, tmp_path):
-    editor = make_editor("memit", smollm2.name, overrides=stats_overrides)
+    editor = make_editor("memit", smollm2, overrides=stats_overrides)
     applied = editor.apply(smollm2, dev_cases)
     assert all(_margin(smollm2, c) > 0 for c in dev_cases)
     ids = smollm2.tokenizer(dev_cases[0].request.text, return_tensors="pt")["input_ids"]
@@ -110,7 +110,7 @@ def test_sadr_on_smollm2_restrains_the_drift_and_keeps_the_edit(smollm2, dev_cas
     drift, margins = {}, {}
     for gamma in (0.0, 1.0):
         editor = make_editor(
-            "rome+sadr", smollm2.name, overrides={**stats_overrides, "sadr_gamma": gamma, "steps": 20}
+            "rome+sadr", smollm2, overrides={**stats_overrides, "steps": 20}, sadr={"gamma": gamma}
         )
         applied = editor.apply(smollm2, dev_cases[:1])
         parts = applied.edit.info["loss_parts"][0]

@@ -45,7 +45,7 @@ from attnedit.core.interventions import (
 from attnedit.core.models import ModelBundle
 from attnedit.core.scoring import pad_batch
 from attnedit.core.sites import HIDDEN_STATE_COMPONENTS, Site
-from attnedit.core.tokens import encode_prompt, encode_target
+from attnedit.core.tokens import encode_prompt, encode_target, padding_id
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def encode_prompts(bundle: ModelBundle, prompts: Sequence[str]) -> PromptBatch:
     for p, ids in zip(prompts, encoded, strict=True):
         if not ids:
             raise ValueError(f"prompt {p!r} tokenises to nothing")
-    pad = bundle.tokenizer.pad_token_id if bundle.tokenizer.pad_token_id is not None else 0
+    pad = padding_id(bundle.tokenizer)
     ids, mask = pad_batch(encoded, pad, left=True, device=bundle.device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return PromptBatch(tuple(prompts), ids, mask, positions, tuple(len(e) for e in encoded))

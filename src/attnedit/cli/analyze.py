@@ -37,7 +37,7 @@ from attnedit.analysis.aggregate import (
     nanmean,
 )
 from attnedit.analysis.engine import json_ready
-from attnedit.cli.common import parse_overrides, setup_logging
+from attnedit.cli.common import parse_overrides, setup_logging, split_sadr
 from attnedit.runs.analyses import Session, Setting, run_cases, start, subject_span
 from attnedit.runs.analyses import finish as write_result
 
@@ -59,16 +59,13 @@ def _kinds(text: str) -> tuple[str, ...]:
 
 
 def _layers(text: str | None) -> list[int] | None:
-    """``--drift-layers``: ``A-B`` (inclusive) or ``A,B,C``; None = every layer."""
-    if not text:
-        return None
+    """``--drift-layers``: ``A-B`` (inclusive), ``A,B,C`` or ``all``; None = every layer."""
+    from attnedit.core.layer_range import parse_layers
+
     try:
-        if "-" in text:
-            a, b = (int(x) for x in text.split("-"))
-            return list(range(a, b + 1))
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--drift-layers expects FIRST-LAST or a comma list, not {text!r}") from None
+        return parse_layers(text) if text else None
+    except ValueError as err:
+        raise ValueError(f"--drift-layers: {err}") from None
 
 
 def finish(session: Session, records: list[dict], aggregate: dict, figures: Sequence[Path]) -> Path:
@@ -234,7 +231,8 @@ def _edited_session(
     seed: int,
     options: dict,
 ) -> Session:
-    return start(Setting(name, data, model, out, first, limit, seed, options, method, preset, params))
+    params, sadr = split_sadr(params)  # -p sadr_gamma=0.1: a setting of the SADR term
+    return start(Setting(name, data, model, out, first, limit, seed, options, method, preset, params, sadr))
 
 
 def _specificity(case: Any) -> Any:

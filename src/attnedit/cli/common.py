@@ -24,7 +24,11 @@ def setup_logging(verbose: bool, threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+SADR_PREFIX = "sadr_"  # --param sadr_gamma=0.1: a setting of the SADR term, not of the method
+
+
 def parse_overrides(pairs: list[str] | None) -> dict[str, str]:
+    """``KEY=VALUE`` pairs as a dict (the values still text)."""
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
@@ -32,3 +36,11 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, str]:
             raise typer.BadParameter(f"--param expects KEY=VALUE, got {pair!r}")
         out[key.strip()] = value
     return out
+
+
+def split_sadr(overrides: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """Parsed ``--param`` overrides -> (the method's fields, the SADR settings): ``sadr_KEY=VALUE`` is
+    the SADR setting KEY, handed to ``make_editor(..., sadr=...)`` like ``--gamma``/``--sadr-*``."""
+    params = {k: v for k, v in overrides.items() if not k.startswith(SADR_PREFIX)}
+    sadr = {k.removeprefix(SADR_PREFIX): v for k, v in overrides.items() if k.startswith(SADR_PREFIX)}
+    return params, sadr

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from attnedit.cli.analyze import app as analyze_app
-from attnedit.cli.common import parse_overrides, setup_logging
+from attnedit.cli.common import parse_overrides, setup_logging, split_sadr
 from attnedit.core.data import SAMPLE_DATA
 
 app = typer.Typer(
@@ -44,21 +44,26 @@ SadrReduction = Annotated[
 
 def _with_sadr(
     method: str,
-    overrides: dict[str, str],
+    param: list[str] | None,
     sadr: bool,
     gamma: float | None,
     heads: str | None,
     layers: str | None,
     reduction: str | None,
-) -> tuple[str, dict[str, str]]:
-    """The method name (``X+sadr`` with --sadr) and the overrides with the SADR options added."""
+) -> tuple[str, dict[str, str], dict[str, object]]:
+    """The method name (``X+sadr`` with --sadr), its preset overrides (``--param``) and the SADR
+    settings: the --gamma/--sadr-* options and any ``--param sadr_KEY=VALUE``."""
     if sadr and not method.endswith("+sadr"):
         method = f"{method}+sadr"
+    params, settings = split_sadr(parse_overrides(param))
     options = {"gamma": gamma, "heads": heads, "layers": layers, "prompt_reduction": reduction}
     for key, value in options.items():
-        if value is not None:
-            overrides[f"sadr_{key}"] = str(value)
-    return method, overrides
+        if value is None:
+            continue
+        if key in settings:
+            raise typer.BadParameter(f"SADR {key} is given twice: by its option and by --param sadr_{key}")
+        settings[key] = value
+    return method, params, settings
 
 
 @app.command("eval")
@@ -129,8 +134,8 @@ def eval_command(
 
         corpus = str(sample_path().with_name("sample_ppl_corpus.json"))
     try:
-        method, overrides = _with_sadr(
-            method, parse_overrides(param), sadr, gamma, sadr_heads, sadr_layers, sadr_reduction
+        method, overrides, sadr_settings = _with_sadr(
+            method, param, sadr, gamma, sadr_heads, sadr_layers, sadr_reduction
         )
         config = RunConfig(
             data=data,
@@ -150,6 +155,7 @@ def eval_command(
             batch_size=batch_size,
             preset=preset,
             params=overrides,
+            sadr=sadr_settings,
             save_edits=save_edits,
             generation_cases=generation_cases,
             eval=EvalConfig(
@@ -210,10 +216,10 @@ def edit_command(
         case, probes = edit_case_from_args(
             model, subject, prompt, target_new, target_true, paraphrase, neighbor, request_file, index
         )
-        method, overrides = _with_sadr(
-            method, parse_overrides(param), sadr, gamma, sadr_heads, sadr_layers, sadr_reduction
+        method, overrides, sadr_settings = _with_sadr(
+            method, param, sadr, gamma, sadr_heads, sadr_layers, sadr_reduction
         )
-        before, after, edit = run_single_edit(case, probes, method, model, preset, overrides)
+        before, after, edit = run_single_edit(case, probes, method, model, preset, overrides, sadr_settings)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         logger.error("%s", err)
         raise typer.Exit(2) from None

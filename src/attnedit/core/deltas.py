@@ -5,6 +5,12 @@ applied with ``param.add_(delta)``: float addition is deterministic, so the same
 same base weights gives the same bits on any fresh copy of the model, and a saved edit reproduces the
 edited model's logits exactly. Revert copies back the original tensors (never subtracts), so it is
 bit-exact too. The file records each base parameter's sha256 and refuses a model whose weights differ.
+
+An edit may also CREATE a parameter: the bias of an ``nn.Linear`` module built without one
+(Llama, Qwen2 and GPT-J attention output projections, where MEMAT folds its corrections). Its base hash
+is ``ABSENT``; applying creates it (zeros plus the delta, in the module weight's dtype and device) and
+reverting removes it again, so the model's parameters, ``state_dict`` and ``model_hash`` are the
+original ones.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from torch import nn
 from attnedit.core.data import EditRequest
 
 FORMAT = "attnedit-edit/1"
+ABSENT = "absent"  # the base hash of a parameter the edit creates: the model must not have it
 
 
 class EditMismatchError(ValueError):
@@ -47,40 +54,61 @@ def model_hash(model: nn.Module) -> str:
 
 @dataclass
 class WeightEdit:
-    """The weight changes of one edit (one request, or a batch of them)."""
+    """The weight changes of one edit (one request, or a batch of them); no deltas for method ``none``."""
 
     deltas: dict[str, torch.Tensor]  # parameter name -> delta (parameter layout and dtype)
     method: str
     hyperparameters: dict
     requests: list[EditRequest]
-    base_hashes: dict[str, str]  # parameter name -> sha256 of the weights the delta was computed on
+    # parameter name -> sha256 of the weights the delta was computed on (ABSENT: the edit creates it)
+    base_hashes: dict[str, str]
     model_fingerprint: str = ""
     info: dict = field(default_factory=dict)  # optimisation steps, losses...
 
+    @property
+    def created(self) -> list[str]:
+        """The parameters this edit creates (biases the model does not have)."""
+        return [name for name in self.deltas if self.base_hashes.get(name) == ABSENT]
+
     def apply(self, model: nn.Module, check: bool = True) -> AppliedEdit:
-        """Add the deltas in place; ``check`` refuses weights other than the edit's base."""
+        """Add the deltas in place (creating the parameters the edit creates); ``check`` refuses
+        weights other than the edit's base, and a model that already has a parameter to create."""
         params = dict(model.named_parameters())
-        missing = [name for name in self.deltas if name not in params]
+        creates = set(self.created)
+        missing = [name for name in self.deltas if name not in params and name not in creates]
         if missing:
             raise EditMismatchError(f"the model has no parameter(s) {missing}")
+        new: dict[str, nn.Linear] = {}  # the parameters to create, by their owning module
         for name, delta in self.deltas.items():
-            if params[name].shape != delta.shape:
+            if name in creates and name not in params:
+                new[name] = bias_owner(model, name)
+                shape = (new[name].out_features,)
+            elif name in creates and check:
                 raise EditMismatchError(
-                    f"{name}: delta shape {tuple(delta.shape)} != {tuple(params[name].shape)}"
+                    f"{name} exists in this model, but this edit creates it (model fingerprint "
+                    f"{self.model_fingerprint!r}); pass check=False to add the delta to it"
                 )
-            if check and tensor_hash(params[name]) != self.base_hashes.get(name):
+            else:
+                shape = tuple(params[name].shape)
+            if tuple(delta.shape) != shape:
+                raise EditMismatchError(f"{name}: delta shape {tuple(delta.shape)} != {shape}")
+            if check and name not in creates and tensor_hash(params[name]) != self.base_hashes.get(name):
                 raise EditMismatchError(
                     f"{name} differs from the weights this edit was computed on "
                     f"(model fingerprint {self.model_fingerprint!r}); pass check=False to add it anyway"
                 )
-        applied = AppliedEdit(self, {name: params[name].detach().clone() for name in self.deltas}, params)
+        applied = AppliedEdit(self)
         with torch.no_grad():
             for name, delta in self.deltas.items():
-                params[name].add_(delta.to(params[name].device, params[name].dtype))
+                if name in new:
+                    applied._create(name, new[name], delta)
+                else:
+                    applied._add(name, params[name], delta)
         return applied
 
     def save(self, path: str | Path) -> Path:
-        """One safetensors file: the deltas, plus request, method, preset and hashes as metadata."""
+        """One safetensors file: the deltas, plus request, method, preset and hashes as metadata (the
+        base hashes say which parameters the edit creates). An edit without deltas saves too."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {
@@ -115,22 +143,79 @@ class WeightEdit:
         )
 
 
-@dataclass
+def bias_owner(model: nn.Module, name: str) -> nn.Linear:
+    """The module whose missing bias ``name`` (``<module>.bias``) names: an ``nn.Linear`` built without
+    one. Raises ``EditMismatchError`` for any other name."""
+    module_name, _, kind = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name) if kind == "bias" else None
+    except AttributeError:
+        module = None
+    if not isinstance(module, nn.Linear) or module.bias is not None:
+        raise EditMismatchError(
+            f"the model has no parameter {name!r}, and it is not the missing bias of a Linear module"
+        )
+    return module
+
+
+@dataclass(eq=False)  # an edit in place is itself, not its contents
 class AppliedEdit:
-    """An edit in place on a model; ``revert()`` copies the original weights back."""
+    """An edit in place on a model. ``revert()`` restores it bit for bit: copies the original weights
+    back and removes the parameters the edit created; it is idempotent.
+
+    As a context manager it reverts on exit (exceptions included), unless ``keep()`` was called: then
+    the edit stays, e.g. for sequential editing, where later edits build on it.
+    """
 
     edit: WeightEdit
-    originals: dict[str, torch.Tensor]
-    _params: dict[str, nn.Parameter]
+    # parameter name -> its weights before the edit (for the parameters the edit changes)
+    originals: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _params: dict[str, nn.Parameter] = field(default_factory=dict, repr=False)
+    _created: dict[str, nn.Linear] = field(default_factory=dict, repr=False)  # name -> owning module
     reverted: bool = False
+    kept: bool = False
+
+    def _add(self, name: str, param: nn.Parameter, delta: torch.Tensor) -> None:
+        """Add ``delta`` to an existing parameter, keeping its weights for ``revert``."""
+        self.originals[name] = param.detach().clone()
+        self._params[name] = param
+        with torch.no_grad():
+            param.add_(delta.to(param.device, param.dtype))
+
+    def _create(self, name: str, module: nn.Linear, delta: torch.Tensor) -> nn.Parameter:
+        """Give ``module`` the bias ``name``: zeros plus ``delta``, in its weight's dtype and device."""
+        weight = module.weight
+        with torch.no_grad():
+            bias = torch.zeros(delta.shape, dtype=weight.dtype, device=weight.device)
+            bias.add_(delta.to(weight.device, weight.dtype))
+        param = nn.Parameter(bias, requires_grad=weight.requires_grad)
+        module.bias = param
+        self._created[name] = module
+        self._params[name] = param
+        return param
 
     def revert(self) -> None:
+        """Restore the model as it was before the edit, bit for bit (a second call does nothing)."""
         if self.reverted:
             return
         with torch.no_grad():
             for name, original in self.originals.items():
                 self._params[name].copy_(original)
+        for module in self._created.values():
+            module.bias = None  # unregisters it: Linear(bias=False) holds a None bias the same way
         self.reverted = True
+
+    def keep(self) -> AppliedEdit:
+        """Leave the edit in place when the ``with`` block ends (``revert()`` still undoes it)."""
+        self.kept = True
+        return self
+
+    def __enter__(self) -> AppliedEdit:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.kept:
+            self.revert()
 
 
 class EditBuilder:
@@ -144,20 +229,28 @@ class EditBuilder:
         self.params = dict(model.named_parameters())
         self.deltas: dict[str, torch.Tensor] = {}
         self.base_hashes: dict[str, str] = {}
-        self.originals: dict[str, torch.Tensor] = {}
+        # the changes so far, revertible; ``finish`` gives it its WeightEdit
+        self.applied = AppliedEdit(WeightEdit({}, "", {}, [], {}))
 
     def add(self, name: str, delta: torch.Tensor) -> None:
-        """Add ``delta`` (parameter layout; any float dtype) to parameter ``name`` now."""
+        """Add ``delta`` (parameter layout; any float dtype) to parameter ``name`` now. ``name`` may be
+        the missing bias of an ``nn.Linear`` module (``<module>.bias``): it is created."""
         if name in self.deltas:
             raise ValueError(f"{name} is already changed by this edit")
-        param = self.params[name]
         if not torch.isfinite(delta).all():
             raise FloatingPointError(f"the update of {name} is not finite; the model is unchanged")
-        cast = delta.to(param.device, param.dtype).contiguous()
-        self.base_hashes[name] = tensor_hash(param)
-        self.originals[name] = param.detach().clone()
-        with torch.no_grad():
-            param.add_(cast)
+        if name in self.params:
+            param = self.params[name]
+            cast = delta.to(param.device, param.dtype).contiguous()
+            self.base_hashes[name] = tensor_hash(param)
+            self.applied._add(name, param, cast)
+        else:
+            module = bias_owner(self.model, name)
+            if tuple(delta.shape) != (module.out_features,):
+                raise ValueError(f"{name}: delta shape {tuple(delta.shape)} != ({module.out_features},)")
+            cast = delta.to(module.weight.device, module.weight.dtype).contiguous()
+            self.base_hashes[name] = ABSENT
+            self.params[name] = self.applied._create(name, module, cast)
         self.deltas[name] = cast.cpu()
 
     def __enter__(self) -> EditBuilder:
@@ -165,10 +258,9 @@ class EditBuilder:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            with torch.no_grad():
-                for name, original in self.originals.items():
-                    self.params[name].copy_(original)
+            self.applied.revert()
 
     def finish(self, edit_meta: dict) -> AppliedEdit:
-        edit = WeightEdit(deltas=self.deltas, base_hashes=self.base_hashes, **edit_meta)
-        return AppliedEdit(edit, self.originals, self.params)
+        """The edit made so far, in place, with ``edit_meta`` (method, hyperparameters, requests...)."""
+        self.applied.edit = WeightEdit(deltas=self.deltas, base_hashes=self.base_hashes, **edit_meta)
+        return self.applied

@@ -519,9 +519,12 @@ def row_deltas(
     step, whatever the batch size, so batching cases amortises it.
 
     A changed ``weight`` of an ``nn.Linear`` or GPT-2 ``Conv1D`` and a changed ``bias`` are supported
-    (output += x @ delta per row group); any other parameter raises. The result equals applying the edit
-    up to float rounding (x W + x D instead of x (W + D)).
+    (output += x @ delta per row group), also a bias the model does not have, which the edit creates
+    (``deltas.WeightEdit``): that row's output gets it added. Any other parameter raises. The result
+    equals applying the edit up to float rounding (x W + x D instead of x (W + D)).
     """
+    from attnedit.core.deltas import bias_owner
+
     rows_t = torch.as_tensor(list(rows), dtype=torch.long)
     params = dict(model.named_parameters())
     by_module: dict[str, dict[str, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
@@ -530,12 +533,17 @@ def row_deltas(
         if not len(members):
             continue
         for name, delta in edit.items():
-            if name not in params:
-                raise KeyError(f"the model has no parameter {name!r}")
             module_name, _, kind = name.rpartition(".")
+            if name in params:
+                like = params[name]
+            else:
+                try:  # a bias the edit creates: its module weight's dtype and device
+                    like = bias_owner(model, name).weight
+                except ValueError:
+                    raise KeyError(f"the model has no parameter {name!r}") from None
             if kind not in ("weight", "bias"):
                 raise ValueError(f"per-row deltas support weights and biases, not {name!r}")
-            cast = delta.to(params[name].device, params[name].dtype)
+            cast = delta.to(like.device, like.dtype)
             by_module.setdefault(module_name, {}).setdefault(kind, []).append((members, cast))
     modules = dict(model.named_modules())
     handles = []

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from attnedit.core.adapters import ModelAdapter
 from attnedit.core.interventions import row_deltas
-from attnedit.core.tokens import encode_prompt, encode_target
+from attnedit.core.tokens import encode_prompt, encode_target, padding_id
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def score_targets(
         return []
     device = next(model.parameters()).device
     base, head = _base_and_head(model, adapter)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = padding_id(tokenizer)
 
     prompts = list(dict.fromkeys(p for p, _ in pairs))
     prompt_index = {p: i for i, p in enumerate(prompts)}
@@ -412,7 +412,7 @@ def text_nll(
     device = next(model.parameters()).device
     base, head = _base_and_head(model, adapter)
     encoded = [encode_prompt(tokenizer, t) for t in texts]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = padding_id(tokenizer)
     nll = np.zeros(len(texts))
     counts = np.zeros(len(texts), dtype=np.int64)
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))

@@ -29,6 +29,12 @@ class SubjectSpan:
         return self.last_token
 
 
+def padding_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id that pads batches: the tokenizer's pad token, else 0 (padded positions are masked, so any
+    valid id does)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def fill_prompt(prompt: str, subject: str) -> tuple[str, int]:
     """The prompt text and the subject's character start; ``{}`` templates get the subject inserted."""
     if "{}" in prompt:

@@ -26,6 +26,7 @@ from attnedit.core.data import load_texts
 from attnedit.core.interventions import Trace
 from attnedit.core.models import ModelBundle, cache_dir
 from attnedit.core.scoring import generate, length_batches, pad_batch
+from attnedit.core.tokens import padding_id
 from attnedit.editing.templates import SEED_WORDS
 
 logger = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ def _accumulate(
         raise ValueError(f"statistics corpus {spec.corpus!r} has no texts")
     limit = min(spec.max_tokens, adapter.max_positions or spec.max_tokens)
     encoded = [ids[:limit] for ids in tok(texts, add_special_tokens=True)["input_ids"] if ids]
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad_id = padding_id(tok)
     names = {adapter.module_name(component, layer): layer for layer in layers}
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     batches = length_batches([len(e) for e in encoded], order, spec.batch_tokens, 512)

@@ -10,7 +10,7 @@ from attnedit.core.data import EditCase, EditRequest
 from attnedit.core.deltas import AppliedEdit, EditBuilder
 from attnedit.core.interventions import Trace
 from attnedit.core.models import ModelBundle
-from attnedit.core.tokens import encode_target, locate_subject
+from attnedit.core.tokens import encode_target, locate_subject, padding_id
 from attnedit.editing.base import check_layers, edit_metadata, validate_request
 from attnedit.editing.optimise import (
     FrozenBelow,
@@ -61,7 +61,7 @@ class FineTune:
             rows.append(
                 Row(r, tuple(span.input_ids) + tuple(target[:-1]), 0, len(span.input_ids), tuple(target), 0)
             )
-        pad_id = bundle.tokenizer.pad_token_id if bundle.tokenizer.pad_token_id is not None else 0
+        pad_id = padding_id(bundle.tokenizer)
         batch = split_rows(rows, [row.request for row in rows], pad_id, device)
         first = min(p.layers)
         with term_kernel(bundle, self.terms, first + 1):

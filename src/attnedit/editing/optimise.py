@@ -43,7 +43,7 @@ from attnedit.core.interventions import (
 from attnedit.core.models import ModelBundle
 from attnedit.core.scoring import check_length, pad_batch
 from attnedit.core.sites import HIDDEN_STATE_COMPONENTS, Site
-from attnedit.core.tokens import encode_target, locate_subject
+from attnedit.core.tokens import encode_target, locate_subject, padding_id
 from attnedit.editing.templates import template_prefix
 
 logger = logging.getLogger(__name__)
@@ -514,7 +514,7 @@ def _optimise_group(
 ) -> None:
     model, adapter, device = bundle.model, bundle.adapter, bundle.device
     head = adapter.unembedding(model)
-    pad_id = bundle.tokenizer.pad_token_id if bundle.tokenizer.pad_token_id is not None else 0
+    pad_id = padding_id(bundle.tokenizer)
     local = {rid: i for i, rid in enumerate(request_ids)}
     n = len(request_ids)
     batch = split_rows(rows, [local[r.request] for r in rows], pad_id, device)

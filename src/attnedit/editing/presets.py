@@ -17,6 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from attnedit.core.layer_range import parse_layers
+
 
 class PresetError(ValueError):
     """No preset for this (method, model), or a bad preset/override."""
@@ -124,13 +126,17 @@ def _convert(value: str, hint: Any, key: str) -> Any:
             return float(text)
         if hint is str:
             return text
-        if hint == list[int]:
-            if "-" in text and "," not in text and not text.startswith("["):
-                lo, hi = (int(x) for x in text.split("-"))
-                return list(range(lo, hi + 1))
-            return [int(x) for x in text.strip("[]").split(",") if x.strip()]
+        if hint == list[int]:  # layer lists: 3-7, 3,4,5, [3, 4, 5]
+            layers = parse_layers(text)
+            if layers is None:
+                raise PresetError(f"--param {key}={value!r}: name the layers (e.g. 3-7 or 3,4,5)")
+            return layers
         return json.loads(text)
-    except ValueError:
+    except PresetError:
+        raise
+    except ValueError as err:
+        if hint == list[int]:  # the parser says what is wrong with which item
+            raise PresetError(f"--param {key}={value!r}: {err}") from None
         raise PresetError(f"--param {key}={value!r}: expected {getattr(hint, '__name__', hint)}") from None
 
 

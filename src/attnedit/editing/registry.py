@@ -1,18 +1,19 @@
 """The editor interface the runner drives: edit the model for some cases, then revert exactly.
 
-``make_editor`` builds a method from its preset (``presets.py``) plus overrides. ``none`` leaves
-the model untouched (the unedited baseline row of the paper's tables); ``rome``, ``memit``, ``pmet``
-and ``ft`` are in ``methods.py``.
+``make_editor`` builds a method from the preset of the model it is given (``presets.py``) plus
+overrides. ``none`` leaves the model untouched (an empty edit: the unedited baseline row of the
+paper's tables); ``rome``, ``memit``, ``pmet`` and ``ft`` are in ``methods.py``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from attnedit.core.data import EditCase
+from attnedit.core.deltas import AppliedEdit, WeightEdit
 from attnedit.core.models import ModelBundle
 from attnedit.editing.ft import FineTune
 from attnedit.editing.memit import Memit
@@ -22,12 +23,6 @@ from attnedit.editing.rome import Rome
 from attnedit.editing.sadr import SadrSettings, SadrTerm, sadr_settings
 
 logger = logging.getLogger(__name__)
-SADR_PREFIX = "sadr_"  # override keys for the SADR term: sadr_gamma, sadr_heads, sadr_layers, ...
-
-
-class AppliedEdit(Protocol):
-    def revert(self) -> None:
-        """Restore the weights the edit changed, bit for bit (in place: ``copy_``/``add_``)."""
 
 
 class Editor(Protocol):
@@ -51,12 +46,16 @@ class NoEdit:
         return {}
 
     def apply(self, bundle: ModelBundle, cases: list[EditCase]) -> AppliedEdit:
-        return Unchanged()
-
-
-class Unchanged:
-    def revert(self) -> None:
-        return None
+        """An empty edit (no deltas): the model is untouched, and the result is handled like any edit."""
+        edit = WeightEdit(
+            deltas={},
+            method=self.name,
+            hyperparameters={},
+            requests=[case.request for case in cases],
+            base_hashes={},
+            model_fingerprint=bundle.fingerprint,
+        )
+        return edit.apply(bundle.model)
 
 
 METHODS: dict[str, Callable[..., Editor]] = {
@@ -70,11 +69,29 @@ METHODS: dict[str, Callable[..., Editor]] = {
 
 def make_editor(
     method: str,
-    model_name: str = "smollm2-135m",
+    model: ModelBundle | str,
     preset: str | None = None,
-    overrides: dict[str, object] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    sadr: Mapping[str, Any] | SadrSettings | None = None,
 ) -> Editor:
-    """The editor for ``method`` with the preset for ``model_name`` (or ``preset``) and overrides."""
+    """The editor for ``method`` (``rome``, ``rome+sadr``...) with its preset and overrides.
+
+    ``model``: the loaded ``ModelBundle`` (or its name): the preset is the one matching that model, unless
+    ``preset`` names another (a preset name or a JSON file); a model without a preset is a
+    ``PresetError``, never another model's preset. ``overrides``: fields of the method's parameters
+    (``steps``, ``layers``...; strings are parsed). ``sadr``: for ``X+sadr`` methods, the regulariser's
+    settings: a ``SadrSettings``, or some of its fields over the preset's ``sadr`` block
+    (``{"gamma": 0.1, "layers": (20, 29)}``; see ``sadr.sadr_settings``).
+    """
+    if isinstance(model, ModelBundle):
+        model_name = model.name
+    elif isinstance(model, str) and model:
+        model_name = model
+    else:
+        raise TypeError(
+            f"make_editor needs the model (a ModelBundle or its name) to choose a preset, not {model!r}"
+        )
     base, _, extra = method.partition("+")
     if base not in METHODS or extra not in ("", "sadr") or (extra and base == "none"):
         raise ValueError(
@@ -82,12 +99,10 @@ def make_editor(
             "and any of them but none with '+sadr' (e.g. rome+sadr)"
         )
     params = dict(overrides or {})
-    sadr_overrides = {
-        k.removeprefix(SADR_PREFIX): params.pop(k) for k in list(params) if k.startswith(SADR_PREFIX)
-    }
-    if sadr_overrides and not extra:
+    if sadr and not extra:
+        named = sorted(sadr) if isinstance(sadr, Mapping) else ["SadrSettings"]
         example = "rome+sadr" if base == "none" else f"{base}+sadr"
-        raise ValueError(f"SADR settings {sorted(sadr_overrides)} need a '+sadr' method (e.g. {example})")
+        raise ValueError(f"SADR settings {named} need a '+sadr' method (e.g. {example})")
     if base == "none":
         if params or preset:
             raise ValueError("method 'none' takes no preset or parameters")
@@ -105,7 +120,7 @@ def make_editor(
         block = block or {}
         # the SADR block may change the base method's parameters (the paper runs ROME for 80 steps)
         params = {**block.get("params", {}), **params}
-        terms.append(SadrTerm(sadr_settings(block, sadr_overrides)))
+        terms.append(SadrTerm(sadr_settings(block, sadr)))
     editor = METHODS[base](make_params(base, data, params), terms=terms)
     editor.name = method
     editor.preset = data["model"]

@@ -22,13 +22,14 @@ recorded.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from attnedit.analysis.drift import drift_kl
+from attnedit.core.layer_range import parse_layers
 from attnedit.editing.optimise import SplitBatch, StepState, per_request_mean
 from attnedit.editing.presets import PresetError
 
@@ -74,38 +75,52 @@ SETTING_KEYS = ("gamma", "heads", "layers", "prompt_reduction")
 BLOCK_KEYS = ("params", "source")  # a preset's sadr block may also change the base method's parameters
 
 
-def sadr_settings(block: dict[str, Any], overrides: dict[str, Any]) -> SadrSettings:
-    """Settings from a preset's ``sadr`` block plus overrides (CLI strings are parsed: ``layers=6-29``)."""
+def sadr_settings(
+    block: dict[str, Any], overrides: Mapping[str, Any] | SadrSettings | None = None
+) -> SadrSettings:
+    """Settings from a preset's ``sadr`` block plus ``overrides``.
+
+    ``overrides``: a ``SadrSettings`` (used as it is: the block's settings are replaced), or a mapping
+    of some of its fields (``gamma``, ``heads``, ``layers``, ``prompt_reduction``) on top of the block;
+    ``layers`` is ``(first, last)``, inclusive; None means every layer. Strings, as a command line gives
+    them, are parsed (``gamma="0.1"``, ``layers="6-29"`` or ``"all"``).
+    """
     unknown = sorted(set(block) - set(SETTING_KEYS) - set(BLOCK_KEYS))
     if unknown:
         raise PresetError(
             f"preset 'sadr' block: unknown field(s) {unknown}; known: {', '.join(SETTING_KEYS + BLOCK_KEYS)}"
         )
+    if isinstance(overrides, SadrSettings):
+        return overrides
     values = {k: v for k, v in block.items() if k in SETTING_KEYS}
-    for key, value in overrides.items():
+    for key, value in (overrides or {}).items():
         if key not in SETTING_KEYS:
             raise PresetError(f"SADR has no setting {key!r}; known: {', '.join(SETTING_KEYS)}")
         values[key] = _parse(key, value) if isinstance(value, str) else value
-    if isinstance(values.get("layers"), list):
+    if isinstance(values.get("layers"), list):  # a preset's JSON [first, last]
         values["layers"] = tuple(values["layers"])
     return SadrSettings(**values)
 
 
 def _parse(key: str, text: str) -> Any:
+    """A setting given as text (``--sadr-layers 6-29``, ``-p sadr_gamma=0.1``)."""
     text = text.strip()
-    try:
-        if key == "gamma":
+    if key == "gamma":
+        try:
             return float(text)
-        if key == "layers":
-            if text.lower() in ("", "all", "none"):
-                return None
-            lo, _, hi = text.partition("-")
-            return (int(lo), int(hi or lo))
-        return text
-    except ValueError:
-        raise PresetError(
-            f"SADR {key}={text!r}: expected {'a number' if key == 'gamma' else 'FIRST-LAST'}"
-        ) from None
+        except ValueError:
+            raise PresetError(f"SADR gamma={text!r}: expected a number") from None
+    if key == "layers":
+        try:
+            layers = parse_layers(text)
+        except ValueError as err:
+            raise PresetError(f"SADR {err}") from None
+        if layers is None:
+            return None
+        if layers != list(range(layers[0], layers[0] + len(layers))):
+            raise PresetError(f"SADR layers {text!r}: expected one contiguous range FIRST-LAST (or all)")
+        return (layers[0], layers[-1])
+    return text
 
 
 def select_heads(

@@ -18,7 +18,7 @@ from attnedit.core.interventions import Trace
 from attnedit.core.models import ModelBundle
 from attnedit.core.scoring import pad_batch
 from attnedit.core.sites import Site
-from attnedit.core.tokens import locate_subject
+from attnedit.core.tokens import locate_subject, padding_id
 from attnedit.editing.templates import template_prefix
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def read_at_fact_token(
     """
     model, adapter, device = bundle.model, bundle.adapter, bundle.device
     tok = bundle.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pad_id = padding_id(tok)
     seqs = []
     for req in requests:
         for template in templates:

@@ -59,6 +59,7 @@ class Setting:
     method: str | None = None
     preset: str | None = None
     params: dict = field(default_factory=dict)
+    sadr: dict = field(default_factory=dict)  # SADR settings of X+sadr methods
 
 
 @dataclass
@@ -115,7 +116,7 @@ def start(setting: Setting) -> Session:
     if setting.method is not None:
         if setting.method == "none":
             raise ValueError(f"analyze {setting.analysis} needs an edit: give --method (e.g. rome)")
-        editor = make_editor(setting.method, bundle.name, setting.preset, setting.params)
+        editor = make_editor(setting.method, bundle, setting.preset, setting.params, sadr=setting.sadr)
     manifest = json.loads(json.dumps(_manifest(setting, bundle, dataset, editor)))
     run_dir.open(manifest, IDENTITY, AnalysisConflictError)  # with the current case range
     ids = [c.case_id for c in cases]

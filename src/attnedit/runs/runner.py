@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 
 from attnedit import __version__
 from attnedit.core.data import Dataset, EditCase, load_cases, load_texts
-from attnedit.core.deltas import WeightEdit
+from attnedit.core.deltas import AppliedEdit, WeightEdit
 from attnedit.core.models import ModelBundle, load_model
-from attnedit.editing.registry import Editor, Unchanged, make_editor
+from attnedit.editing.registry import Editor, make_editor
 from attnedit.evaluation.evaluator import EvalConfig, Evaluator
 from attnedit.evaluation.metrics import summarize
 from attnedit.evaluation.records import CaseRecord, Reference, Summary
@@ -87,6 +87,7 @@ class RunConfig:
     batch_size: int = 1
     preset: str | None = None
     params: dict = field(default_factory=dict)  # overrides of preset fields
+    sadr: dict = field(default_factory=dict)  # SADR settings over the preset's sadr block (X+sadr methods)
     save_edits: bool = False  # keep every edit as DIR/edits/NNNNN.safetensors (always in sequential mode)
     # fluency generation: cases decoded in one batch (a speed setting: not part of a run's identity)
     generation_cases: int = 16
@@ -172,7 +173,7 @@ def run(
     cases = cases[: config.limit] if config.limit else cases
     cases = config.shard.select(cases)
     bundle = bundle or load_model(config.model)
-    editor = editor or make_editor(config.method, bundle.name, config.preset, config.params)
+    editor = editor or make_editor(config.method, bundle, config.preset, config.params, sadr=config.sadr)
     if config.ppl_corpus:
         config.eval.ppl_texts = load_texts(config.ppl_corpus, config.ppl_limit)
     manifest = {**build_manifest(config, bundle, dataset, editor), "case_ids": [c.case_id for c in cases]}
@@ -275,17 +276,15 @@ def _run_groups(state: _Loop, groups: list[list[EditCase]]) -> None:
         references = {c.case_id: evaluator.reference(c) for c in todo if c.locality}
         edit, seconds_edit, checkpoint = _edit_group(state.out, k, group, state.bundle, state.editor, config)
         try:
-            weights = getattr(edit, "edit", None)
-            deltas = weights.deltas if isinstance(weights, WeightEdit) else None
-            deltas = {} if isinstance(edit, Unchanged) else deltas
-            defer = fluency and len(group) == 1 and deltas is not None
+            deltas = edit.edit.deltas
+            defer = fluency and len(group) == 1
             for chunk in state.chunks(todo):
                 scored = [
                     state.score(
                         case,
                         references.get(case.case_id),
                         seconds_edit=seconds_edit / len(group),
-                        edit=_edit_info(edit, group.index(case)),
+                        edit=_edit_info(edit.edit, group.index(case)),
                     )
                     for case in chunk
                 ]
@@ -293,7 +292,7 @@ def _run_groups(state: _Loop, groups: list[list[EditCase]]) -> None:
                     pending.extend((case, record, deltas) for case, record in zip(chunk, scored, strict=True))
                     state.bar.update(len(chunk))
                     state.bar.set_postfix_str(f"{len(pending)} awaiting fluency")
-                else:  # a batch edit, or one that is not a weight delta: generate with it in place
+                else:  # a batch edit: generate with it in place
                     state.finish_in_place(chunk, scored)
         finally:
             edit.revert()
@@ -306,29 +305,29 @@ def _run_groups(state: _Loop, groups: list[list[EditCase]]) -> None:
 
 def _edit_group(
     out: Path, k: int, group: list[EditCase], bundle: ModelBundle, editor: Editor, config: RunConfig
-) -> tuple[object, float, Path | None]:
+) -> tuple[AppliedEdit, float, Path | None]:
     """Edit one group (single or batch mode). A batch edit is saved before its cases are evaluated
     (kept with --save-edits, removed after the group otherwise), so an interrupted run re-applies it
-    instead of recomputing it; a single-case edit is saved only with --save-edits."""
+    instead of recomputing it; a single-case edit is saved only with --save-edits. An empty edit
+    (method ``none``) is never saved."""
     path = out / EDITS / f"{k:05d}.safetensors"
     if path.is_file():
         loaded = WeightEdit.load(path)
         logger.info("group %d: re-applying the saved edit %s", k, path)
         return loaded.apply(bundle.model), float(loaded.info.get("seconds", float("nan"))), path
     t0 = time.perf_counter()
-    edit = editor.apply(bundle, group)
+    applied = editor.apply(bundle, group)
     seconds = time.perf_counter() - t0
-    weights = getattr(edit, "edit", None)
-    if weights is None or not (config.save_edits or len(group) > 1):
-        return edit, seconds, None
-    weights.info["seconds"] = seconds
-    weights.save(path)
-    return edit, seconds, path
+    if not applied.edit.deltas or not (config.save_edits or len(group) > 1):
+        return applied, seconds, None
+    applied.edit.info["seconds"] = seconds
+    applied.edit.save(path)
+    return applied, seconds, path
 
 
-def _edit_info(edit: object, index: int) -> dict:
+def _edit_info(edit: WeightEdit, index: int) -> dict:
     """Optimisation steps and final loss of one request of an edit (when the method reports them)."""
-    info = getattr(getattr(edit, "edit", None), "info", None) or {}
+    info = edit.info
     picked = {}
     for key in ("steps", "final_loss", "loss_parts"):
         value = info.get(key)
@@ -346,7 +345,7 @@ def _run_sequential(state: _Loop, groups: list[list[EditCase]]) -> None:
     if not todo:
         return
     references = {c.case_id: evaluator.reference(c) for c in todo if c.locality}
-    applied: list = []
+    applied: list[AppliedEdit] = []
     seconds: dict[str, float] = {}
     try:
         for k, group in enumerate(tqdm(groups, desc="sequential edits", unit="edit", leave=False)):
@@ -357,7 +356,7 @@ def _run_sequential(state: _Loop, groups: list[list[EditCase]]) -> None:
             else:
                 edit = state.editor.apply(bundle, group)
                 applied.append(edit)
-                if hasattr(edit, "edit"):
+                if edit.edit.deltas:  # an empty edit (method none) is not saved
                     edit.edit.save(path)
             for case in group:
                 seconds[case.case_id] = (time.perf_counter() - t0) / len(group)

@@ -76,7 +76,10 @@ def run_single_edit(
     model: str,
     preset: str | None,
     overrides: dict[str, str],
+    sadr: dict[str, object] | None = None,
 ) -> tuple[list[Answer], list[Answer], WeightEdit]:
+    """Edit ``case`` with ``method`` (``overrides``: the preset's fields; ``sadr``: SADR settings of
+    ``X+sadr`` methods); the answers to ``probes`` before and after, and the edit (left applied)."""
     bundle = load_model(model)
     if not case.request.target_true:
         # the current object: the model's own greedy answer on the edit prompt
@@ -85,7 +88,7 @@ def run_single_edit(
         object_true = words[0].strip(".,;:") if words else ""
         request = EditRequest(case.request.prompt, case.request.subject, case.request.target_new, object_true)
         case = EditCase(case_id=case.case_id, request=request, rewrite=case.rewrite)
-    editor = make_editor(method, bundle.name, preset, overrides)
+    editor = make_editor(method, bundle, preset, overrides, sadr=sadr)
     before = _answers(bundle, probes, case.request)
     applied = editor.apply(bundle, [case])
     after = _answers(bundle, probes, case.request)
