@@ -7,11 +7,14 @@ Presets live in ``resources/presets/<method>/<model>.json``::
      "sadr": {"gamma": 0.01, "heads": "selective", "params": {"steps": 80}}}   # optional
 
 A preset is found by the loaded model's name; any field can be overridden (``--param key=value``).
+Your own presets go in directories named by ``$ATTNEDIT_PRESETS`` (separated like ``PATH``), laid out the
+same way (``DIR/<method>/<model>.json``); they are searched before the shipped ones.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -76,9 +79,14 @@ class FTParams:
 PARAMS: dict[str, type] = {"rome": RomeParams, "memit": MemitParams, "pmet": PmetParams, "ft": FTParams}
 
 
+PRESETS_ENV = "ATTNEDIT_PRESETS"  # user preset directories, searched before the shipped presets
+
+
 def _preset_files(method: str) -> list[Path]:
-    root = resources.files("attnedit") / "resources" / "presets" / method
-    return sorted(Path(str(p)) for p in root.iterdir() if p.name.endswith(".json")) if root.is_dir() else []
+    """The preset files of ``method``: the ``$ATTNEDIT_PRESETS`` directories first, then the shipped ones."""
+    roots = [Path(d) / method for d in os.environ.get(PRESETS_ENV, "").split(os.pathsep) if d]
+    roots.append(Path(str(resources.files("attnedit") / "resources" / "presets" / method)))
+    return [p for root in roots if root.is_dir() for p in sorted(root.glob("*.json"))]
 
 
 def available_presets(method: str) -> list[str]:
