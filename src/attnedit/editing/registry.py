@@ -2,7 +2,7 @@
 
 ``make_editor`` builds a method from the preset of the model it is given (``presets.py``) plus
 overrides. ``none`` leaves the model untouched (an empty edit: the unedited baseline row of the
-paper's tables); ``rome``, ``memit``, ``pmet`` and ``ft`` are in ``methods.py``.
+paper's tables); ``rome``, ``memit``, ``pmet`` and ``ft`` have a module each (``rome.py``, ...).
 """
 
 from __future__ import annotations
