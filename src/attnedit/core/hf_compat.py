@@ -140,6 +140,31 @@ def register_attention(name: str, function: Callable[..., tuple[torch.Tensor, to
     AttentionMaskInterface.register(name, eager_mask)
 
 
+AttendFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]
+]
+
+
+def own_attn_method(attend: AttendFn) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """``attend(query, key, value, attention_mask) -> (output, probabilities)`` as a stand-in for the eager
+    ``_attn`` method of an attention module that does not go through the ``AttentionInterface`` (GPT-J on
+    transformers 4.x). transformers 4.x calls it with a fifth argument, ``head_mask`` (None unless a caller
+    of the model passes one: attnedit never does); later versions without it."""
+
+    def _attn(
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if head_mask is not None:
+            raise ValueError("attention with a head_mask is not supported here")
+        return attend(query, key, value, attention_mask)
+
+    return _attn
+
+
 # --- loaded models ---
 
 

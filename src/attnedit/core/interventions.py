@@ -16,6 +16,7 @@ from torch import nn
 from attnedit.core.adapters import ModelAdapter
 from attnedit.core.hf_compat import (
     attention_kernel,
+    own_attn_method,
     register_attention,
     set_attention_kernel,
     uses_attention_interface,
@@ -455,10 +456,10 @@ def attention_softmax(
         switch, attribute = contextlib.nullcontext(), "_attn"
 
         def own_attn(module: nn.Module, hook: _SoftmaxHook) -> Callable:
-            def attn(query, key, value, attention_mask=None):  # GPT-J divides the scores by scale_attn
+            def attn(query, key, value, attention_mask):  # GPT-J divides the scores by scale_attn
                 return hook.attend(query, key, value, attention_mask, 1.0 / float(module.scale_attn), True)
 
-            return attn
+            return own_attn_method(attn)
 
         installed = {layer: own_attn(modules[layer], hook) for layer, hook in hooks.items()}
     else:
