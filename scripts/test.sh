@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up, lint, and run the whole test suite (tiny models of every family + the real SmolLM2).
+# Set up, lint, and run the whole test suite (tiny models of every family + the real SmolLM2), then the
+# tiny-model tests of hooks, caches and attention kernels on the lowest supported transformers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -7,3 +8,23 @@ bash scripts/setup.sh
 ruff check src tests bench
 lint-imports
 python -m pytest -q -p no:cacheprovider "$@"
+deactivate
+
+# The lowest transformers pyproject.toml allows, in a second environment kept between runs (.venv-lowest):
+# every tiny-model test (about 1.5 min on 2 cores), not the real SmolLM2. ATTNEDIT_SKIP_LOWEST=1 skips it.
+if [ "${ATTNEDIT_SKIP_LOWEST:-0}" != 1 ]; then
+  LOWEST_TRANSFORMERS=4.56.0
+  export PIP_DISABLE_PIP_VERSION_CHECK=1
+  if [ ! -x .venv-lowest/bin/python ]; then
+    "${PYTHON:-python3}" -m venv .venv-lowest
+  fi
+  .venv-lowest/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '${TORCH_VERSION:-2.13.0}')" \
+    2>/dev/null || .venv-lowest/bin/pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+  .venv-lowest/bin/python -c "import transformers, sys; sys.exit(transformers.__version__ != '$LOWEST_TRANSFORMERS')" \
+    2>/dev/null || .venv-lowest/bin/pip install -q -e ".[dev]" "transformers==$LOWEST_TRANSFORMERS"
+  # editable: the installed package must be this checkout (re-pointed if .venv-lowest came from another one)
+  .venv-lowest/bin/python -c "import attnedit, pathlib, sys; sys.exit(pathlib.Path(attnedit.__file__).resolve()
+    != pathlib.Path('src/attnedit/__init__.py').resolve())" 2>/dev/null || .venv-lowest/bin/pip install -q --no-deps -e .
+  # offline: the hub-id test must fail fast instead of retrying the network
+  HF_HUB_OFFLINE=1 .venv-lowest/bin/python -m pytest -q -p no:cacheprovider -m "not smollm2" tests
+fi

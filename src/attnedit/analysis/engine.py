@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnedit.core.hf_compat import forward_with_cache, output_cache, slice_cache
 from attnedit.core.interventions import (
     Trace,
     replace_positions,
@@ -199,18 +200,19 @@ def measure_rows(
             contexts.append(start_at_layer(bundle.model, bundle.adapter, start, below))
         entered: list[tuple] = []
         with together(*contexts, entered=entered):
-            out = base(
+            out = forward_with_cache(
+                base,
+                slice_cache(bundle.model, cache, prompt, column) if column else None,
+                use_cache=recording or column > 0,
                 input_ids=batch.ids[prompt, column:],
                 attention_mask=batch.mask[prompt],
                 position_ids=batch.positions[prompt, column:],
-                past_key_values=_cache_prefix(bundle, cache, prompt, column) if column else None,
-                use_cache=recording or column > 0,
             )
         hidden = out.last_hidden_state[:, -1]
         if recording:
             trace = entered[0][-1]
             lower.update({name: trace[name].output for name in blocks})
-            cache = out.past_key_values
+            cache = output_cache(out)
         if targets is not None:
             logits = head(hidden).float()
             scores = logits.softmax(-1) if measure == "prob" else logits
@@ -226,17 +228,6 @@ def _first_column(spec: Restoration, batch: PromptBatch, prompt: int) -> int:
     if spec.kind in ("last_query", "last_score"):
         return batch.width - 1
     return 0
-
-
-def _cache_prefix(bundle: ModelBundle, cache: Any, prompt: torch.Tensor, column: int) -> Any:
-    """A KV cache holding the plain rows' keys and values of columns ``0..column-1``, re-indexed to the
-    rows ``prompt``."""
-    from transformers import DynamicCache
-
-    prefix = DynamicCache(config=bundle.model.config)
-    for layer, entry in enumerate(cache.layers):
-        prefix.update(entry.keys[prompt, :, :column], entry.values[prompt, :, :column], layer)
-    return prefix
 
 
 def _rows_of(output: object, prompt: torch.Tensor, n: int, column: int = 0) -> object:

@@ -39,7 +39,8 @@ def tensor_hash(tensor: torch.Tensor) -> str:
     """sha256 of a tensor's bytes (dtype and shape included)."""
     data = tensor.detach().cpu().contiguous()
     digest = hashlib.sha256(f"{data.dtype}{tuple(data.shape)}".encode())
-    digest.update(data.view(torch.uint8).numpy().tobytes())
+    # flattened first: a 0-d tensor (GPT-2's masked_bias buffer on transformers 4.x) has no bytes view
+    digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

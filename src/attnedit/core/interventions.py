@@ -14,6 +14,13 @@ import torch
 from torch import nn
 
 from attnedit.core.adapters import ModelAdapter
+from attnedit.core.hf_compat import (
+    attention_kernel,
+    own_attn_method,
+    register_attention,
+    set_attention_kernel,
+    uses_attention_interface,
+)
 
 EditFn = Callable[[torch.Tensor, str], torch.Tensor]
 
@@ -179,15 +186,15 @@ def add_at_positions(
 @contextlib.contextmanager
 def attention_implementation(model: nn.Module, implementation: str) -> Iterator[None]:
     """Switch the attention kernel (``eager`` to get probabilities) and restore it on exit."""
-    previous = model.config._attn_implementation
+    previous = attention_kernel(model)
     if previous == implementation:
         yield
         return
-    model.set_attn_implementation(implementation)
+    set_attention_kernel(model, implementation)
     try:
         yield
     finally:
-        model.set_attn_implementation(previous)
+        set_attention_kernel(model, previous)
 
 
 class LayerView(Mapping[int, torch.Tensor]):
@@ -436,11 +443,7 @@ def _patchable_attention(
 
 def _register_patchable_attention() -> None:
     """Register ``PATCHABLE_ATTENTION`` (attention function and its eager-style mask) once per process."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
-
-    AttentionInterface.register(PATCHABLE_ATTENTION, _patchable_attention)
-    AttentionMaskInterface.register(PATCHABLE_ATTENTION, eager_mask)
+    register_attention(PATCHABLE_ATTENTION, _patchable_attention)
 
 
 @contextlib.contextmanager
@@ -475,21 +478,21 @@ def attention_softmax(
         layer: _SoftmaxHook(layer, edit_scores, edit_probabilities, record if retain else None, detach)
         for layer in layer_list
     }
-    if getattr(type(model), "_supports_attention_backend", False):
+    if uses_attention_interface(model):
         _register_patchable_attention()
         switch: contextlib.AbstractContextManager = attention_implementation(model, PATCHABLE_ATTENTION)
         attribute = _SOFTMAX_HOOK
         installed = dict(hooks)
-    elif "flash" not in str(model.config._attn_implementation) and all(
+    elif "flash" not in str(attention_kernel(model)) and all(
         callable(getattr(m, "_attn", None)) for m in modules.values()
     ):
         switch, attribute = contextlib.nullcontext(), "_attn"
 
         def own_attn(module: nn.Module, hook: _SoftmaxHook) -> Callable:
-            def attn(query, key, value, attention_mask=None):  # GPT-J divides the scores by scale_attn
+            def attn(query, key, value, attention_mask):  # GPT-J divides the scores by scale_attn
                 return hook.attend(query, key, value, attention_mask, 1.0 / float(module.scale_attn), True)
 
-            return attn
+            return own_attn_method(attn)
 
         installed = {layer: own_attn(modules[layer], hook) for layer, hook in hooks.items()}
     else:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import mmap
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -16,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from attnedit.core.adapters import ModelAdapter, get_adapter
+from attnedit.core.hf_compat import attention_kernel, commit_hash, drop_quantizer
 
 logger = logging.getLogger(__name__)
 
@@ -105,9 +108,7 @@ def materialise_gguf(spec: GGUFModel) -> Path:
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # the dequantised weights are plain float32: drop the GGUF quantiser so they can be saved
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    drop_quantizer(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{spec.name}-"))
     try:
@@ -131,13 +132,66 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
+FINGERPRINT_SAMPLE = 4096  # bytes hashed at each end of every tensor (of every .bin file)
+
+
+def _safetensors_entries(path: Path) -> list[tuple[str, bytes]]:
+    """``(tensor name, what is hashed of it)`` for every tensor of a safetensors file: its dtype, shape, and
+    the first and last ``FINGERPRINT_SAMPLE`` bytes of its data (all of it when shorter).
+
+    Read from the format's header (8-byte little-endian length, then JSON: name -> dtype, shape, byte range
+    of the data after the header) and a memory map, so no tensor is materialised.
+    """
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        (length,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + length])
+        base = 8 + length
+        entries = []
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = (base + offset for offset in info["data_offsets"])
+            head = data[start : min(end, start + FINGERPRINT_SAMPLE)]
+            tail = data[max(start, end - FINGERPRINT_SAMPLE) : end]
+            described = json.dumps([info["dtype"], info["shape"]]).encode()
+            entries.append((name, described + head + tail))
+    return entries
+
+
 def _weights_fingerprint(directory: Path, name: str) -> str:
-    files = sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.bin"))
-    if not files:
+    """A hash of a model directory's weights by content, the same for the same weights wherever they lie.
+
+    Hashed: ``config.json`` (parsed, keys sorted, without the ``transformers_version`` that saved it); for
+    every tensor of the ``*.safetensors`` files, in name order (so also independent of how the weights are
+    sharded), its name, dtype, shape and the first and last ``FINGERPRINT_SAMPLE`` bytes of its data; for
+    ``*.bin`` files (pickles, not parsed), name, size and the first and last ``FINGERPRINT_SAMPLE`` bytes.
+    File names other than ``.bin`` ones, paths and modification times are not. A sample rather than every
+    byte keeps it fast (milliseconds for a 135M model): an edit or fine-tune that changes any tensor's first
+    or last entries, its shape or its dtype changes the fingerprint. Directories without weight files hash
+    ``name``.
+    """
+    safetensors = sorted(directory.glob("*.safetensors"))
+    bins = sorted(directory.glob("*.bin"))
+    if not safetensors and not bins:
         return hashlib.sha256(name.encode()).hexdigest()[:16]
     digest = hashlib.sha256()
-    for f in files:
-        digest.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+    config = directory / "config.json"
+    if config.is_file():
+        settings = json.loads(config.read_text())
+        settings.pop("transformers_version", None)
+        digest.update(json.dumps(settings, sort_keys=True).encode())
+    entries = sorted(entry for path in safetensors for entry in _safetensors_entries(path))
+    for tensor, sample in entries:
+        digest.update(f"{tensor}:{len(sample)}:".encode())
+        digest.update(sample)
+    for path in bins:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(FINGERPRINT_SAMPLE)
+            f.seek(max(0, size - FINGERPRINT_SAMPLE))
+            tail = f.read()
+        digest.update(f"{path.name}:{size}:".encode())
+        digest.update(head + tail)
     return digest.hexdigest()[:16]
 
 
@@ -188,14 +242,12 @@ def load_model(
             f"Embedded models: {', '.join(EMBEDDED_MODELS)}; or pass a local model directory."
         ) from None
     model.to(resolve_device(device))
-    logger.debug("loaded %s with %s attention", name_or_path, model.config._attn_implementation)
+    logger.debug("loaded %s with %s attention", name_or_path, attention_kernel(model))
     _prepare_for_inference(model, tokenizer)
     fingerprint = (
         _weights_fingerprint(source, name_or_path)
         if source is not None
-        else hashlib.sha256(
-            f"hub:{name_or_path}:{getattr(model.config, '_commit_hash', '')}".encode()
-        ).hexdigest()[:16]
+        else hashlib.sha256(f"hub:{name_or_path}:{commit_hash(model)}".encode()).hexdigest()[:16]
     )
     return ModelBundle(
         model=model,

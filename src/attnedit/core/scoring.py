@@ -8,7 +8,6 @@ projects to the vocabulary only at the positions that predict target tokens.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from attnedit.core.adapters import ModelAdapter
+from attnedit.core.hf_compat import forward_with_cache, output_cache, select_cache_rows
 from attnedit.core.interventions import row_deltas
 from attnedit.core.tokens import encode_prompt, encode_target, padding_id
 
@@ -194,7 +194,7 @@ def _score_prompt_batch(
         _score_continuations(
             base,
             head,
-            out.past_key_values,
+            output_cache(out),
             mask,
             [cont[k] for k in sub],
             pair_targets,
@@ -226,18 +226,17 @@ def _score_continuations(
 ) -> None:
     """Feed target tokens [:-1] of the pairs ``cont`` = [(prompt row, pair)] after their prompt's cache."""
     rows = torch.tensor([row for row, _ in cont], device=device)
-    cache = copy.deepcopy(prompt_cache)  # the prompt cache is reused by the next sub-batch
-    cache.reorder_cache(rows)
+    cache = select_cache_rows(prompt_cache, rows)  # a copy: the prompt cache is reused by the next sub-batch
     cids, cmask = pad_batch([pair_targets[j][:-1] for _, j in cont], pad_id, left=False, device=device)
     cwidth = cids.shape[1]
     pmask = prompt_mask[rows]
     positions = pmask.sum(-1, keepdim=True) + torch.arange(cwidth, device=device)[None]
-    hidden = base(
+    hidden = forward_with_cache(
+        base,
+        cache,
         input_ids=cids,
         attention_mask=torch.cat([pmask, cmask], dim=1),
         position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
     ).last_hidden_state
     sel_r, sel_t = cmask.nonzero(as_tuple=True)
     nexts = torch.tensor(
@@ -369,7 +368,7 @@ def greedy_decode(
     base, head = _base_and_head(model, adapter)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = base(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    cache, last = out.past_key_values, out.last_hidden_state[:, -1]
+    cache, last = output_cache(out), out.last_hidden_state[:, -1]
     position = positions[:, -1:]
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=ids.device)
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
@@ -383,14 +382,10 @@ def greedy_decode(
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
-        out = base(
-            input_ids=token[:, None],
-            attention_mask=mask,
-            position_ids=position,
-            past_key_values=cache,
-            use_cache=True,
+        out = forward_with_cache(
+            base, cache, input_ids=token[:, None], attention_mask=mask, position_ids=position
         )
-        cache, last = out.past_key_values, out.last_hidden_state[:, -1]
+        cache, last = output_cache(out), out.last_hidden_state[:, -1]
     rows = torch.stack(new, dim=1).tolist() if new else [[] for _ in range(ids.shape[0])]
     # drop what follows each row's end of sequence (pads), keep the eos itself as generate does
     result = []

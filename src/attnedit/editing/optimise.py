@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from attnedit.core.data import EditRequest
+from attnedit.core.hf_compat import CacheCheckpoint, forward_with_cache, map_cache_tensors, output_cache
 from attnedit.core.interventions import (
     Trace,
     attention_implementation,
@@ -310,30 +311,19 @@ def optimise_targets(
 
 
 class _PrefixCache:
-    """The prompt prefixes' KV cache, reset to the prefix after every pass (suffix entries dropped).
-
-    Cache layers replace (never mutate) their tensors on update, so restoring each layer's attributes
-    (tensors and counters such as a sliding window's cumulative length) restores the prefix exactly.
-    """
+    """The prompt prefixes' KV cache, reset to the prefix after every pass (suffix entries dropped)."""
 
     def __init__(self, cache: object | None):
         self.cache = cache
-        self._saved: list[dict] = []
+        self._checkpoint: CacheCheckpoint | None = None
         if cache is not None:
-            for layer in cache.layers:
-                for name in ("keys", "values"):
-                    value = getattr(layer, name, None)
-                    if isinstance(value, torch.Tensor):
-                        # a row with an empty prefix attends to nothing there; keep its masked entries finite
-                        setattr(layer, name, value.nan_to_num(0.0))
-                self._saved.append(dict(vars(layer)))
+            # a row with an empty prefix attends to nothing there; keep its masked entries finite
+            map_cache_tensors(cache, lambda t: t.nan_to_num(0.0))
+            self._checkpoint = CacheCheckpoint(cache)
 
     def reset(self) -> None:
-        if self.cache is None:
-            return
-        for layer, saved in zip(self.cache.layers, self._saved, strict=True):
-            vars(layer).clear()
-            vars(layer).update(saved)
+        if self._checkpoint is not None:
+            self._checkpoint.restore()
 
 
 class FrozenBelow:
@@ -347,12 +337,14 @@ class FrozenBelow:
         with torch.no_grad():
             cache = None
             if batch.prefix_width:
-                cache = self.base(
-                    input_ids=batch.prefix_ids,
-                    attention_mask=batch.prefix_mask,
-                    position_ids=(batch.prefix_mask.cumsum(-1) - 1).clamp(min=0),
-                    use_cache=True,
-                ).past_key_values
+                cache = output_cache(
+                    self.base(
+                        input_ids=batch.prefix_ids,
+                        attention_mask=batch.prefix_mask,
+                        position_ids=(batch.prefix_mask.cumsum(-1) - 1).clamp(min=0),
+                        use_cache=True,
+                    )
+                )
             self.prefix = _PrefixCache(cache)
             self.lower_output = None
             if first_layer > 0:
@@ -364,12 +356,13 @@ class FrozenBelow:
     def _run(self) -> torch.Tensor | None:
         b = self.batch
         try:
-            out = self.base(
+            out = forward_with_cache(
+                self.base,
+                self.prefix.cache,
+                use_cache=self.prefix.cache is not None,
                 input_ids=b.suffix_ids,
                 attention_mask=b.attention_mask,
                 position_ids=b.positions,
-                past_key_values=self.prefix.cache,
-                use_cache=self.prefix.cache is not None,
             )
             return out.last_hidden_state
         finally:

@@ -1,0 +1,181 @@
+"""Everything attnedit needs from transformers beyond its stable public API, in one place.
+
+The rest of the package calls the small functions here instead of touching transformers' internals:
+the KV cache (how a model's ``forward`` takes and returns it, its per-layer tensors, slicing, copying and
+restoring it), the attention kernel (``config._attn_implementation`` and its switch), the registry of
+attention functions, and a few private attributes of loaded models. When transformers renames or
+restructures one of these, this module is the one to change; version-dependent branches live here and
+nowhere else. Supported range: the ``transformers`` requirement in ``pyproject.toml`` (tested at both ends
+by ``scripts/test.sh``).
+
+Behaviour is that of the direct calls these functions replace: same tensors, same kernels, same numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+# --- the KV cache as a forward argument and output ---
+
+
+@functools.cache
+def _cache_keyword(module_type: type) -> str:
+    """The name under which ``module_type.forward`` takes the KV cache.
+
+    transformers 5.x renamed ``past_key_values`` to ``cache`` (the old name still works there, with a
+    ``FutureWarning``, until its removal). Read from the signature rather than the version number, so a
+    family that is renamed later, or never, is called the way its own ``forward`` declares.
+    """
+    parameters = inspect.signature(module_type.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def forward_with_cache(module: nn.Module, cache: Any | None, use_cache: bool = True, **inputs: Any) -> Any:
+    """``module(**inputs)`` with the KV cache ``cache`` (None: none yet) passed the way its ``forward`` wants.
+
+    ``use_cache`` as in transformers: whether the output carries the (updated) cache, see ``output_cache``.
+    """
+    return module(**inputs, **{_cache_keyword(type(module)): cache}, use_cache=use_cache)
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a forward pass returned (``output.cache``, formerly ``output.past_key_values``)."""
+    if dataclasses.is_dataclass(output) and any(f.name == "cache" for f in dataclasses.fields(output)):
+        return output.cache
+    return output.past_key_values
+
+
+# --- the KV cache's contents ---
+
+
+def new_cache(model: nn.Module) -> Any:
+    """An empty ``DynamicCache`` laid out for ``model`` (per-layer types such as sliding windows)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def cache_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Keys and values ``[batch, kv_head, position, head_dim]`` of every layer of a filled cache."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def map_cache_tensors(cache: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Replace every layer's keys and values ``t`` by ``fn(t)`` (in place on the cache object)."""
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            value = getattr(layer, name, None)
+            if isinstance(value, torch.Tensor):
+                setattr(layer, name, fn(value))
+
+
+def slice_cache(model: nn.Module, cache: Any, rows: torch.Tensor, columns: int) -> Any:
+    """A new cache for ``model`` holding positions ``0..columns-1`` of ``cache``, re-indexed to ``rows``."""
+    sliced = new_cache(model)
+    for layer, (keys, values) in enumerate(cache_tensors(cache)):
+        sliced.update(keys[rows, :, :columns], values[rows, :, :columns], layer)
+    return sliced
+
+
+def select_cache_rows(cache: Any, rows: torch.Tensor) -> Any:
+    """A copy of ``cache`` whose batch row ``i`` is row ``rows[i]`` of ``cache`` (``cache`` is unchanged)."""
+    selected = copy.deepcopy(cache)
+    selected.reorder_cache(rows)
+    return selected
+
+
+class CacheCheckpoint:
+    """The state of a cache at one point, to return to after forward passes have appended to it.
+
+    Cache layers replace (never mutate) their tensors on update, so restoring each layer's attributes
+    (tensors and counters such as a sliding window's cumulative length) restores the cache exactly,
+    without copying any tensor.
+    """
+
+    def __init__(self, cache: Any):
+        self.cache = cache
+        self._saved = [dict(vars(layer)) for layer in cache.layers]
+
+    def restore(self) -> None:
+        """Put every layer back as it was when the checkpoint was taken."""
+        for layer, saved in zip(self.cache.layers, self._saved, strict=True):
+            vars(layer).clear()
+            vars(layer).update(saved)
+
+
+# --- attention kernels ---
+
+
+def attention_kernel(model: nn.Module) -> str | None:
+    """The attention implementation ``model`` runs now (``eager``, ``sdpa``, ``flash_attention_2``, ...)."""
+    return model.config._attn_implementation
+
+
+def set_attention_kernel(model: nn.Module, kernel: str | None) -> None:
+    """Switch ``model`` (all its sub-models) to the attention implementation ``kernel``."""
+    model.set_attn_implementation(kernel)
+
+
+def uses_attention_interface(model: nn.Module) -> bool:
+    """Whether ``model``'s attention layers dispatch through transformers' ``AttentionInterface``
+    (so a function registered with ``register_attention`` can be switched in)."""
+    return bool(getattr(type(model), "_supports_attention_backend", False))
+
+
+def register_attention(name: str, function: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+    """Register ``function`` as attention implementation ``name``, with the mask eager attention uses
+    (an additive float mask); idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, eager_mask)
+
+
+AttendFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]
+]
+
+
+def own_attn_method(attend: AttendFn) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    """``attend(query, key, value, attention_mask) -> (output, probabilities)`` as a stand-in for the eager
+    ``_attn`` method of an attention module that does not go through the ``AttentionInterface`` (GPT-J on
+    transformers 4.x). transformers 4.x calls it with a fifth argument, ``head_mask`` (None unless a caller
+    of the model passes one: attnedit never does); later versions without it."""
+
+    def _attn(
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if head_mask is not None:
+            raise ValueError("attention with a head_mask is not supported here")
+        return attend(query, key, value, attention_mask)
+
+    return _attn
+
+
+# --- loaded models ---
+
+
+def commit_hash(model: nn.Module) -> str | None:
+    """The hub commit a model was downloaded at (None or '' where transformers knows none)."""
+    return getattr(model.config, "_commit_hash", "")
+
+
+def drop_quantizer(model: nn.Module) -> None:
+    """Forget how the weights were quantised on disk (GGUF dequantised to plain floats on load), so that
+    ``save_pretrained`` writes them as ordinary tensors."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
