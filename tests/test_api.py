@@ -107,3 +107,5 @@ def test_import_attnedit_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
     assert set(attnedit.__all__) >= {"load_model", "from_model", "edit", "answers", "evaluate", "load_cases"}
+    for name in attnedit._API:  # every public name resolves, and has a docstring
+        assert getattr(attnedit, name).__doc__, name

@@ -33,21 +33,7 @@ from attnedit.editing.registry import METHODS, Editor, make_editor
 from attnedit.editing.sadr import SETTING_KEYS as SADR_KEYS
 from attnedit.evaluation.evaluator import EvalConfig, Evaluator
 
-__all__ = [
-    "AppliedEdit",
-    "EditCase",
-    "EditRequest",
-    "ModelBundle",
-    "answers",
-    "edit",
-    "editor",
-    "evaluate",
-    "from_model",
-    "load_cases",
-    "load_model",
-    "methods",
-    "reference",
-]
+# the public names are listed once, in the package root (attnedit._API), which imports them lazily
 
 
 def load_model(
