@@ -79,3 +79,116 @@ def correlation_table(correlations: dict[str, dict[str, dict]]) -> str:
         rows.append(f"| {factor} | " + " | ".join(cells) + " |")
     n = ", ".join(f"{TASKS[t]}: n = {next(iter(correlations[t].values()))['n']}" for t in correlations)
     return "\n".join(rows) + f"\n\nPearson correlation with the edited model's P(o_edit) per prompt ({n}).\n"
+
+
+# --- per analysis: the records of ``attnedit analyze NAME`` -> the aggregates its figures show -----------
+# Records are the JSON-ready per-case dicts of ``cases.jsonl`` (lists, None for NaN); a record with
+# "skipped" has no prompts. Each function needs only the records and the model's layer count, so a subset
+# of finished cases can be re-aggregated without the model.
+
+
+def task_prompts(records: Sequence[dict], task: str) -> list[tuple[dict, int]]:
+    """(record, prompt index) of every prompt of ``task`` (a key of ``TASKS``) in ``records``."""
+    return [(r, i) for r in records for i, m in enumerate(r["metrics"]) if m == task]
+
+
+def trace_aggregate(records: Sequence[dict], kinds: Sequence[str], n_layers: int) -> dict[str, Any]:
+    """Causal tracing: mean clean and corrupted P(o_true); per module kind the aligned restored P and
+    indirect effect (``[len(POSITIONS), n_layers]``) and the per-layer effect at the subject's last token."""
+    aggregate: dict[str, Any] = {
+        "clean": nanmean([r["clean"] for r in records], ()),
+        "corrupted": nanmean([r["corrupted"] for r in records], ()),
+        "indirect_effect": {},
+        "restored": {},
+        "layer_effects": {},
+    }
+    for kind in kinds:
+        grids = [
+            aligned(as_array(r["restored"][kind]), r["subject_first"], r["subject_last"]) for r in records
+        ]
+        corrupted = [as_array(r["corrupted"]) for r in records]
+        shape = (len(POSITIONS), n_layers)
+        aggregate["restored"][kind] = nanmean(grids, shape)
+        aggregate["indirect_effect"][kind] = nanmean(
+            [g - c for g, c in zip(grids, corrupted, strict=True)], shape
+        )
+        aggregate["layer_effects"][kind] = nanmean(
+            [as_array(r["layer_effects"][kind]) for r in records], (n_layers,)
+        )
+    return aggregate
+
+
+def substitute_aggregate(records: Sequence[dict], kinds: Sequence[str], n_layers: int) -> dict[str, Any]:
+    """Contaminating substitution: per task the prompt count and mean unedited [P(o_true), P(o_edit)];
+    per module kind, task and target the aligned mean effect of the substitution (substituted - unedited)."""
+    used = [r for r in records if "skipped" not in r]
+    shape = (len(POSITIONS), n_layers)
+    aggregate: dict[str, Any] = {"effects": {}, "base": {}, "n_prompts": {}}
+    prompts_of = {task: task_prompts(used, task) for task in TASKS}
+    for task, at in prompts_of.items():
+        aggregate["n_prompts"][task] = len(at)
+        aggregate["base"][task] = nanmean([as_array(r["base"][i]) for r, i in at], (2,))
+    for kind in kinds:
+        aggregate["effects"][kind] = {}
+        for task, at in prompts_of.items():
+            aggregate["effects"][kind][task] = {}
+            for t, target in enumerate(TARGETS):
+                grids = [
+                    aligned(as_array(r["values"][kind][i])[..., t] - r["base"][i][t], *r["subject_tokens"][i])
+                    for r, i in at
+                ]
+                aggregate["effects"][kind][task][target] = nanmean(grids, shape)
+    return aggregate
+
+
+def drift_aggregate(records: Sequence[dict]) -> tuple[dict[str, Any], dict[str, tuple[Any, Any]]]:
+    """Attention drift: per task the Pearson correlation of each drift factor with the edited P(o_edit)
+    and the means; plus, per task name, the (KL drift, edited P(o_edit)) points of the scatter figure."""
+    from attnedit.analysis.drift import FACTORS, pearson
+
+    used = [r for r in records if "skipped" not in r]
+    aggregate: dict[str, Any] = {"outcome": "edited P(o_edit)", "correlations": {}, "means": {}}
+    points = {}
+    for task in TASKS:
+        at = task_prompts(used, task)
+        outcome = np.array([r["p_edited"][i][1] for r, i in at], dtype=float)
+        factor_values = {f: np.array([r["factors"][f][i] for r, i in at], dtype=float) for f in FACTORS}
+        aggregate["correlations"][task] = {
+            f: pearson(values, outcome).to_json() for f, values in factor_values.items()
+        }
+        aggregate["means"][task] = {
+            "n": len(at),
+            "p_edit_edited": nanmean(list(outcome), ()),
+            "p_edit_unedited": nanmean([r["p_unedited"][i][1] for r, i in at], ()),
+            **{f: nanmean(list(v), ()) for f, v in factor_values.items()},
+        }
+        points[TASKS[task]] = (factor_values["kl"], outcome)
+    return aggregate, points
+
+
+def patch_aggregate(records: Sequence[dict], n_layers: int, scores: bool) -> dict[str, Any]:
+    """Attention patching: per task the prompt count, the mean patched curves per target
+    (``[n_layers]``, by window centre) and the mean edited and unedited levels; with ``scores`` the
+    aligned mean effect of the single-entry variant (patched - edited) per task and target."""
+    used = [r for r in records if "skipped" not in r]
+    aggregate: dict[str, Any] = {"curves": {}, "p_edited": {}, "p_unedited": {}, "n_prompts": {}}
+    if scores:
+        aggregate["scores"] = {}
+    for task in TASKS:
+        at = task_prompts(used, task)
+        aggregate["n_prompts"][task] = len(at)
+        curve = nanmean([as_array(r["curves"][i]) for r, i in at], (n_layers, 2))
+        edited = nanmean([as_array(r["p_edited"][i]) for r, i in at], (2,))
+        unedited = nanmean([as_array(r["p_unedited"][i]) for r, i in at], (2,))
+        aggregate["curves"][task] = {target: curve[:, t] for t, target in enumerate(TARGETS)}
+        aggregate["p_edited"][task] = {target: edited[t] for t, target in enumerate(TARGETS)}
+        aggregate["p_unedited"][task] = {target: unedited[t] for t, target in enumerate(TARGETS)}
+        if scores:
+            aggregate["scores"][task] = {}
+            for t, target in enumerate(TARGETS):
+                grids = [
+                    aligned(as_array(r["scores"][i])[..., t] - r["p_edited"][i][t], *r["subject_tokens"][i])
+                    for r, i in at
+                ]
+                aggregate["scores"][task][target] = nanmean(grids, (len(POSITIONS), n_layers))
+    return aggregate

@@ -44,30 +44,32 @@ class AnalysisConflictError(RunConflictError):
     """The output directory holds an analysis run with different settings."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Setting:
-    """What one ``attnedit analyze`` invocation runs; ``method=None`` analyses the unedited model only."""
+    """What an analysis run reads and where it writes, whatever the analysis: data, model, output
+    directory, case range, seed and, for the analyses of an edit, the method. ``method=None``: the
+    unedited model only (causal tracing)."""
 
-    analysis: str
     data: str
     model: str
     out: Path
     first: int = 0
     limit: int | None = None
     seed: int = 0
-    options: dict = field(default_factory=dict)
     method: str | None = None
     preset: str | None = None
-    params: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)  # preset overrides of the method, values as text
     sadr: dict = field(default_factory=dict)  # SADR settings of X+sadr methods
 
 
 @dataclass
 class Session:
-    """A started analysis run: its setting, cases, model and editor, the finished records and the run
-    directory that writes them."""
+    """A started analysis run: the analysis, its setting and options (as in the manifest), the cases,
+    model and editor, the finished records and the run directory that writes them."""
 
+    analysis: str
     setting: Setting
+    options: dict
     cases: list
     bundle: Any
     editor: Any
@@ -75,12 +77,12 @@ class Session:
     run_dir: RunDir[dict]
 
 
-def _manifest(setting: Setting, bundle: Any, dataset: Any, editor: Any) -> dict:
+def _manifest(analysis: str, setting: Setting, options: dict, bundle: Any, dataset: Any, editor: Any) -> dict:
     from attnedit import __version__
 
     return {
         "attnedit_version": __version__,
-        "analysis": setting.analysis,
+        "analysis": analysis,
         "model": model_manifest(bundle),
         "method": editor.name if editor is not None else "none",
         "hyperparameters": editor.hyperparameters() if editor is not None else {},
@@ -88,13 +90,14 @@ def _manifest(setting: Setting, bundle: Any, dataset: Any, editor: Any) -> dict:
         "first": setting.first,
         "limit": setting.limit,
         "seed": setting.seed,
-        "options": setting.options,
+        "options": options,
         **environment_manifest(),
     }
 
 
-def start(setting: Setting) -> Session:
-    """Load data, model and editor; write (or check) the manifest; read the finished cases."""
+def start(analysis: str, setting: Setting, options: dict, *, edit: bool) -> Session:
+    """Load data, model and (``edit``: the analysis needs one) editor; write (or check) the manifest,
+    which records ``analysis`` and its ``options``; read the finished cases."""
     from attnedit.core.data import load_cases
     from attnedit.core.models import load_model
     from attnedit.editing.registry import make_editor
@@ -113,17 +116,19 @@ def start(setting: Setting) -> Session:
         raise ValueError(f"{dataset.path}: no cases from index {setting.first} ({len(dataset)} cases)")
     bundle = load_model(setting.model)
     editor = None
-    if setting.method is not None:
-        if setting.method == "none":
-            raise ValueError(f"analyze {setting.analysis} needs an edit: give --method (e.g. rome)")
+    if edit:
+        if setting.method in (None, "none"):
+            raise ValueError(f"analyze {analysis} needs an edit: give --method (e.g. rome)")
         editor = make_editor(setting.method, bundle, setting.preset, setting.params, sadr=setting.sadr)
-    manifest = json.loads(json.dumps(_manifest(setting, bundle, dataset, editor)))
+    elif setting.method is not None:
+        raise ValueError(f"analyze {analysis} analyses the unedited model: it takes no method")
+    manifest = json.loads(json.dumps(_manifest(analysis, setting, options, bundle, dataset, editor)))
     run_dir.open(manifest, IDENTITY, AnalysisConflictError)  # with the current case range
     ids = [c.case_id for c in cases]
     records = {r["case_id"]: r for r in run_dir.records(ids, repair=True)}
     if records:
         logger.info("resuming %s: %d of %d cases already done", run_dir.path, len(records), len(cases))
-    return Session(setting, cases, bundle, editor, records, run_dir)
+    return Session(analysis, setting, options, cases, bundle, editor, records, run_dir)
 
 
 def run_cases(session: Session, compute: Callable[[Any], dict]) -> list[dict]:
@@ -131,9 +136,7 @@ def run_cases(session: Session, compute: Callable[[Any], dict]) -> list[dict]:
     from tqdm.auto import tqdm
 
     done = session.records
-    bar = tqdm(
-        total=len(session.cases), initial=len(done), desc=f"analyze {session.setting.analysis}", unit="case"
-    )
+    bar = tqdm(total=len(session.cases), initial=len(done), desc=f"analyze {session.analysis}", unit="case")
     with bar:
         for case in session.cases:
             if case.case_id in done:
@@ -151,7 +154,7 @@ def run_cases(session: Session, compute: Callable[[Any], dict]) -> list[dict]:
 
 def finish(session: Session, records: list[dict], aggregate: dict, figures: Sequence[Path]) -> Path:
     """Write NAME.json (atomically); returns its path."""
-    name = session.setting.analysis
+    name = session.analysis
     result = {
         "analysis": name,
         "manifest": MANIFEST,
@@ -177,5 +180,3 @@ def subject_span(bundle: Any, prompt: str, subject: str, n_tokens: int) -> list[
     if len(span.input_ids) != n_tokens:
         return [-1, -1]
     return [span.first_token, span.last_token]
-
-
