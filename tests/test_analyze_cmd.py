@@ -1,4 +1,5 @@
-"""``attnedit analyze``: every subcommand end to end through the CLI on a tiny Llama saved to disk."""
+"""``attnedit analyze``: every subcommand end to end through the CLI on a tiny Llama saved to disk, and
+one analysis run called directly (``runs.analysis_runs``, as a non-CLI caller does)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import pytest
 from typer.testing import CliRunner
 
 from attnedit.analysis import drift, tracing
-from attnedit.analysis.aggregate import POSITIONS, aligned, token_positions
+from attnedit.analysis.aggregate import POSITIONS, aligned, token_positions, trace_aggregate
+from attnedit.analysis.engine import json_ready
 from attnedit.cli.main import app
-from attnedit.runs.analyses import CASES
+from attnedit.runs.analyses import CASES, Setting
+from attnedit.runs.analysis_runs import PatchOptions, TraceOptions, run_trace
 
 PRESET = str(Path(__file__).parents[1] / "src/attnedit/resources/presets/rome/smollm2-135m.json")
 N_LAYERS = 3  # conftest.tiny_config
@@ -211,3 +214,48 @@ def test_patch_with_scores(tmp_path, tiny_dir, corpus):
     case = result["cases"][0]
     assert np.array(case["curves"]).shape == (5, N_LAYERS, 2)
     assert np.array(case["scores"][0]).shape == (N_LAYERS, len(case["tokens"][0]), 2)
+
+
+def test_run_trace_without_the_cli(tmp_path, tiny_dir):
+    """``run_trace`` as a library call: its record of a case is that case's causal trace, and NAME.json
+    holds the aggregate of its records (recomputable from them without the model)."""
+    from attnedit.core.data import load_cases
+    from attnedit.core.models import load_model
+
+    with pytest.raises(ValueError, match="--samples"):
+        TraceOptions(samples=0)
+    with pytest.raises(ValueError, match="--queries"):
+        PatchOptions(queries="first")
+    out = tmp_path / "trace"
+    with pytest.raises(ValueError, match="unedited model"):
+        run_trace(Setting("sample", str(tiny_dir), out, limit=1, method="rome"), TraceOptions())
+
+    options = TraceOptions(kinds=("mlp", "attn"), window=2, samples=2)
+    result = run_trace(Setting("sample", str(tiny_dir), out, first=1, limit=1, seed=5), options)
+    assert result.analysis == "trace" and result.path == out / "trace.json" and result.n_cases == 1
+    assert result.figures == (out / "trace_heatmaps.png", out / "trace_layers.png")
+    assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in result.figures)
+    saved = json.loads(result.path.read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["seed"] == 5 and manifest["options"] == {
+        "kinds": ["mlp", "attn"],
+        "windows": {"mlp": 2, "attn": 2},
+        "samples": 2,
+        "noise": None,
+    }
+    [record] = saved["cases"]
+    assert record["case_id"] == "1" and _lines(out) == [record]
+
+    # the record is the case's causal trace with the run's seed (both kinds share one window: one trace)
+    case = load_cases("sample").cases[1].request
+    bundle = load_model(str(tiny_dir))
+    trace = tracing.causal_trace(
+        bundle, case.prompt, case.subject, case.target_true, ["mlp", "attn"], 2, None, 2, 5
+    )
+    assert record["restored"] == json_ready(trace.restored)
+    assert record["corrupted"] == trace.corrupted and record["clean"] == trace.clean
+
+    # the aggregate is the records' aggregate
+    expected = json_ready(trace_aggregate([record], options.kinds, N_LAYERS))
+    assert saved["aggregate"] == expected
+    assert set(expected["indirect_effect"]) == {"mlp", "attn"}

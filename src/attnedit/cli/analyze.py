@@ -1,18 +1,8 @@
 """``attnedit analyze trace | substitute | drift | patch``: the SADR paper's section 3 analyses of data.
 
-Every subcommand writes into its ``--out`` directory::
-
-    manifest.json   model fingerprint, analysis and its options, method, hyper-parameters, data sha256, seed
-    cases.jsonl     one JSON line per finished case (appended and fsynced one by one)
-    NAME.json       every case's record plus the aggregates the figures show (NAME = the subcommand)
-    *.png           the figures
-
-Resuming: the same command again skips the cases already in ``cases.jsonl`` (a torn last line is cut off);
-a directory holding a run with other settings is refused, as ``attnedit eval`` does.
-
-The commands only parse their options: each analysis run is ``runs.analysis_runs.run_NAME`` (the per-case
-records, their aggregation and the figures; the token alignment of the heatmaps is described in
-``analysis.aggregate``).
+Each subcommand parses its options and calls ``runs.analysis_runs.run_NAME``, which writes the run
+directory given by ``--out`` (``runs.analyses``: manifest, ``cases.jsonl``, ``NAME.json``, figures;
+resumable) and returns what is printed here. The heatmaps' token alignment: ``analysis.aggregate``.
 """
 
 from __future__ import annotations

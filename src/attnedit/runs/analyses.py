@@ -10,6 +10,9 @@ Layout::
 Resuming: the same command again skips the cases already in ``cases.jsonl`` (a torn last line is cut off);
 a directory holding a run with other settings is refused, as ``attnedit eval`` does (both are a
 ``rundir.RunDir``).
+
+This module is the machinery every analysis shares (``start``, ``run_cases``, ``finish``); the analyses
+themselves (per-case records, aggregation, figures) are ``analysis_runs.run_NAME``.
 """
 
 from __future__ import annotations
