@@ -49,6 +49,7 @@ def aligned(values: Any, first: int, last: int) -> Any:
 
 
 def nanmean(arrays: Sequence[Any], shape: tuple[int, ...]) -> Any:
+    """Element-wise mean ignoring NaN; all NaN (or no arrays: ``shape``) stays NaN."""
     if not arrays:
         return np.full(shape, np.nan)
     with warnings.catch_warnings():

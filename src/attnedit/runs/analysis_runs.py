@@ -90,6 +90,7 @@ class TraceOptions:
         return {k: (self.layer_window if k == "layer" else self.window) for k in self.kinds}
 
     def manifest(self) -> dict[str, Any]:
+        """The options as the manifest records them."""
         return {
             "kinds": list(self.kinds),
             "windows": self.windows,
@@ -168,6 +169,7 @@ class SubstituteOptions:
     window: int = 6
 
     def manifest(self) -> dict[str, Any]:
+        """The options as the manifest records them."""
         return {"kinds": list(self.kinds), "window": self.window}
 
 
@@ -246,6 +248,7 @@ class DriftOptions:
     layers: tuple[int, ...] | None = None
 
     def manifest(self) -> dict[str, Any]:
+        """The options as the manifest records them."""
         return {"drift_layers": None if self.layers is None else list(self.layers)}
 
 
@@ -342,6 +345,7 @@ class PatchOptions:
             raise ValueError(f"--queries must be one of {', '.join(PATCH_QUERIES)}, not {self.queries!r}")
 
     def manifest(self) -> dict[str, Any]:
+        """The options as the manifest records them."""
         return {"window": self.window, "queries": self.queries, "scores": self.scores}
 
 
