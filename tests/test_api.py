@@ -54,8 +54,9 @@ def test_readme_python_block_runs_as_written(tmp_path, monkeypatch, tiny_tokeniz
     monkeypatch.chdir(tmp_path)
     before = model_hash(bundle.model)
     exec(compile(_readme_python_block(), str(README), "exec"), {})
-    printed = capsys.readouterr().out.splitlines()
-    assert len(printed) == 3  # two answer lists and the ES NLLs
+    printed = capsys.readouterr().out
+    assert "'right_nll'" in printed  # the ES record was printed (log lines may share stdout)
+    assert sum(line.startswith("[") for line in printed.splitlines()) >= 2  # the two answer lists
     assert (tmp_path / "eiffel.safetensors").is_file()
     assert model_hash(bundle.model) == before  # every edit of the block was reverted
 

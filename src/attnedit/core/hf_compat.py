@@ -160,6 +160,8 @@ def own_attn_method(attend: AttendFn) -> Callable[..., tuple[torch.Tensor, torch
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if head_mask is not None:
             raise ValueError("attention with a head_mask is not supported here")
+        if attention_mask is not None:  # 4.x may pass a mask wider than the keys; its _attn cuts it too
+            attention_mask = attention_mask[..., : key.shape[-2]]
         return attend(query, key, value, attention_mask)
 
     return _attn
