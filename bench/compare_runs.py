@@ -35,6 +35,9 @@ def _numbers(value: object, path: str, out: dict[str, float | str]) -> None:
 
 
 def _records(run: Path) -> dict[str, dict]:
+    """The records of a run directory by case id (none when it has no results file yet)."""
+    if not (run / "results.jsonl").is_file():
+        return {}
     lines = (run / "results.jsonl").read_text().splitlines()
     return {r["case_id"]: r for r in map(json.loads, filter(None, lines))}
 
