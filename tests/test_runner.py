@@ -10,7 +10,18 @@ import pytest
 
 from attnedit.evaluation.evaluator import EvalConfig
 from attnedit.runs.report import collect
-from attnedit.runs.rundir import MANIFEST, RESULTS, RunConflictError, RunDir, read_results, selected_records
+from attnedit.runs.rundir import (
+    LOCK,
+    MANIFEST,
+    RESULTS,
+    CorruptRecordsError,
+    RunConflictError,
+    RunDir,
+    RunLockedError,
+    UnsafeRunFileError,
+    read_results,
+    selected_records,
+)
 from attnedit.runs.runner import RunConfig, Shard, run
 
 
@@ -415,7 +426,7 @@ def test_run_dir_strict_json_and_atomic_writes(tmp_path):
     path = strict.write_json("result.json", {"a": [1, 2]}, indent=1)
     assert json.loads(path.read_text()) == {"a": [1, 2]}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["cases.jsonl", "manifest.json", "result.json", RESULTS]
+        ["cases.jsonl", "manifest.json", "result.json", RESULTS, LOCK]
     )
 
 
@@ -450,3 +461,166 @@ def test_records_on_disk_are_case_records(tmp_path, tiny_dir, corpus_file):
     for record in records:
         assert CaseRecord.__required_keys__ <= set(record) <= set(CaseRecord.__annotations__)
         assert {"ppl", "edit", "fluency", "generations", "seconds_edit"} <= set(record)
+
+
+def _records_file(tmp_path: Path, n: int = 6) -> RunDir:
+    run_dir = RunDir(tmp_path / "run")
+    run_dir.open({"seed": 0}, ())
+    for i in range(n):
+        run_dir.append({"case_id": str(i), "x": i / 7, "text": "é"})
+    run_dir.close()
+    return run_dir
+
+
+def _valid_ids(data: bytes) -> set[str]:
+    """The records a damaged file still holds intact: its newline-terminated lines that are records."""
+    ids = set()
+    for line in data.split(b"\n")[:-1]:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("case_id"), str):
+            ids.add(record["case_id"])
+    return ids
+
+
+def test_a_corrupted_middle_line_stops_with_its_line_number_and_removes_nothing(tmp_path):
+    run_dir = _records_file(tmp_path)
+    lines = run_dir.records_path.read_bytes().split(b"\n")
+    lines[2] = b'{"case_id": "2", "x": 0.28'  # a broken record in the middle, valid ones after it
+    damaged = b"\n".join(lines)
+    run_dir.records_path.write_bytes(damaged)
+    with pytest.raises(CorruptRecordsError, match=r"results\.jsonl, line 3"):
+        run_dir.records(repair=True)
+    with pytest.raises(CorruptRecordsError, match="line 3"):
+        run_dir.records()
+    assert run_dir.records_path.read_bytes() == damaged  # nothing cut
+    # a foreign line (valid JSON, not a record) is refused the same way
+    run_dir.records_path.write_bytes(b'{"case_id": "0"}\n[1, 2]\n{"case_id": "1"}\n')
+    with pytest.raises(CorruptRecordsError, match="line 2"):
+        run_dir.records(repair=True)
+    # the way forward: the bad line is set aside, every record kept
+    assert run_dir.quarantine() == 1
+    run_dir.close()
+    assert [r["case_id"] for r in run_dir.records(repair=True)] == ["0", "1"]
+    aside = run_dir.records_path.with_name(RESULTS + ".quarantine")
+    assert aside.read_bytes() == b"[1, 2]\n"
+
+
+def test_random_truncations_and_corruptions_never_lose_a_valid_record(tmp_path):
+    import random
+
+    intact = _records_file(tmp_path, 8).records_path.read_bytes()
+    rng = random.Random(15)
+    for trial in range(300):
+        data = bytearray(intact)
+        if trial % 3 == 0:  # an interrupted write: the file cut anywhere
+            data = data[: rng.randrange(len(data) + 1)]
+        else:  # a few bytes overwritten, inserted or deleted anywhere (newlines included)
+            for _ in range(rng.randint(1, 3)):
+                at = rng.randrange(len(data))
+                byte = rng.choice([b"\n", b"\xff", b"{", b'"', b"x", b"0", b"}"])
+                kind = rng.randrange(3)
+                if kind == 0:
+                    data[at : at + 1] = byte
+                elif kind == 1:
+                    data[at:at] = byte
+                else:
+                    del data[at]
+        damaged = bytes(data)
+        path = tmp_path / "run" / RESULTS
+        path.write_bytes(damaged)
+        valid = _valid_ids(damaged)
+        torn = damaged.rsplit(b"\n", 1)[-1]
+        run_dir = RunDir(tmp_path / "run")
+        try:
+            kept = run_dir.records(repair=True)
+        except CorruptRecordsError as err:
+            assert str(path) in str(err) and "line" in str(err)
+            assert path.read_bytes() == damaged, trial  # refused: the file is untouched
+            continue
+        # resumed: every intact record survives; at most the unterminated last line was cut
+        assert valid <= {r["case_id"] for r in kept}, trial
+        assert path.read_bytes() == damaged[: len(damaged) - len(torn)], trial
+
+
+def _hold_lock(path: Path) -> subprocess.Popen:
+    code = (
+        "import sys, time\n"
+        "from attnedit.runs.rundir import RunDir\n"
+        "d = RunDir(sys.argv[1]); d.path.mkdir(exist_ok=True); d.lock()\n"
+        "print('locked', flush=True); time.sleep(60)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_second_process_on_one_run_directory_is_refused(tmp_path):
+    holder = _hold_lock(tmp_path / "run")
+    try:
+        with pytest.raises(RunLockedError, match=f"pid {holder.pid}"):
+            RunDir(tmp_path / "run").open({"seed": 0}, ())
+        assert not (tmp_path / "run" / MANIFEST).exists()  # the refused one wrote nothing
+    finally:
+        holder.kill()  # like kill -9: the OS releases the lock
+        holder.wait()
+    with RunDir(tmp_path / "run") as run_dir:
+        run_dir.open({"seed": 0}, ())
+        assert run_dir.locked
+    assert not run_dir.locked
+
+
+def test_concurrent_evals_on_one_out_write_every_case_once(tmp_path, tiny_dir):
+    holder = _hold_lock(tmp_path)
+    try:
+        with pytest.raises(RunLockedError, match=str(holder.pid)):
+            run(_config(tmp_path, tiny_dir, limit=2), progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    run(_config(tmp_path, tiny_dir, limit=2), progress=False)
+    assert _ids(tmp_path) == ["0", "1"]
+
+
+def test_a_failed_start_leaves_the_directory_unlocked(tmp_path, tiny_dir):
+    run(_config(tmp_path, tiny_dir, limit=2), progress=False)
+    with pytest.raises(RunConflictError, match="seed"):  # refused after the lock was taken
+        run(_config(tmp_path, tiny_dir, limit=2, seed=1), progress=False)
+    with pytest.raises(ValueError):  # a bad flag: refused before the directory is touched
+        _config(tmp_path, tiny_dir, limit=2, first=-1)
+    # another process may take the lock now (so this one let it go)
+    _hold_lock(tmp_path).kill()
+    run(_config(tmp_path, tiny_dir, limit=3), progress=False)
+    assert _ids(tmp_path) == ["0", "1", "2"]
+
+
+def test_symlinked_or_foreign_run_files_are_refused_untouched(tmp_path):
+    outside = tmp_path / "precious.jsonl"
+    outside.write_text("not ours\n")
+    for name in (RESULTS, MANIFEST):
+        out = tmp_path / f"link-{name}"
+        out.mkdir()
+        (out / name).symlink_to(outside)
+        with pytest.raises(UnsafeRunFileError, match="symbolic link"):
+            RunDir(out).open({"seed": 0}, ())
+        assert outside.read_text() == "not ours\n"
+        assert not RunDir(out).locked
+    with pytest.raises(UnsafeRunFileError, match="symbolic link"):
+        read_results(tmp_path / f"link-{RESULTS}" / RESULTS, repair=True)
+    # a results file with no manifest beside it is someone else's
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / RESULTS).write_text('{"case_id": "0"}\n{"case_id": "1"')
+    with pytest.raises(UnsafeRunFileError, match="no manifest"):
+        RunDir(foreign).open({"seed": 0}, ())
+    assert (foreign / RESULTS).read_text() == '{"case_id": "0"}\n{"case_id": "1"'
+    assert not (foreign / MANIFEST).exists()
+    # an --out that is a file is refused before anything is written
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(UnsafeRunFileError, match="not a directory"):
+        RunDir(afile).open({"seed": 0}, ())
+    with pytest.raises(ValueError, match="plain name"):
+        RunDir(tmp_path, "../escape.jsonl")

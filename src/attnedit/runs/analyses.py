@@ -167,7 +167,9 @@ def finish(session: Session, records: list[dict], aggregate: dict, figures: Sequ
         "figures": [Path(f).name for f in figures],
         "cases": records,
     }
-    return session.run_dir.write_json(f"{name}.json", json_ready(result), allow_nan=False)
+    path = session.run_dir.write_json(f"{name}.json", json_ready(result), allow_nan=False)
+    session.run_dir.close()  # the lock taken by ``start`` (an error before this: released at exit)
+    return path
 
 
 def subject_span(bundle: Any, prompt: str, subject: str, n_tokens: int) -> list[int]:

@@ -8,16 +8,26 @@ analyses)::
     RECORDS.jsonl   one JSON line per finished case, appended, flushed and fsynced one by one
     NAME.json       summaries and results, written atomically (a temporary file renamed over it)
 
+    .lock           held (``fcntl.flock``) by the one process writing the directory; holds its pid
+
 Resuming: a manifest that differs from the existing one in an identity field is refused; a torn last
-line (an interrupted write) is cut off; cases already recorded are not computed again. Every record is
-written by ``RunDir.append``, so whoever holds the ``RunDir`` (a case loop, or a driver receiving finished
-records from workers) is the one writer of the record file.
+line (an interrupted write: no trailing newline) is cut off; cases already recorded are not computed
+again. Any other unreadable line stops the run with an error naming the file and the line: a valid record
+is never deleted. Every record is written by ``RunDir.append``, so whoever holds the ``RunDir`` (a case
+loop, or a driver receiving finished records from workers) is the one writer of the record file, and
+``open`` takes the directory's lock so that no second process writes it at the same time (the OS releases
+the lock when the process ends, however it ends).
+
+Safety: the manifest and the record file are never followed through a symbolic link, and a record file
+that is not ours (no manifest beside it, or lines that are not records) is refused, never truncated.
 
 Reading a run (``records``, ``selected_records``, ``read_manifest``) needs neither torch nor a model.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -32,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 RESULTS = "results.jsonl"
+LOCK = ".lock"
 
 # identity fields newer than some run directories, with the value an older manifest implies
 ADDED_LATER: dict[str, Any] = {"first": 0}
@@ -41,6 +52,32 @@ R = TypeVar("R", bound=Mapping[str, Any])
 
 class RunConflictError(RuntimeError):
     """The output directory holds a run with different settings."""
+
+
+class RunLockedError(RunConflictError):
+    """Another process is writing the run directory (it holds the directory's lock)."""
+
+
+class UnsafeRunFileError(RunConflictError):
+    """A run file is a symbolic link, or the record file is not one of ours: refused, never written."""
+
+
+class CorruptRecordsError(ValueError):
+    """A line of a record file (other than a torn last line) is not a readable record."""
+
+
+def _link_refused(path: Path) -> UnsafeRunFileError:
+    return UnsafeRunFileError(f"{path} is a symbolic link: refused (run files are never followed)")
+
+
+def _open_nofollow(path: Path, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` that refuses a symbolic link (``O_NOFOLLOW``) with an ``UnsafeRunFileError``."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), mode)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise _link_refused(path) from None
+        raise
 
 
 def seed_everything(seed: int) -> int:
@@ -92,45 +129,123 @@ def environment_manifest() -> dict:
     }
 
 
+def _parse_record(line: bytes) -> dict:
+    """One record line: a JSON object with a string ``case_id`` (``ValueError`` otherwise)."""
+    record = json.loads(line)  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    if not isinstance(record, dict) or not isinstance(record.get("case_id"), str):
+        raise ValueError("not a record (a JSON object with a case_id)")
+    return record
+
+
 def read_results(path: Path, repair: bool = False) -> list[dict]:
-    """Records of a JSON-lines file in file order; a torn last line (interrupted write) is dropped, and cut
-    off the file if ``repair`` (only the run's writer may repair: for a reader, the tail may be a write in
-    progress)."""
+    """Records of a JSON-lines file in file order.
+
+    Only a torn last line (no trailing newline: an interrupted write) is dropped, and cut off the file if
+    ``repair`` (only the run's writer may repair: for a reader, the tail may be a write in progress). Any
+    other line that is not a record raises ``CorruptRecordsError`` naming the file and the line number,
+    and nothing is cut: a valid record after a bad line is never lost. A symbolic link is refused.
+    """
+    if path.is_symlink():
+        raise _link_refused(path)
     if not path.is_file():
         return []
-    data = path.read_bytes()
-    records, good_end, start = [], 0, 0
-    while start < len(data):
-        end = data.find(b"\n", start)
-        if end < 0:
-            break  # unterminated tail: an interrupted write
-        line = data[start:end]
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-        good_end, start = end + 1, end + 1
-    if good_end < len(data):
-        logger.warning("%s: dropping %d bytes of an interrupted write", path, len(data) - good_end)
+    fd = _open_nofollow(path, os.O_RDONLY)
+    with os.fdopen(fd, "rb") as fh:
+        data = fh.read()
+    lines = data.split(b"\n")
+    torn = lines.pop()  # b"" when the file ends with a newline (or is empty)
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(_parse_record(line))
+        except ValueError as err:
+            raise CorruptRecordsError(
+                f"{path}, line {number}: not a readable record ({err}); no record was removed: fix or "
+                f"delete that line (RunDir.quarantine moves unreadable lines to "
+                f"{path.name}{QUARANTINE_SUFFIX})"
+            ) from None
+    if torn:
+        logger.warning("%s: dropping %d bytes of an interrupted write (a torn last line)", path, len(torn))
         if repair:
-            with open(path, "r+b") as fh:
-                fh.truncate(good_end)
+            fd = _open_nofollow(path, os.O_RDWR)
+            try:
+                os.ftruncate(fd, len(data) - len(torn))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     return records
+
+
+QUARANTINE_SUFFIX = ".quarantine"
 
 
 class RunDir(Generic[R]):
     """One run directory: its manifest, its per-case records (type ``R``) and its result files.
 
-    ``records_name``: the JSON-lines file of per-case records; ``allow_nan``: whether a record may hold
-    NaN or infinities (written as the non-standard ``NaN``/``Infinity`` JSON tokens Python reads back).
+    ``records_name``: the JSON-lines file of per-case records (a plain file name: it lies in the
+    directory); ``allow_nan``: whether a record may hold NaN or infinities (written as the non-standard
+    ``NaN``/``Infinity`` JSON tokens Python reads back).
+
+    ``open`` takes the directory's lock, held until ``close`` (or the end of the process); the ``RunDir``
+    is a context manager that closes it.
     """
 
     def __init__(self, path: str | Path, records_name: str = RESULTS, allow_nan: bool = True):
+        if Path(records_name).name != records_name or records_name in ("", ".", ".."):
+            raise ValueError(
+                f"the record file must be a plain name inside the run directory: {records_name!r}"
+            )
         self.path = Path(path)
         self.records_name = records_name
         self.allow_nan = allow_nan
         self.seed: int | None = None
+        self._lock_fd: int | None = None
+
+    def __enter__(self) -> RunDir[R]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    @property
+    def locked(self) -> bool:
+        """Whether this ``RunDir`` holds the directory's lock."""
+        return self._lock_fd is not None
+
+    def lock(self) -> None:
+        """Take the directory's exclusive lock (``fcntl.flock`` on ``.lock``, which then holds our pid);
+        ``RunLockedError`` naming the holder's pid when another process has it. The OS releases it when
+        the process ends, however it ends (``kill -9`` included)."""
+        if self._lock_fd is not None:
+            return
+        fd = _open_nofollow(self.path / LOCK, os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise RunLockedError(
+                f"{self.path} is being written by another process (pid {holder}); wait for it to finish "
+                f"or use another --out directory"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        """Release the directory's lock (if held); the directory stays as it is."""
+        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     @property
     def manifest_path(self) -> Path:
@@ -147,8 +262,17 @@ class RunDir(Generic[R]):
         return seed
 
     def read_manifest(self) -> dict | None:
-        """The manifest on disk, or None when there is none yet."""
-        return json.loads(self.manifest_path.read_text()) if self.manifest_path.is_file() else None
+        """The manifest on disk, or None when there is none yet (a symbolic link is refused)."""
+        path = self.manifest_path
+        if not path.is_symlink() and not path.is_file():
+            return None
+        fd = _open_nofollow(path, os.O_RDONLY)
+        with os.fdopen(fd, "rb") as fh:
+            data = fh.read()
+        try:
+            return json.loads(data)
+        except ValueError as err:
+            raise CorruptRecordsError(f"{path}: not a readable manifest ({err})") from None
 
     def check(
         self, manifest: Mapping[str, Any], identity: Sequence[str], error: type[Exception] = RunConflictError
@@ -167,19 +291,42 @@ class RunDir(Generic[R]):
     def open(
         self, manifest: Mapping[str, Any], identity: Sequence[str], error: type[Exception] = RunConflictError
     ) -> dict:
-        """Create the directory (or continue in it): check ``manifest`` against the one on disk in the
-        ``identity`` fields, then write it with the directory's first ``created`` stamp; the record file
-        exists afterwards. Returns the manifest as written."""
+        """Create the directory (or continue in it): take its lock (``lock``), check ``manifest`` against
+        the one on disk in the ``identity`` fields, then write it with the directory's first ``created``
+        stamp; the record file exists afterwards. Returns the manifest as written. A refusal releases the
+        lock it took: a failed start leaves the directory unlocked."""
         if self.seed is not None and manifest.get("seed") != self.seed:
             raise ValueError(f"the manifest states seed {manifest.get('seed')!r}, the run seeded {self.seed}")
+        if self.path.exists() and not self.path.is_dir():
+            raise UnsafeRunFileError(f"{self.path} is not a directory; give --out a directory")
         self.path.mkdir(parents=True, exist_ok=True)
-        self.check(manifest, identity, error)
-        old = self.read_manifest()
-        created = old.get("created") if old else None
-        stamped = {**manifest, "created": created or time.strftime("%Y-%m-%dT%H:%M:%S")}
-        self.write_json(MANIFEST, stamped, indent=1)
-        self.records_path.touch()
+        held = self.locked
+        self.lock()
+        try:
+            old = self.read_manifest()
+            self._check_records_are_ours(old)
+            self.check(manifest, identity, error)
+            created = old.get("created") if old else None
+            stamped = {**manifest, "created": created or time.strftime("%Y-%m-%dT%H:%M:%S")}
+            self.write_json(MANIFEST, stamped, indent=1)
+            os.close(_open_nofollow(self.records_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND))
+        except BaseException:
+            if not held:
+                self.close()
+            raise
         return stamped
+
+    def _check_records_are_ours(self, manifest: Mapping[str, Any] | None) -> None:
+        """Refuse a record file that is a symbolic link, or that has content but no manifest beside it
+        (not written by a run: never truncated, never appended to)."""
+        path = self.records_path
+        if path.is_symlink():
+            raise _link_refused(path)
+        if manifest is None and path.exists() and (not path.is_file() or path.stat().st_size > 0):
+            raise UnsafeRunFileError(
+                f"{path} exists but {self.path} has no {MANIFEST}: not a run of ours, left untouched; "
+                f"use another --out directory"
+            )
 
     def records(self, case_ids: Sequence[str] | None = None, repair: bool = False) -> list[R]:
         """The records of the cases ``case_ids`` that have one, in the order of ``case_ids`` (a run
@@ -203,8 +350,9 @@ class RunDir(Generic[R]):
         """Append one record as a JSON line, flushed and fsynced (an interrupted run loses at most a torn
         last line, which the next ``records(..., repair=True)`` cuts off)."""
         line = json.dumps(record, ensure_ascii=False, allow_nan=self.allow_nan) + "\n"
-        with open(self.records_path, "a", encoding="utf-8") as fh:
-            fh.write(line)
+        fd = _open_nofollow(self.records_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(line.encode("utf-8"))
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -212,10 +360,54 @@ class RunDir(Generic[R]):
         """Write ``data`` to ``name`` in the directory atomically (a reader sees the old file or the new
         one, never a partial one); returns its path."""
         path = self.path / name
+        if path.is_symlink():
+            raise _link_refused(path)
+        text = json.dumps(data, indent=indent, allow_nan=allow_nan)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=indent, allow_nan=allow_nan))
-        tmp.replace(path)
+        tmp.unlink(missing_ok=True)  # a leftover (or a planted link) is removed, never written through
+        fd = _open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        tmp.replace(path)  # rename replaces the name itself, never a link's target
         return path
+
+    def quarantine(self) -> int:
+        """Move every unreadable line (other than a torn last line) of the record file to
+        ``RECORDS.jsonl.quarantine`` (appended) and keep every readable record; returns how many lines
+        were moved. The way forward from a ``CorruptRecordsError``; needs the directory's lock."""
+        if not self.locked:
+            self.lock()
+        path = self.records_path
+        if path.is_symlink():
+            raise _link_refused(path)
+        data = path.read_bytes()
+        lines = data.split(b"\n")
+        tail = lines.pop()
+        good, bad = [], []
+        for line in lines:
+            try:
+                _parse_record(line)
+                good.append(line)
+            except ValueError:
+                (bad if line.strip() else good).append(line)
+        if not bad:
+            return 0
+        aside = path.with_name(path.name + QUARANTINE_SUFFIX)
+        fd = _open_nofollow(aside, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(b"".join(line + b"\n" for line in bad))
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        fd = _open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(b"".join(line + b"\n" for line in good) + tail)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+        logger.warning("%s: moved %d unreadable lines to %s%s", path, len(bad), path.name, QUARANTINE_SUFFIX)
+        return len(bad)
 
 
 def selected_records(run_dir: str | Path) -> list[dict]:

@@ -8,9 +8,10 @@ Layout of a run directory (a ``rundir.RunDir``, which implements it)::
     summary.json    pooled metrics of the selected cases
 
 Resuming (the same command again, even after ``kill -9``): a torn last line is cut off, cases
-already in ``results.jsonl`` are skipped, so every case appears exactly once. A single-mode run may
-also be given another case range (``--first``/``--limit``): cases already done are reused, and the
-summary and reports cover the new range only (``selected_records``).
+already in ``results.jsonl`` are skipped, so every case appears exactly once. The run holds the
+directory's lock: a second process on the same ``--out`` is refused (``RunLockedError``). A single-mode
+run may also be given another case range (``--first``/``--limit``): cases already done are reused, and
+the summary and reports cover the new range only (``selected_records``).
 """
 
 from __future__ import annotations
@@ -177,7 +178,23 @@ def run(
     if config.ppl_corpus:
         config.eval.ppl_texts = load_texts(config.ppl_corpus, config.ppl_limit)
     manifest = {**build_manifest(config, bundle, dataset, editor), "case_ids": [c.case_id for c in cases]}
-    run_dir.open(manifest, run_identity(config.mode))
+    run_dir.open(manifest, run_identity(config.mode))  # takes the directory's lock
+    try:
+        return _run_locked(run_dir, manifest, cases, bundle, editor, config, progress)
+    finally:
+        run_dir.close()
+
+
+def _run_locked(
+    run_dir: RunDir[CaseRecord],
+    manifest: dict,
+    cases: list[EditCase],
+    bundle: ModelBundle,
+    editor: Editor,
+    config: RunConfig,
+    progress: bool,
+) -> Summary:
+    """The body of ``run`` while it holds the run directory's lock."""
     records = run_dir.records(manifest["case_ids"], repair=True)
     done = {r["case_id"] for r in records}
     if done:
