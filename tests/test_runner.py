@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -624,3 +625,46 @@ def test_symlinked_or_foreign_run_files_are_refused_untouched(tmp_path):
         RunDir(afile).open({"seed": 0}, ())
     with pytest.raises(ValueError, match="plain name"):
         RunDir(tmp_path, "../escape.jsonl")
+
+
+def test_the_cli_refuses_a_locked_or_unsafe_run_directory_in_one_line(tmp_path, tiny_dir):
+    from typer.testing import CliRunner
+
+    from attnedit.cli.main import app
+
+    cli = CliRunner()
+    args = ["eval", "sample", "--model", str(tiny_dir), "--limit", "1", "--no-fluency", "--out"]
+    holder = _hold_lock(tmp_path / "run")
+    try:
+        result = cli.invoke(app, [*args, str(tmp_path / "run")])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.exit_code == 2 and f"pid {holder.pid}" in result.output
+    assert "Traceback" not in result.output
+    linked = tmp_path / "linked"
+    run(_config(linked, tiny_dir, limit=1), progress=False)
+    (tmp_path / "elsewhere.jsonl").write_bytes((linked / RESULTS).read_bytes())
+    (linked / RESULTS).unlink()
+    (linked / RESULTS).symlink_to(tmp_path / "elsewhere.jsonl")
+    result = cli.invoke(app, ["report", str(linked)])
+    assert result.exit_code == 2 and "symbolic link" in result.output
+
+
+def test_the_data_are_identified_by_their_sha256_not_their_path(tmp_path, tiny_dir):
+    from attnedit.core.data import load_cases
+
+    sample = load_cases("sample")
+    copy = tmp_path / "moved" / Path(sample.path).name
+    copy.parent.mkdir()
+    copy.write_bytes(Path(sample.path).read_bytes())
+    out = tmp_path / "run"
+    run(_config(out, tiny_dir, limit=2), progress=False)
+    run(replace(_config(out, tiny_dir, limit=2), data=str(copy)), progress=False)  # the same bytes: resumed
+    assert _ids(out) == ["0", "1"]
+    assert json.loads((out / MANIFEST).read_text())["data"]["path"] == str(copy)
+    edited = tmp_path / "edited" / copy.name
+    edited.parent.mkdir()
+    edited.write_bytes(copy.read_bytes().replace(b"Paris", b"Rome", 1))
+    with pytest.raises(RunConflictError, match="data"):
+        run(replace(_config(out, tiny_dir, limit=2), data=str(edited)), progress=False)

@@ -287,7 +287,7 @@ def report_command(
     try:
         rows = collect([str(d) for d in run_dirs])
         differences = (against, paired(rows, against)) if against is not None else None
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
         logger.error("%s", err)
         raise typer.Exit(2) from None
     cols = columns(magnitudes, extra)

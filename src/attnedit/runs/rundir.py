@@ -46,6 +46,17 @@ LOCK = ".lock"
 
 # identity fields newer than some run directories, with the value an older manifest implies
 ADDED_LATER: dict[str, Any] = {"first": 0}
+# parts of an identity field that do not identify a run: the data are known by their sha256, so the same
+# file reached by another path (moved, copied, relative or absolute) continues the run
+NOT_IDENTITY: dict[str, tuple[str, ...]] = {"data": ("path",)}
+
+
+def _identity_value(key: str, value: Any) -> Any:
+    """``value`` of the identity field ``key`` without its parts that do not identify a run."""
+    if isinstance(value, Mapping) and key in NOT_IDENTITY:
+        return {k: v for k, v in value.items() if k not in NOT_IDENTITY[key]}
+    return value
+
 
 R = TypeVar("R", bound=Mapping[str, Any])
 
@@ -282,7 +293,8 @@ class RunDir(Generic[R]):
         if old is None:
             return
         for key in identity:
-            if old.get(key, ADDED_LATER.get(key)) != manifest.get(key):
+            before = _identity_value(key, old.get(key, ADDED_LATER.get(key)))
+            if before != _identity_value(key, manifest.get(key)):
                 raise error(
                     f"{self.path} holds a run with different {key!r}: {old.get(key)!r} != "
                     f"{manifest.get(key)!r}; use another --out directory"
