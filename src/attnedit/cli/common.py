@@ -64,9 +64,9 @@ def error_boundary(command: Callable[P, R]) -> Callable[P, R]:
 def check_limit(limit: int | None, first: int = 0) -> None:
     """``--limit`` >= 1 (0 or negative would run every case or drop the last), ``--first`` >= 0."""
     if limit is not None and limit < 1:
-        raise typer.BadParameter(f"--limit must be at least 1 (got {limit}); leave it out for every case")
+        raise ValueError(f"--limit must be at least 1 (got {limit}); leave it out for every case")
     if first < 0:
-        raise typer.BadParameter(f"--first must be 0 or more (got {first})")
+        raise ValueError(f"--first must be 0 or more (got {first})")
 
 
 def check_writable_dir(path: Path, flag: str = "--out") -> None:
@@ -89,7 +89,10 @@ def check_writable_file(path: Path, flag: str) -> None:
     """A file can be written at ``path`` (its directory is created); an existing directory is refused."""
     if path.is_dir():
         raise IsADirectoryError(f"{flag} {path}: is a directory; give a file name")
-    check_writable_dir(path.parent if str(path.parent) else Path("."), flag)
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise NotADirectoryError(f"{flag} {path}: cannot write there ({parent} is not a directory)")
+    check_writable_dir(parent, flag)
 
 
 def setup_logging(verbose: bool, threads: int | None) -> None:
