@@ -102,3 +102,93 @@ def test_sadr_options_become_typed_settings():
     method, params, sadr = _with_sadr("rome", ["sadr_gamma=0.1"], False, None, None, None, None)
     with pytest.raises(ValueError, match="need a '\\+sadr' method"):
         make_editor(method, "smollm2-135m", overrides=params, sadr=sadr)
+
+
+# --- issue 15: flags checked before any work, one error boundary --------------------------------------
+
+
+def _one_line_error(result, *needles: str) -> str:
+    """An error of ours: exit code 2, no traceback, ONE line on stderr that names what to fix (the
+    model loader's progress bars may share stderr)."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output, result.output
+    lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_bad_flags_fail_before_the_model_loads(tmp_path):
+    """A model that does not exist: had the flag check come after loading, the error would name it."""
+    nowhere = str(tmp_path / "no-such-model")
+    for flags, needle in (
+        (["--limit", "0"], "--limit must be at least 1 (got 0)"),  # ran every case
+        (["--limit", "-1"], "--limit must be at least 1 (got -1)"),  # dropped the last case
+        (["--first", "-2"], "--first must be 0 or more"),
+    ):
+        out = tmp_path / "o"
+        for command in (["eval", "sample"], ["analyze", "trace", "sample"]):
+            result = runner.invoke(app, [*command, "--model", nowhere, "--out", str(out), *flags])
+            _one_line_error(result, needle)
+        assert not out.exists()  # nothing was started
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    result = runner.invoke(app, ["eval", "sample", "--model", nowhere, "--out", str(a_file)])
+    _one_line_error(result, "--out", "not a directory")
+    result = runner.invoke(app, ["eval", "sample", "--model", nowhere, "--out", str(a_file / "run")])
+    _one_line_error(result, "--out", "cannot write there")
+    result = runner.invoke(app, ["analyze", "drift", "sample", "--model", nowhere, "--out", str(a_file)])
+    _one_line_error(result, "--out", "not a directory")
+    assert a_file.read_text() == "not a directory"
+
+
+def test_edit_save_checked_before_the_edit(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    request = ["edit", "--subject", "Paris", "--prompt", "{} is in", "--target-new", "Rome"]
+    nowhere = ["--model", str(tmp_path / "no-such-model")]
+    for save, needle in ((a_file / "edit.safetensors", "cannot write there"), (tmp_path, "is a directory")):
+        result = runner.invoke(app, [*request, *nowhere, "--save", str(save)])
+        _one_line_error(result, "--save", needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # no stray temp file
+
+
+def test_preset_and_data_errors_are_one_line(tmp_path, tiny_tokenizer):
+    """-p steps=0 (was a KeyError traceback), -p lr=inf (a NonFiniteLossError traceback), a target_new
+    equal to target_true (caught only at edit time, so --skip-invalid could not skip it)."""
+    from attnedit.core.data import sample_path
+
+    model = str(_tiny_dir(tmp_path, tiny_tokenizer))
+    records = json.loads(sample_path().read_text())[:2]
+    rewrite = records[1]["requested_rewrite"]
+    rewrite["target_new"] = rewrite["target_true"].upper()
+    data = tmp_path / "same.json"
+    data.write_text(json.dumps(records))
+    fast = ["--max-new-tokens", "2", "--generation-prompts", "1", "--ppl-corpus", "none"]
+    rome = ["--method", "rome", "--preset", "smollm2-135m", "-p", "layers=1", "-p", "stats_samples=4"]
+    for override, needle in (("steps=0", "steps=0"), ("steps=-5", "steps=-5"), ("lr=inf", "lr=inf")):
+        result = runner.invoke(
+            app, ["eval", "sample", "--model", model, *rome, "-p", override, "--out", str(tmp_path / "p")]
+        )
+        _one_line_error(result, needle, "--param")
+    result = runner.invoke(app, ["eval", str(data), "--model", model, "--out", str(tmp_path / "d"), *fast])
+    _one_line_error(result, "same.json[1]", "target_new", "equals target_true")
+    result = runner.invoke(
+        app, ["eval", str(data), "--model", model, "--out", str(tmp_path / "d2"), "--skip-invalid", *fast]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "d2" / "summary.json").read_text())["ES"]["n"] == 1
+
+
+def test_unexpected_error_keeps_traceback_and_says_bug(tmp_path, monkeypatch):
+    import attnedit.runs.runner
+
+    def broken(config):
+        raise KeyError("oops")
+
+    monkeypatch.setattr(attnedit.runs.runner, "run", broken)
+    result = runner.invoke(app, ["eval", "sample", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert "Traceback" in result.stderr and "KeyError: 'oops'" in result.stderr
+    assert "this is a bug in attnedit" in result.stderr.splitlines()[-1]

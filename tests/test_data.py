@@ -16,6 +16,7 @@ from attnedit.core.data import (
     EditRequest,
     Probe,
     load_cases,
+    load_texts,
     sample_path,
 )
 
@@ -125,9 +126,16 @@ def test_knowedit_wiki_counterfact(shared_data):
 
 def test_knowedit_zsre(shared_data):
     path = shared_data / "knowedit_zsre_test_all.json"
-    ds = load_cases(path)
+    # 28 of its 896 records ask for the answer the model should already give (target_new ==
+    # ground_truth): record-level errors at load time, left out with skip_invalid
+    with pytest.raises(
+        DataFormatError, match=r"knowedit_zsre_test_all.json\[7\]: field 'target_new': equals"
+    ):
+        load_cases(path)
+    ds = load_cases(path, skip_invalid=True)
     assert ds.format == "knowedit"
-    assert len(ds) == 896
+    assert len(ds) == 868 and len(ds.skipped) == 28
+    assert all("equals target_true" in err for err in ds.skipped)
     assert ds.sha256 == _sha(path)
 
     raw = _raw(path)[0]
@@ -176,18 +184,21 @@ def test_memit_zsre_invalid_record_raises(shared_data):
         load_cases(path)
     msg = str(info.value)
     assert str(path) in msg
-    assert "[534]" in msg
-    assert "'alt'" in msg
+    # the first bad record: its new answer is the old one
+    assert "[101]" in msg and "'alt'" in msg and "equals target_true" in msg
 
 
 def test_memit_zsre_skip_invalid(shared_data):
     path = shared_data / "zsre_memit_format_train_1k.json"
     ds = load_cases(path, skip_invalid=True)
     assert ds.format == "memit_zsre"
-    assert len(ds) == 998
-    assert len(ds.skipped) == 2
-    assert "[534]" in ds.skipped[0] and "'alt'" in ds.skipped[0]
-    assert "[723]" in ds.skipped[1] and "'alt'" in ds.skipped[1]
+    assert len(ds) == 981
+    assert len(ds.skipped) == 19
+    # two records without an 'alt', 17 whose 'alt' is the old answer
+    missing = [err for err in ds.skipped if "equals target_true" not in err]
+    assert len(missing) == 2
+    assert "[534]" in missing[0] and "'alt'" in missing[0]
+    assert "[723]" in missing[1] and "'alt'" in missing[1]
     assert ds.sha256 == _sha(path)
     # the records around the skipped ones keep their own index as source
     sources = [c.source for c in ds.cases]
@@ -206,7 +217,8 @@ def test_memit_zsre_skip_invalid(shared_data):
 
 def test_explicit_format_matches_detection(shared_data):
     path = shared_data / "knowedit_zsre_test_all.json"
-    assert load_cases(path, format="knowedit").cases == load_cases(path).cases
+    explicit = load_cases(path, format="knowedit", skip_invalid=True)
+    assert explicit.cases == load_cases(path, skip_invalid=True).cases
 
 
 def test_missing_file_raises():
@@ -482,11 +494,50 @@ def test_jsonl_malformed_line_index(tmp_path):
     path = tmp_path / "cases.jsonl"
     bad = _merged_record(1)
     del bad["requested_rewrite"]["target_new"]
-    path.write_text(json.dumps(_merged_record(0)) + "\n" + json.dumps(bad) + "\n", encoding="utf-8")
+    # a blank line before the bad record: errors name the file's own line number (3), not the index
+    path.write_text(json.dumps(_merged_record(0)) + "\n\n" + json.dumps(bad) + "\n", encoding="utf-8")
     with pytest.raises(DataFormatError) as info:
         load_cases(path)
-    assert str(info.value).startswith(f"{path}[1]:")
+    assert str(info.value).startswith(f"{path}[line 3]:")
     assert "'requested_rewrite.target_new'" in str(info.value)
+
+
+def test_jsonl_bad_json_names_file_and_line(tmp_path):
+    path = tmp_path / "cases.jsonl"
+    lines = [json.dumps(_merged_record(i)) for i in range(3)]
+    lines[2] = lines[2][:-5]  # a torn record on line 3 (json.loads of the line alone says "line 1")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(DataFormatError, match=r"cases\.jsonl: invalid JSON at line 3, column \d+"):
+        load_cases(path)
+
+
+def test_json_and_utf8_errors_name_the_file(tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"requested_rewrite": {}},\n  oops]', encoding="utf-8")
+    with pytest.raises(DataFormatError, match=r"broken\.json: invalid JSON at line 2, column 3"):
+        load_cases(broken)
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(
+        json.dumps([_merged_record(0)], ensure_ascii=False).replace("Paris", "P\u00e2ris").encode("latin-1")
+    )
+    with pytest.raises(DataFormatError, match=r"latin\.json: not UTF-8 text"):
+        load_cases(latin)
+    with pytest.raises(DataFormatError, match=r"latin\.json: not UTF-8 text"):
+        load_texts(latin)
+
+
+def test_target_new_equal_to_target_true_is_a_record_error(tmp_path):
+    """The check editing.base.validate_request makes, at load time, so skip_invalid can skip it."""
+    same = _merged_record(1)
+    same["requested_rewrite"]["target_new"] = " " + same["requested_rewrite"]["target_true"].upper()
+    path = tmp_path / "cases.json"
+    path.write_text(json.dumps([_merged_record(0), same, _merged_record(2)]), encoding="utf-8")
+    with pytest.raises(
+        DataFormatError, match=r"cases\.json\[1\]: field 'requested_rewrite.target_new': equals"
+    ):
+        load_cases(path)
+    ds = load_cases(path, skip_invalid=True)
+    assert [c.source for c in ds.cases] == ["cases.json#0", "cases.json#2"] and len(ds.skipped) == 1
 
 
 def test_merged_defaults(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 
 import pytest
 import torch
@@ -314,6 +315,46 @@ def test_presets_and_overrides():
         make_params("rome", preset, {"stepz": "3"})
     with pytest.raises(PresetError, match="expected int"):
         make_params("rome", preset, {"steps": "many"})
+
+
+def test_every_params_field_has_a_rule_and_bad_values_name_field_and_value():
+    """make_params checks types and ranges from one table (presets.RULES), for presets and overrides."""
+    from dataclasses import fields
+
+    from attnedit.editing.presets import PARAMS, RULES, available_presets
+
+    for method, cls in PARAMS.items():
+        assert {f.name for f in fields(cls)} <= RULES.keys(), method
+        for name in available_presets(method):  # every shipped preset passes
+            make_params(method, load_preset(method, "any", name))
+    rome = load_preset("rome", "smollm2-135m")
+    refused = {  # override -> what the error says (steps=0 was a KeyError, lr=inf a NonFiniteLossError)
+        "steps=0": "steps=0 (--param): must be >= 1",
+        "steps=-5": "steps=-5 (--param): must be >= 1",
+        "lr=inf": "lr=inf (--param): expected a finite number",
+        "lr=0": "lr=0.0 (--param): must be > 0",
+        "kl_factor=nan": "kl_factor=nan (--param): expected a finite number",
+        "clamp_norm_factor=-1": "clamp_norm_factor=-1.0 (--param): must be > 0",
+        "stats_samples=0": "stats_samples=0 (--param): must be >= 1",
+        "key_mode=keys": "key_mode='keys' (--param): expected one of 'templates', 'prompt'",
+        "templates=[[5, 0]]": "templates=[[5, 0]] (--param): expected a list of [length, count] pairs",
+        "stats_corpus= ": "stats_corpus='' (--param): expected a non-empty string",
+    }
+    for override, message in refused.items():
+        key, _, value = override.partition("=")
+        with pytest.raises(PresetError, match=re.escape(f"rome: {message}")):
+            make_params("rome", rome, {key: value})
+    ft = load_preset("ft", "smollm2-135m")
+    with pytest.raises(PresetError, match=re.escape("ft: norm_constraint=0.0 (--param): must be > 0")):
+        make_params("ft", ft, {"norm_constraint": "0"})
+    # a bad value in a preset file is named with the preset, and typed values are checked too
+    bad_preset = {**rome, "params": {**rome["params"], "steps": 2.5}}
+    with pytest.raises(
+        PresetError, match=re.escape("rome: steps=2.5 (preset 'smollm2-135m'): expected an integer")
+    ):
+        make_params("rome", bad_preset)
+    with pytest.raises(PresetError, match=re.escape("layers=[-1]")):
+        make_params("rome", rome, {"layers": [-1]})
 
 
 def test_solvers():

@@ -8,13 +8,19 @@ resumable) and returns what is printed here. The heatmaps' token alignment: ``an
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from attnedit.cli.common import parse_overrides, setup_logging, split_sadr
+from attnedit.cli.common import (
+    check_limit,
+    check_writable_dir,
+    error_boundary,
+    parse_overrides,
+    setup_logging,
+    split_sadr,
+)
 from attnedit.runs.analyses import Setting
 from attnedit.runs.analysis_runs import (
     AnalysisResult,
@@ -79,17 +85,15 @@ def _report(result: AnalysisResult) -> None:
         typer.echo(f"figure: {figure}")
 
 
-def _guarded(body: Callable[[], None]) -> None:
-    try:
-        body()
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        logger.error("%s", err)
-        raise typer.Exit(2) from None
-
-
-def _prepare(verbose: bool, threads: int | None, param: list[str] | None) -> dict[str, str]:
+def _prepare(
+    verbose: bool, threads: int | None, param: list[str] | None, first: int, limit: int | None, out: Path
+) -> dict[str, str]:
+    """Check the flags (before any work) and set up logging; the ``--param`` overrides."""
+    check_limit(limit, first)
+    overrides = parse_overrides(param)
+    check_writable_dir(out)
     setup_logging(verbose, threads)
-    return parse_overrides(param)
+    return overrides
 
 
 # --- options shared by the subcommands ----------------------------------------------------------------
@@ -119,6 +123,7 @@ Out = Annotated[Path, typer.Option("--out", help="output directory (manifest, ca
 
 
 @app.command("trace")
+@error_boundary
 def trace_command(
     data: Data = "sample",
     model: Model = "smollm2-135m",
@@ -143,19 +148,16 @@ def trace_command(
     """ROME's causal tracing of the UNEDITED model on each case's request prompt with o_true: average
     indirect effects per module kind (heatmaps over aligned tokens) and the per-layer MLP vs attention
     effects at the subject's last token."""
-    _prepare(verbose, threads, None)
-
-    def body() -> None:
-        options = TraceOptions(_kinds(kinds), window, layer_window, samples, noise)
-        _report(run_trace(_setting(data, model, out, first, limit, seed), options))
-
-    _guarded(body)
+    _prepare(verbose, threads, None, first, limit, out)
+    options = TraceOptions(_kinds(kinds), window, layer_window, samples, noise)
+    _report(run_trace(_setting(data, model, out, first, limit, seed), options))
 
 
 # --- 2. contaminating substitution --------------------------------------------------------------------
 
 
 @app.command("substitute")
+@error_boundary
 def substitute_command(
     data: Data = "sample",
     model: Model = "smollm2-135m",
@@ -176,20 +178,17 @@ def substitute_command(
     """Contaminating substitution (SADR section 3.2, figures 3 and 9): edit, record the edited model's module
     outputs on the Distract-Neighborhood and Relation prompts, revert, and run the unedited model with them
     substituted over a window of layers at each token; the effect on P(o_true) and P(o_edit)."""
-    overrides = _prepare(verbose, threads, param)
-
-    def body() -> None:
-        options = SubstituteOptions(_kinds(kinds), window)
-        setting = _setting(data, model, out, first, limit, seed, method, preset, overrides)
-        _report(run_substitute(setting, options))
-
-    _guarded(body)
+    overrides = _prepare(verbose, threads, param, first, limit, out)
+    options = SubstituteOptions(_kinds(kinds), window)
+    setting = _setting(data, model, out, first, limit, seed, method, preset, overrides)
+    _report(run_substitute(setting, options))
 
 
 # --- 3. attention drift -------------------------------------------------------------------------------
 
 
 @app.command("drift")
+@error_boundary
 def drift_command(
     data: Data = "sample",
     model: Model = "smollm2-135m",
@@ -209,28 +208,23 @@ def drift_command(
     """Attention drift (SADR section 3.3, figure 4, tables 2 and 4): per case the unedited and edited
     last-token attention on the Distract-Neighborhood and Relation prompts, the drift factors, and their
     Pearson correlation with the edited P(o_edit) per task."""
-    overrides = _prepare(verbose, threads, param)
-
-    def body() -> None:
-        layers = _layers(drift_layers)
-        options = DriftOptions(None if layers is None else tuple(layers))
-        setting = _setting(data, model, out, first, limit, seed, method, preset, overrides)
-        try:
-            result = run_drift(setting, options)
-        except DriftLayersError as err:
-            raise ValueError(
-                f"--drift-layers {drift_layers!r}: the model has {err.n_layers} layers"
-            ) from None
-        _report(result)
-        typer.echo(result.table)
-
-    _guarded(body)
+    overrides = _prepare(verbose, threads, param, first, limit, out)
+    layers = _layers(drift_layers)
+    options = DriftOptions(None if layers is None else tuple(layers))
+    setting = _setting(data, model, out, first, limit, seed, method, preset, overrides)
+    try:
+        result = run_drift(setting, options)
+    except DriftLayersError as err:
+        raise ValueError(f"--drift-layers {drift_layers!r}: the model has {err.n_layers} layers") from None
+    _report(result)
+    typer.echo(result.table)
 
 
 # --- 4. attention patching ----------------------------------------------------------------------------
 
 
 @app.command("patch")
+@error_boundary
 def patch_command(
     data: Data = "sample",
     model: Model = "smollm2-135m",
@@ -256,11 +250,7 @@ def patch_command(
     """Attention patching (SADR section 3.4, figure 5; --scores: appendix D.2, figure 10): run the edited
     model with the unedited attention over a window of layers; P(o_true) and P(o_edit) against the window
     centre, with the unpatched edited and the unedited levels."""
-    overrides = _prepare(verbose, threads, param)
-
-    def body() -> None:
-        options = PatchOptions(window, queries, scores)
-        setting = _setting(data, model, out, first, limit, seed, method, preset, overrides)
-        _report(run_patch(setting, options))
-
-    _guarded(body)
+    overrides = _prepare(verbose, threads, param, first, limit, out)
+    options = PatchOptions(window, queries, scores)
+    setting = _setting(data, model, out, first, limit, seed, method, preset, overrides)
+    _report(run_patch(setting, options))

@@ -10,7 +10,15 @@ from typing import Annotated
 import typer
 
 from attnedit.cli.analyze import app as analyze_app
-from attnedit.cli.common import parse_overrides, setup_logging, split_sadr
+from attnedit.cli.common import (
+    check_limit,
+    check_writable_dir,
+    check_writable_file,
+    error_boundary,
+    parse_overrides,
+    setup_logging,
+    split_sadr,
+)
 from attnedit.core.data import SAMPLE_DATA
 
 app = typer.Typer(
@@ -67,6 +75,7 @@ def _with_sadr(
 
 
 @app.command("eval")
+@error_boundary
 def eval_command(
     data: Annotated[
         str, typer.Argument(help=f"data file, or '{SAMPLE_DATA}' for the shipped sample set")
@@ -123,6 +132,8 @@ def eval_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Evaluate METHOD on DATA: edit -> evaluate -> restore (per case or batch); resumable; prints the row."""
+    check_limit(limit, first)
+    check_writable_dir(out)
     setup_logging(verbose, threads)
     from attnedit.evaluation.evaluator import EvalConfig
     from attnedit.runs.report import collect, columns, markdown_table
@@ -133,49 +144,46 @@ def eval_command(
         from attnedit.core.data import sample_path
 
         corpus = str(sample_path().with_name("sample_ppl_corpus.json"))
-    try:
-        method, overrides, sadr_settings = _with_sadr(
-            method, param, sadr, gamma, sadr_heads, sadr_layers, sadr_reduction
-        )
-        config = RunConfig(
-            data=data,
-            out=str(out),
-            model=model,
-            method=method,
-            limit=limit,
-            first=first,
-            shard=Shard.parse(shard),
-            data_format=data_format,
-            skip_invalid=skip_invalid,
+    method, overrides, sadr_settings = _with_sadr(
+        method, param, sadr, gamma, sadr_heads, sadr_layers, sadr_reduction
+    )
+    config = RunConfig(
+        data=data,
+        out=str(out),
+        model=model,
+        method=method,
+        limit=limit,
+        first=first,
+        shard=Shard.parse(shard),
+        data_format=data_format,
+        skip_invalid=skip_invalid,
+        seed=seed,
+        ppl_corpus=corpus,
+        ppl_limit=ppl_limit,
+        label=label,
+        mode=mode,
+        batch_size=batch_size,
+        preset=preset,
+        params=overrides,
+        sadr=sadr_settings,
+        save_edits=save_edits,
+        generation_cases=generation_cases,
+        eval=EvalConfig(
+            fluency=fluency,
+            fluency_prompts=fluency_prompts,
+            max_new_tokens=max_new_tokens,
+            max_generation_prompts=generation_prompts,
             seed=seed,
-            ppl_corpus=corpus,
-            ppl_limit=ppl_limit,
-            label=label,
-            mode=mode,
-            batch_size=batch_size,
-            preset=preset,
-            params=overrides,
-            sadr=sadr_settings,
-            save_edits=save_edits,
-            generation_cases=generation_cases,
-            eval=EvalConfig(
-                fluency=fluency,
-                fluency_prompts=fluency_prompts,
-                max_new_tokens=max_new_tokens,
-                max_generation_prompts=generation_prompts,
-                seed=seed,
-            ),
-        )
-        run(config)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        logger.error("%s", err)
-        raise typer.Exit(2) from None
+        ),
+    )
+    run(config)
     rows = collect([out])
     typer.echo(markdown_table(rows, columns(magnitudes=True)))
     typer.echo(f"\nresults: {out / 'results.jsonl'}  summary: {out / 'summary.json'}")
 
 
 @app.command("edit")
+@error_boundary
 def edit_command(
     subject: Annotated[str | None, typer.Option(help="the subject, e.g. 'Eiffel Tower'")] = None,
     prompt: Annotated[
@@ -209,26 +217,24 @@ def edit_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Edit one fact; print the model's answers before and after; save the edit."""
+    check_writable_file(save, "--save")  # before the edit is computed, not after
     setup_logging(verbose, threads)
     from attnedit.runs.single import answers_table, edit_case_from_args, run_single_edit
 
-    try:
-        case, probes = edit_case_from_args(
-            model, subject, prompt, target_new, target_true, paraphrase, neighbor, request_file, index
-        )
-        method, overrides, sadr_settings = _with_sadr(
-            method, param, sadr, gamma, sadr_heads, sadr_layers, sadr_reduction
-        )
-        before, after, edit = run_single_edit(case, probes, method, model, preset, overrides, sadr_settings)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        logger.error("%s", err)
-        raise typer.Exit(2) from None
+    case, probes = edit_case_from_args(
+        model, subject, prompt, target_new, target_true, paraphrase, neighbor, request_file, index
+    )
+    method, overrides, sadr_settings = _with_sadr(
+        method, param, sadr, gamma, sadr_heads, sadr_layers, sadr_reduction
+    )
+    before, after, edit = run_single_edit(case, probes, method, model, preset, overrides, sadr_settings)
     typer.echo(answers_table(probes, before, after))
     path = edit.save(save)
     typer.echo(f"\nedit saved to {path} ({', '.join(edit.deltas)})")
 
 
 @app.command("stats")
+@error_boundary
 def stats_command(
     method: Annotated[str, typer.Option(help="compute what this method's preset needs")] = "rome",
     model: Annotated[str, typer.Option(help="embedded name, local HF directory or hub id")] = "smollm2-135m",
@@ -248,24 +254,21 @@ def stats_command(
     from attnedit.editing.covariance import second_moments
     from attnedit.editing.presets import load_preset, make_params
 
-    try:
-        bundle = load_model(model)
-        base = method.removesuffix("+sadr")  # SADR needs no statistics of its own
-        params = make_params(base, load_preset(base, bundle.name, preset), parse_overrides(param))
-        if not hasattr(params, "stats_corpus"):
-            raise ValueError(f"method {method!r} uses no covariance statistics")
-        spec = stats_spec(params)
-        t0 = time.perf_counter()
-        moments = second_moments(bundle, "mlp_down", params.layers, spec)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        logger.error("%s", err)
-        raise typer.Exit(2) from None
+    bundle = load_model(model)
+    base = method.removesuffix("+sadr")  # SADR needs no statistics of its own
+    params = make_params(base, load_preset(base, bundle.name, preset), parse_overrides(param))
+    if not hasattr(params, "stats_corpus"):
+        raise ValueError(f"method {method!r} uses no covariance statistics")
+    spec = stats_spec(params)
+    t0 = time.perf_counter()
+    moments = second_moments(bundle, "mlp_down", params.layers, spec)
     for layer, mom2 in moments.items():
         typer.echo(f"layer {layer}: E[kk^T] {tuple(mom2.shape)}, trace {float(mom2.trace()):.4g}")
     typer.echo(f"{spec.describe()} in {time.perf_counter() - t0:.1f} s")
 
 
 @app.command("report")
+@error_boundary
 def report_command(
     run_dirs: Annotated[list[Path], typer.Argument(help="run directories (shards of one run are merged)")],
     out: Annotated[Path | None, typer.Option("--out", help="write report.md/.csv/.json here")] = None,
@@ -284,12 +287,10 @@ def report_command(
     setup_logging(False, None)
     from attnedit.runs.report import collect, columns, markdown_table, paired, paired_table, write_report
 
-    try:
-        rows = collect([str(d) for d in run_dirs])
-        differences = (against, paired(rows, against)) if against is not None else None
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        logger.error("%s", err)
-        raise typer.Exit(2) from None
+    if out:
+        check_writable_dir(out)
+    rows = collect([str(d) for d in run_dirs])
+    differences = (against, paired(rows, against)) if against is not None else None
     cols = columns(magnitudes, extra)
     typer.echo(markdown_table(rows, cols))
     if differences is not None:
@@ -305,6 +306,7 @@ def report_command(
 
 
 @app.command("models")
+@error_boundary
 def models_command() -> None:
     """List embedded models and supported families."""
     from attnedit.core.adapters import FAMILIES

@@ -97,10 +97,10 @@ class Dataset:
 class _Record:
     """Field access on one raw record that names file, index and field in every error."""
 
-    def __init__(self, raw: Any, path: str, index: int):
+    def __init__(self, raw: Any, where: str):
         if not isinstance(raw, dict):
-            raise DataFormatError(f"{path}[{index}]: record is {type(raw).__name__}, expected an object")
-        self.raw, self.where = raw, f"{path}[{index}]"
+            raise DataFormatError(f"{where}: record is {type(raw).__name__}, expected an object")
+        self.raw, self.where = raw, where
 
     def fail(self, field_name: str, problem: str) -> DataFormatError:
         return DataFormatError(f"{self.where}: field {field_name!r}: {problem}")
@@ -162,6 +162,9 @@ class _Record:
             fill_prompt(request.prompt, request.subject)
         except SubjectNotFoundError as err:
             raise self.fail(prompt, str(err)) from None
+        # the same test as editing.base.validate_request, here so that --skip-invalid can skip it
+        if true and request.target_new.strip().lower() == true.strip().lower():
+            raise self.fail(new, f"equals target_true ({request.target_new!r}): nothing to edit")
         return request
 
 
@@ -278,14 +281,15 @@ def sample_path() -> Path:
     return Path(str(resources.files("attnedit") / "resources" / "sample_counterfact.json"))
 
 
-def detect_format(record: Any, path: str) -> str:
+def detect_format(record: Any, where: str) -> str:
+    """The format of a data file from its first record (``where``: that record, for the error)."""
     if isinstance(record, dict):
         for name, (keys, _) in FORMATS.items():
             if keys <= record.keys():
                 return name
     keys = sorted(record) if isinstance(record, dict) else type(record).__name__
     raise DataFormatError(
-        f"{path}[0]: cannot tell the format from keys {keys}; known formats: {', '.join(FORMATS)}"
+        f"{where}: cannot tell the format from keys {keys}; known formats: {', '.join(FORMATS)}"
     )
 
 
@@ -297,6 +301,35 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _read_text(file: Path) -> str:
+    """A data file's text; a file that is not UTF-8 is an error naming it."""
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataFormatError(f"{file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _parse_json(text: str, file: Path, line: int | None = None) -> Any:
+    """JSON of a whole file (``line`` None) or of line ``line`` of a JSON-lines file; an error names
+    the file and the line."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        at = (
+            f"line {line}, column {err.colno}"
+            if line is not None
+            else f"line {err.lineno}, column {err.colno}"
+        )
+        raise DataFormatError(f"{file}: invalid JSON at {at}: {err.msg}") from None
+
+
+def _json_lines(text: str, file: Path) -> list[tuple[int, Any]]:
+    """(line number, record) of each non-empty line of a JSON-lines file."""
+    return [
+        (i + 1, _parse_json(line, file, i + 1)) for i, line in enumerate(text.splitlines()) if line.strip()
+    ]
+
+
 def load_cases(path: str | Path, format: str | None = None, skip_invalid: bool = False) -> Dataset:
     """Load every case of a data file (``"sample"`` names the shipped sample set).
 
@@ -306,21 +339,24 @@ def load_cases(path: str | Path, format: str | None = None, skip_invalid: bool =
     file = sample_path() if str(path) == SAMPLE_DATA else Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"data file not found: {file}")
-    text = file.read_text(encoding="utf-8")
+    text = _read_text(file)
     if file.suffix == ".jsonl":
-        raw = [json.loads(line) for line in text.splitlines() if line.strip()]
+        numbered = _json_lines(text, file)
+        raw = [record for _, record in numbered]
+        wheres = [f"{file}[line {n}]" for n, _ in numbered]  # errors name the file's own line numbers
     else:
-        raw = json.loads(text)
+        raw = _parse_json(text, file)
+        wheres = [f"{file}[{i}]" for i in range(len(raw))] if isinstance(raw, list) else []
     if not isinstance(raw, list) or not raw:
         raise DataFormatError(f"{file}: expected a non-empty JSON list of records")
-    name = format or detect_format(raw[0], str(file))
+    name = format or detect_format(raw[0], wheres[0])
     if name not in FORMATS:
         raise DataFormatError(f"{file}: unknown format {name!r}; known formats: {', '.join(FORMATS)}")
     parse = FORMATS[name][1]
     cases, skipped, seen = [], [], set()
     for index, item in enumerate(raw):
         try:
-            rec = _Record(item, str(file), index)
+            rec = _Record(item, wheres[index])
             case = parse(rec, str(item.get("case_id", index)))
             if case.case_id in seen:
                 raise rec.fail("case_id", f"duplicate case_id {case.case_id!r}")
@@ -351,17 +387,17 @@ def load_texts(path: str | Path, limit: int | None = None) -> list[str]:
         return record
 
     if file.suffix == ".json":
-        raw = json.loads(file.read_text(encoding="utf-8"))
+        raw = _parse_json(_read_text(file), file)
         if not isinstance(raw, list):
             raise DataFormatError(f"{file}: expected a JSON list of texts")
         texts = [text_of(r, f"{file}[{i}]") for i, r in enumerate(raw[:limit] if limit else raw)]
     elif file.suffix == ".jsonl":
         texts = []
-        for i, line in enumerate(file.read_text(encoding="utf-8").splitlines()):
+        for i, line in enumerate(_read_text(file).splitlines()):
             if line.strip():
-                texts.append(text_of(json.loads(line), f"{file}[line {i + 1}]"))
+                texts.append(text_of(_parse_json(line, file, i + 1), f"{file}[line {i + 1}]"))
                 if limit and len(texts) >= limit:
                     break
     else:
-        texts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        texts = [line.strip() for line in _read_text(file).splitlines() if line.strip()]
     return texts[:limit] if limit else texts

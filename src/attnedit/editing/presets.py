@@ -14,6 +14,7 @@ same way (``DIR/<method>/<model>.json``); they are searched before the shipped o
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
@@ -77,6 +78,78 @@ class FTParams:
 
 
 PARAMS: dict[str, type] = {"rome": RomeParams, "memit": MemitParams, "pmet": PmetParams, "ft": FTParams}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one params field accepts: its type and, for numbers, a lower bound (``strict``: the bound
+    itself is refused); for text, the allowed ``choices`` (empty: any non-empty text)."""
+
+    kind: str  # "int" | "float" | "str" | "layers" (non-empty list of ints >= 0) | "templates"
+    minimum: float | None = None
+    strict: bool = False
+    choices: tuple[str, ...] = ()
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is refused, or None."""
+        if self.kind == "layers":
+            if not isinstance(value, list) or not value:
+                return "expected a non-empty list of layer indices"
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+                return "layer indices must be integers >= 0"
+            return None
+        if self.kind == "templates":  # [[length, count], ...]; empty: only the bare prompt
+            ok = isinstance(value, list) and all(
+                isinstance(t, list)
+                and len(t) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in t)
+                for t in value
+            )
+            return None if ok else "expected a list of [length, count] pairs of integers >= 1"
+        if self.kind == "str":
+            if not isinstance(value, str) or not value.strip():
+                return "expected a non-empty string"
+            if self.choices and value not in self.choices:
+                return f"expected one of {', '.join(map(repr, self.choices))}"
+            return None
+        numeric = (int,) if self.kind == "int" else (int, float)
+        if isinstance(value, bool) or not isinstance(value, numeric):
+            return f"expected {'an integer' if self.kind == 'int' else 'a number'}"
+        if not math.isfinite(value):
+            return "expected a finite number"
+        if self.minimum is not None and (value <= self.minimum if self.strict else value < self.minimum):
+            return f"must be {'>' if self.strict else '>='} {self.minimum:g}"
+        return None
+
+
+def _positive(kind: str) -> Rule:
+    return Rule(kind, 0, strict=True)
+
+
+def _at_least(kind: str, minimum: float) -> Rule:
+    return Rule(kind, minimum)
+
+
+# every field of every params dataclass, by name (the same name means the same thing in each method);
+# make_params checks presets and overrides against this table before any work
+RULES: dict[str, Rule] = {
+    "layers": Rule("layers"),
+    "lr": _positive("float"),
+    "steps": _at_least("int", 1),
+    "kl_factor": _at_least("float", 0),
+    "weight_decay": _at_least("float", 0),
+    "clamp_norm_factor": _positive("float"),
+    "early_stop_loss": _at_least("float", 0),
+    "templates": Rule("templates"),
+    "template_seed": Rule("int"),
+    "stats_corpus": Rule("str"),
+    "stats_samples": _at_least("int", 1),
+    "stats_max_tokens": _at_least("int", 1),
+    "max_rows": _at_least("int", 1),
+    "key_mode": Rule("str", choices=("templates", "prompt")),
+    "mom2_update_weight": _at_least("float", 0),
+    "norm_constraint": _positive("float"),
+}
 
 
 PRESETS_ENV = "ATTNEDIT_PRESETS"  # user preset directories, searched before the shipped presets
@@ -166,8 +239,11 @@ def make_params(method: str, preset: dict, overrides: dict[str, Any] | None = No
     if "layers" not in values:
         raise PresetError(f"{method}: the preset or --param must give 'layers'")
     params = cls(**values)
-    if not params.layers:
-        raise PresetError(f"{method}: 'layers' is empty")
+    for f in fields(params):
+        problem = RULES[f.name].problem(getattr(params, f.name))
+        if problem:
+            origin = "--param" if f.name in (overrides or {}) else f"preset {preset.get('model')!r}"
+            raise PresetError(f"{method}: {f.name}={getattr(params, f.name)!r} ({origin}): {problem}")
     return params
 
 
