@@ -665,6 +665,6 @@ def test_the_data_are_identified_by_their_sha256_not_their_path(tmp_path, tiny_d
     assert json.loads((out / MANIFEST).read_text())["data"]["path"] == str(copy)
     edited = tmp_path / "edited" / copy.name
     edited.parent.mkdir()
-    edited.write_bytes(copy.read_bytes().replace(b"Paris", b"Rome", 1))
+    edited.write_bytes(copy.read_bytes().replace(b"Paris", b"Lyon", 1))
     with pytest.raises(RunConflictError, match="data"):
         run(replace(_config(out, tiny_dir, limit=2), data=str(edited)), progress=False)
