@@ -192,3 +192,22 @@ def test_unexpected_error_keeps_traceback_and_says_bug(tmp_path, monkeypatch):
     assert result.exit_code == 1
     assert "Traceback" in result.stderr and "KeyError: 'oops'" in result.stderr
     assert "this is a bug in attnedit" in result.stderr.splitlines()[-1]
+
+
+def test_eval_repair_quarantines_unreadable_lines_and_keeps_every_record(tmp_path, tiny_tokenizer):
+    model = str(_tiny_dir(tmp_path, tiny_tokenizer))
+    out = tmp_path / "run"
+    args = ["eval", "sample", "--model", model, "--limit", "3", "--out", str(out), "--no-fluency"]
+    args += ["--ppl-corpus", "none"]
+    assert runner.invoke(app, args).exit_code == 0
+    results = out / "results.jsonl"
+    lines = results.read_text().splitlines(keepends=True)
+    results.write_text(lines[0] + "{not json\n" + lines[1] + lines[2])
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2
+    assert "line 2" in refused.output and "--repair" in refused.output
+    repaired = runner.invoke(app, [*args, "--repair"])
+    assert repaired.exit_code == 0, repaired.output
+    assert "1 unreadable line" in repaired.output
+    assert results.read_text() == "".join(lines)  # every valid record kept, nothing recomputed twice
+    assert (out / "results.jsonl.quarantine").read_text() == "{not json\n"

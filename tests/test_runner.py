@@ -16,6 +16,7 @@ from attnedit.runs.rundir import (
     MANIFEST,
     RESULTS,
     CorruptRecordsError,
+    MixedRecordsError,
     RunConflictError,
     RunDir,
     RunLockedError,
@@ -76,6 +77,41 @@ def test_resume_skips_done_and_repairs_torn_line(tmp_path, tiny_dir):
     run(_config(tmp_path, tiny_dir, limit=3), progress=False)
     assert _ids(tmp_path) == ["0", "1", "2"]
     assert results.read_text().count("\n") == 3
+
+
+def test_records_carry_provenance_and_mixed_ones_are_refused_on_resume(tmp_path, tiny_dir):
+    run(_config(tmp_path, tiny_dir, limit=3), progress=False)
+    results = tmp_path / RESULTS
+    records = read_results(results)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    assert {r["method"] for r in records} == {manifest["method"]}
+    assert len({r["hparams_hash"] for r in records}) == 1
+    assert len({r["request_hash"] for r in records}) == 3  # three different requests
+    # a record computed with other hyper-parameters, planted as the second line: refused, naming it
+    lines = results.read_text().splitlines(keepends=True)
+    foreign = {**records[1], "hparams_hash": "0123456789abcdef"}
+    results.write_text(lines[0] + json.dumps(foreign) + "\n" + lines[2])
+    before = results.read_bytes()
+    with pytest.raises(MixedRecordsError, match=r"line 2 \(case '1'\).*hparams_hash '0123456789abcdef'"):
+        run(_config(tmp_path, tiny_dir, limit=3), progress=False)
+    assert results.read_bytes() == before  # nothing cut or added
+    # a record of another request under this case id: refused the same way
+    foreign = {**records[1], "request_hash": "fedcba9876543210"}
+    results.write_text(lines[0] + json.dumps(foreign) + "\n" + lines[2])
+    with pytest.raises(MixedRecordsError, match="request_hash"):
+        run(_config(tmp_path, tiny_dir, limit=3), progress=False)
+    # records older than the provenance keys are accepted (the manifest identity vouched for them)
+    newer = ("method", "hparams_hash", "request_hash")
+    old = [{k: v for k, v in r.items() if k not in newer} for r in records]
+    results.write_text("".join(json.dumps(r) + "\n" for r in old[:2]))
+    run(_config(tmp_path, tiny_dir, limit=3), progress=False)
+    assert _ids(tmp_path) == ["0", "1", "2"]
+
+
+def test_limit_below_one_is_refused_by_the_config(tmp_path, tiny_dir):
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="--limit must be at least 1"):
+            _config(tmp_path, tiny_dir, limit=bad)
 
 
 def test_conflicting_settings_refused(tmp_path, tiny_dir):

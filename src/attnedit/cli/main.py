@@ -128,6 +128,13 @@ def eval_command(
     sadr_heads: SadrHeads = None,
     sadr_layers: SadrLayers = None,
     sadr_reduction: SadrReduction = None,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            help="first move unreadable lines of OUT/results.jsonl to results.jsonl.quarantine "
+            "(every valid record is kept)"
+        ),
+    ] = False,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -168,6 +175,7 @@ def eval_command(
         sadr=sadr_settings,
         save_edits=save_edits,
         generation_cases=generation_cases,
+        repair=repair,
         eval=EvalConfig(
             fluency=fluency,
             fluency_prompts=fluency_prompts,

@@ -55,6 +55,11 @@ class CaseRecord(TypedDict):
     seconds_edit: NotRequired[float]  # NaN for an edit re-applied from a file that lacks its time
     edit: NotRequired[EditInfo]  # single and batch mode
     edits_applied: NotRequired[int]  # sequential mode: edits on the model when the case was evaluated
+    # the runner: what the record was computed with (a resumed run refuses a record that differs; records
+    # written before these keys existed lack them)
+    method: NotRequired[str]  # the editor's name (manifest "method")
+    hparams_hash: NotRequired[str]  # rundir.short_hash of the manifest's "hyperparameters"
+    request_hash: NotRequired[str]  # rundir.short_hash of the case's edit request (prompt, subject, targets)
     # Evaluator.add_fluency (with fluency on, for cases with fluency prompts)
     fluency: NotRequired[list[float]]  # per generation: n-gram entropy (metrics.ngram_entropy)
     generations: NotRequired[list[str]]  # prompt + generated text

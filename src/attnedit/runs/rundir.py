@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -75,6 +76,17 @@ class UnsafeRunFileError(RunConflictError):
 
 class CorruptRecordsError(ValueError):
     """A line of a record file (other than a torn last line) is not a readable record."""
+
+
+class MixedRecordsError(RunConflictError):
+    """A record was computed with other settings (method, hyper-parameters, request) than the run's."""
+
+
+def short_hash(value: Any) -> str:
+    """16 hex digits of the sha256 of ``value`` as canonical JSON (sorted keys, no spaces): the same
+    settings give the same hash whatever their key order."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def _link_refused(path: Path) -> UnsafeRunFileError:
@@ -174,8 +186,8 @@ def read_results(path: Path, repair: bool = False) -> list[dict]:
         except ValueError as err:
             raise CorruptRecordsError(
                 f"{path}, line {number}: not a readable record ({err}); no record was removed: fix or "
-                f"delete that line (RunDir.quarantine moves unreadable lines to "
-                f"{path.name}{QUARANTINE_SUFFIX})"
+                f"delete that line, or rerun with --repair (moves every unreadable line to "
+                f"{path.name}{QUARANTINE_SUFFIX}, keeps every valid record)"
             ) from None
     if torn:
         logger.warning("%s: dropping %d bytes of an interrupted write (a torn last line)", path, len(torn))
@@ -349,6 +361,29 @@ class RunDir(Generic[R]):
             return found
         by_id = {r["case_id"]: r for r in found}
         return [by_id[i] for i in case_ids if i in by_id]
+
+    def check_provenance(self, expected: Mapping[str, Mapping[str, Any]], common: Mapping[str, Any]) -> None:
+        """Refuse (``MixedRecordsError`` naming the file, line, case and the difference) a record whose
+        provenance keys differ from this run's: ``common`` (e.g. method, hyper-parameter hash) applies to
+        every record, ``expected[case_id]`` (e.g. the request hash) to that case's record. A key a record
+        lacks is not compared: records written before provenance was recorded were checked by the
+        manifest's identity alone."""
+        if not self.records_path.is_file():
+            return
+        lines = self.records_path.read_bytes().split(b"\n")
+        lines.pop()  # a torn last line is no record (the writer has cut it already)
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            record = _parse_record(line)
+            want = {**common, **expected.get(record["case_id"], {})}
+            for key, value in want.items():
+                if key in record and record[key] != value:
+                    raise MixedRecordsError(
+                        f"{self.records_path}, line {number} (case {record['case_id']!r}): computed with "
+                        f"{key} {record[key]!r}, this run uses {value!r}; such records must not be mixed: "
+                        f"use another --out directory or remove that line"
+                    )
 
     def selected_records(self) -> list[R]:
         """The records of the current case range (the manifest's ``case_ids``; all records for runs

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from attnedit.runs.rundir import (
     data_manifest,
     environment_manifest,
     model_manifest,
+    short_hash,
 )
 
 logger = logging.getLogger(__name__)
@@ -92,8 +94,11 @@ class RunConfig:
     save_edits: bool = False  # keep every edit as DIR/edits/NNNNN.safetensors (always in sequential mode)
     # fluency generation: cases decoded in one batch (a speed setting: not part of a run's identity)
     generation_cases: int = 16
+    repair: bool = False  # move unreadable record lines to the quarantine file before the run (--repair)
 
     def __post_init__(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be at least 1 (or None for every case), not {self.limit}")
         if self.mode not in MODES:
             raise ValueError(f"--mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if self.batch_size < 1:
@@ -156,6 +161,16 @@ def run_identity(mode: str) -> tuple[str, ...]:
     return tuple(k for k in _IDENTITY if mode != "single" or k not in _RANGE)
 
 
+def provenance(manifest: Mapping, case: EditCase | None = None) -> dict[str, str]:
+    """What a record is computed with: the method and a hash of the hyper-parameters (from the run's
+    manifest) and, given the case, a hash of its edit request. Added to every record the runner writes
+    and checked on resume (``RunDir.check_provenance``)."""
+    keys = {"method": manifest["method"], "hparams_hash": short_hash(manifest["hyperparameters"])}
+    if case is not None:
+        keys["request_hash"] = short_hash(asdict(case.request))
+    return keys
+
+
 def write_summary(run_dir: RunDir[CaseRecord], records: list[CaseRecord]) -> Summary:
     """Pool ``records`` (``metrics.summarize``) into the run's ``summary.json``; returns the summary."""
     summary = summarize(records)
@@ -195,7 +210,14 @@ def _run_locked(
     progress: bool,
 ) -> Summary:
     """The body of ``run`` while it holds the run directory's lock."""
+    if config.repair:
+        moved = run_dir.quarantine()
+        logger.warning("--repair: %d unreadable line(s) of %s moved aside", moved, run_dir.records_path)
     records = run_dir.records(manifest["case_ids"], repair=True)
+    run_dir.check_provenance(
+        {c.case_id: {"request_hash": provenance(manifest, c)["request_hash"]} for c in cases},
+        provenance(manifest),
+    )
     done = {r["case_id"] for r in records}
     if done:
         logger.info("resuming %s: %d of %d cases already done", run_dir.path, len(done), len(cases))
@@ -210,7 +232,7 @@ def _run_locked(
         disable=not progress,
     )
     with bar:
-        state = _Loop(run_dir, done, bundle, editor, evaluator, records, bar, config)
+        state = _Loop(run_dir, done, bundle, editor, evaluator, records, bar, config, manifest)
         (_run_sequential if config.mode == "sequential" else _run_groups)(state, groups)
     order = {case_id: i for i, case_id in enumerate(manifest["case_ids"])}
     records.sort(key=lambda r: order[r["case_id"]])  # case order, as reports read them
@@ -230,6 +252,7 @@ class _Loop:
     records: list[CaseRecord]
     bar: tqdm
     config: RunConfig
+    manifest: dict
 
     @property
     def out(self) -> Path:
@@ -248,6 +271,7 @@ class _Loop:
         record = self.evaluator.score(case, reference)
         record["seconds_eval"] = time.perf_counter() - t0
         record.update(extra)  # seconds_edit with edit (single, batch) or edits_applied (sequential)
+        record.update(provenance(self.manifest, case))
         return record
 
     def finish_in_place(self, cases: list[EditCase], records: list[CaseRecord]) -> None:
