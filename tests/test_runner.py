@@ -134,6 +134,29 @@ def test_shards_merge_to_the_full_run(tmp_path, tiny_dir):
         collect([tmp_path / "s0", tmp_path / "s0"])
 
 
+def test_report_warns_on_unfinished_runs_and_other_data_and_tells_rows_apart(tmp_path, tiny_dir, caplog):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(_config(a, tiny_dir, limit=3), progress=False)
+    run(_config(b, tiny_dir, limit=3, first=1), progress=False)  # same label, other range: two rows
+    with caplog.at_level("WARNING", logger="attnedit.runs.report"):
+        rows = collect([a, b])
+    assert sorted(r.label for r in rows) == ["none [a]", "none [b]"]
+    assert not caplog.records  # finished runs on the same data: nothing to warn about
+    # b loses its last record (an unfinished run) and claims other data
+    results = b / RESULTS
+    results.write_text("".join(results.read_text().splitlines(keepends=True)[:2]))
+    manifest = json.loads((b / MANIFEST).read_text())
+    manifest["data"]["sha256"] = "f" * 64
+    (b / MANIFEST).write_text(json.dumps(manifest))
+    with caplog.at_level("WARNING", logger="attnedit.runs.report"):
+        rows = collect([a, b])
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert any("unfinished run: 2 of the 3 cases" in m and str(b) in m for m in messages)
+    assert any("different data files" in m and "ffffffffffff: none [b]" in m for m in messages)
+    assert {r.label: r.summary["_cases"] for r in rows} == {"none [a]": 3, "none [b]": 2}
+
+
 def test_first_selects_a_case_range(tmp_path, tiny_dir):
     full = tmp_path / "full"
     run(_config(full, tiny_dir, limit=6), progress=False)

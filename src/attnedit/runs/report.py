@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from typing import Any
 from attnedit.evaluation.metrics import PAIRED_SCORES, paired_difference, summarize
 from attnedit.evaluation.records import CaseRecord, PairedDifference
 from attnedit.runs.rundir import MANIFEST, RunDir
+
+logger = logging.getLogger(__name__)
 
 TABLE_COLUMNS = ("AvgS", "ES", "PS", "NS", "RS", "DNS", "FL")
 MAGNITUDE_COLUMNS = ("EM", "PM", "NM", "RM", "DNM", "RM_onew", "DNM_onew")
@@ -65,6 +68,14 @@ def collect(run_dirs: list[str | Path]) -> list[ReportRow]:
         manifest = members[0][1]
         counts = {c for _, c in shards}
         complete = len(counts) == 1 and len(shards) == counts.pop()
+        expected = [m.get("case_ids") for _, m in members]
+        if all(ids is not None for ids in expected) and len(records) < sum(map(len, expected)):
+            logger.warning(
+                "%s: unfinished run: %d of the %d cases of its range have a record",
+                ", ".join(str(d.path) for d, _ in members),
+                len(records),
+                sum(map(len, expected)),
+            )
         summary = summarize(records)
         summary["_cases"] = len(records)
         summary["_complete_shards"] = complete
@@ -77,7 +88,31 @@ def collect(run_dirs: list[str | Path]) -> list[ReportRow]:
                 records,
             )
         )
+    _tell_apart(rows)
+    _warn_on_different_data(rows)
     return rows
+
+
+def _tell_apart(rows: list[ReportRow]) -> None:
+    """Rows that share a label (the same method with other settings, data or model) are labelled
+    ``label [run directory name]`` (its first shard's), so that each row of a table can be told apart."""
+    labels = [r.label for r in rows]
+    for row in rows:
+        if labels.count(row.label) > 1:
+            row.label = f"{row.label} [{Path(row.run_dirs[0]).name}]"
+
+
+def _warn_on_different_data(rows: list[ReportRow]) -> None:
+    """One warning when the rows were computed on different data files (sha256): their numbers are not
+    comparable case by case."""
+    by_data: dict[str, list[str]] = {}
+    for row in rows:
+        by_data.setdefault(row.manifest["data"]["sha256"], []).append(row.label)
+    if len(by_data) > 1:
+        logger.warning(
+            "the rows were computed on different data files: %s",
+            "; ".join(f"{sha[:12]}: {', '.join(labels)}" for sha, labels in by_data.items()),
+        )
 
 
 def _cell(entry: dict | None, digits: int = 1) -> str:
