@@ -4,11 +4,14 @@ save and load, the context manager, the empty edit of method ``none``, and edits
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import FAMILIES, make_tiny
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -18,6 +21,7 @@ from attnedit.core.deltas import (
     FORMAT,
     AppliedEdit,
     EditBuilder,
+    EditIntegrityError,
     EditMismatchError,
     WeightEdit,
     model_hash,
@@ -264,3 +268,64 @@ def test_files_written_before_created_parameters_still_load(tiny_tokenizer, tmp_
     with loaded.apply(bundle.model):
         assert torch.equal(param.detach(), expected)
     assert _state(bundle.model) == original
+
+
+def _saved_edit(tmp_path: Path, delta: torch.Tensor) -> Path:
+    edit = WeightEdit({"w": delta}, "test", {"scale": 1.0}, [REQUEST], {"w": "base"}, "fp", {"steps": [2]})
+    return edit.save(tmp_path / "edit.safetensors")
+
+
+def test_saved_edits_verify_their_tensors_and_metadata(tmp_path):
+    """Flipped bytes in the tensor data, edited metadata, a swapped-in tensor, a NaN delta or a damaged
+    header: each is an EditIntegrityError (a ValueError) naming the file, never a silent load."""
+    delta = torch.arange(12, dtype=torch.float32).reshape(3, 4) / 7
+    path = _saved_edit(tmp_path, delta)
+    assert torch.equal(WeightEdit.load(path).deltas["w"], delta)
+    good = path.read_bytes()
+    assert issubclass(EditIntegrityError, ValueError)
+
+    flipped = bytearray(good)
+    flipped[-5] ^= 0x01  # the last bytes of the file are the tensor's data
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(EditIntegrityError, match=f"{path}.*sha256"):
+        WeightEdit.load(path)
+
+    path.write_bytes(good)
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    other = EditRequest("The Colosseum is located in the city of", "Colosseum", "Paris", "Rome")
+    for changed in (
+        {**meta, "requests": json.dumps([asdict(other)])},  # the edit passed off as another request's
+        {**meta, "method": "rome"},
+    ):
+        save_file({"w": delta}, str(path), changed)
+        with pytest.raises(EditIntegrityError, match=f"{path}.*metadata digest"):
+            WeightEdit.load(path)
+    save_file({"w": delta * 2}, str(path), meta)  # another tensor under intact metadata
+    with pytest.raises(EditIntegrityError, match=f"{path}.*sha256"):
+        WeightEdit.load(path)
+
+    nan = delta.clone()
+    nan[1, 2] = float("nan")
+    path = _saved_edit(tmp_path, nan)  # digests that verify do not make a NaN delta acceptable
+    with pytest.raises(EditIntegrityError, match=f"{path}.*non-finite"):
+        WeightEdit.load(path)
+
+    path.write_bytes(b"\xff" * 8 + good[8:])  # the header's length
+    with pytest.raises(EditIntegrityError, match=f"{path}.*not a readable edit file"):
+        WeightEdit.load(path)
+
+
+def test_files_without_digests_load_but_must_be_finite(tmp_path, caplog):
+    """Files saved before the digests existed load (a debug line says so); a non-finite one does not."""
+    delta = torch.ones(2, 3)
+    path = _saved_edit(tmp_path, delta)
+    with safe_open(str(path), framework="pt") as fh:
+        meta = {k: v for k, v in fh.metadata().items() if k not in ("digest", "delta_hashes")}
+    save_file({"w": delta}, str(path), meta)
+    with caplog.at_level(logging.DEBUG, logger="attnedit.core.deltas"):
+        assert WeightEdit.load(path).requests == [REQUEST]
+    assert "before edit files carried digests" in caplog.text
+    save_file({"w": delta * float("inf")}, str(path), meta)
+    with pytest.raises(EditIntegrityError, match=f"{path}.*non-finite"):
+        WeightEdit.load(path)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
+import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -397,6 +400,76 @@ def test_second_moments_match_a_direct_computation_and_are_cached(tiny_tokenizer
     monkeypatch.setattr("attnedit.editing.covariance._accumulate", lambda *a, **kw: pytest.fail("recomputed"))
     again = second_moments(bundle, "mlp_down", [2], spec, progress=False)
     assert torch.equal(again[2], moments[2])
+
+
+def test_a_bad_statistics_cache_file_is_named_set_aside_and_recomputed(tiny_tokenizer, corpus, caplog):
+    """Flipped bytes, a NaN with a digest that verifies, an unreadable file: each is named in a warning,
+    moved to ``*.bad`` and recomputed to the same bits; a file without a digest is recomputed."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    bundle = make_tiny("gpt2", tiny_tokenizer)
+    spec = StatsSpec(corpus=corpus, samples=10, max_tokens=16, batch_tokens=64)
+    moments = second_moments(bundle, "mlp_down", [1], spec, progress=False)[1]
+    (path,) = (Path(os.environ["ATTNEDIT_CACHE"]) / "stats").rglob("*.safetensors")
+    good = path.read_bytes()
+    with safe_open(str(path), framework="pt") as fh:
+        meta, count = fh.metadata(), fh.get_tensor("count")
+    nan = moments.clone()
+    nan[0, 0] = math.nan
+    flipped = bytearray(good)
+    flipped[-40] ^= 0x10  # inside mom2's data (count, 8 bytes, is stored last)
+
+    def nan_verified() -> None:
+        from attnedit.editing.covariance import _stats_digest
+
+        tensors = {"mom2": nan, "count": count}
+        save_file(tensors, str(path), {"sha256": _stats_digest(tensors)})
+
+    for damage, problem in (
+        (lambda: path.write_bytes(bytes(flipped)), "does not verify"),
+        (nan_verified, "non-finite"),
+        (lambda: path.write_bytes(good[: len(good) // 2]), "does not load"),
+    ):
+        damage()
+        bundle.cache.clear()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="attnedit.editing"):
+            again = second_moments(bundle, "mlp_down", [1], spec, progress=False)[1]
+        assert torch.equal(again, moments)
+        assert problem in caplog.text and str(path) in caplog.text
+        assert path.with_name(path.name + ".bad").is_file() and path.read_bytes() == good
+    path.with_name(path.name + ".bad").unlink()
+    save_file({"mom2": nan, "count": count}, str(path))  # as written before the digests: recomputed
+    bundle.cache.clear()
+    assert torch.equal(second_moments(bundle, "mlp_down", [1], spec, progress=False)[1], moments)
+    assert path.read_bytes() == good and not path.with_name(path.name + ".bad").exists()
+    assert meta and "sha256" in meta
+
+
+def test_a_bad_template_cache_file_is_named_set_aside_and_recomputed(tiny_tokenizer, caplog):
+    from attnedit.editing.templates import TemplateSpec, context_templates
+
+    bundle = make_tiny("llama", tiny_tokenizer)
+    spec = TemplateSpec(lengths=((3, 2),))
+    templates = context_templates(bundle, spec)
+    (path,) = (Path(os.environ["ATTNEDIT_CACHE"]) / "templates").glob("*.json")
+    good = path.read_text()
+    entry = json.loads(good)
+    for bad, problem in (
+        (good[:-10], "does not parse"),
+        (json.dumps({**entry, "templates": ["{}", "Injected text. {}"]}), "does not verify"),
+    ):
+        path.write_text(bad)
+        bundle.cache.clear()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="attnedit.editing"):
+            assert context_templates(bundle, spec) == templates
+        assert problem in caplog.text and str(path) in caplog.text
+        assert path.with_name(path.name + ".bad").read_text() == bad and path.read_text() == good
+    path.write_text(json.dumps(["{}", "Stale. {}"]))  # as written before the digests: recomputed
+    bundle.cache.clear()
+    assert context_templates(bundle, spec) == templates and path.read_text() == good
 
 
 def test_sample_cases_edit_with_memit_batch(tiny_tokenizer, corpus):

@@ -6,6 +6,12 @@ same base weights gives the same bits on any fresh copy of the model, and a save
 edited model's logits exactly. Revert copies back the original tensors (never subtracts), so it is
 bit-exact too. The file records each base parameter's sha256 and refuses a model whose weights differ.
 
+A saved file proves its own integrity: its metadata holds the sha256 of every delta (``delta_hashes``)
+and one ``digest`` over all the other metadata, delta hashes included, so neither the tensors nor the
+metadata can change (or be swapped between files) unnoticed. ``load`` verifies both and refuses
+non-finite deltas (``EditIntegrityError``, naming the file). Files saved before the digests existed
+still load; only their finiteness is checked.
+
 An edit may also CREATE a parameter: the bias of an ``nn.Linear`` module built without one
 (Llama, Qwen2 and GPT-J attention output projections, where MEMAT folds its corrections). Its base hash
 is ``ABSENT``; applying creates it (zeros plus the delta, in the module weight's dtype and device) and
@@ -17,15 +23,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from attnedit.core.data import EditRequest
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "attnedit-edit/1"
 ABSENT = "absent"  # the base hash of a parameter the edit creates: the model must not have it
@@ -33,6 +42,16 @@ ABSENT = "absent"  # the base hash of a parameter the edit creates: the model mu
 
 class EditMismatchError(ValueError):
     """The model's weights are not the ones the edit was computed on."""
+
+
+class EditIntegrityError(ValueError):
+    """A saved edit file is damaged: unreadable, its digests do not verify, or its deltas are not finite."""
+
+
+def _metadata_digest(meta: dict[str, str]) -> str:
+    """sha256 over the metadata (``digest`` itself left out), keys sorted so the order does not matter."""
+    body = {k: v for k, v in meta.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def tensor_hash(tensor: torch.Tensor) -> str:
@@ -109,9 +128,11 @@ class WeightEdit:
 
     def save(self, path: str | Path) -> Path:
         """One safetensors file: the deltas, plus request, method, preset and hashes as metadata (the
-        base hashes say which parameters the edit creates). An edit without deltas saves too."""
+        base hashes say which parameters the edit creates), each delta's sha256 and a digest binding them
+        (see the module docstring). An edit without deltas saves too."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.deltas.items()}
         metadata = {
             "format": FORMAT,
             "method": self.method,
@@ -120,28 +141,62 @@ class WeightEdit:
             "base_hashes": json.dumps(self.base_hashes),
             "model_fingerprint": self.model_fingerprint,
             "info": json.dumps(self.info),
+            "delta_hashes": json.dumps({k: tensor_hash(v) for k, v in tensors.items()}),
         }
+        metadata["digest"] = _metadata_digest(metadata)
         tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.deltas.items()}, str(tmp), metadata)
+        save_file(tensors, str(tmp), metadata)
         tmp.replace(path)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> WeightEdit:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{path} is not an attnedit edit file (format {meta.get('format')!r})")
-            deltas = {name: fh.get_tensor(name) for name in fh.keys()}
-        return cls(
-            deltas=deltas,
-            method=meta["method"],
-            hyperparameters=json.loads(meta["hyperparameters"]),
-            requests=[EditRequest(**r) for r in json.loads(meta["requests"])],
-            base_hashes=json.loads(meta["base_hashes"]),
-            model_fingerprint=meta.get("model_fingerprint", ""),
-            info=json.loads(meta.get("info", "{}")),
-        )
+        """Read a saved edit, verifying its digests and the finiteness of its deltas
+        (``EditIntegrityError`` naming the file otherwise)."""
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                deltas = {name: fh.get_tensor(name) for name in fh.keys()}
+        except SafetensorError as err:  # a damaged header or a truncated file
+            raise EditIntegrityError(f"{path}: not a readable edit file ({err})") from err
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not an attnedit edit file (format {meta.get('format')!r})")
+        _verify(path, meta, deltas)
+        try:
+            return cls(
+                deltas=deltas,
+                method=meta["method"],
+                hyperparameters=json.loads(meta["hyperparameters"]),
+                requests=[EditRequest(**r) for r in json.loads(meta["requests"])],
+                base_hashes=json.loads(meta["base_hashes"]),
+                model_fingerprint=meta.get("model_fingerprint", ""),
+                info=json.loads(meta.get("info", "{}")),
+            )
+        except (KeyError, TypeError, ValueError) as err:  # only an old, undigested file gets here
+            raise EditIntegrityError(f"{path}: damaged edit metadata ({err!r})") from err
+
+
+def _verify(path: str | Path, meta: dict[str, str], deltas: dict[str, torch.Tensor]) -> None:
+    """Check a loaded edit file's digests (when it has them) and that every delta is finite."""
+    if "digest" not in meta:
+        logger.debug("%s: saved before edit files carried digests; only finiteness is checked", path)
+    else:
+        if meta["digest"] != _metadata_digest(meta):
+            raise EditIntegrityError(f"{path}: the metadata digest does not verify (the file was changed)")
+        try:
+            expected = json.loads(meta.get("delta_hashes", ""))
+        except ValueError:
+            expected = None
+        if not isinstance(expected, dict) or set(expected) != set(deltas):
+            raise EditIntegrityError(f"{path}: the file's deltas are not the ones its metadata lists")
+        bad = [name for name, delta in deltas.items() if tensor_hash(delta) != expected[name]]
+        if bad:
+            raise EditIntegrityError(
+                f"{path}: the delta(s) {bad} do not match their sha256 (the file was changed)"
+            )
+    nonfinite = [name for name, delta in deltas.items() if not torch.isfinite(delta).all()]
+    if nonfinite:
+        raise EditIntegrityError(f"{path}: the delta(s) {nonfinite} hold non-finite values")
 
 
 def bias_owner(model: nn.Module, name: str) -> nn.Linear:

@@ -7,7 +7,9 @@ Sources (``StatsSpec.corpus``):
 
 One forward pass per memory-bounded batch collects every requested layer (stopping after the highest).
 Results are cached on disk as safetensors, keyed by model fingerprint, module, layer, corpus hash,
-sample count and truncation, and in memory on the ``ModelBundle``.
+sample count and truncation, and in memory on the ``ModelBundle``. A cache file carries the sha256 of
+its tensors; one that does not load, verify or hold finite values is set aside and recomputed
+(``templates.set_aside``).
 """
 
 from __future__ import annotations
@@ -19,15 +21,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from attnedit.core.data import load_texts
+from attnedit.core.deltas import tensor_hash
 from attnedit.core.interventions import Trace
 from attnedit.core.models import ModelBundle, cache_dir
 from attnedit.core.scoring import generate, length_batches, pad_batch
 from attnedit.core.tokens import padding_id
-from attnedit.editing.templates import SEED_WORDS
+from attnedit.editing.templates import SEED_WORDS, set_aside
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +110,35 @@ def _cache_path(bundle: ModelBundle, component: str, layer: int, key: str, spec:
     return cache_dir() / "stats" / bundle.fingerprint[:16] / name
 
 
+def _stats_digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(f"{name}:{tensor_hash(tensors[name])};".encode())
+    return digest.hexdigest()
+
+
+def _read_stats(path: Path) -> torch.Tensor | None:
+    """The cached second moments at ``path`` when the file verifies; None (set aside or stale) otherwise."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+    except (SafetensorError, OSError) as err:
+        set_aside(path, f"does not load ({err})")
+        return None
+    if "sha256" not in meta:
+        logger.info("cache file %s has no digest (an older version wrote it); recomputing it", path)
+        return None
+    mom2 = tensors.get("mom2")
+    if meta["sha256"] != _stats_digest(tensors) or mom2 is None or mom2.ndim != 2:
+        set_aside(path, "does not verify against its digest")
+        return None
+    if not torch.isfinite(mom2).all():
+        set_aside(path, "holds non-finite values")
+        return None
+    return mom2
+
+
 def _corpus_key(spec: StatsSpec) -> str | None:
     """The cache key of a corpus known without loading it (files hashed; sampled text by its settings)."""
     if spec.corpus == "model":
@@ -134,9 +167,9 @@ def second_moments(
             result[layer] = memo[(component, layer, key, spec)]
             continue
         path = _cache_path(bundle, component, layer, key, spec)
-        if path.is_file():
-            result[layer] = load_file(path)["mom2"]
-            memo[(component, layer, key, spec)] = result[layer]
+        cached = _read_stats(path) if path.is_file() else None
+        if cached is not None:
+            result[layer] = memo[(component, layer, key, spec)] = cached
         else:
             missing.append(layer)
     if missing:
@@ -146,7 +179,8 @@ def second_moments(
             path = _cache_path(bundle, component, layer, key, spec)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            save_file({"mom2": mom2, "count": torch.tensor([count])}, str(tmp))
+            tensors = {"mom2": mom2, "count": torch.tensor([count])}
+            save_file(tensors, str(tmp), {"sha256": _stats_digest(tensors)})
             tmp.replace(path)
             result[layer] = memo[(component, layer, key, spec)] = mom2
         logger.info("statistics of %s at layers %s cached under %s", component, missing, path.parent)

@@ -4,6 +4,10 @@ ROME averages its key and optimises its target over ``"{}"`` plus prefixes sampl
 (seeded top-k sampling from a few seed words). They are cached per model: in memory on the
 ``ModelBundle`` and on disk under ``$ATTNEDIT_CACHE/templates``, keyed by the model fingerprint and
 the template settings, never in a module-level global.
+
+Every cache file of the package (these templates, ``covariance`` statistics) carries a sha256 digest of
+its content. A file that does not parse or verify is named in a warning, set aside as ``*.bad`` and
+recomputed (``set_aside``); a file written before the digests existed is recomputed and replaced.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from attnedit.core.models import ModelBundle, cache_dir
 from attnedit.core.scoring import generate
@@ -34,6 +39,38 @@ class TemplateSpec:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def set_aside(path: Path, problem: str) -> None:
+    """Move a damaged cache file out of the way (``<name>.bad``, replacing an earlier one), saying so."""
+    aside = path.with_name(path.name + ".bad")
+    path.replace(aside)
+    logger.warning("cache file %s %s; moved it to %s and recomputing it", path, problem, aside.name)
+
+
+def _templates_digest(templates: list[str]) -> str:
+    return hashlib.sha256(json.dumps(templates, ensure_ascii=False).encode()).hexdigest()
+
+
+def _read_templates(path: Path) -> list[str] | None:
+    """The cached templates at ``path`` when the file verifies; None (set aside or stale) otherwise."""
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        set_aside(path, f"does not parse ({err})")
+        return None
+    if isinstance(entry, list):  # written before cache files carried a digest
+        logger.info("cache file %s has no digest (an older version wrote it); recomputing it", path)
+        return None
+    templates = entry.get("templates") if isinstance(entry, dict) else None
+    if (
+        not isinstance(templates, list)
+        or not all(isinstance(t, str) and "{}" in t for t in templates)
+        or entry.get("sha256") != _templates_digest(templates)
+    ):
+        set_aside(path, "does not verify against its digest")
+        return None
+    return templates
+
+
 def _sanitise(text: str) -> str:
     # a sampled prefix must not contain format slots; ROME replaces braces by spaces the same way
     return text.replace("{", " ").replace("}", " ").strip()
@@ -45,9 +82,8 @@ def context_templates(bundle: ModelBundle, spec: TemplateSpec) -> list[str]:
     if spec in memo:
         return memo[spec]
     path = cache_dir() / "templates" / f"{bundle.fingerprint[:16]}-{spec.key()}.json"
-    if path.is_file():
-        templates = json.loads(path.read_text())
-    else:
+    templates = _read_templates(path) if path.is_file() else None
+    if templates is None:
         templates = ["{}"]
         for length, count in spec.lengths:
             per_word = max(1, count // len(spec.seed_words))
@@ -68,7 +104,8 @@ def context_templates(bundle: ModelBundle, spec: TemplateSpec) -> list[str]:
             ]
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(templates, indent=1, ensure_ascii=False))
+        entry = {"sha256": _templates_digest(templates), "templates": templates}
+        tmp.write_text(json.dumps(entry, indent=1, ensure_ascii=False), encoding="utf-8")
         tmp.replace(path)
         logger.info(
             "sampled %d context templates for %s (cached in %s)", len(templates) - 1, bundle.name, path

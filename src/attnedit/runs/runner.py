@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from attnedit import __version__
 from attnedit.core.data import Dataset, EditCase, load_cases, load_texts
-from attnedit.core.deltas import AppliedEdit, WeightEdit
+from attnedit.core.deltas import AppliedEdit, EditIntegrityError, WeightEdit
 from attnedit.core.models import ModelBundle, load_model
 from attnedit.editing.registry import Editor, make_editor
 from attnedit.evaluation.evaluator import EvalConfig, Evaluator
@@ -352,8 +352,8 @@ def _edit_group(
     instead of recomputing it; a single-case edit is saved only with --save-edits. An empty edit
     (method ``none``) is never saved."""
     path = out / EDITS / f"{k:05d}.safetensors"
-    if path.is_file():
-        loaded = WeightEdit.load(path)
+    loaded = _saved_edit(path, group)
+    if loaded is not None:
         logger.info("group %d: re-applying the saved edit %s", k, path)
         return loaded.apply(bundle.model), float(loaded.info.get("seconds", float("nan"))), path
     t0 = time.perf_counter()
@@ -364,6 +364,29 @@ def _edit_group(
     applied.edit.info["seconds"] = seconds
     applied.edit.save(path)
     return applied, seconds, path
+
+
+def _saved_edit(path: Path, group: list[EditCase]) -> WeightEdit | None:
+    """The saved edit at ``path`` when it is intact and was computed for exactly this group's requests,
+    else None: the edit is then recomputed. (The method and hyper-parameters are the run's identity,
+    checked when it opens.) Files are named by the group's position in the current case range, so a
+    run extended to another range finds the edits of other cases there: such a file, or a damaged one,
+    is moved aside (``*.bad``, with a warning), never applied to this group."""
+    if not path.is_file():
+        return None
+    try:
+        saved = WeightEdit.load(path)
+    except EditIntegrityError as err:
+        problem = str(err)
+    else:
+        ids = [case.case_id for case in group]
+        if saved.requests == [case.request for case in group]:
+            return saved
+        problem = f"{path} holds the edit of other requests than those of case(s) {ids}"
+    aside = path.with_name(path.name + ".bad")
+    path.replace(aside)
+    logger.warning("%s; moved it to %s and recomputing the edit", problem, aside.name)
+    return None
 
 
 def _edit_info(edit: WeightEdit, index: int) -> dict:
@@ -392,8 +415,9 @@ def _run_sequential(state: _Loop, groups: list[list[EditCase]]) -> None:
         for k, group in enumerate(tqdm(groups, desc="sequential edits", unit="edit", leave=False)):
             path = out / EDITS / f"{k:05d}.safetensors"
             t0 = time.perf_counter()
-            if path.is_file():
-                applied.append(WeightEdit.load(path).apply(bundle.model))
+            saved = _saved_edit(path, group)
+            if saved is not None:
+                applied.append(saved.apply(bundle.model))
             else:
                 edit = state.editor.apply(bundle, group)
                 applied.append(edit)
