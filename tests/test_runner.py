@@ -727,3 +727,27 @@ def test_the_data_are_identified_by_their_sha256_not_their_path(tmp_path, tiny_d
     edited.write_bytes(copy.read_bytes().replace(b"Paris", b"Lyon", 1))
     with pytest.raises(RunConflictError, match="data"):
         run(replace(_config(out, tiny_dir, limit=2), data=str(edited)), progress=False)
+
+
+def test_two_concurrent_evals_on_one_out_write_every_case_once(tmp_path, tiny_dir):
+    """Two ``attnedit eval`` processes started together on one --out: one runs, the other is refused with one
+    line naming the holder (exit 2); running the command again afterwards finds every case done, once."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "shared-out"
+    command = [sys.executable, "-m", "attnedit", "eval", "sample", "--model", str(tiny_dir), "--limit", "6"]
+    command += ["--no-fluency", "--ppl-corpus", "none", "--out", str(out), "--threads", "1"]
+    procs = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]  # read the pipes while waiting: no deadlock
+    results = [(p.returncode, err) for p, (_, err) in zip(procs, outputs, strict=True)]
+    codes = sorted(code for code, _ in results)
+    assert codes in ([0, 0], [0, 2]), results  # [0, 0]: the second started after the first had finished
+    for code, err in results:
+        if code == 2:
+            assert "another process (pid" in err
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert _ids(out) == ["0", "1", "2", "3", "4", "5"]  # every case exactly once, in order
