@@ -259,3 +259,19 @@ def test_run_trace_without_the_cli(tmp_path, tiny_dir):
     expected = json_ready(trace_aggregate([record], options.kinds, N_LAYERS))
     assert saved["aggregate"] == expected
     assert set(expected["indirect_effect"]) == {"mlp", "attn"}
+
+
+def test_repair_moves_unreadable_lines_aside_and_keeps_every_record(tmp_path, tiny_dir):
+    """A corrupted middle line of cases.jsonl stops the rerun (exit 2, naming the line and --repair); with
+    --repair it moves to the quarantine file, every valid record is kept and none is recomputed."""
+    out = tmp_path / "trace"
+    extra = ("--samples", "2", "--kinds", "layer")
+    _ok(_invoke("trace", out, tiny_dir, *extra, limit=3))
+    lines = (out / CASES).read_text().splitlines(keepends=True)
+    (out / CASES).write_text(lines[0] + "{not json\n" + "".join(lines[1:]))
+    refused = _invoke("trace", out, tiny_dir, *extra, limit=3)
+    assert refused.exit_code == 2 and "line 2" in refused.output and "--repair" in refused.output
+    _ok(_invoke("trace", out, tiny_dir, *extra, "--repair", limit=3))
+    assert (out / (CASES + ".quarantine")).read_text() == "{not json\n"
+    assert [r["case_id"] for r in _lines(out)] == ["0", "1", "2"]
+    assert [json.loads(x) for x in lines] == _lines(out)  # the valid records, untouched

@@ -73,9 +73,10 @@ def _setting(
     method: str | None = None,
     preset: str | None = None,
     overrides: dict[str, str] | None = None,
+    repair: bool = False,
 ) -> Setting:
     params, sadr = split_sadr(overrides or {})  # -p sadr_gamma=0.1: a setting of the SADR term
-    return Setting(data, model, out, first, limit, seed, method, preset, params, sadr)
+    return Setting(data, model, out, first, limit, seed, method, preset, params, sadr, repair)
 
 
 def _report(result: AnalysisResult) -> None:
@@ -110,6 +111,10 @@ Limit = Annotated[int | None, typer.Option(help="first N cases only (counted fro
 Threads = Annotated[int | None, typer.Option(help="torch CPU threads")]
 Seed = Annotated[int, typer.Option(help="random seed (trace: the noise seed; recorded in the manifest)")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v")]
+Repair = Annotated[
+    bool,
+    typer.Option(help="first move unreadable lines of OUT/cases.jsonl aside (cases.jsonl.quarantine)"),
+]
 
 
 # the defaults of the options are those of the run functions' option dataclasses
@@ -143,6 +148,7 @@ def trace_command(
     out: Out = Path("runs/analyze/trace"),
     threads: Threads = None,
     seed: Seed = 0,
+    repair: Repair = False,
     verbose: Verbose = False,
 ) -> None:
     """ROME's causal tracing of the UNEDITED model on each case's request prompt with o_true: average
@@ -150,7 +156,7 @@ def trace_command(
     effects at the subject's last token."""
     _prepare(verbose, threads, None, first, limit, out)
     options = TraceOptions(_kinds(kinds), window, layer_window, samples, noise)
-    _report(run_trace(_setting(data, model, out, first, limit, seed), options))
+    _report(run_trace(_setting(data, model, out, first, limit, seed, repair=repair), options))
 
 
 # --- 2. contaminating substitution --------------------------------------------------------------------
@@ -173,6 +179,7 @@ def substitute_command(
     out: Out = Path("runs/analyze/substitute"),
     threads: Threads = None,
     seed: Seed = 0,
+    repair: Repair = False,
     verbose: Verbose = False,
 ) -> None:
     """Contaminating substitution (SADR section 3.2, figures 3 and 9): edit, record the edited model's module
@@ -180,7 +187,7 @@ def substitute_command(
     substituted over a window of layers at each token; the effect on P(o_true) and P(o_edit)."""
     overrides = _prepare(verbose, threads, param, first, limit, out)
     options = SubstituteOptions(_kinds(kinds), window)
-    setting = _setting(data, model, out, first, limit, seed, method, preset, overrides)
+    setting = _setting(data, model, out, first, limit, seed, method, preset, overrides, repair)
     _report(run_substitute(setting, options))
 
 
@@ -203,6 +210,7 @@ def drift_command(
     out: Out = Path("runs/analyze/drift"),
     threads: Threads = None,
     seed: Seed = 0,
+    repair: Repair = False,
     verbose: Verbose = False,
 ) -> None:
     """Attention drift (SADR section 3.3, figure 4, tables 2 and 4): per case the unedited and edited
@@ -211,7 +219,7 @@ def drift_command(
     overrides = _prepare(verbose, threads, param, first, limit, out)
     layers = _layers(drift_layers)
     options = DriftOptions(None if layers is None else tuple(layers))
-    setting = _setting(data, model, out, first, limit, seed, method, preset, overrides)
+    setting = _setting(data, model, out, first, limit, seed, method, preset, overrides, repair)
     try:
         result = run_drift(setting, options)
     except DriftLayersError as err:
@@ -245,6 +253,7 @@ def patch_command(
     out: Out = Path("runs/analyze/patch"),
     threads: Threads = None,
     seed: Seed = 0,
+    repair: Repair = False,
     verbose: Verbose = False,
 ) -> None:
     """Attention patching (SADR section 3.4, figure 5; --scores: appendix D.2, figure 10): run the edited
@@ -252,5 +261,5 @@ def patch_command(
     centre, with the unpatched edited and the unedited levels."""
     overrides = _prepare(verbose, threads, param, first, limit, out)
     options = PatchOptions(window, queries, scores)
-    setting = _setting(data, model, out, first, limit, seed, method, preset, overrides)
+    setting = _setting(data, model, out, first, limit, seed, method, preset, overrides, repair)
     _report(run_patch(setting, options))

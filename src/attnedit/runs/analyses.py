@@ -63,6 +63,7 @@ class Setting:
     preset: str | None = None
     params: dict = field(default_factory=dict)  # preset overrides of the method, values as text
     sadr: dict = field(default_factory=dict)  # SADR settings of X+sadr methods
+    repair: bool = False  # first move unreadable record lines to the quarantine file (--repair)
 
 
 @dataclass
@@ -127,8 +128,15 @@ def start(analysis: str, setting: Setting, options: dict, *, edit: bool) -> Sess
         raise ValueError(f"analyze {analysis} analyses the unedited model: it takes no method")
     manifest = json.loads(json.dumps(_manifest(analysis, setting, options, bundle, dataset, editor)))
     run_dir.open(manifest, IDENTITY, AnalysisConflictError)  # with the current case range
-    ids = [c.case_id for c in cases]
-    records = {r["case_id"]: r for r in run_dir.records(ids, repair=True)}
+    try:
+        if setting.repair:
+            moved = run_dir.quarantine()
+            logger.warning("--repair: %d unreadable line(s) of %s moved aside", moved, run_dir.records_path)
+        ids = [c.case_id for c in cases]
+        records = {r["case_id"]: r for r in run_dir.records(ids, repair=True)}
+    except BaseException:
+        run_dir.close()  # a run that cannot start leaves the directory unlocked
+        raise
     if records:
         logger.info("resuming %s: %d of %d cases already done", run_dir.path, len(records), len(cases))
     return Session(analysis, setting, options, cases, bundle, editor, records, run_dir)
@@ -140,18 +148,22 @@ def run_cases(session: Session, compute: Callable[[Any], dict]) -> list[dict]:
 
     done = session.records
     bar = tqdm(total=len(session.cases), initial=len(done), desc=f"analyze {session.analysis}", unit="case")
-    with bar:
-        for case in session.cases:
-            if case.case_id in done:
-                continue
-            try:
-                record = compute(case)
-            except (ValueError, KeyError, IndexError) as err:
-                raise ValueError(f"case {case.case_id} ({case.source}): {err}") from err
-            record = json_ready({"case_id": case.case_id, "source": case.source, **record})
-            session.run_dir.append(record)
-            done[case.case_id] = record
-            bar.update(1)
+    try:
+        with bar:
+            for case in session.cases:
+                if case.case_id in done:
+                    continue
+                try:
+                    record = compute(case)
+                except (ValueError, KeyError, IndexError) as err:
+                    raise ValueError(f"case {case.case_id} ({case.source}): {err}") from err
+                record = json_ready({"case_id": case.case_id, "source": case.source, **record})
+                session.run_dir.append(record)
+                done[case.case_id] = record
+                bar.update(1)
+    except BaseException:
+        session.run_dir.close()  # the records so far stay; the directory is free for the rerun
+        raise
     return [done[c.case_id] for c in session.cases]
 
 
