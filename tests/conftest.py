@@ -127,3 +127,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def corpus_file(tmp_path, monkeypatch) -> Path:
+    """A small text corpus for statistics, with the attnedit cache in the test's own directory."""
+    monkeypatch.setenv("ATTNEDIT_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(CORPUS))
+    return path

@@ -6,22 +6,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import pytest
-from conftest import CORPUS
-
 from attnedit.evaluation.evaluator import EvalConfig
 from attnedit.runs.rundir import RESULTS, read_results
 from attnedit.runs.runner import RunConfig, run
 
 PRESET = Path(__file__).parents[1] / "src/attnedit/resources/presets/memit/smollm2-135m.json"
 
-
-@pytest.fixture
-def corpus_file(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("ATTNEDIT_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(CORPUS))
-    return path
 
 
 def _memit(out: Path, model: Path, corpus: Path, **kw) -> RunConfig:

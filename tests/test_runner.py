@@ -263,15 +263,6 @@ def _edit_config(out: Path, model: Path, corpus: Path, **kw) -> RunConfig:
     )
 
 
-@pytest.fixture
-def corpus_file(tmp_path, monkeypatch) -> Path:
-    from conftest import CORPUS
-
-    monkeypatch.setenv("ATTNEDIT_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(CORPUS))
-    return path
-
 
 @pytest.mark.parametrize("mode", ["batch", "sequential"])
 def test_batch_and_sequential_modes_restore_the_model(tmp_path, tiny_dir, corpus_file, mode):
