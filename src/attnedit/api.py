@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from attnedit.core.data import SAMPLE_DATA, EditCase, EditRequest, sample_path
+from attnedit.core.data import SAMPLE_DATA, EditCase, EditRequest, corpus_path
 from attnedit.core.data import load_cases as _load_dataset
 from attnedit.core.data import load_texts as _load_texts
 from attnedit.core.deltas import AppliedEdit
@@ -168,8 +168,5 @@ def evaluate(
         raise TypeError(f"evaluate: unknown setting(s) {unknown}; known: {', '.join(sorted(known))}")
     texts: list[str] = []
     if ppl_corpus is not None:
-        corpus = (
-            sample_path().with_name("sample_ppl_corpus.json") if ppl_corpus == SAMPLE_DATA else ppl_corpus
-        )
-        texts = _load_texts(corpus)
+        texts = _load_texts(corpus_path(ppl_corpus))
     return Evaluator(bundle, EvalConfig(fluency=fluency, ppl_texts=texts, **config)).evaluate(case, reference)

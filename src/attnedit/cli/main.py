@@ -147,10 +147,10 @@ def eval_command(
     from attnedit.runs.runner import RunConfig, Shard, run
 
     corpus = None if ppl_corpus in (None, "none") else ppl_corpus
-    if corpus == "sample":
-        from attnedit.core.data import sample_path
+    if corpus == SAMPLE_DATA:  # other paths stay as given: the manifest records them as typed
+        from attnedit.core.data import corpus_path
 
-        corpus = str(sample_path().with_name("sample_ppl_corpus.json"))
+        corpus = str(corpus_path(corpus))
     method, overrides, sadr_settings = _with_sadr(
         method, param, sadr, gamma, sadr_heads, sadr_layers, sadr_reduction
     )

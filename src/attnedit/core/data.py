@@ -372,6 +372,13 @@ def load_cases(path: str | Path, format: str | None = None, skip_invalid: bool =
     return Dataset(path=str(file), format=name, sha256=file_sha256(file), cases=cases, skipped=skipped)
 
 
+def corpus_path(name: str | Path) -> Path:
+    """A text corpus by name: ``"sample"`` is the shipped PPL corpus, anything else a file path."""
+    if str(name) == SAMPLE_DATA:
+        return sample_path().with_name("sample_ppl_corpus.json")
+    return Path(name)
+
+
 def load_texts(path: str | Path, limit: int | None = None) -> list[str]:
     """Texts of a corpus file: a JSON list (strings or objects with ``text``/``Text``), JSON lines
     (the same per line), or plain text (one text per non-empty line). Used for PPL and statistics."""
