@@ -29,6 +29,7 @@ from attnedit.core.deltas import AppliedEdit
 from attnedit.core.models import ModelBundle, bundle_from_model
 from attnedit.core.models import load_model as _load_model
 from attnedit.core.scoring import generate
+from attnedit.editing.presets import PARAMS
 from attnedit.editing.registry import METHODS, Editor, make_editor
 from attnedit.editing.sadr import SETTING_KEYS as SADR_KEYS
 from attnedit.evaluation.evaluator import EvalConfig, Evaluator
@@ -78,11 +79,18 @@ def load_cases(source: str | Path = SAMPLE_DATA, *, data_format: str | None = No
 
 
 def _split_settings(method: str, settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Keyword settings -> (the method's preset overrides, SADR overrides: only for ``X+sadr``)."""
-    sadr = {k: settings[k] for k in settings if k in SADR_KEYS}
-    if sadr and not method.endswith("+sadr"):
-        raise ValueError(f"{sorted(sadr)} are SADR settings: use method {method.partition('+')[0]}+sadr")
-    return {k: v for k, v in settings.items() if k not in SADR_KEYS}, sadr
+    """Keyword settings -> (the method's preset overrides, SADR overrides). For ``X+sadr`` methods the SADR
+    fields (``gamma``, ``heads``, ``layers``, ``prompt_reduction``) go to SADR; for the others every keyword
+    is a field of the method (``layers=[4]`` is the edit layer), and a SADR-only keyword is an error."""
+    base, _, extra = method.partition("+")
+    if extra:
+        sadr = {k: settings[k] for k in settings if k in SADR_KEYS}
+        return {k: v for k, v in settings.items() if k not in SADR_KEYS}, sadr
+    own = {f.name for f in dataclasses.fields(PARAMS[base])} if base in PARAMS else set()
+    sadr_only = sorted(k for k in settings if k in SADR_KEYS and k not in own)
+    if sadr_only:
+        raise ValueError(f"{sadr_only} are SADR settings: use method {base}+sadr")
+    return dict(settings), {}
 
 
 def editor(bundle: ModelBundle, method: str, *, preset: str | None = None, **settings: Any) -> Editor:
