@@ -275,3 +275,24 @@ def test_repair_moves_unreadable_lines_aside_and_keeps_every_record(tmp_path, ti
     assert (out / (CASES + ".quarantine")).read_text() == "{not json\n"
     assert [r["case_id"] for r in _lines(out)] == ["0", "1", "2"]
     assert [json.loads(x) for x in lines] == _lines(out)  # the valid records, untouched
+
+
+def test_analysis_records_carry_provenance_and_mixed_ones_are_refused(tmp_path, tiny_dir):
+    """Each record of cases.jsonl says what it was computed with (method, hyper-parameter hash, request
+    hash), as evaluation records do; a record of another request under a case id stops the rerun (exit 2,
+    naming the line and the key) and the file is left as it was."""
+    out = tmp_path / "trace"
+    extra = ("--samples", "2", "--kinds", "layer")
+    _ok(_invoke("trace", out, tiny_dir, *extra, limit=2))
+    records = _lines(out)
+    assert {r["method"] for r in records} == {"none"}  # tracing analyses the unedited model
+    assert len({r["hparams_hash"] for r in records}) == 1
+    assert len({r["request_hash"] for r in records}) == 2
+    lines = (out / CASES).read_text().splitlines(keepends=True)
+    foreign = {**records[1], "request_hash": "fedcba9876543210"}
+    (out / CASES).write_text(lines[0] + json.dumps(foreign) + "\n")
+    before = (out / CASES).read_bytes()
+    refused = _invoke("trace", out, tiny_dir, *extra, limit=3)
+    assert refused.exit_code == 2
+    assert "line 2" in refused.output and "request_hash" in _squeezed(refused.output)
+    assert (out / CASES).read_bytes() == before

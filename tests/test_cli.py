@@ -143,6 +143,24 @@ def test_bad_flags_fail_before_the_model_loads(tmp_path):
     assert a_file.read_text() == "not a directory"
 
 
+def test_read_only_out_fails_before_the_model_loads(tmp_path, monkeypatch):
+    """An --out on a read-only file system. Tests run as root (CI), who may write anywhere a mode bit
+    forbids, so the file system's answer is simulated: the write of the probe file fails with EROFS, as
+    it does on a read-only mount."""
+    import errno
+    import os
+    import pathlib
+
+    def read_only(self, data):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", read_only)
+    nowhere = str(tmp_path / "no-such-model")
+    for command in (["eval", "sample"], ["analyze", "trace", "sample"]):
+        result = runner.invoke(app, [*command, "--model", nowhere, "--out", str(tmp_path / "ro")])
+        _one_line_error(result, "--out", "cannot write there", "Read-only file system")
+
+
 def test_edit_save_checked_before_the_edit(tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")

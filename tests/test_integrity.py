@@ -8,7 +8,7 @@ from pathlib import Path
 
 from attnedit.evaluation.evaluator import EvalConfig
 from attnedit.runs.rundir import RESULTS, read_results
-from attnedit.runs.runner import RunConfig, run
+from attnedit.runs.runner import RunConfig, group_edit_path, run
 
 PRESET = Path(__file__).parents[1] / "src/attnedit/resources/presets/memit/smollm2-135m.json"
 
@@ -35,27 +35,35 @@ def _records(out: Path) -> dict[str, dict]:
 def test_an_extended_save_edits_run_never_reapplies_another_cases_edit(
     tmp_path, tiny_dir, corpus_file, caplog
 ):
-    out = tmp_path / "run"
-    run(_memit(out, tiny_dir, corpus_file, first=0, limit=1, save_edits=True), progress=False)
-    saved = out / "edits" / "00000.safetensors"
-    assert saved.is_file()
-    # the same run extended to case 1: position 0 of the new range is case 1, whose edit differs
-    with caplog.at_level(logging.WARNING, logger="attnedit.runs.runner"):
-        run(_memit(out, tiny_dir, corpus_file, first=1, limit=1, save_edits=True), progress=False)
-    fresh = tmp_path / "fresh"
-    run(_memit(fresh, tiny_dir, corpus_file, first=1, limit=1), progress=False)
-    extended, alone = _records(out)["1"], _records(fresh)["1"]
-    assert extended["comparisons"] == alone["comparisons"]  # scored with its own edit
-    assert "other requests" in caplog.text and "00000.safetensors" in caplog.text
-    # case 0's edit is set aside, never applied to case 1; case 1's own edit is saved in its place
     from attnedit.core.data import load_cases
     from attnedit.core.deltas import WeightEdit
 
     cases = load_cases("sample").cases
-    assert WeightEdit.load(out / "edits" / "00000.safetensors.bad").requests == [cases[0].request]
-    assert WeightEdit.load(saved).requests == [cases[1].request]
-    # resumed once more on the same range: the matching saved edit is re-applied, nothing is set aside
-    caplog.clear()
+    out = tmp_path / "run"
+    run(_memit(out, tiny_dir, corpus_file, first=0, limit=1, save_edits=True), progress=False)
+    first = group_edit_path(out, [cases[0]])
+    assert sorted((out / "edits").iterdir()) == [first]
+    # the same run extended to case 1 (position 0 of the new range): case 1 gets its own edit, and case
+    # 0's saved edit is kept beside it (files are named by their requests, not by position)
     with caplog.at_level(logging.WARNING, logger="attnedit.runs.runner"):
         run(_memit(out, tiny_dir, corpus_file, first=1, limit=1, save_edits=True), progress=False)
     assert "other requests" not in caplog.text
+    second = group_edit_path(out, [cases[1]])
+    assert sorted((out / "edits").iterdir()) == sorted([first, second])
+    assert WeightEdit.load(first).requests == [cases[0].request]
+    assert WeightEdit.load(second).requests == [cases[1].request]
+    fresh = tmp_path / "fresh"
+    run(_memit(fresh, tiny_dir, corpus_file, first=1, limit=1), progress=False)
+    extended, alone = _records(out)["1"], _records(fresh)["1"]
+    assert extended["comparisons"] == alone["comparisons"]  # scored with its own edit
+
+    # an edit of other requests under case 1's name (copied there): set aside, never applied
+    (out / "results.jsonl").write_text("")
+    first_bytes = first.read_bytes()
+    second.write_bytes(first_bytes)
+    with caplog.at_level(logging.WARNING, logger="attnedit.runs.runner"):
+        run(_memit(out, tiny_dir, corpus_file, first=1, limit=1, save_edits=True), progress=False)
+    assert "other requests" in caplog.text and second.name in caplog.text
+    aside = second.with_name(second.name + ".bad")
+    assert aside.read_bytes() == first_bytes and WeightEdit.load(second).requests == [cases[1].request]
+    assert _records(out)["1"]["comparisons"] == alone["comparisons"]

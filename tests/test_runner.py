@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from attnedit.core.data import load_cases
 from attnedit.evaluation.evaluator import EvalConfig
 from attnedit.runs.report import collect
 from attnedit.runs.rundir import (
@@ -24,7 +25,7 @@ from attnedit.runs.rundir import (
     read_results,
     selected_records,
 )
-from attnedit.runs.runner import RunConfig, Shard, run
+from attnedit.runs.runner import RunConfig, Shard, group_edit_path, run
 
 
 def _config(out: Path, model: Path, **kw) -> RunConfig:
@@ -336,7 +337,8 @@ def test_interrupted_batch_run_reapplies_its_saved_edit(tmp_path, tiny_dir, corp
             progress=False,
         )
     assert model_hash(bundle.model) == original
-    assert (out / "edits" / "00000.safetensors").is_file() and len(read_results(out / RESULTS)) == 2
+    saved = group_edit_path(out, load_cases("sample").cases[:4])
+    assert saved.is_file() and len(read_results(out / RESULTS)) == 2
 
     monkeypatch.setattr(evaluation.Evaluator, "score", real)
 
@@ -353,7 +355,7 @@ def test_interrupted_batch_run_reapplies_its_saved_edit(tmp_path, tiny_dir, corp
     assert [r["case_id"] for r in records] == [r["case_id"] for r in expected]
     for old, new in zip(expected, records, strict=True):
         assert old["comparisons"] == new["comparisons"]
-    assert not (out / "edits" / "00000.safetensors").exists()
+    assert not saved.exists()
     assert model_hash(bundle.model) == original
 
 
@@ -388,7 +390,6 @@ def test_fluency_batched_across_cases_equals_per_case_generation(tmp_path, tiny_
 
     editor = make_editor(config.method, bundle, config.preset, config.params, sadr=config.sadr)
     evaluator = Evaluator(bundle, fl)
-    from attnedit.core.data import load_cases
 
     cases = load_cases("sample").cases[:5]
     if mode == "single":
@@ -702,7 +703,6 @@ def test_the_cli_refuses_a_locked_or_unsafe_run_directory_in_one_line(tmp_path, 
 
 
 def test_the_data_are_identified_by_their_sha256_not_their_path(tmp_path, tiny_dir):
-    from attnedit.core.data import load_cases
 
     sample = load_cases("sample")
     copy = tmp_path / "moved" / Path(sample.path).name

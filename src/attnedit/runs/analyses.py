@@ -33,6 +33,7 @@ from attnedit.runs.rundir import (
     data_manifest,
     environment_manifest,
     model_manifest,
+    provenance,
 )
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class Session:
     editor: Any
     records: dict[str, dict]  # case_id -> record, those already in cases.jsonl
     run_dir: RunDir[dict]
+    manifest: dict
 
 
 def _manifest(analysis: str, setting: Setting, options: dict, bundle: Any, dataset: Any, editor: Any) -> dict:
@@ -134,12 +136,13 @@ def start(analysis: str, setting: Setting, options: dict, *, edit: bool) -> Sess
             logger.warning("--repair: %d unreadable line(s) of %s moved aside", moved, run_dir.records_path)
         ids = [c.case_id for c in cases]
         records = {r["case_id"]: r for r in run_dir.records(ids, repair=True)}
+        run_dir.check_provenance(manifest, cases)
     except BaseException:
         run_dir.close()  # a run that cannot start leaves the directory unlocked
         raise
     if records:
         logger.info("resuming %s: %d of %d cases already done", run_dir.path, len(records), len(cases))
-    return Session(analysis, setting, options, cases, bundle, editor, records, run_dir)
+    return Session(analysis, setting, options, cases, bundle, editor, records, run_dir, manifest)
 
 
 def run_cases(session: Session, compute: Callable[[Any], dict]) -> list[dict]:
@@ -157,7 +160,8 @@ def run_cases(session: Session, compute: Callable[[Any], dict]) -> list[dict]:
                     record = compute(case)
                 except (ValueError, KeyError, IndexError) as err:
                     raise ValueError(f"case {case.case_id} ({case.source}): {err}") from err
-                record = json_ready({"case_id": case.case_id, "source": case.source, **record})
+                keys = {"case_id": case.case_id, "source": case.source, **provenance(session.manifest, case)}
+                record = json_ready({**keys, **record})
                 session.run_dir.append(record)
                 done[case.case_id] = record
                 bar.update(1)

@@ -36,6 +36,7 @@ import platform
 import random
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -87,6 +88,16 @@ def short_hash(value: Any) -> str:
     settings give the same hash whatever their key order."""
     text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def provenance(manifest: Mapping[str, Any], case: Any = None) -> dict[str, str]:
+    """What a record is computed with: the method and a hash of the hyper-parameters (from the run's
+    manifest) and, given the case (a ``core.data.EditCase``), a hash of its edit request. Added to every
+    record an evaluation or an analysis writes and checked on resume (``RunDir.check_provenance``)."""
+    keys = {"method": manifest["method"], "hparams_hash": short_hash(manifest["hyperparameters"])}
+    if case is not None:
+        keys["request_hash"] = short_hash(asdict(case.request))
+    return keys
 
 
 def _link_refused(path: Path) -> UnsafeRunFileError:
@@ -362,12 +373,14 @@ class RunDir(Generic[R]):
         by_id = {r["case_id"]: r for r in found}
         return [by_id[i] for i in case_ids if i in by_id]
 
-    def check_provenance(self, expected: Mapping[str, Mapping[str, Any]], common: Mapping[str, Any]) -> None:
+    def check_provenance(self, manifest: Mapping[str, Any], cases: Sequence[Any]) -> None:
         """Refuse (``MixedRecordsError`` naming the file, line, case and the difference) a record whose
-        provenance keys differ from this run's: ``common`` (e.g. method, hyper-parameter hash) applies to
-        every record, ``expected[case_id]`` (e.g. the request hash) to that case's record. A key a record
-        lacks is not compared: records written before provenance was recorded were checked by the
-        manifest's identity alone."""
+        provenance keys (``provenance``) differ from this run's: method and hyper-parameter hash for every
+        record, the request hash of ``cases`` for the record of that case. A key a record lacks is not
+        compared: records written before provenance was recorded were checked by the manifest's identity
+        alone."""
+        common = provenance(manifest)
+        expected = {c.case_id: {"request_hash": provenance(manifest, c)["request_hash"]} for c in cases}
         if not self.records_path.is_file():
             return
         lines = self.records_path.read_bytes().split(b"\n")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from attnedit.runs.rundir import (
     data_manifest,
     environment_manifest,
     model_manifest,
+    provenance,
     short_hash,
 )
 
@@ -91,7 +91,9 @@ class RunConfig:
     preset: str | None = None
     params: dict = field(default_factory=dict)  # overrides of preset fields
     sadr: dict = field(default_factory=dict)  # SADR settings over the preset's sadr block (X+sadr methods)
-    save_edits: bool = False  # keep every edit as DIR/edits/NNNNN.safetensors (always in sequential mode)
+    # keep every edit as DIR/edits/HASH.safetensors (HASH: of the group's requests); sequential mode always
+    # keeps its edits, as DIR/edits/NNNNN.safetensors (NNNNN: the position in the sequence)
+    save_edits: bool = False
     # fluency generation: cases decoded in one batch (a speed setting: not part of a run's identity)
     generation_cases: int = 16
     repair: bool = False  # move unreadable record lines to the quarantine file before the run (--repair)
@@ -161,16 +163,6 @@ def run_identity(mode: str) -> tuple[str, ...]:
     return tuple(k for k in _IDENTITY if mode != "single" or k not in _RANGE)
 
 
-def provenance(manifest: Mapping, case: EditCase | None = None) -> dict[str, str]:
-    """What a record is computed with: the method and a hash of the hyper-parameters (from the run's
-    manifest) and, given the case, a hash of its edit request. Added to every record the runner writes
-    and checked on resume (``RunDir.check_provenance``)."""
-    keys = {"method": manifest["method"], "hparams_hash": short_hash(manifest["hyperparameters"])}
-    if case is not None:
-        keys["request_hash"] = short_hash(asdict(case.request))
-    return keys
-
-
 def write_summary(run_dir: RunDir[CaseRecord], records: list[CaseRecord]) -> Summary:
     """Pool ``records`` (``metrics.summarize``) into the run's ``summary.json``; returns the summary."""
     summary = summarize(records)
@@ -214,10 +206,7 @@ def _run_locked(
         moved = run_dir.quarantine()
         logger.warning("--repair: %d unreadable line(s) of %s moved aside", moved, run_dir.records_path)
     records = run_dir.records(manifest["case_ids"], repair=True)
-    run_dir.check_provenance(
-        {c.case_id: {"request_hash": provenance(manifest, c)["request_hash"]} for c in cases},
-        provenance(manifest),
-    )
+    run_dir.check_provenance(manifest, cases)
     done = {r["case_id"] for r in records}
     if done:
         logger.info("resuming %s: %d of %d cases already done", run_dir.path, len(done), len(cases))
@@ -350,8 +339,9 @@ def _edit_group(
     """Edit one group (single or batch mode). A batch edit is saved before its cases are evaluated
     (kept with --save-edits, removed after the group otherwise), so an interrupted run re-applies it
     instead of recomputing it; a single-case edit is saved only with --save-edits. An empty edit
-    (method ``none``) is never saved."""
-    path = out / EDITS / f"{k:05d}.safetensors"
+    (method ``none``) is never saved. The file is named by the group's requests (``group_edit_path``),
+    so a run extended to other cases keeps the edits of the earlier ones."""
+    path = group_edit_path(out, group)
     loaded = _saved_edit(path, group)
     if loaded is not None:
         logger.info("group %d: re-applying the saved edit %s", k, path)
@@ -366,12 +356,18 @@ def _edit_group(
     return applied, seconds, path
 
 
+def group_edit_path(out: Path, group: list[EditCase]) -> Path:
+    """Where the edit of one group of a single or batch run is saved: ``OUT/edits/HASH.safetensors``,
+    HASH the ``short_hash`` of the group's requests in order (one file per group, whatever the range)."""
+    return out / EDITS / f"{short_hash([asdict(case.request) for case in group])}.safetensors"
+
+
 def _saved_edit(path: Path, group: list[EditCase]) -> WeightEdit | None:
     """The saved edit at ``path`` when it is intact and was computed for exactly this group's requests,
     else None: the edit is then recomputed. (The method and hyper-parameters are the run's identity,
-    checked when it opens.) Files are named by the group's position in the current case range, so a
-    run extended to another range finds the edits of other cases there: such a file, or a damaged one,
-    is moved aside (``*.bad``, with a warning), never applied to this group."""
+    checked when it opens.) A file of other requests (one copied or renamed there, or a sequential
+    edit at this position of another range) or a damaged one is moved aside (``*.bad``, with a
+    warning), never applied to this group."""
     if not path.is_file():
         return None
     try:
