@@ -28,7 +28,7 @@ from attnedit.core.tokens import SubjectNotFoundError, locate_subject
 from attnedit.editing.covariance import StatsSpec
 from attnedit.editing.optimise import LossTerm, TargetResult, TargetSettings
 from attnedit.editing.presets import LocateParams, params_dict
-from attnedit.editing.templates import TemplateSpec, context_templates
+from attnedit.editing.templates import TemplateSpec, context_templates, language
 
 
 class EditRequestError(ValueError):
@@ -61,9 +61,19 @@ def check_layers(bundle: ModelBundle, layers: Sequence[int], method: str) -> Non
         raise EditRequestError(f"{method}: layer(s) {bad} outside 0..{bundle.adapter.n_layers - 1}")
 
 
-def target_settings(p: LocateParams) -> TargetSettings:
-    """The target optimisation's settings from a locate-then-edit method's parameters."""
+def cases_language(cases: Sequence[EditCase]) -> str:
+    """The language all ``cases`` are in (``""``: data without one); a batch mixing languages is refused."""
+    found = {getattr(case, "language", "") for case in cases}
+    if len(found) > 1:
+        raise EditRequestError(f"one edit cannot mix languages {sorted(found)}; edit each language apart")
+    return found.pop() if found else ""
+
+
+def target_settings(p: LocateParams, lang: str = "") -> TargetSettings:
+    """The target optimisation's settings from a locate-then-edit method's parameters, with the KL
+    prompt of the requests' language."""
     return TargetSettings(
+        kl_prompt=language(lang).kl_prompt,
         lr=p.lr,
         steps=p.steps,
         kl_factor=p.kl_factor,
@@ -74,9 +84,14 @@ def target_settings(p: LocateParams) -> TargetSettings:
     )
 
 
-def method_templates(bundle: ModelBundle, p: LocateParams) -> list[str]:
-    """The context templates the method's parameters ask for (``"{}"`` first)."""
-    spec = TemplateSpec(lengths=tuple((int(a), int(b)) for a, b in p.templates), seed=p.template_seed)
+def method_templates(bundle: ModelBundle, p: LocateParams, lang: str = "") -> list[str]:
+    """The context templates the method's parameters ask for (``"{}"`` first), sampled from seed words of
+    the requests' language."""
+    spec = TemplateSpec(
+        lengths=tuple((int(a), int(b)) for a, b in p.templates),
+        seed_words=language(lang).seed_words,
+        seed=p.template_seed,
+    )
     return context_templates(bundle, spec)
 
 

@@ -78,6 +78,7 @@ class TargetSettings:
     clamp_norm_factor: float = 4.0
     early_stop_loss: float = 0.05
     max_rows: int = 256  # rows (template prompts) optimised together; bounds memory
+    kl_prompt: str = KL_PROMPT  # in the language of the requests (``templates.LANGUAGES``)
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,12 @@ class Row:
         return not self.targets
 
 
-def build_rows(bundle: ModelBundle, requests: Sequence[EditRequest], templates: Sequence[str]) -> list[Row]:
+def build_rows(
+    bundle: ModelBundle,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    kl_prompt: str = KL_PROMPT,
+) -> list[Row]:
     """Rows for every request: one per template (template 0 must be ``"{}"``), then its KL prompt."""
     if not templates or templates[0] != "{}":
         raise ValueError("the first context template must be '{}' (the plain prompt)")
@@ -109,7 +115,7 @@ def build_rows(bundle: ModelBundle, requests: Sequence[EditRequest], templates: 
             ids = tuple(span.input_ids) + tuple(target[:-1])
             check_length(bundle.adapter, len(ids), span.text)
             rows.append(Row(r, ids, span.last_token, len(span.input_ids), tuple(target), t))
-        kl = locate_subject(tok, KL_PROMPT, req.subject)
+        kl = locate_subject(tok, kl_prompt, req.subject)
         rows.append(
             Row(r, tuple(kl.input_ids[: kl.last_token + 1]), kl.last_token, kl.last_token + 1, (), -1)
         )
@@ -281,7 +287,7 @@ def optimise_targets(
     """Optimise one delta per (request, injection site); requests are processed in groups of
     ``max_rows``. Injection sites are hidden-state outputs (``check_injections``)."""
     check_injections(injections)
-    rows = build_rows(bundle, requests, templates)
+    rows = build_rows(bundle, requests, templates, settings.kl_prompt)
     per_request = len(templates) + 1
     group = max(1, settings.max_rows // per_request)
     hidden = bundle.adapter.hidden_size

@@ -67,6 +67,26 @@ class PmetParams(MemitParams):
 
 
 @dataclass
+class MematParams(MemitParams):
+    """MEMIT's parameters (step 1, from the MEMIT preset) plus the attention-head steps (MEMAT's official
+    defaults; ``correction_min_steps`` is ours: one epoch of a small batch is only a few steps)."""
+
+    heads: int = 16  # K: the heads with the best classifier accuracy get a correction
+    head_language: str = "edit"  # the language of the classifiers and corrections; "edit": the edit's own
+    classifier_records: str = "succeeded"  # records whose edit already succeeds in the head language; "all"
+    classifier_split: float = 0.7  # share of the records that train the classifiers (the rest validate)
+    classifier_seed: int = 123
+    correction_lr: float = 0.2
+    correction_batch: int = 32  # requests per minibatch (one Adam step each)
+    correction_epochs: int = 1
+    correction_min_steps: int = 20
+    correction_kl_factor: float = 0.0625
+    correction_weight_decay: float = 0.001
+    correction_clamp: float = 0.75  # times each head's mean activation norm
+    bias_fold: str = "sum"  # "overwrite": the official code's last-head-wins bias (documented bug)
+
+
+@dataclass
 class FTParams:
     """Constrained fine-tuning of one MLP down-projection (FT-L, the standard baseline)."""
 
@@ -77,7 +97,16 @@ class FTParams:
     early_stop_loss: float = 0.01
 
 
-PARAMS: dict[str, type] = {"rome": RomeParams, "memit": MemitParams, "pmet": PmetParams, "ft": FTParams}
+PARAMS: dict[str, type] = {
+    "rome": RomeParams,
+    "memit": MemitParams,
+    "pmet": PmetParams,
+    "memat": MematParams,
+    "ft": FTParams,
+}
+# methods whose presets are another method's: MEMAT's first step is MEMIT with MEMIT's preset, and its own
+# fields keep their defaults unless overridden
+PRESET_METHOD: dict[str, str] = {"memat": "memit"}
 
 
 @dataclass(frozen=True)
@@ -89,6 +118,7 @@ class Rule:
     minimum: float | None = None
     strict: bool = False
     choices: tuple[str, ...] = ()
+    below: float | None = None  # an exclusive upper bound
 
     def problem(self, value: Any) -> str | None:
         """Why ``value`` is refused, or None."""
@@ -119,6 +149,8 @@ class Rule:
             return "expected a finite number"
         if self.minimum is not None and (value <= self.minimum if self.strict else value < self.minimum):
             return f"must be {'>' if self.strict else '>='} {self.minimum:g}"
+        if self.below is not None and value >= self.below:
+            return f"must be < {self.below:g}"
         return None
 
 
@@ -149,6 +181,19 @@ RULES: dict[str, Rule] = {
     "key_mode": Rule("str", choices=("templates", "prompt")),
     "mom2_update_weight": _at_least("float", 0),
     "norm_constraint": _positive("float"),
+    "heads": _at_least("int", 1),
+    "head_language": Rule("str"),
+    "classifier_records": Rule("str", choices=("succeeded", "all")),
+    "classifier_split": Rule("float", 0, strict=True, below=1),
+    "classifier_seed": Rule("int"),
+    "correction_lr": _positive("float"),
+    "correction_batch": _at_least("int", 1),
+    "correction_epochs": _at_least("int", 1),
+    "correction_min_steps": _at_least("int", 1),
+    "correction_kl_factor": _at_least("float", 0),
+    "correction_weight_decay": _at_least("float", 0),
+    "correction_clamp": _positive("float"),
+    "bias_fold": Rule("str", choices=("sum", "overwrite")),
 }
 
 
@@ -163,7 +208,7 @@ def _preset_files(method: str) -> list[Path]:
 
 
 def available_presets(method: str) -> list[str]:
-    return [p.stem for p in _preset_files(method)]
+    return [p.stem for p in _preset_files(PRESET_METHOD.get(method, method))]
 
 
 def _matches(preset: dict, model_name: str) -> bool:
@@ -176,10 +221,11 @@ def load_preset(method: str, model_name: str, preset: str | None = None) -> dict
     """The preset dict for ``method``: named/path ``preset`` if given, else the one matching the model."""
     if method not in PARAMS:
         raise PresetError(f"method {method!r} has no presets")
+    owner = PRESET_METHOD.get(method, method)
     if preset and Path(preset).is_file():
         data = json.loads(Path(preset).read_text())
     else:
-        found = [json.loads(p.read_text()) for p in _preset_files(method)]
+        found = [json.loads(p.read_text()) for p in _preset_files(owner)]
         if preset:
             hits = [d for d in found if d["model"] == preset]
         else:
@@ -191,7 +237,7 @@ def load_preset(method: str, model_name: str, preset: str | None = None) -> dict
                 "(choose one with --preset NAME or a JSON file, e.g. for a model of the same family and size)"
             )
         data = hits[0]
-    if data.get("method") != method:
+    if data.get("method") not in (method, owner):
         raise PresetError(
             f"preset {data.get('model')!r} is for method {data.get('method')!r}, not {method!r}"
         )

@@ -2,7 +2,8 @@
 
 ``make_editor`` builds a method from the preset of the model it is given (``presets.py``) plus
 overrides. ``none`` leaves the model untouched (an empty edit: the unedited baseline row of the
-paper's tables); ``rome``, ``memit``, ``pmet`` and ``ft`` have a module each (``rome.py``, ...).
+paper's tables); ``rome``, ``memit``, ``pmet``, ``memat`` and ``ft`` have a module each (``rome.py``, ...;
+MEMAT's head blocks are ``heads.py``). MEMAT takes MEMIT's presets (``presets.PRESET_METHOD``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from attnedit.core.data import EditCase
 from attnedit.core.deltas import AppliedEdit, WeightEdit
 from attnedit.core.models import ModelBundle
 from attnedit.editing.ft import FineTune
+from attnedit.editing.memat import Memat
 from attnedit.editing.memit import Memit
 from attnedit.editing.pmet import Pmet
 from attnedit.editing.presets import load_preset, make_params
@@ -63,6 +65,7 @@ METHODS: dict[str, Callable[..., Editor]] = {
     "rome": Rome,
     "memit": Memit,
     "pmet": Pmet,
+    "memat": Memat,
     "ft": FineTune,
 }
 

@@ -11,6 +11,7 @@ from attnedit.core.sites import Site
 from attnedit.editing.base import (
     EditRequestError,
     LocateThenEdit,
+    cases_language,
     check_layers,
     edit_metadata,
     method_templates,
@@ -46,10 +47,12 @@ class Rome(LocateThenEdit):
         layer = p.layers[0]
         check_layers(bundle, p.layers, self.name)
         request = validate_request(bundle, cases[0])
-        templates = method_templates(bundle, p)
+        lang = cases_language(cases)
+        templates = method_templates(bundle, p, lang)
         cov = second_moments(bundle, "mlp_down", [layer], stats_spec(p))[layer]
         injection = Site("mlp", layer)
-        result = optimise_targets(bundle, [request], templates, [injection], target_settings(p), self.terms)
+        settings = target_settings(p, lang)
+        result = optimise_targets(bundle, [request], templates, [injection], settings, self.terms)
         keys = read_at_fact_token(bundle, [request], templates, [Site("mlp_down", layer, "input")])
         key_per_template = next(iter(keys.values()))[0]
         key = key_per_template.mean(0) if p.key_mode == "templates" else key_per_template[0]

@@ -27,6 +27,37 @@ SEED_WORDS = ("The", "Therefore", "Because", "I", "You")
 
 
 @dataclass(frozen=True)
+class Language:
+    """What the editing prompts look like in one language: the seed words context templates are sampled
+    from, and the prompt whose next-token distribution the KL term keeps (``{}``: the subject)."""
+
+    seed_words: tuple[str, ...]
+    kl_prompt: str
+
+
+# English is the references' choice; the others are ours, written the same way (MEMAT's official code
+# used the English ones for every language, one of its bugs)
+LANGUAGES: dict[str, Language] = {
+    "en": Language(SEED_WORDS, "{} is a"),
+    "fr": Language(("Le", "Donc", "Parce que", "Je", "Vous"), "{} est un"),
+    "es": Language(("El", "Por lo tanto", "Porque", "Yo", "Tú"), "{} es un"),
+    "de": Language(("Der", "Deshalb", "Weil", "Ich", "Du"), "{} ist ein"),
+    "ca": Language(("El", "Per tant", "Perquè", "Jo", "Tu"), "{} és un"),
+}
+
+
+def language(code: str) -> Language:
+    """The prompts of language ``code`` (``""``: English, the language of data without one)."""
+    try:
+        return LANGUAGES[code or "en"]
+    except KeyError:
+        raise ValueError(
+            f"no context-template seed words or KL prompt for language {code!r}; known: "
+            f"{', '.join(sorted(LANGUAGES))} (editing.templates.LANGUAGES)"
+        ) from None
+
+
+@dataclass(frozen=True)
 class TemplateSpec:
     """``lengths``: (tokens per prefix, number of prefixes) pairs; ROME uses ((5, 10), (10, 10))."""
 

@@ -1,0 +1,182 @@
+"""MEMAT (Tamayo et al. 2025): MEMIT, then corrections of the attention heads that best tell the new
+object from the old one, folded into the attention output projections' biases.
+
+1. MEMIT in the edit language (the MEMIT preset), added to the edit.
+2. On the edited model, in the head language: per-head features (``heads.head_features``) of
+   "prompt + o_new" (label 1) and "prompt + o_true" (label 0); one classifier per head
+   (``heads.rank_heads``); the ``heads`` best by validation accuracy are chosen. Which records train the
+   classifiers is ``classifier_records``: those whose edit already succeeds in the head language (the
+   official code) or all; every record is corrected and evaluated either way.
+3. One correction per chosen head, shared by the batch (``heads.train_corrections``), trained as
+   deployed, then folded into the output projections' biases (``heads.fold_corrections``; created where
+   the family has none).
+
+The result is one ``WeightEdit`` (MLP deltas + biases): revert, save/load, sequential mode and batched
+fluency work as for every method. A bias acts on every input, so one correction per edit is only
+deployable for a batch of one: that is single mode (``--mode single``), where the shared correction is
+the edit's own. With ``+sadr`` the SADR term joins both optimisations (MEMIT's target and the corrections).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from attnedit.core.data import EditCase, EditRequest
+from attnedit.core.deltas import AppliedEdit, EditBuilder
+from attnedit.core.models import ModelBundle
+from attnedit.core.scoring import score_targets
+from attnedit.core.tokens import SubjectNotFoundError
+from attnedit.editing.base import EditRequestError, cases_language, edit_metadata, method_templates
+from attnedit.editing.heads import (
+    CorrectionRequest,
+    CorrectionSettings,
+    fold_corrections,
+    head_features,
+    rank_heads,
+    sentence_ids,
+    train_corrections,
+)
+from attnedit.editing.memit import Memit
+from attnedit.editing.optimise import LossTerm
+from attnedit.editing.presets import MematParams
+from attnedit.editing.templates import language
+
+logger = logging.getLogger(__name__)
+
+
+def head_case(case: EditCase, head_language: str) -> EditCase:
+    """The case in the head language (``"edit"``: the case itself)."""
+    return case if head_language == "edit" else case.in_language(head_language)
+
+
+def prompt_text(case: EditCase) -> str:
+    """The case's edit prompt as text (its first rewrite prompt where the subject is not in the prompt)."""
+    try:
+        return case.request.text
+    except (SubjectNotFoundError, ValueError):
+        if not case.rewrite:
+            raise
+        return case.rewrite[0].prompt
+
+
+@dataclass
+class Memat(Memit):
+    """MEMAT: MEMIT plus attention-head corrections (module docstring)."""
+
+    params: MematParams
+    terms: list[LossTerm] = field(default_factory=list)
+    name: str = "memat"
+    preset: str = ""
+
+    def apply(self, bundle: ModelBundle, cases: list[EditCase]) -> AppliedEdit:
+        """Edit the model in place for all cases together; the returned edit reverts it exactly."""
+        p = self.params
+        n_heads = bundle.adapter.n_layers * bundle.adapter.n_heads
+        if p.heads > n_heads:
+            raise EditRequestError(f"memat: heads={p.heads}, but the model has {n_heads} attention heads")
+        seconds: dict[str, float] = {}
+        with EditBuilder(bundle.model) as builder:
+            t0 = time.perf_counter()
+            requests, info = self.edit_mlp(builder, bundle, cases)
+            seconds["memit"] = time.perf_counter() - t0
+            targets = [head_case(case, p.head_language) for case in cases]
+            head_lang = cases_language(targets)
+            prompts = [prompt_text(case) for case in targets]
+            memat = self._heads(bundle, targets, prompts, head_lang, seconds, builder)
+        info = {**info, "memat": {**memat, "head_language": head_lang, "seconds": seconds}}
+        return builder.finish(edit_metadata(self, bundle, requests, info))
+
+    def _heads(
+        self,
+        bundle: ModelBundle,
+        targets: list[EditCase],
+        prompts: list[str],
+        head_lang: str,
+        seconds: dict[str, float],
+        builder: EditBuilder,
+    ) -> dict:
+        """Steps 2 and 3 on the MEMIT-edited model: classify, choose, train, fold into ``builder``."""
+        p = self.params
+        t0 = time.perf_counter()
+        requests: list[EditRequest] = [case.request for case in targets]
+        succeeded = self._succeeded(bundle, prompts, requests)
+        chosen_records = list(range(len(targets)))
+        used = p.classifier_records
+        if p.classifier_records == "succeeded":
+            chosen_records = [i for i, ok in enumerate(succeeded) if ok]
+            if not chosen_records:
+                used = "all (no record's edit succeeds in the head language)"
+                chosen_records = list(range(len(targets)))
+                logger.warning(
+                    "memat: no edit of the batch succeeds in %r yet; all %d records train the classifiers",
+                    head_lang or "the edit language",
+                    len(targets),
+                )
+        sentences, labels, records = [], [], []
+        for i in chosen_records:
+            for target, label in ((requests[i].target_new, 1), (requests[i].target_true, 0)):
+                sentences.append(sentence_ids(bundle, prompts[i], target))
+                labels.append(label)
+                records.append(i)
+        features = head_features(bundle, sentences)
+        seconds["activations"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        ranking = rank_heads(
+            features, np.array(labels), np.array(records), p.classifier_split, p.classifier_seed
+        )
+        heads = ranking.top(p.heads)
+        seconds["classifiers"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        reference_norm = torch.stack([features[:, layer, head].norm(dim=-1).mean() for layer, head in heads])
+        correction_requests = [
+            CorrectionRequest(prompt, req.target_new, req.subject, language(head_lang).kl_prompt)
+            for prompt, req in zip(prompts, requests, strict=True)
+        ]
+        settings = CorrectionSettings(
+            lr=p.correction_lr,
+            batch_requests=p.correction_batch,
+            epochs=p.correction_epochs,
+            min_steps=p.correction_min_steps,
+            kl_factor=p.correction_kl_factor,
+            weight_decay=p.correction_weight_decay,
+            clamp_norm_factor=p.correction_clamp,
+            seed=p.classifier_seed,
+        )
+        templates = method_templates(bundle, p, head_lang)
+        result = train_corrections(
+            bundle, correction_requests, templates, heads, reference_norm, settings, self.terms
+        )
+        for layer, change in fold_corrections(bundle, heads, result.delta, p.bias_fold).items():
+            builder.add(f"{bundle.adapter.module_name('attn_o', layer)}.bias", change)
+        seconds["corrections"] = time.perf_counter() - t0
+        return {
+            "heads": [[layer, head] for layer, head in heads],
+            "head_val_accuracy": ranking.val_accuracy.round(4).tolist(),
+            "head_train_accuracy": ranking.train_accuracy.round(4).tolist(),
+            "classifier_records": used,
+            "records_succeeded": int(sum(succeeded)),
+            "classifier_train_records": ranking.n_train,
+            "classifier_val_records": ranking.n_val,
+            "validated_on": ranking.validated_on,
+            "correction_steps": result.steps,
+            "correction_final_loss": result.final_loss,
+            "correction_loss_parts": result.loss_parts,
+            # each correction's norm relative to its head's mean activation norm (the clamp's scale)
+            "correction_norms": (result.delta.norm(dim=-1) / result.reference_norm).round(decimals=4)
+            .tolist(),
+        }
+
+    def _succeeded(self, bundle: ModelBundle, prompts: list[str], requests: list[EditRequest]) -> list[bool]:
+        """Whether each edit already makes o_new more likely than o_true on its head-language prompt."""
+        pairs = [(prompt, req.target_new) for prompt, req in zip(prompts, requests, strict=True)]
+        pairs += [(prompt, req.target_true) for prompt, req in zip(prompts, requests, strict=True)]
+        scores = score_targets(bundle.model, bundle.tokenizer, bundle.adapter, pairs)
+        n = len(requests)
+        return [scores[i].nll < scores[n + i].nll for i in range(n)]
