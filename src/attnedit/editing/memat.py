@@ -31,10 +31,11 @@ from attnedit.core.deltas import AppliedEdit, EditBuilder
 from attnedit.core.models import ModelBundle
 from attnedit.core.scoring import score_targets
 from attnedit.core.tokens import SubjectNotFoundError
-from attnedit.editing.base import EditRequestError, cases_language, edit_metadata, method_templates
+from attnedit.editing.base import cases_language, edit_metadata, method_templates
 from attnedit.editing.heads import (
     CorrectionRequest,
     CorrectionSettings,
+    HeadRanking,
     fold_corrections,
     head_features,
     rank_heads,
@@ -65,6 +66,18 @@ def prompt_text(case: EditCase) -> str:
 
 
 @dataclass
+class HeadChoice:
+    """Step 2's result: the ranking of every head, the features it was fitted on, which records trained
+    the classifiers (``classifier_records`` as applied) and whether each edit succeeded in the head
+    language."""
+
+    ranking: HeadRanking
+    features: torch.Tensor
+    used: str
+    succeeded: list[bool]
+
+
+@dataclass
 class Memat(Memit):
     """MEMAT: MEMIT plus attention-head corrections (module docstring)."""
 
@@ -75,35 +88,35 @@ class Memat(Memit):
 
     def apply(self, bundle: ModelBundle, cases: list[EditCase]) -> AppliedEdit:
         """Edit the model in place for all cases together; the returned edit reverts it exactly."""
-        p = self.params
         n_heads = bundle.adapter.n_layers * bundle.adapter.n_heads
-        if p.heads > n_heads:
-            raise EditRequestError(f"memat: heads={p.heads}, but the model has {n_heads} attention heads")
+        if self.params.heads > n_heads:
+            raise EditRequestError(
+                f"memat: heads={self.params.heads}, but the model has {n_heads} attention heads"
+            )
         seconds: dict[str, float] = {}
         with EditBuilder(bundle.model) as builder:
             t0 = time.perf_counter()
             requests, info = self.edit_mlp(builder, bundle, cases)
             seconds["memit"] = time.perf_counter() - t0
-            targets = [head_case(case, p.head_language) for case in cases]
-            head_lang = cases_language(targets)
-            prompts = [prompt_text(case) for case in targets]
-            memat = self._heads(bundle, targets, prompts, head_lang, seconds, builder)
-        info = {**info, "memat": {**memat, "head_language": head_lang, "seconds": seconds}}
+            targets = self.head_targets(cases)
+            choice = self.classify(bundle, targets, seconds)
+            memat = self.correct(bundle, targets, choice, self.params.heads, builder, seconds)
+        info = {**info, "memat": {**memat, "seconds": seconds}}
         return builder.finish(edit_metadata(self, bundle, requests, info))
 
-    def _heads(
-        self,
-        bundle: ModelBundle,
-        targets: list[EditCase],
-        prompts: list[str],
-        head_lang: str,
-        seconds: dict[str, float],
-        builder: EditBuilder,
-    ) -> dict:
-        """Steps 2 and 3 on the MEMIT-edited model: classify, choose, train, fold into ``builder``."""
+    def head_targets(self, cases: list[EditCase]) -> list[EditCase]:
+        """The cases in the head language (all in one language)."""
+        targets = [head_case(case, self.params.head_language) for case in cases]
+        cases_language(targets)
+        return targets
+
+    def classify(self, bundle: ModelBundle, targets: list[EditCase], seconds: dict[str, float]) -> HeadChoice:
+        """Step 2 on the MEMIT-edited model: features of "prompt + o_new" / "prompt + o_true" in the head
+        language, one classifier per head, heads ranked (``seconds``: activations, classifiers)."""
         p = self.params
         t0 = time.perf_counter()
-        requests: list[EditRequest] = [case.request for case in targets]
+        prompts = [prompt_text(case) for case in targets]
+        requests = [case.request for case in targets]
         succeeded = self._succeeded(bundle, prompts, requests)
         chosen_records = list(range(len(targets)))
         used = p.classifier_records
@@ -113,8 +126,8 @@ class Memat(Memit):
                 used = "all (no record's edit succeeds in the head language)"
                 chosen_records = list(range(len(targets)))
                 logger.warning(
-                    "memat: no edit of the batch succeeds in %r yet; all %d records train the classifiers",
-                    head_lang or "the edit language",
+                    "memat: no edit of the batch succeeds in the head language yet; all %d records train "
+                    "the classifiers",
                     len(targets),
                 )
         sentences, labels, records = [], [], []
@@ -125,19 +138,35 @@ class Memat(Memit):
                 records.append(i)
         features = head_features(bundle, sentences)
         seconds["activations"] = time.perf_counter() - t0
-
         t0 = time.perf_counter()
         ranking = rank_heads(
             features, np.array(labels), np.array(records), p.classifier_split, p.classifier_seed
         )
-        heads = ranking.top(p.heads)
         seconds["classifiers"] = time.perf_counter() - t0
+        return HeadChoice(ranking, features, used, succeeded)
 
+    def correct(
+        self,
+        bundle: ModelBundle,
+        targets: list[EditCase],
+        choice: HeadChoice,
+        k: int,
+        builder: EditBuilder,
+        seconds: dict[str, float],
+    ) -> dict:
+        """Step 3: train corrections of the ``k`` best heads and fold them into ``builder``; the record
+        kept with the edit (``seconds``: corrections)."""
+        p = self.params
         t0 = time.perf_counter()
+        head_lang = cases_language(targets)
+        prompts = [prompt_text(case) for case in targets]
+        heads = choice.ranking.top(k)
+        features = choice.features
         reference_norm = torch.stack([features[:, layer, head].norm(dim=-1).mean() for layer, head in heads])
+        kl_prompt = language(head_lang).kl_prompt
         correction_requests = [
-            CorrectionRequest(prompt, req.target_new, req.subject, language(head_lang).kl_prompt)
-            for prompt, req in zip(prompts, requests, strict=True)
+            CorrectionRequest(prompt, case.request.target_new, case.request.subject, kl_prompt)
+            for prompt, case in zip(prompts, targets, strict=True)
         ]
         settings = CorrectionSettings(
             lr=p.correction_lr,
@@ -156,12 +185,14 @@ class Memat(Memit):
         for layer, change in fold_corrections(bundle, heads, result.delta, p.bias_fold).items():
             builder.add(f"{bundle.adapter.module_name('attn_o', layer)}.bias", change)
         seconds["corrections"] = time.perf_counter() - t0
+        ranking = choice.ranking
         return {
+            "head_language": head_lang,
             "heads": [[layer, head] for layer, head in heads],
             "head_val_accuracy": ranking.val_accuracy.round(4).tolist(),
             "head_train_accuracy": ranking.train_accuracy.round(4).tolist(),
-            "classifier_records": used,
-            "records_succeeded": int(sum(succeeded)),
+            "classifier_records": choice.used,
+            "records_succeeded": int(sum(choice.succeeded)),
             "classifier_train_records": ranking.n_train,
             "classifier_val_records": ranking.n_val,
             "validated_on": ranking.validated_on,
