@@ -31,7 +31,7 @@ from attnedit.core.deltas import AppliedEdit, EditBuilder
 from attnedit.core.models import ModelBundle
 from attnedit.core.scoring import score_targets
 from attnedit.core.tokens import SubjectNotFoundError
-from attnedit.editing.base import cases_language, edit_metadata, method_templates
+from attnedit.editing.base import EditRequestError, cases_language, edit_metadata, method_templates
 from attnedit.editing.heads import (
     CorrectionRequest,
     CorrectionSettings,
