@@ -120,8 +120,13 @@ def rank_heads(
     """Fit one logistic regression per (layer, head) on ``features`` ``[n, n_layers, n_heads, head_dim]``
     with binary ``labels`` ``[n]``; ``records[i]`` is the record sentence ``i`` belongs to (a record's
     sentences stay on one side of the split)."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
+    try:
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.linear_model import LogisticRegression
+    except ImportError:
+        raise ImportError(
+            "MEMAT's head classifiers need scikit-learn: pip install 'attnedit[memat]'"
+        ) from None
 
     unique = np.unique(records)
     train_rec, val_rec = split_records(len(unique), train_share, seed)
