@@ -380,11 +380,10 @@ def _bmike53(
     case = _bmike53_side(rec, language, wrap, primary=True)
     translation = _bmike53_side(rec, other, wrap, primary=False)
     if case.case_id and translation.case_id and case.case_id != translation.case_id:
-        raise rec.fail(f"{other}.case_id", f"{translation.case_id!r} differs from {language}'s {case.case_id!r}")
+        problem = f"{translation.case_id!r} differs from the {language!r} side's {case.case_id!r}"
+        raise rec.fail(f"{other}.case_id", problem)
     case_id = case.case_id or translation.case_id or case_id
-    return replace(
-        case, case_id=case_id, translations={other: replace(translation, case_id=case_id)}
-    )
+    return replace(case, case_id=case_id, translations={other: replace(translation, case_id=case_id)})
 
 
 # format name -> (keys that identify it, record parser); BMIKE-53 is told by its shape (``_is_bilingual``)
