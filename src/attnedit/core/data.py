@@ -344,7 +344,7 @@ def _bmike53_side(rec: _Record, lang: str, wrap: Callable[[str], str], primary: 
     src = wrap(text["src"])
     request = EditRequest(
         prompt=src,
-        subject=_subject_as_written(src, text["subject"]),
+        subject=_subject_as_written(text["src"], text["subject"]),  # the question's, not the wrapper's
         target_new=text["alt"],
         target_true=text["old"],
     )
@@ -527,7 +527,8 @@ def load_cases(
         dataset.question_template = multilingual["question_template"]
         dataset.subject_missing = subject_missing(cases)
         counts = "; ".join(f"{lang}: {len(ids)}" for lang, ids in dataset.subject_missing.items())
-        logger.warning(
+        logger.log(
+            logging.WARNING if any(dataset.subject_missing.values()) else logging.INFO,
             "%s: cases whose translated prompt lacks the subject (kept, evaluated as usual, listed in the "
             "manifest): %s of %d",
             file,
