@@ -70,12 +70,20 @@ def methods() -> list[str]:
     return sorted(METHODS)
 
 
-def load_cases(source: str | Path = SAMPLE_DATA, *, data_format: str | None = None) -> list[EditCase]:
+def load_cases(
+    source: str | Path = SAMPLE_DATA,
+    *,
+    data_format: str | None = None,
+    language: str | None = None,
+    question_template: str | None = None,
+) -> list[EditCase]:
     """The edit cases of a data file, each with its probe sets (``"sample"``: the shipped sample set).
 
-    Formats are detected: the SADR merged CounterFact file, KnowEdit, MEND-format CounterFact, MEMIT zsRE.
+    Formats are detected: the SADR merged CounterFact file, KnowEdit, MEND-format CounterFact, MEMIT zsRE,
+    BMIKE-53 CounterFact. Multilingual (BMIKE-53) data only: ``language`` is the edit language (default
+    ``"en"``; each case's ``translations`` hold the other), ``question_template`` wraps every prompt.
     """
-    return _load_dataset(source, data_format).cases
+    return _load_dataset(source, data_format, language=language, question_template=question_template).cases
 
 
 def _split_settings(method: str, settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -14,6 +14,8 @@ from typing import Annotated
 import typer
 
 from attnedit.cli.common import (
+    Language,
+    QuestionTemplate,
     check_limit,
     check_writable_dir,
     error_boundary,
@@ -74,9 +76,12 @@ def _setting(
     preset: str | None = None,
     overrides: dict[str, str] | None = None,
     repair: bool = False,
+    language: str | None = None,
+    question_template: str | None = None,
 ) -> Setting:
     params, sadr = split_sadr(overrides or {})  # -p sadr_gamma=0.1: a setting of the SADR term
-    return Setting(data, model, out, first, limit, seed, method, preset, params, sadr, repair)
+    multilingual = {"language": language, "question_template": question_template}
+    return Setting(data, model, out, first, limit, seed, method, preset, params, sadr, repair, **multilingual)
 
 
 def _report(result: AnalysisResult) -> None:
@@ -145,6 +150,8 @@ def trace_command(
     ] = TraceOptions.noise,
     first: First = 0,
     limit: Limit = None,
+    language: Language = None,
+    question_template: QuestionTemplate = None,
     out: Out = Path("runs/analyze/trace"),
     threads: Threads = None,
     seed: Seed = 0,
@@ -156,7 +163,8 @@ def trace_command(
     effects at the subject's last token."""
     _prepare(verbose, threads, None, first, limit, out)
     options = TraceOptions(_kinds(kinds), window, layer_window, samples, noise)
-    _report(run_trace(_setting(data, model, out, first, limit, seed, repair=repair), options))
+    multilingual = {"language": language, "question_template": question_template}
+    _report(run_trace(_setting(data, model, out, first, limit, seed, repair=repair, **multilingual), options))
 
 
 # --- 2. contaminating substitution --------------------------------------------------------------------
@@ -176,6 +184,8 @@ def substitute_command(
     ] = SubstituteOptions.window,
     first: First = 0,
     limit: Limit = None,
+    language: Language = None,
+    question_template: QuestionTemplate = None,
     out: Out = Path("runs/analyze/substitute"),
     threads: Threads = None,
     seed: Seed = 0,
@@ -187,7 +197,9 @@ def substitute_command(
     substituted over a window of layers at each token; the effect on P(o_true) and P(o_edit)."""
     overrides = _prepare(verbose, threads, param, first, limit, out)
     options = SubstituteOptions(_kinds(kinds), window)
-    setting = _setting(data, model, out, first, limit, seed, method, preset, overrides, repair)
+    setting = _setting(
+        data, model, out, first, limit, seed, method, preset, overrides, repair, language, question_template
+    )
     _report(run_substitute(setting, options))
 
 
@@ -207,6 +219,8 @@ def drift_command(
     ] = None,
     first: First = 0,
     limit: Limit = None,
+    language: Language = None,
+    question_template: QuestionTemplate = None,
     out: Out = Path("runs/analyze/drift"),
     threads: Threads = None,
     seed: Seed = 0,
@@ -219,7 +233,9 @@ def drift_command(
     overrides = _prepare(verbose, threads, param, first, limit, out)
     layers = _layers(drift_layers)
     options = DriftOptions(None if layers is None else tuple(layers))
-    setting = _setting(data, model, out, first, limit, seed, method, preset, overrides, repair)
+    setting = _setting(
+        data, model, out, first, limit, seed, method, preset, overrides, repair, language, question_template
+    )
     try:
         result = run_drift(setting, options)
     except DriftLayersError as err:
@@ -250,6 +266,8 @@ def patch_command(
     ] = PatchOptions.scores,
     first: First = 0,
     limit: Limit = None,
+    language: Language = None,
+    question_template: QuestionTemplate = None,
     out: Out = Path("runs/analyze/patch"),
     threads: Threads = None,
     seed: Seed = 0,
@@ -261,5 +279,7 @@ def patch_command(
     centre, with the unpatched edited and the unedited levels."""
     overrides = _prepare(verbose, threads, param, first, limit, out)
     options = PatchOptions(window, queries, scores)
-    setting = _setting(data, model, out, first, limit, seed, method, preset, overrides, repair)
+    setting = _setting(
+        data, model, out, first, limit, seed, method, preset, overrides, repair, language, question_template
+    )
     _report(run_patch(setting, options))

@@ -10,13 +10,32 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Annotated, ParamSpec, TypeVar
 
 import click
 import typer
 
+from attnedit.core.data import DEFAULT_QUESTION_TEMPLATE
+
 P = ParamSpec("P")
 R = TypeVar("R")
+
+# multilingual (BMIKE-53) data: settings of the data, so every method (baselines included) gets the same
+Language = Annotated[
+    str | None,
+    typer.Option(
+        "--language",
+        help="multilingual data: the edit language, e.g. fr (default: en); others are scored too",
+    ),
+]
+QuestionTemplate = Annotated[
+    str | None,
+    typer.Option(
+        "--question-template",
+        help=f"multilingual data: wrapper of every question prompt, {{}} = the question "
+        f"(default {DEFAULT_QUESTION_TEMPLATE!r}; '{{}}' = plain questions)",
+    ),
+]
 
 # an unexpected exception is a bug of ours: say so, and where it goes
 BUG_REPORT = (

@@ -11,6 +11,8 @@ import typer
 
 from attnedit.cli.analyze import app as analyze_app
 from attnedit.cli.common import (
+    Language,
+    QuestionTemplate,
     check_limit,
     check_writable_dir,
     check_writable_file,
@@ -96,6 +98,8 @@ def eval_command(
     skip_invalid: Annotated[
         bool, typer.Option(help="leave out malformed records (listed in the manifest)")
     ] = False,
+    language: Language = None,
+    question_template: QuestionTemplate = None,
     fluency: Annotated[bool, typer.Option(help="generate from the generation prompts for FL")] = True,
     fluency_prompts: Annotated[
         str, typer.Option(help="FL from 'generation' prompts, or 'rewrite' (+ paraphrase) prompts")
@@ -164,6 +168,8 @@ def eval_command(
         shard=Shard.parse(shard),
         data_format=data_format,
         skip_invalid=skip_invalid,
+        language=language,
+        question_template=question_template,
         seed=seed,
         ppl_corpus=corpus,
         ppl_limit=ppl_limit,
@@ -186,7 +192,7 @@ def eval_command(
     )
     run(config)
     rows = collect([out])
-    typer.echo(markdown_table(rows, columns(magnitudes=True)))
+    typer.echo(markdown_table(rows, columns(magnitudes=True, rows=rows)))
     typer.echo(f"\nresults: {out / 'results.jsonl'}  summary: {out / 'summary.json'}")
 
 
@@ -299,7 +305,7 @@ def report_command(
         check_writable_dir(out)
     rows = collect([str(d) for d in run_dirs])
     differences = (against, paired(rows, against)) if against is not None else None
-    cols = columns(magnitudes, extra)
+    cols = columns(magnitudes, extra, rows)
     typer.echo(markdown_table(rows, cols))
     if differences is not None:
         typer.echo("\n" + paired_table(differences[1], differences[0]))

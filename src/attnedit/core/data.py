@@ -1,7 +1,8 @@
 """Typed edit cases and the loaders that turn every supported file format into them.
 
 Formats: the SADR merged CounterFact file, KnowEdit (WikiData_counterfact, ZsRE), the MEND-format
-CounterFact and the MEMIT zsRE format. A malformed record raises ``DataFormatError`` naming the
+CounterFact, the MEMIT zsRE format and BMIKE-53 CounterFact (bilingual: each case carries its
+translation, ``EditCase.translations``). A malformed record raises ``DataFormatError`` naming the
 file, the record index and the field.
 """
 
@@ -10,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -36,8 +39,10 @@ class EditRequest:
 
     @property
     def text(self) -> str:
-        """The prompt with the subject filled in."""
-        return fill_prompt(self.prompt, self.subject)[0]
+        """The prompt with the subject filled in (a prompt without a ``{}`` slot is its own text)."""
+        # a plain prompt is returned as it is, without looking for the subject: the request of a
+        # translation (``EditCase.translations``) may lack its subject, and its text is still its prompt
+        return fill_prompt(self.prompt, self.subject)[0] if "{}" in self.prompt else self.prompt
 
     @property
     def edit_sentence(self) -> str:
@@ -78,6 +83,24 @@ class EditCase:
     portability: tuple[Probe, ...] = ()  # KnowEdit
     locality: tuple[Probe, ...] = ()  # KnowEdit
     source: str = ""  # "file#index"
+    language: str = ""  # ISO 639 code of the case's texts; "" = unknown (monolingual data)
+    # the same fact in other languages (language -> a complete case without translations of its own);
+    # the evaluator scores them too, under ``METRIC@LANG`` keys. Not hashed: a dict is not hashable.
+    translations: dict[str, EditCase] = field(default_factory=dict, hash=False)
+
+    @property
+    def languages(self) -> tuple[str, ...]:
+        """The case's own language, then its translations' (sorted); () for a case without a language."""
+        return (self.language, *sorted(self.translations)) if self.language else ()
+
+    def in_language(self, lang: str) -> EditCase:
+        """The case in language ``lang``: itself for ``""`` or its own language, else its translation."""
+        if lang in ("", self.language):
+            return self
+        if lang not in self.translations:
+            have = ", ".join(self.languages) or "none (monolingual case)"
+            raise ValueError(f"case {self.case_id!r} has no {lang!r} version; its languages: {have}")
+        return self.translations[lang]
 
 
 @dataclass
@@ -89,6 +112,12 @@ class Dataset:
     sha256: str
     cases: list[EditCase] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # errors of records left out with skip_invalid
+    # multilingual data only (the run manifest records these when ``language`` is set)
+    language: str = ""  # the edit language: every case's own language
+    question_template: str | None = None  # what wrapped every question prompt ("{}" = the plain question)
+    # language -> ids of the cases whose request prompt in that language lacks the subject (translations
+    # only: an edit-language prompt without its subject is an invalid record); every translation language
+    subject_missing: dict[str, list[str]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.cases)
@@ -158,11 +187,17 @@ class _Record:
         request = EditRequest(
             prompt=self.text(prompt), subject=self.text(subject), target_new=self.text(new), target_true=true
         )
+        return self.editable(request, prompt, new)
+
+    def editable(self, request: EditRequest, prompt: str, new: str) -> EditRequest:
+        """``request`` when it can be edited (subject in the prompt, o_new not o_true), else the error
+        naming the field ``prompt`` or ``new`` it was read from."""
         try:
             fill_prompt(request.prompt, request.subject)
         except SubjectNotFoundError as err:
             raise self.fail(prompt, str(err)) from None
         # the same test as editing.base.validate_request, here so that --skip-invalid can skip it
+        true = request.target_true
         if true and request.target_new.strip().lower() == true.strip().lower():
             raise self.fail(new, f"equals target_true ({request.target_new!r}): nothing to edit")
         return request
@@ -262,7 +297,96 @@ def _memit_zsre(rec: _Record, case_id: str) -> EditCase:
     )
 
 
-# format name -> (keys that identify it, record parser)
+BMIKE53 = "bmike53"
+# the fields of each language's side of a BMIKE-53 record
+BMIKE53_FIELDS = ("src", "rephrase", "old", "alt", "loc", "loc_ans", "port", "port_ans")
+BMIKE53_LANGUAGE = "en"  # the default edit language of BMIKE-53 data
+# wraps every BMIKE-53 prompt by default ("{}" = the plain question): SmolLM2 answers the wrapped questions
+# more often (docs/benchmarks.md, "BMIKE-53 prompts: the question wrapper")
+DEFAULT_QUESTION_TEMPLATE = "Question: {} Answer:"
+_LANGUAGE_CODE = re.compile(r"[a-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})?")
+
+
+def _is_bilingual(record: Any) -> bool:
+    """A BMIKE-53 record: exactly two keys, both language codes, each an object with a question
+    (``src``) and its two answers (``alt``, ``old``)."""
+    return (
+        isinstance(record, dict)
+        and len(record) == 2
+        and all(isinstance(k, str) and _LANGUAGE_CODE.fullmatch(k) for k in record)
+        and all(isinstance(v, dict) and {"src", "alt", "old"} <= v.keys() for v in record.values())
+    )
+
+
+def question_wrapper(template: str) -> Callable[[str], str]:
+    """The function that puts a question into ``template`` (its one ``{}``); ``ValueError`` otherwise."""
+    if template.count("{}") != 1:
+        raise ValueError(f"question template {template!r} needs exactly one {{}} (the question's place)")
+    before, after = template.split("{}")
+    return lambda question: before + question + after
+
+
+def _subject_as_written(prompt: str, subject: str) -> str:
+    """``subject`` as the prompt spells it: BMIKE-53 capitalises a subject on its own ("The U-Men") but
+    not inside a question ("... was the U-Men founded?"), so a match that differs only in case takes the
+    prompt's spelling. Unchanged when there is no such match (the caller then decides)."""
+    if subject in prompt or len(prompt.lower()) != len(prompt) or len(subject.lower()) != len(subject):
+        return subject  # (lower() keeps offsets only where it keeps lengths)
+    start = prompt.lower().find(subject.lower())
+    return subject if start < 0 else prompt[start : start + len(subject)]
+
+
+def _bmike53_side(rec: _Record, lang: str, wrap: Callable[[str], str], primary: bool) -> EditCase:
+    """One language's side of a BMIKE-53 record as a case. The edit language's request must be editable
+    (``_Record.editable``); a translation's request is built as it is, its subject possibly absent from
+    its prompt (what ``Dataset.subject_missing`` lists)."""
+    text = {name: rec.text(f"{lang}.{name}") for name in ("subject", *BMIKE53_FIELDS)}
+    src = wrap(text["src"])
+    request = EditRequest(
+        prompt=src,
+        subject=_subject_as_written(text["src"], text["subject"]),  # the question's, not the wrapper's
+        target_new=text["alt"],
+        target_true=text["old"],
+    )
+    if primary:
+        request = rec.editable(request, f"{lang}.src", f"{lang}.alt")
+    case_id = rec.get(f"{lang}.case_id", required=False)
+    return EditCase(
+        case_id="" if case_id is None else str(case_id),
+        request=request,
+        rewrite=(Probe(src, text["alt"]),),
+        paraphrase=(Probe(wrap(text["rephrase"]), text["alt"]),),
+        neighborhood=(Probe(wrap(text["loc"]), text["loc_ans"]),),
+        portability=(Probe(wrap(text["port"]), text["port_ans"]),),
+        language=lang,
+    )
+
+
+def _bmike53(
+    rec: _Record,
+    case_id: str,
+    language: str = BMIKE53_LANGUAGE,
+    question_template: str = DEFAULT_QUESTION_TEMPLATE,
+) -> EditCase:
+    """A BMIKE-53 record: the side in ``language`` is the case, the other side its translation. The
+    case id is the record's ``case_id`` (``case_id``, the record index, where it has none)."""
+    if language not in rec.raw:
+        raise rec.fail(language, f"missing: the record's languages are {', '.join(map(str, rec.raw))}")
+    others = [key for key in rec.raw if key != language]
+    if len(others) != 1 or not _LANGUAGE_CODE.fullmatch(str(others[0])):
+        raise rec.fail(str(others), f"expected one other language code beside {language!r}")
+    other = others[0]
+    wrap = question_wrapper(question_template)
+    case = _bmike53_side(rec, language, wrap, primary=True)
+    translation = _bmike53_side(rec, other, wrap, primary=False)
+    if case.case_id and translation.case_id and case.case_id != translation.case_id:
+        problem = f"{translation.case_id!r} differs from the {language!r} side's {case.case_id!r}"
+        raise rec.fail(f"{other}.case_id", problem)
+    case_id = case.case_id or translation.case_id or case_id
+    return replace(case, case_id=case_id, translations={other: replace(translation, case_id=case_id)})
+
+
+# format name -> (keys that identify it, record parser); BMIKE-53 is told by its shape (``_is_bilingual``)
 FORMATS: dict[str, tuple[frozenset[str], Callable[[_Record, str], EditCase]]] = {
     "merged": (frozenset({"requested_rewrite"}), _merged),
     "knowedit": (frozenset({"subject", "prompt", "target_new", "ground_truth", "locality"}), _knowedit),
@@ -271,6 +395,7 @@ FORMATS: dict[str, tuple[frozenset[str], Callable[[_Record, str], EditCase]]] = 
         _mend_counterfact,
     ),
     "memit_zsre": (frozenset({"src", "subject", "alt", "answers", "rephrase", "loc"}), _memit_zsre),
+    BMIKE53: (frozenset(), _bmike53),
 }
 
 SAMPLE_DATA = "sample"  # name of the shipped sample set
@@ -283,9 +408,11 @@ def sample_path() -> Path:
 
 def detect_format(record: Any, where: str) -> str:
     """The format of a data file from its first record (``where``: that record, for the error)."""
+    if _is_bilingual(record):
+        return BMIKE53
     if isinstance(record, dict):
         for name, (keys, _) in FORMATS.items():
-            if keys <= record.keys():
+            if keys and keys <= record.keys():
                 return name
     keys = sorted(record) if isinstance(record, dict) else type(record).__name__
     raise DataFormatError(
@@ -330,11 +457,23 @@ def _json_lines(text: str, file: Path) -> list[tuple[int, Any]]:
     ]
 
 
-def load_cases(path: str | Path, format: str | None = None, skip_invalid: bool = False) -> Dataset:
+def load_cases(
+    path: str | Path,
+    format: str | None = None,
+    skip_invalid: bool = False,
+    language: str | None = None,
+    question_template: str | None = None,
+) -> Dataset:
     """Load every case of a data file (``"sample"`` names the shipped sample set).
 
     A malformed record raises ``DataFormatError``; with ``skip_invalid`` it is left out, logged, and
     listed in ``Dataset.skipped`` (which the run manifest records).
+
+    Multilingual (BMIKE-53) data only: ``language`` is the edit language, the side of each record that
+    becomes the case (default ``"en"``); the other side is its translation. ``question_template`` wraps
+    every prompt, ``{}`` being the question (default ``DEFAULT_QUESTION_TEMPLATE``; ``"{}"``: the plain
+    questions). Cases whose translation's prompt lacks the subject are kept and listed in
+    ``Dataset.subject_missing``. Other formats refuse both settings.
     """
     file = sample_path() if str(path) == SAMPLE_DATA else Path(path)
     if not file.is_file():
@@ -353,6 +492,19 @@ def load_cases(path: str | Path, format: str | None = None, skip_invalid: bool =
     if name not in FORMATS:
         raise DataFormatError(f"{file}: unknown format {name!r}; known formats: {', '.join(FORMATS)}")
     parse = FORMATS[name][1]
+    multilingual: dict[str, Any] = {}
+    if name == BMIKE53:
+        language = language or BMIKE53_LANGUAGE
+        question_template = DEFAULT_QUESTION_TEMPLATE if question_template is None else question_template
+        question_wrapper(question_template)  # a bad template is refused before any record is read
+        if isinstance(raw[0], dict) and language not in raw[0]:
+            have = ", ".join(map(str, raw[0])) if _is_bilingual(raw[0]) else "none"
+            raise ValueError(f"{file}: no {language!r} side to edit in; the data's languages: {have}")
+        parse = partial(_bmike53, language=language, question_template=question_template)
+        multilingual = {"language": language, "question_template": question_template}
+    elif language is not None or question_template is not None:
+        given = "an edit language" if language is not None else "a question template"
+        raise ValueError(f"{file}: {given} applies to multilingual ({BMIKE53}) data only, not {name!r} data")
     cases, skipped, seen = [], [], set()
     for index, item in enumerate(raw):
         try:
@@ -366,10 +518,47 @@ def load_cases(path: str | Path, format: str | None = None, skip_invalid: bool =
                 raise
             skipped.append(str(err))
             continue
-        cases.append(replace(case, source=f"{file.name}#{index}"))
+        cases.append(_with_source(case, f"{file.name}#{index}"))
     if skipped:
         logger.warning("%s: skipped %d malformed records, first: %s", file, len(skipped), skipped[0])
-    return Dataset(path=str(file), format=name, sha256=file_sha256(file), cases=cases, skipped=skipped)
+    dataset = Dataset(path=str(file), format=name, sha256=file_sha256(file), cases=cases, skipped=skipped)
+    if multilingual:
+        dataset.language = multilingual["language"]
+        dataset.question_template = multilingual["question_template"]
+        dataset.subject_missing = subject_missing(cases)
+        counts = "; ".join(f"{lang}: {len(ids)}" for lang, ids in dataset.subject_missing.items())
+        logger.log(
+            logging.WARNING if any(dataset.subject_missing.values()) else logging.INFO,
+            "%s: cases whose translated prompt lacks the subject (kept, evaluated as usual, listed in the "
+            "manifest): %s of %d",
+            file,
+            counts,
+            len(cases),
+        )
+    return dataset
+
+
+def _with_source(case: EditCase, source: str) -> EditCase:
+    """``case`` (and its translations: the same record) with its ``source``."""
+    if case.translations:
+        translations = {lang: replace(t, source=source) for lang, t in case.translations.items()}
+        return replace(case, source=source, translations=translations)
+    return replace(case, source=source)
+
+
+def subject_missing(cases: list[EditCase]) -> dict[str, list[str]]:
+    """Per translation language (sorted), the ids of the cases whose request prompt in that language
+    does not contain the subject (the test the edit language's requests must pass)."""
+    missing: dict[str, list[str]] = {}
+    for case in cases:
+        for lang in case.languages[1:]:
+            request = case.translations[lang].request
+            ids = missing.setdefault(lang, [])
+            try:
+                fill_prompt(request.prompt, request.subject)
+            except SubjectNotFoundError:
+                ids.append(case.case_id)
+    return dict(sorted(missing.items()))
 
 
 def corpus_path(name: str | Path) -> Path:

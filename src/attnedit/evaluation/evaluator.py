@@ -73,34 +73,49 @@ class Evaluator:
         return record
 
     def score(self, case: EditCase, reference: Reference | None = None) -> CaseRecord:
-        """The record without fluency: comparisons, KnowEdit probes, PPL (``add_fluency`` adds FL)."""
+        """The record without fluency: comparisons, KnowEdit probes, PPL (``add_fluency`` adds FL).
+
+        A case with translations (multilingual data) also gets every translation's comparisons and
+        KnowEdit probes, under ``METRIC@LANG`` keys after the case's own, all scored in the same call.
+        KnowEdit locality is the case's own only (``reference`` is taken for it alone).
+        """
         start = time.perf_counter()
-        comps = comparisons(case)
-        ke = knowedit_probes(case)
-        pairs = [(c.prompt, c.right) for c in comps] + [(c.prompt, c.wrong) for c in comps]
-        ke_pairs = [pair for name in ke for pair in ke[name]]
-        scores = self._score(pairs + ke_pairs)
-        right, wrong = scores[: len(comps)], scores[len(comps) : 2 * len(comps)]
+        # (key suffix, the case in that language): "" for the case itself, "@fr" for its translation
+        versions = [("", case)] + [(f"@{lang}", case.translations[lang]) for lang in case.languages[1:]]
+        plans = []
+        pairs: list[tuple[str, str]] = []
+        for suffix, version in versions:
+            comps = comparisons(version)
+            ke = knowedit_probes(version)
+            if suffix:
+                ke.pop("KE_LOC")  # it compares with the unedited model's answers, taken for the case's own
+            pairs += [(c.prompt, c.right) for c in comps] + [(c.prompt, c.wrong) for c in comps]
+            pairs += [pair for name in ke for pair in ke[name]]
+            plans.append((suffix, comps, ke))
+        scores = iter(self._score(pairs))
 
         record: CaseRecord = {"case_id": case.case_id, "source": case.source, "comparisons": {}}
-        for c, r, w in zip(comps, right, wrong, strict=True):
-            entry = record["comparisons"].setdefault(c.metric, ComparisonNLLs(right_nll=[], wrong_nll=[]))
-            entry["right_nll"].append(r.nll)
-            entry["wrong_nll"].append(w.nll)
-
-        ke_scores = iter(scores[2 * len(comps) :])
         knowedit: dict[str, list[float]] = {}
-        for name, probe_pairs in ke.items():
-            got = [next(ke_scores) for _ in probe_pairs]
-            if name == "KE_LOC":
-                if reference is None or not got:
-                    continue
-                knowedit[name] = [
-                    sum(a == b for a, b in zip(s.argmax_ids, ref, strict=True)) / len(ref)
-                    for s, ref in zip(got, reference["locality_argmax"], strict=True)
-                ]
-            elif got:
-                knowedit[name] = [s.token_accuracy for s in got]
+        for suffix, comps, ke in plans:
+            right = [next(scores) for _ in comps]
+            wrong = [next(scores) for _ in comps]
+            for c, r, w in zip(comps, right, wrong, strict=True):
+                entry = record["comparisons"].setdefault(
+                    c.metric + suffix, ComparisonNLLs(right_nll=[], wrong_nll=[])
+                )
+                entry["right_nll"].append(r.nll)
+                entry["wrong_nll"].append(w.nll)
+            for name, probe_pairs in ke.items():
+                got = [next(scores) for _ in probe_pairs]
+                if name == "KE_LOC":
+                    if reference is None or not got:
+                        continue
+                    knowedit[name] = [
+                        sum(a == b for a, b in zip(s.argmax_ids, ref, strict=True)) / len(ref)
+                        for s, ref in zip(got, reference["locality_argmax"], strict=True)
+                    ]
+                elif got:
+                    knowedit[name + suffix] = [s.token_accuracy for s in got]
         if knowedit:
             record["knowedit"] = knowedit
         record["seconds_scoring"] = time.perf_counter() - start

@@ -131,40 +131,69 @@ def harmonic_mean(values: Sequence[float]) -> float:
     return len(values) / sum(1.0 / v for v in values)
 
 
+def record_languages(records: Sequence[CaseRecord]) -> list[str]:
+    """The languages of the ``KEY@LANG`` entries of ``records`` (multilingual data: translations'
+    comparisons and KnowEdit probes), in order of first appearance; [] for monolingual records."""
+    found: dict[str, None] = {}
+    for r in records:
+        for key in (*r["comparisons"], *r.get("knowedit", {})):
+            if "@" in key:
+                found.setdefault(key.partition("@")[2], None)
+    return list(found)
+
+
 def summarize(records: Sequence[CaseRecord], bootstrap: int = 1000, seed: int = 0) -> Summary:
-    """Pool per-case records into ``{name: {"mean", "ci95", "n"}}`` (percent for scores/magnitudes)."""
-    summary: Summary = {}
-    per_case_counts: dict[str, np.ndarray] = {}
-    for spec in COMPARISON_METRICS:
-        right = [np.asarray(r["comparisons"].get(spec.score, {}).get("right_nll", [])) for r in records]
-        wrong = [np.asarray(r["comparisons"].get(spec.score, {}).get("wrong_nll", [])) for r in records]
-        all_right = np.concatenate(right) if right else np.array([])
-        all_wrong = np.concatenate(wrong) if wrong else np.array([])
-        summary[spec.score] = _entry(*mean_ci((all_right < all_wrong).astype(float)), scale=100)
-        if spec.magnitude:
-            summary[spec.magnitude] = _entry(*mean_ci(np.exp(-all_right)), scale=100)
-        if spec.failure:
-            summary[spec.failure] = _entry(*mean_ci(np.exp(-all_wrong)), scale=100)
-        per_case_counts[spec.score] = _counts(right, wrong)  # for the Avg S bootstrap
+    """Pool per-case records into ``{name: {"mean", "ci95", "n"}}`` (percent for scores/magnitudes).
 
-    parts = [summary[m]["mean"] for m in AVG_S_COMPONENTS]
-    if any(p is None for p in parts):
-        summary["AvgS"] = _entry(None, None, 0)
-    else:
-        summary["AvgS"] = {
-            "mean": harmonic_mean(parts),  # type: ignore[arg-type]
-            "ci95": _bootstrap_avg_s(per_case_counts, bootstrap, seed),
-            "n": len(records),
-        }
-
+    Multilingual records add, after the usual entries (the edit language's), the same comparison,
+    Avg S and KnowEdit entries per translation language: ``ES@fr``, ``EM@fr``, ..., ``KE_PORT@fr``.
+    """
+    summary = _language_summary(records, "", bootstrap, seed)
     fl = [v for r in records for v in r.get("fluency", [])]
     summary["FL"] = _entry(*mean_ci(fl), scale=100)
     ppl = [math.exp(r["ppl"]["nll"] / r["ppl"]["tokens"]) for r in records if r.get("ppl")]
     summary["PPL"] = _entry(*mean_ci(ppl))
     for name in KNOWEDIT_METRICS:
-        summary[name] = _entry(
-            *mean_ci(v for r in records for v in r.get("knowedit", {}).get(name, [])), scale=100
-        )
+        summary[name] = _knowedit_entry(records, name)
+    for lang in record_languages(records):
+        summary |= _language_summary(records, f"@{lang}", bootstrap, seed)
+        for name in KNOWEDIT_METRICS:
+            summary[f"{name}@{lang}"] = _knowedit_entry(records, f"{name}@{lang}")
+    return summary
+
+
+def _knowedit_entry(records: Sequence[CaseRecord], key: str) -> MetricEntry:
+    """One KnowEdit metric pooled over every probe (percent)."""
+    return _entry(*mean_ci(v for r in records for v in r.get("knowedit", {}).get(key, [])), scale=100)
+
+
+def _language_summary(records: Sequence[CaseRecord], suffix: str, bootstrap: int, seed: int) -> Summary:
+    """The comparison metrics (scores, magnitudes, failures) and Avg S of one language: record keys
+    ``SCORE + suffix`` (``""``: the edit language's), summary names likewise suffixed."""
+    summary: Summary = {}
+    per_case_counts: dict[str, np.ndarray] = {}
+    for spec in COMPARISON_METRICS:
+        key = spec.score + suffix
+        right = [np.asarray(r["comparisons"].get(key, {}).get("right_nll", [])) for r in records]
+        wrong = [np.asarray(r["comparisons"].get(key, {}).get("wrong_nll", [])) for r in records]
+        all_right = np.concatenate(right) if right else np.array([])
+        all_wrong = np.concatenate(wrong) if wrong else np.array([])
+        summary[key] = _entry(*mean_ci((all_right < all_wrong).astype(float)), scale=100)
+        if spec.magnitude:
+            summary[spec.magnitude + suffix] = _entry(*mean_ci(np.exp(-all_right)), scale=100)
+        if spec.failure:
+            summary[spec.failure + suffix] = _entry(*mean_ci(np.exp(-all_wrong)), scale=100)
+        per_case_counts[spec.score] = _counts(right, wrong)  # for the Avg S bootstrap
+
+    parts = [summary[m + suffix]["mean"] for m in AVG_S_COMPONENTS]
+    if any(p is None for p in parts):
+        summary["AvgS" + suffix] = _entry(None, None, 0)
+    else:
+        summary["AvgS" + suffix] = {
+            "mean": harmonic_mean(parts),  # type: ignore[arg-type]
+            "ci95": _bootstrap_avg_s(per_case_counts, bootstrap, seed),
+            "n": len(records),
+        }
     return summary
 
 

@@ -41,12 +41,19 @@ class Reference(TypedDict):
 
 
 class CaseRecord(TypedDict):
-    """One case's line of ``results.jsonl``, keys in the order they are written."""
+    """One case's line of ``results.jsonl``, keys in the order they are written.
+
+    Multilingual data (cases with translations, ``EditCase.translations``): ``comparisons`` and
+    ``knowedit`` also hold each translation's metrics under ``METRIC@LANG`` keys (``ES@fr``, ``PS@fr``,
+    ``NS@fr``, ``KE_PORT@fr``, ...), after the edit language's own (the plain keys), languages in the
+    order of ``EditCase.languages``. KnowEdit locality (``KE_LOC``) is the edit language's only. Records
+    of monolingual cases have no ``@`` key.
+    """
 
     # Evaluator.score
     case_id: str
     source: str  # "file#index"
-    comparisons: dict[str, ComparisonNLLs]  # metric (ES, PS, NS, ...; metrics.COMPARISON_METRICS) -> NLLs
+    comparisons: dict[str, ComparisonNLLs]  # metric (ES, PS, ...; metrics.COMPARISON_METRICS; ES@fr) -> NLLs
     knowedit: NotRequired[dict[str, list[float]]]  # KE_EDIT, ...: per-probe token accuracy; only if any
     seconds_scoring: NotRequired[float]
     ppl: NotRequired[Perplexity]  # with a perplexity corpus only
@@ -74,7 +81,7 @@ class MetricEntry(TypedDict):
     n: int
 
 
-Summary = dict[str, MetricEntry]  # metric name (ES, EM, AvgS, FL, PPL, KE_EDIT, ...) -> entry
+Summary = dict[str, MetricEntry]  # metric name (ES, EM, AvgS, FL, PPL, KE_EDIT, ..., ES@fr, ...) -> entry
 
 
 class PairedDifference(TypedDict):

@@ -65,6 +65,8 @@ class Setting:
     params: dict = field(default_factory=dict)  # preset overrides of the method, values as text
     sadr: dict = field(default_factory=dict)  # SADR settings of X+sadr methods
     repair: bool = False  # first move unreadable record lines to the quarantine file (--repair)
+    language: str | None = None  # multilingual data: the edit language (core.data.load_cases)
+    question_template: str | None = None  # multilingual data: the question prompts' wrapper
 
 
 @dataclass
@@ -115,7 +117,7 @@ def start(analysis: str, setting: Setting, options: dict, *, edit: bool) -> Sess
     # records hold no NaN: the NAME.json they are copied into is strict JSON
     run_dir = RunDir[dict](setting.out, CASES, allow_nan=False)
     run_dir.seed_everything(setting.seed)
-    dataset = load_cases(setting.data)
+    dataset = load_cases(setting.data, language=setting.language, question_template=setting.question_template)
     cases = dataset.cases[setting.first :]
     cases = cases[: setting.limit] if setting.limit else cases
     if not cases:

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ def _shard_key(manifest: dict) -> tuple:
         manifest["model"]["fingerprint"],
         json.dumps(manifest.get("hyperparameters"), sort_keys=True),
         manifest["data"]["sha256"],
+        manifest["data"].get("language"),  # multilingual data: the same file edited in another language
+        manifest["data"].get("question_template"),
         manifest.get("limit"),
         manifest.get("first", 0),
         json.dumps(manifest.get("eval"), sort_keys=True),
@@ -123,8 +126,29 @@ def _cell(entry: dict | None, digits: int = 1) -> str:
     return f"{entry['mean']:.{digits}f} ± {entry['ci95']:.{digits}f}"
 
 
-def columns(magnitudes: bool = False, extra: bool = False) -> tuple[str, ...]:
-    return TABLE_COLUMNS + (MAGNITUDE_COLUMNS if magnitudes else ()) + (EXTRA_COLUMNS if extra else ())
+def columns(magnitudes: bool = False, extra: bool = False, rows: Sequence[ReportRow] = ()) -> tuple[str, ...]:
+    """The table's columns; given the ``rows``, followed by those of their translation languages
+    (``language_columns``)."""
+    cols = TABLE_COLUMNS + (MAGNITUDE_COLUMNS if magnitudes else ()) + (EXTRA_COLUMNS if extra else ())
+    return cols + language_columns(rows, cols)
+
+
+def language_columns(rows: Sequence[ReportRow], cols: tuple[str, ...]) -> tuple[str, ...]:
+    """``KEY@LANG`` columns of multilingual runs: per translation language of the rows' summaries (in
+    their order), each comparison column of ``cols`` that some row has a value for. () when no row has
+    a translation."""
+    languages: dict[str, None] = {}
+    for row in rows:
+        for key in row.summary:
+            if "@" in key:
+                languages.setdefault(key.partition("@")[2], None)
+    out = []
+    for lang in languages:
+        for col in cols:
+            key = f"{col}@{lang}"
+            if any((row.summary.get(key) or {}).get("mean") is not None for row in rows):
+                out.append(key)
+    return tuple(out)
 
 
 def markdown_table(rows: list[ReportRow], cols: tuple[str, ...]) -> str:

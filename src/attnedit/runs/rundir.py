@@ -138,14 +138,22 @@ def model_manifest(bundle: Any) -> dict:
 
 def data_manifest(dataset: Any) -> dict:
     """The data part of every manifest of a ``core.data.Dataset``: path, format, content hash, record
-    count, skipped records."""
-    return {
+    count, skipped records; for multilingual data also the edit language, the question template and the
+    cases whose translated prompt lacks the subject (per language). Part of a run's identity."""
+    data = {
         "path": dataset.path,
         "format": dataset.format,
         "sha256": dataset.sha256,
         "records": len(dataset) + len(dataset.skipped),
         "skipped": dataset.skipped,
     }
+    if dataset.language:  # only then: manifests of monolingual data stay as they were
+        data |= {
+            "language": dataset.language,
+            "question_template": dataset.question_template,
+            "subject_missing": dataset.subject_missing,
+        }
+    return data
 
 
 def environment_manifest() -> dict:

@@ -80,6 +80,10 @@ class RunConfig:
     shard: Shard = field(default_factory=Shard)
     data_format: str | None = None
     skip_invalid: bool = False
+    # multilingual data: the edit language of every method (None: the data's default, "en"), and the
+    # wrapper of its question prompts (None: the loader's default); both recorded in the manifest's data
+    language: str | None = None
+    question_template: str | None = None
     seed: int = 0
     ppl_corpus: str | None = None
     ppl_limit: int | None = None
@@ -176,7 +180,9 @@ def run(
     """Run (or resume) an evaluation; returns the summary."""
     run_dir = RunDir[CaseRecord](config.out)
     run_dir.seed_everything(config.seed)
-    dataset = load_cases(config.data, config.data_format, config.skip_invalid)
+    dataset = load_cases(
+        config.data, config.data_format, config.skip_invalid, config.language, config.question_template
+    )
     cases = dataset.cases[config.first :]
     cases = cases[: config.limit] if config.limit else cases
     cases = config.shard.select(cases)
