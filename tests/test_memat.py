@@ -258,3 +258,26 @@ def test_make_editor_builds_memat_and_memat_sadr():
     editor = make_editor("memat+sadr", "smollm2-135m", overrides={"heads": "8"})
     assert isinstance(editor, Memat) and editor.params.heads == 8 and editor.terms
     assert editor.params.layers == load_preset("memit", "smollm2-135m")["params"]["layers"]
+
+
+def test_cross_lingual_memat_edits_in_one_language_corrects_in_another(tiny_tokenizer, corpus, shared_data):
+    """BMIKE-53 records: MEMIT on the English requests, classifiers and corrections on the French prompts
+    (French context-template seeds and KL prompt), the suite scored in both languages."""
+    from attnedit.editing.templates import LANGUAGES
+    from attnedit.evaluation.evaluator import EvalConfig, Evaluator
+
+    bundle = make_tiny("llama", tiny_tokenizer)
+    cases = load_cases(shared_data / "bmike53_counterfact_en_fr.json").cases[:6]
+    assert {c.language for c in cases} == {"en"} and all("fr" in c.translations for c in cases)
+    applied = Memat(_params(corpus, head_language="fr")).apply(bundle, cases)
+    info = applied.edit.info["memat"]
+    assert info["head_language"] == "fr"
+    assert applied.edit.requests == [c.request for c in cases]  # the edit itself is the English one
+    french = [t for t in bundle.cache["context_templates"].values() if len(t) > 1]
+    seeds = LANGUAGES["fr"].seed_words
+    assert any(all(any(t.startswith(w) for w in seeds) for t in ts[1:]) for ts in french)
+    record = Evaluator(bundle, EvalConfig(fluency=False)).score(cases[0])
+    assert "ES" in record["comparisons"] and "ES@fr" in record["comparisons"]
+    applied.revert()
+    with pytest.raises(ValueError, match="de"):
+        Memat(_params(corpus, head_language="de")).apply(bundle, cases)

@@ -63,7 +63,7 @@ def check_layers(bundle: ModelBundle, layers: Sequence[int], method: str) -> Non
 
 def cases_language(cases: Sequence[EditCase]) -> str:
     """The language all ``cases`` are in (``""``: data without one); a batch mixing languages is refused."""
-    found = {getattr(case, "language", "") for case in cases}
+    found = {case.language for case in cases}
     if len(found) > 1:
         raise EditRequestError(f"one edit cannot mix languages {sorted(found)}; edit each language apart")
     return found.pop() if found else ""
