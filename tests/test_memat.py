@@ -281,3 +281,47 @@ def test_cross_lingual_memat_edits_in_one_language_corrects_in_another(tiny_toke
     applied.revert()
     with pytest.raises(ValueError, match="de"):
         Memat(_params(corpus, head_language="de")).apply(bundle, cases)
+
+
+def test_sequential_memat_edits_stack_and_resume(tmp_path, tiny_dir, corpus, monkeypatch):
+    """Sequential mode: the second edit adds to the bias the first one created; an interrupted run
+    re-applies both saved edits (the second's base is the first's bias) and scores the same."""
+    from attnedit.evaluation.evaluator import EvalConfig
+    from attnedit.runs.rundir import RESULTS, read_results
+    from attnedit.runs.runner import RunConfig, run
+
+    preset = load_preset("memit", "smollm2-135m")
+    preset = {**preset, "params": {**preset["params"], "layers": [0, 1]}}
+    path = tmp_path / "preset.json"
+    path.write_text(json.dumps(preset))
+    params = {"stats_corpus": corpus, "stats_samples": "40", "steps": "3", "templates": "[[4, 2]]"}
+    # every head corrected: each layer's bias is created by the first edit and changed by the second
+    params |= {"heads": "18", "correction_min_steps": "2", "classifier_records": "all"}
+
+    def config(out):
+        return RunConfig(
+            data="sample", out=str(out), model=str(tiny_dir), method="memat", preset=str(path), params=params,
+            mode="sequential", batch_size=2, limit=4, eval=EvalConfig(fluency=False),
+        )
+
+    first = tmp_path / "first"
+    run(config(first), progress=False)
+    edits = sorted((first / "edits").iterdir())
+    assert [e.name for e in edits] == ["00000.safetensors", "00001.safetensors"]
+    one, two = (WeightEdit.load(e) for e in edits)
+    shared = set(one.created) & set(two.deltas)
+    assert len(shared) == 3 and not two.created
+    assert all(two.base_hashes[name] != "absent" for name in shared)  # the second adds to the first's bias
+    # an interrupted run: the records gone, the saved edits re-applied, the same scores
+    (first / RESULTS).write_text("")
+
+    def no_recompute(self, bundle, cases):
+        raise AssertionError("the saved sequential edits must be re-applied, not recomputed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Memat, "apply", no_recompute)
+        run(config(first), progress=False)
+    again = tmp_path / "again"
+    run(config(again), progress=False)
+    for a, b in zip(read_results(first / RESULTS), read_results(again / RESULTS), strict=True):
+        assert a["comparisons"] == b["comparisons"]
