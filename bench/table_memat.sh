@@ -14,10 +14,12 @@ read -r -a EXTRA <<< "${MEMAT_PARAMS:-}"
 runs=()
 for m in memit memat memat+sadr; do
   P=(-p "stats_corpus=$W" -p stats_samples=5000)
-  if [[ $m == memat* ]]; then for x in "${EXTRA[@]}"; do P+=(-p "$x"); done; fi
+  # MEMAT's saved edits hold the seconds of each step (bench/memat_speed.py reads them)
+  if [[ $m == memat* ]]; then P+=(--save-edits); for x in "${EXTRA[@]}"; do P+=(-p "$x"); done; fi
   out="runs/memat-ee-${m/+/-}"
   attnedit eval "$DATA" --method "$m" --mode batch --batch-size 100 --first "$FIRST" --limit "$N" \
     --no-fluency --ppl-corpus none "${P[@]}" --out "$out" --threads "${THREADS:-2}"
   runs+=("$out")
 done
 attnedit report "${runs[@]}" --magnitudes --against memit --out bench/results/memat/ee
+python bench/memat_speed.py runs/memat-ee-memat --memit runs/memat-ee-memit
