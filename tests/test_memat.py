@@ -325,3 +325,27 @@ def test_sequential_memat_edits_stack_and_resume(tmp_path, tiny_dir, corpus, mon
     run(config(again), progress=False)
     for a, b in zip(read_results(first / RESULTS), read_results(again / RESULTS), strict=True):
         assert a["comparisons"] == b["comparisons"]
+
+
+def test_corrections_cut_into_length_chunks_equal_one_padded_batch(tiny_tokenizer, monkeypatch):
+    """Rows of similar length are run together (less padding); the loss, hence the corrections, are the
+    same as with the whole minibatch in one padded batch."""
+    from attnedit.editing import heads as heads_module
+
+    bundle = make_tiny("llama", tiny_tokenizer)
+    cases = load_cases("sample").cases[:6]
+    requests = [
+        heads_module.CorrectionRequest(c.request.text, c.request.target_new, c.request.subject, "{} is a")
+        for c in cases
+    ]
+    templates = ["{}", "A short one. {}", " ".join(["a much longer context template"] * 8) + ". {}"]
+    settings = heads_module.CorrectionSettings(min_steps=3, batch_requests=4, lr=0.05)
+    args = (bundle, requests, templates, [(1, 0), (2, 3)], torch.ones(2), settings)
+    chunked = heads_module.train_corrections(*args)
+    cuts = []
+    real = heads_module.length_batches
+    monkeypatch.setattr(heads_module, "length_batches", lambda *a, **k: cuts.append(real(*a, **k)) or [a[1]])
+    whole = heads_module.train_corrections(*args)
+    assert any(len(c) > 1 for c in cuts)  # the chunked run did cut
+    torch.testing.assert_close(chunked.delta, whole.delta, rtol=1e-4, atol=1e-6)
+    assert chunked.final_loss == pytest.approx(whole.final_loss, rel=1e-5)

@@ -29,7 +29,7 @@ import torch
 
 from attnedit.core.interventions import head_outputs
 from attnedit.core.models import ModelBundle
-from attnedit.core.scoring import check_length, pad_batch
+from attnedit.core.scoring import check_length, length_batches, pad_batch
 from attnedit.core.tokens import (
     SubjectNotFoundError,
     encode_prompt,
@@ -41,10 +41,11 @@ from attnedit.editing.optimise import (
     FrozenBelow,
     LossTerm,
     Row,
+    SplitBatch,
     StepState,
+    TargetReads,
     adam_loop,
     add_terms,
-    per_request_mean,
     request_parts,
     split_rows,
     target_reads,
@@ -190,6 +191,22 @@ class CorrectionSettings:
 
 
 @dataclass
+class _Chunk:
+    """Rows of one minibatch prepared for repeated forward passes: the batch, the lower blocks' output
+    (``FrozenBelow``), where targets are read, the subject columns (for loss terms), which rows are
+    template prompts and which KL prompts, and the KL prompts' reference distribution."""
+
+    batch: SplitBatch
+    frozen: FrozenBelow
+    reads: TargetReads
+    facts: torch.Tensor
+    prompt_rows: torch.Tensor
+    template_rows: torch.Tensor
+    kl_rows: torch.Tensor
+    kl_reference: torch.Tensor | None
+
+
+@dataclass
 class CorrectionResult:
     """The trained corrections ``[n_chosen, head_dim]`` (in the order of ``heads``) and the run's record."""
 
@@ -260,57 +277,83 @@ def train_corrections(
     per = settings.batch_requests
     minibatches = [sorted(order[i : i + per].tolist()) for i in range(0, len(order), per)]
     first_layer = min(layers)
-    prepared: dict[int, tuple] = {}
-    kl_reference: dict[int, torch.Tensor] = {}
     head = adapter.unembedding(model)
     parts: dict[str, torch.Tensor] = {}
 
-    def prepare(m: int) -> tuple:
-        members = minibatches[m]
+    def chunk(picked: list[int], local: dict[int, int]) -> _Chunk:
+        """The prepared forward of some rows of a minibatch (``picked``: indices into ``rows``)."""
+        chosen = [rows[b] for b in picked]
+        batch = split_rows(chosen, [local[row.request] for row in chosen], pad, device)
+        kl_rows = [i for i, row in enumerate(chosen) if row.kl]
+        reference = None
+        if kl_rows:  # the KL reference: the model without corrections (no hook yet), on the KL prompts
+            kl_ids, kl_mask = pad_batch([chosen[i].ids for i in kl_rows], pad, left=False, device=device)
+            with torch.no_grad():
+                logits = model(input_ids=kl_ids, attention_mask=kl_mask).logits
+            last = logits[torch.arange(len(kl_rows), device=device), kl_mask.sum(1) - 1]
+            reference = torch.log_softmax(last.float(), dim=-1)
+        return _Chunk(
+            batch=batch,
+            frozen=FrozenBelow(bundle, batch, first_layer),
+            reads=target_reads(batch),
+            facts=torch.tensor([max(subject_at[b], 0) for b in picked], device=device),
+            prompt_rows=torch.tensor(
+                [i for i, b in enumerate(picked) if subject_at[b] >= 0], dtype=torch.long, device=device
+            ),
+            template_rows=torch.tensor([i for i, row in enumerate(chosen) if not row.kl], device=device),
+            kl_rows=torch.tensor(kl_rows, dtype=torch.long, device=device),
+            kl_reference=reference,
+        )
+
+    def prepare(members: list[int]) -> list[_Chunk]:
+        """A minibatch's rows in chunks of similar length (padding is paid in full on a CPU); one chunk
+        with loss terms, whose per-request values span the whole minibatch."""
         local = {r: i for i, r in enumerate(members)}
         picked = [b for b, row in enumerate(rows) if row.request in local]
-        batch_rows = [rows[b] for b in picked]
-        batch = split_rows(batch_rows, [local[row.request] for row in batch_rows], pad, device)
-        frozen = FrozenBelow(bundle, batch, first_layer)
-        facts = torch.tensor([max(subject_at[b], 0) for b in picked], device=device)
-        prompt_rows = torch.tensor(
-            [i for i, b in enumerate(picked) if subject_at[b] >= 0], dtype=torch.long, device=device
-        )
-        template_rows = torch.tensor([i for i, row in enumerate(batch_rows) if not row.kl], device=device)
-        kl_rows = torch.tensor([i for i, row in enumerate(batch_rows) if row.kl], device=device)
-        with torch.no_grad():  # the KL reference: the model without corrections (no hook yet)
-            plain = frozen.forward()
-            kl_reference[m] = torch.log_softmax(
-                head(plain[kl_rows, batch.last_prompt[kl_rows]]).float(), dim=-1
-            )
-        return batch, frozen, target_reads(batch), facts, prompt_rows, template_rows, kl_rows, len(members)
+        if terms:
+            return [chunk(picked, local)]
+        lengths = [len(row.ids) for row in rows]
+        by_length = sorted(picked, key=lengths.__getitem__)
+        cuts = length_batches(lengths, by_length, max_tokens=1 << 30, max_rows=len(picked), call_cost=512)
+        return [chunk(sorted(c), local) for c in cuts]
 
     def loss_at(step: int) -> torch.Tensor:
         m = step % len(minibatches)
-        batch, frozen, reads, facts, prompt_rows, template_rows, kl_rows, n = prepared[m]
-        with (
-            head_outputs(model, adapter, layers, replace=add_corrections, detach=False),
-            term_attention(bundle, terms, batch, first_layer) as attention,
-        ):
-            hidden = frozen.forward()
-            row_nll = reads.row_nll(head, hidden)
-            nll = per_request_mean(row_nll[template_rows], template_rows, batch.request_index, n)
-            kl_logp = torch.log_softmax(head(hidden[kl_rows, batch.last_prompt[kl_rows]]).float(), dim=-1)
-            init = kl_reference[m]
-            kl_each = (init.exp() * (init - kl_logp)).sum(-1)
-            kl = per_request_mean(kl_each, kl_rows, batch.request_index, n)
-            per_request = nll + settings.kl_factor * kl
-            parts.clear()
-            parts.update({"nll": nll.detach().mean()[None], "kl": kl.detach().mean()[None]})
-            if terms:
-                state = StepState(step, batch, n, attention, facts, prompt_rows)
-                per_request = add_terms(terms, state, per_request, parts)
-                for key in list(parts):
-                    if parts[key].dim() and parts[key].shape[0] == n and key not in ("nll", "kl"):
-                        parts[key] = parts[key].mean(0)[None]
-            decay = settings.weight_decay * (delta.norm(dim=-1) / ref**2).sum()
-            parts["weight_decay"] = decay.detach()[None]
-            return (per_request.mean() + decay)[None]
+        chunks, n = prepared[m], len(minibatches[m])
+        sums = {k: torch.zeros(n, device=device) for k in ("nll", "nll_n", "kl", "kl_n")}
+
+        def add(key: str, index: torch.Tensor, values: torch.Tensor) -> None:
+            sums[key] = sums[key].index_add(0, index, values)
+            sums[f"{key}_n"] = sums[f"{key}_n"].index_add(0, index, torch.ones_like(values))
+
+        per_request = torch.zeros(n, device=device)
+        parts.clear()
+        with head_outputs(model, adapter, layers, replace=add_corrections, detach=False):
+            for c in chunks:
+                with term_attention(bundle, terms, c.batch, first_layer) as attention:
+                    hidden = c.frozen.forward()
+                    index = c.batch.request_index
+                    if len(c.template_rows):
+                        add("nll", index[c.template_rows], c.reads.row_nll(head, hidden)[c.template_rows])
+                    if c.kl_reference is not None:
+                        at = c.batch.last_prompt[c.kl_rows]
+                        logp = torch.log_softmax(head(hidden[c.kl_rows, at]).float(), dim=-1)
+                        init = c.kl_reference
+                        add("kl", index[c.kl_rows], (init.exp() * (init - logp)).sum(-1))
+                    if terms:  # one chunk: the whole minibatch
+                        state = StepState(step, c.batch, n, attention, c.facts, c.prompt_rows)
+                        per_request = add_terms(terms, state, per_request, parts)
+        nll = sums["nll"] / sums["nll_n"].clamp_min(1)
+        kl = sums["kl"] / sums["kl_n"].clamp_min(1)
+        per_request = per_request + nll + settings.kl_factor * kl
+        # the reported parts: means over the minibatch's requests
+        for key in list(parts):
+            if parts[key].dim() and parts[key].shape[0] == n:
+                parts[key] = parts[key].mean(0)[None]
+        parts.update({"nll": nll.detach().mean()[None], "kl": kl.detach().mean()[None]})
+        decay = settings.weight_decay * (delta.norm(dim=-1) / ref**2).sum()
+        parts["weight_decay"] = decay.detach()[None]
+        return (per_request.mean() + decay)[None]
 
     def clamp() -> None:
         limit = settings.clamp_norm_factor * ref
@@ -321,8 +364,7 @@ def train_corrections(
     steps = settings.steps(len(requests))
     # one attention kernel for the whole optimisation, the prepared lower blocks included
     with term_kernel(bundle, terms, first_layer):
-        for m in range(len(minibatches)):
-            prepared[m] = prepare(m)
+        prepared = [prepare(members) for members in minibatches]
         result = adam_loop(
             [delta],
             loss_at,
