@@ -395,3 +395,26 @@ def test_paired_difference_matches_the_pooled_rates_and_pairs_by_case(records):
     }
     with pytest.raises(ValueError, match="PS: the two runs scored different prompts"):
         paired_difference(base, [fewer])
+
+
+def test_paired_magnitudes_match_the_summary(records):
+    """A magnitude's paired difference pools P(right) (or P(wrong) for ``*_onew``) over prompts exactly as
+    the summary does; the same for a translation's ``KEY@LANG`` entries."""
+    base = [{**r, "case_id": str(i)} for i, r in enumerate(records)]
+
+    def lower(comparison: dict) -> dict:
+        return {**comparison, "right_nll": [v + 0.5 for v in comparison["right_nll"]]}
+
+    lowered = [{**r, "comparisons": {m: lower(c) for m, c in r["comparisons"].items()}} for r in base]
+    out = paired_difference(base, lowered, ("EM", "PM", "NM", "NM_onew"), resamples=200)
+    summary, other = summarize(base), summarize(lowered)
+    for name in ("EM", "PM", "NM", "NM_onew"):
+        assert out[name]["base"] == pytest.approx(summary[name]["mean"])
+        assert out[name]["other"] == pytest.approx(other[name]["mean"])
+    assert out["EM"]["relative"] == pytest.approx(100 * (math.exp(-0.5) - 1))  # every P(right) x e^-0.5
+    assert out["NM_onew"]["diff"] == 0  # P(wrong) untouched
+    french = [{**r, "comparisons": {f"{m}@fr": c for m, c in r["comparisons"].items()}} for r in base]
+    fr = paired_difference(french, french, ("EM@fr",), resamples=50)["EM@fr"]
+    assert fr["base"] == pytest.approx(summary["EM"]["mean"])
+    with pytest.raises(KeyError, match="unknown metric"):
+        paired_difference(base, base, ("XM",))

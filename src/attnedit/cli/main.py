@@ -286,7 +286,9 @@ def stats_command(
 def report_command(
     run_dirs: Annotated[list[Path], typer.Argument(help="run directories (shards of one run are merged)")],
     out: Annotated[Path | None, typer.Option("--out", help="write report.md/.csv/.json here")] = None,
-    magnitudes: Annotated[bool, typer.Option(help="add EM, PM, NM, RM, DNM and P(o_new) columns")] = False,
+    magnitudes: Annotated[
+        bool, typer.Option(help="add EM, PM, NM, RM, DNM and P(o_new) columns (and to --against)")
+    ] = False,
     extra: Annotated[bool, typer.Option(help="add DRS, RES, ALIAS, OS, DOS, PPL columns")] = False,
     against: Annotated[
         str | None,
@@ -304,7 +306,7 @@ def report_command(
     if out:
         check_writable_dir(out)
     rows = collect([str(d) for d in run_dirs])
-    differences = (against, paired(rows, against)) if against is not None else None
+    differences = (against, paired(rows, against, magnitudes)) if against is not None else None
     cols = columns(magnitudes, extra, rows)
     typer.echo(markdown_table(rows, cols))
     if differences is not None:

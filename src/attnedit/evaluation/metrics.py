@@ -211,13 +211,26 @@ def _resampled_rates(counts: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 
 def case_counts(records: Sequence[CaseRecord], score: str) -> np.ndarray:
-    """One comparison score's per-case (hits, prompts), ``[cases, 2]``."""
-    sides = [r["comparisons"].get(score, {}) for r in records]
+    """Per case, ``[cases, 2]``: (hits, prompts) of a comparison score; (summed probability, prompts) of
+    a magnitude (``EM``: P(right)) or a failure probability (``NM_onew``: P(wrong)). ``KEY@LANG`` names
+    read the translation's entries. Pooled over cases, column 0 over column 1 is the summary's value."""
+    name, at, lang = score.partition("@")
+    for spec in COMPARISON_METRICS:
+        if name in (spec.score, spec.magnitude, spec.failure):
+            break
+    else:
+        raise KeyError(f"unknown metric {score!r}")
+    sides = [r["comparisons"].get(spec.score + at + lang, {}) for r in records]
     right = [np.asarray(c.get("right_nll", [])) for c in sides]
-    return _counts(right, [np.asarray(c.get("wrong_nll", [])) for c in sides])
+    wrong = [np.asarray(c.get("wrong_nll", [])) for c in sides]
+    if name == spec.score:
+        return _counts(right, wrong)
+    side = right if name == spec.magnitude else wrong
+    return np.array([[np.exp(-a).sum(), a.size] for a in side], dtype=float).reshape(-1, 2)
 
 
 PAIRED_SCORES = ("ES", "PS", "NS", "RS", "DNS")
+PAIRED_MAGNITUDES = ("EM", "PM", "NM", "RM", "DNM")
 
 
 def paired_difference(
@@ -227,9 +240,10 @@ def paired_difference(
     resamples: int = 1000,
     seed: int = 0,
 ) -> dict[str, PairedDifference]:
-    """``other`` minus ``base`` on the cases both runs hold (matched by ``case_id``), per score: the
-    pooled rates (percent), their difference in points and relative to ``base`` (percent), each with a
-    95% percentile interval from resampling cases, the same resample for both runs."""
+    """``other`` minus ``base`` on the cases both runs hold (matched by ``case_id``), per score (or
+    magnitude, ``case_counts``): the pooled rates (percent), their difference in points and relative to
+    ``base`` (percent), each with a 95% percentile interval from resampling cases, the same resample for
+    both runs."""
     by_id = {r["case_id"]: r for r in other}
     shared = [r for r in base if r["case_id"] in by_id]
     if not shared:

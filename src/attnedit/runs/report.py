@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attnedit.evaluation.metrics import PAIRED_SCORES, paired_difference, summarize
+from attnedit.evaluation.metrics import PAIRED_MAGNITUDES, PAIRED_SCORES, paired_difference, summarize
 from attnedit.evaluation.records import CaseRecord, PairedDifference
 from attnedit.runs.rundir import MANIFEST, RunDir
 
@@ -174,14 +174,18 @@ def csv_table(rows: list[ReportRow], cols: tuple[str, ...]) -> str:
     return buf.getvalue()
 
 
-def paired(rows: list[ReportRow], against: str) -> dict[str, dict[str, PairedDifference]]:
-    """Every other row minus the row labelled ``against``, on the cases both hold (paired bootstrap)."""
+def paired(
+    rows: list[ReportRow], against: str, magnitudes: bool = False
+) -> dict[str, dict[str, PairedDifference]]:
+    """Every other row minus the row labelled ``against``, on the cases both hold (paired bootstrap);
+    ``magnitudes``: EM, PM, NM, RM, DNM too."""
     base = [r for r in rows if r.label == against]
     if len(base) != 1:
         labels = ", ".join(r.label for r in rows)
         which = "no" if not base else "more than one"
         raise ValueError(f"--against {against!r}: {which} row has this label (rows: {labels})")
-    return {r.label: paired_difference(base[0].records, r.records) for r in rows if r is not base[0]}
+    scores = PAIRED_SCORES + (PAIRED_MAGNITUDES if magnitudes else ())
+    return {r.label: paired_difference(base[0].records, r.records, scores) for r in rows if r is not base[0]}
 
 
 def paired_table(differences: dict[str, dict[str, PairedDifference]], against: str) -> str:
@@ -197,11 +201,12 @@ def paired_table(differences: dict[str, dict[str, PairedDifference]], against: s
             text += f"; {d['relative']:+.0f}% [{rlo:+.0f}, {rhi:+.0f}]"
         return text
 
-    lines = [f"| Method - {against} | cases | " + " | ".join(PAIRED_SCORES) + " |"]
-    lines.append("|---|---:|" + "---:|" * len(PAIRED_SCORES))
+    names = [s for s in PAIRED_SCORES + PAIRED_MAGNITUDES if any(s in d for d in differences.values())]
+    lines = [f"| Method - {against} | cases | " + " | ".join(names) + " |"]
+    lines.append("|---|---:|" + "---:|" * len(names))
     for label, by_score in differences.items():
         cases = next((d["cases"] for d in by_score.values()), 0)
-        cells = " | ".join(cell(by_score.get(s)) for s in PAIRED_SCORES)
+        cells = " | ".join(cell(by_score.get(s)) for s in names)
         lines.append(f"| {label} | {cases} | {cells} |")
     return "\n".join(lines)
 
