@@ -12,7 +12,7 @@ DATA=../shared/data/sadr_merged_counterfact.json
 W=../shared/data/wikitext2_test.txt,../shared/data/wikitext2_valid.txt
 read -r -a EXTRA <<< "${MEMAT_PARAMS:-}"
 runs=()
-for m in memit memat memat+sadr; do
+for m in ${METHODS:-memit memat memat+sadr}; do
   P=(-p "stats_corpus=$W" -p stats_samples=5000)
   # MEMAT's saved edits hold the seconds of each step (bench/memat_speed.py reads them)
   if [[ $m == memat* ]]; then P+=(--save-edits); for x in "${EXTRA[@]}"; do P+=(-p "$x"); done; fi

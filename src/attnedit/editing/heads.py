@@ -179,7 +179,7 @@ class CorrectionSettings:
     lr: float = 0.2
     batch_requests: int = 32  # requests per minibatch (one Adam step each)
     epochs: int = 1
-    min_steps: int = 20  # small batches get this many steps all the same
+    min_steps: int = 10  # small batches get this many steps all the same
     kl_factor: float = 0.0625
     weight_decay: float = 0.001
     clamp_norm_factor: float = 0.75
