@@ -14,7 +14,8 @@ read -r -a EXTRA <<< "${MEMAT_PARAMS:-}"
 Q=()
 for x in "${EXTRA[@]}"; do Q+=(-p "$x"); done
 pair() {  # edit language, head language, data file
-  local edit=$1 heads=$2 data=$3 base="runs/memat-xling-memit-$edit-$(basename "$3" .json)"
+  local edit=$1 heads=$2 data=$3
+  local base="runs/memat-xling-memit-$edit-$(basename "$data" .json)"
   local out="runs/memat-xling-memat-$edit-$heads"
   attnedit eval "$data" --language "$edit" --method memit --mode batch --batch-size 100 --first "$FIRST" \
     --limit "$N" --no-fluency --ppl-corpus none "${P[@]}" --out "$base" --threads "${THREADS:-2}"
