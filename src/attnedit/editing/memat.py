@@ -69,12 +69,14 @@ def prompt_text(case: EditCase) -> str:
 class HeadChoice:
     """Step 2's result: the ranking of every head, the features it was fitted on, which records trained
     the classifiers (``classifier_records`` as applied) and whether each edit succeeded in the head
-    language."""
+    language; ``prompts`` are the head-language prompts the features were read on (step 3 trains on
+    the same)."""
 
     ranking: HeadRanking
     features: torch.Tensor
     used: str
     succeeded: list[bool]
+    prompts: list[str]
 
 
 @dataclass
@@ -143,7 +145,7 @@ class Memat(Memit):
             features, np.array(labels), np.array(records), p.classifier_split, p.classifier_seed
         )
         seconds["classifiers"] = time.perf_counter() - t0
-        return HeadChoice(ranking, features, used, succeeded)
+        return HeadChoice(ranking, features, used, succeeded, prompts)
 
     def correct(
         self,
@@ -159,7 +161,7 @@ class Memat(Memit):
         p = self.params
         t0 = time.perf_counter()
         head_lang = cases_language(targets)
-        prompts = [prompt_text(case) for case in targets]
+        prompts = choice.prompts
         heads = choice.ranking.top(k)
         features = choice.features
         reference_norm = torch.stack([features[:, layer, head].norm(dim=-1).mean() for layer, head in heads])
