@@ -418,3 +418,25 @@ def test_paired_magnitudes_match_the_summary(records):
     assert fr["base"] == pytest.approx(summary["EM"]["mean"])
     with pytest.raises(KeyError, match="unknown metric"):
         paired_difference(base, base, ("XM",))
+
+
+def test_report_pairs_every_translation_language(records):
+    """``report.paired`` adds each language the base run's records hold (``ES@fr``, ``EM@fr``...), and the
+    table lists the edit language's scores first, then each language's in the same order."""
+    from attnedit.runs.report import ReportRow, paired, paired_table
+
+    base = [
+        {
+            **r,
+            "case_id": str(i),
+            "comparisons": {**r["comparisons"], **{f"{m}@fr": c for m, c in r["comparisons"].items()}},
+        }
+        for i, r in enumerate(records)
+    ]
+    rows = [ReportRow("a", [], {}, {}, base), ReportRow("b", [], {}, {}, base)]
+    diffs = paired(rows, "a", magnitudes=True)["b"]
+    assert {"ES", "EM", "ES@fr", "EM@fr"} <= set(diffs)
+    assert all(d["diff"] == 0 for d in diffs.values())
+    assert diffs["ES@fr"]["base"] == pytest.approx(diffs["ES"]["base"])
+    header = paired_table({"b": diffs}, "a").splitlines()[0].split(" | ")
+    assert header.index("ES") < header.index("EM") < header.index("ES@fr") < header.index("EM@fr")

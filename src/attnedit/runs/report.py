@@ -184,7 +184,10 @@ def paired(
         labels = ", ".join(r.label for r in rows)
         which = "no" if not base else "more than one"
         raise ValueError(f"--against {against!r}: {which} row has this label (rows: {labels})")
-    scores = PAIRED_SCORES + (PAIRED_MAGNITUDES if magnitudes else ())
+    names = PAIRED_SCORES + (PAIRED_MAGNITUDES if magnitudes else ())
+    # translations (multilingual data): the same scores in every language the base run's records hold
+    langs = sorted({key.partition("@")[2] for r in base[0].records for key in r["comparisons"]} - {""})
+    scores = names + tuple(f"{name}@{lang}" for lang in langs for name in names)
     return {r.label: paired_difference(base[0].records, r.records, scores) for r in rows if r is not base[0]}
 
 
@@ -201,7 +204,10 @@ def paired_table(differences: dict[str, dict[str, PairedDifference]], against: s
             text += f"; {d['relative']:+.0f}% [{rlo:+.0f}, {rhi:+.0f}]"
         return text
 
-    names = [s for s in PAIRED_SCORES + PAIRED_MAGNITUDES if any(s in d for d in differences.values())]
+    known = PAIRED_SCORES + PAIRED_MAGNITUDES
+    found = {s for d in differences.values() for s in d}
+    # the edit language's scores first, then each translation's (``ES@fr``, ...), each in the known order
+    names = sorted(found, key=lambda s: (s.partition("@")[2], known.index(s.partition("@")[0])))
     lines = [f"| Method - {against} | cases | " + " | ".join(names) + " |"]
     lines.append("|---|---:|" + "---:|" * len(names))
     for label, by_score in differences.items():
