@@ -163,11 +163,9 @@ class IntAttn(Memit):
         for component, layers in wanted.items():
             t0 = time.perf_counter()
             # each family from the unedited model: its loop runs on a scratch edit, reverted at once
+            loop = (requests, templates, targets, component, layers, covs[component], weights[component])
             with EditBuilder(bundle.model) as scratch:
-                updates[component] = self.update_layers(
-                    scratch, bundle, requests, templates, targets, component, layers, covs[component],
-                    weights[component],
-                )
+                updates[component] = self.update_layers(scratch, bundle, *loop)
             scratch.applied.revert()
             seconds["mlp_loop" if component == "mlp_down" else "attn_loop"] = time.perf_counter() - t0
 
