@@ -292,6 +292,11 @@ def test_intattn_from_the_api_and_the_cli(tmp_path, tiny_dir, corpus, monkeypatc
         assert model_hash(bundle.model) != before
     assert model_hash(bundle.model) == before
 
+    # the statistics of both families precomputed in one command
+    result = CliRunner().invoke(app, ["stats", "--method", "intattn", "--model", str(tiny_dir)])
+    assert result.exit_code == 0, result.output
+    assert "layer 2: E[kk^T]" in result.output and "attn_o layer 1: E[kk^T]" in result.output
+
     out = tmp_path / "run"
     args = ["eval", "sample", "--model", str(tiny_dir), "--out", str(out), "--method", "intattn"]
     args += ["--mode", "batch", "--batch-size", "2", "--limit", "2", "--no-fluency", "--save-edits"]
