@@ -61,7 +61,7 @@ def main() -> None:
     texts = corpus_texts(bundle, spec, progress=False)
     with tempfile.TemporaryDirectory():
         t0 = time.perf_counter()
-        _accumulate(bundle, "mlp_down", [args.covariance_layer], texts, spec, progress=False)
+        _accumulate(bundle, {"mlp_down": [args.covariance_layer]}, texts, spec, progress=False)
         result["covariance"] = {
             "layer": args.covariance_layer,
             "texts": len(texts),

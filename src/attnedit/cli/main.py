@@ -265,7 +265,7 @@ def stats_command(
 
     from attnedit.core.models import load_model
     from attnedit.editing.base import stats_spec
-    from attnedit.editing.covariance import second_moments
+    from attnedit.editing.covariance import second_moments_of
     from attnedit.editing.presets import load_preset, make_params
 
     bundle = load_model(model)
@@ -275,9 +275,13 @@ def stats_command(
         raise ValueError(f"method {method!r} uses no covariance statistics")
     spec = stats_spec(params)
     t0 = time.perf_counter()
-    moments = second_moments(bundle, "mlp_down", params.layers, spec)
-    for layer, mom2 in moments.items():
-        typer.echo(f"layer {layer}: E[kk^T] {tuple(mom2.shape)}, trace {float(mom2.trace()):.4g}")
+    wanted = {"mlp_down": params.layers}
+    if getattr(params, "attn_layers", None):  # IntAttn-Edit also rewrites W_o: one corpus pass for both
+        wanted["attn_o"] = params.attn_layers
+    for component, moments in second_moments_of(bundle, wanted, spec).items():
+        for layer, mom2 in moments.items():
+            where = f"layer {layer}" if component == "mlp_down" else f"{component} layer {layer}"
+            typer.echo(f"{where}: E[kk^T] {tuple(mom2.shape)}, trace {float(mom2.trace()):.4g}")
     typer.echo(f"{spec.describe()} in {time.perf_counter() - t0:.1f} s")
 
 

@@ -5,7 +5,8 @@ Sources (``StatsSpec.corpus``):
 - ``hf:NAME[:CONFIG]``, a Hugging Face dataset's ``text`` column (needs ``datasets`` and a network),
 - ``model``: text sampled from the model itself (seeded top-k), for offline use without a corpus.
 
-One forward pass per memory-bounded batch collects every requested layer (stopping after the highest).
+One forward pass per memory-bounded batch collects every requested layer of every requested component
+(``second_moments_of``; stopping after the highest module).
 Results are cached on disk as safetensors, keyed by model fingerprint, module, layer, corpus hash,
 sample count and truncation, and in memory on the ``ModelBundle``. A cache file carries the sha256 of
 its tensors; one that does not load, verify or hold finite values is set aside and recomputed
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -158,51 +159,68 @@ def second_moments(
     bundle: ModelBundle, component: str, layers: Sequence[int], spec: StatsSpec, progress: bool = True
 ) -> dict[int, torch.Tensor]:
     """``{layer: E[k k^T]}`` (float32, [in, in]) of the input of ``component`` at each layer."""
+    return second_moments_of(bundle, {component: layers}, spec, progress)[component]
+
+
+def second_moments_of(
+    bundle: ModelBundle, wanted: Mapping[str, Sequence[int]], spec: StatsSpec, progress: bool = True
+) -> dict[str, dict[int, torch.Tensor]]:
+    """``{component: {layer: E[k k^T]}}`` for several components: whatever is neither in memory nor on
+    disk is computed in ONE pass over the corpus (one forward per batch traces every missing module)."""
     memo = bundle.cache.setdefault("second_moments", {})
     key = _corpus_key(spec)
-    result: dict[int, torch.Tensor] = {}
-    missing = []
-    for layer in layers:
-        if (component, layer, key, spec) in memo:
-            result[layer] = memo[(component, layer, key, spec)]
-            continue
-        path = _cache_path(bundle, component, layer, key, spec)
-        cached = _read_stats(path) if path.is_file() else None
-        if cached is not None:
-            result[layer] = memo[(component, layer, key, spec)] = cached
-        else:
-            missing.append(layer)
+    result: dict[str, dict[int, torch.Tensor]] = {component: {} for component in wanted}
+    missing: dict[str, list[int]] = {}
+    for component, layers in wanted.items():
+        for layer in layers:
+            if (component, layer, key, spec) in memo:
+                result[component][layer] = memo[(component, layer, key, spec)]
+                continue
+            path = _cache_path(bundle, component, layer, key, spec)
+            cached = _read_stats(path) if path.is_file() else None
+            if cached is not None:
+                result[component][layer] = memo[(component, layer, key, spec)] = cached
+            else:
+                missing.setdefault(component, []).append(layer)
     if missing:
         texts = corpus_texts(bundle, spec, progress)
-        computed = _accumulate(bundle, component, missing, texts, spec, progress)
-        for layer, (mom2, count) in computed.items():
+        computed = _accumulate(bundle, missing, texts, spec, progress)
+        for (component, layer), (mom2, count) in computed.items():
             path = _cache_path(bundle, component, layer, key, spec)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             tensors = {"mom2": mom2, "count": torch.tensor([count])}
             save_file(tensors, str(tmp), {"sha256": _stats_digest(tensors)})
             tmp.replace(path)
-            result[layer] = memo[(component, layer, key, spec)] = mom2
-        logger.info("statistics of %s at layers %s cached under %s", component, missing, path.parent)
+            result[component][layer] = memo[(component, layer, key, spec)] = mom2
+        done = ", ".join(f"{component} at layers {layers}" for component, layers in missing.items())
+        logger.info("statistics of %s cached under %s", done, path.parent)
     return result
 
 
 @torch.no_grad()
 def _accumulate(
-    bundle: ModelBundle, component: str, layers: list[int], texts: list[str], spec: StatsSpec, progress: bool
-) -> dict[int, tuple[torch.Tensor, int]]:
+    bundle: ModelBundle, wanted: Mapping[str, list[int]], texts: list[str], spec: StatsSpec, progress: bool
+) -> dict[tuple[str, int], tuple[torch.Tensor, int]]:
+    """``{(component, layer): (E[k k^T], token count)}``: every requested module traced in the same
+    forward passes (the sums of each module are exactly those of a pass for it alone)."""
     model, adapter, tok, device = bundle.model, bundle.adapter, bundle.tokenizer, bundle.device
     if not texts:
         raise ValueError(f"statistics corpus {spec.corpus!r} has no texts")
     limit = min(spec.max_tokens, adapter.max_positions or spec.max_tokens)
     encoded = [ids[:limit] for ids in tok(texts, add_special_tokens=True)["input_ids"] if ids]
     pad_id = padding_id(tok)
-    names = {adapter.module_name(component, layer): layer for layer in layers}
+    names = {
+        adapter.module_name(component, layer): (component, layer)
+        for component, layers in wanted.items()
+        for layer in layers
+    }
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     batches = length_batches([len(e) for e in encoded], order, spec.batch_tokens, 512)
-    sums: dict[int, torch.Tensor] = {}
+    sums: dict[tuple[str, int], torch.Tensor] = {}
     count = 0
-    for batch in tqdm(batches, desc=f"statistics {component} {layers}", unit="batch", disable=not progress):
+    what = "; ".join(f"{component} {layers}" for component, layers in wanted.items())
+    for batch in tqdm(batches, desc=f"statistics {what}", unit="batch", disable=not progress):
         ids, mask = pad_batch([encoded[i] for i in batch], pad_id, left=False, device=device)
         with Trace(
             model, list(names), retain_input=True, retain_output=False, detach=True, stop=True
@@ -210,8 +228,8 @@ def _accumulate(
             model.base_model(input_ids=ids, attention_mask=mask)
         keep = mask.bool()
         count += int(keep.sum())
-        for name, layer in names.items():
+        for name, site in names.items():
             keys = trace[name].input[keep].float()
             part = (keys.T @ keys).double()
-            sums[layer] = part if layer not in sums else sums[layer] + part
-    return {layer: ((total / count).float().cpu(), count) for layer, total in sums.items()}
+            sums[site] = part if site not in sums else sums[site] + part
+    return {site: ((total / count).float().cpu(), count) for site, total in sums.items()}

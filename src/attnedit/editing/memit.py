@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from attnedit.core.data import EditCase, EditRequest
 from attnedit.core.deltas import AppliedEdit, EditBuilder
 from attnedit.core.models import ModelBundle
@@ -21,7 +23,7 @@ from attnedit.editing.base import (
     validate_request,
 )
 from attnedit.editing.covariance import second_moments
-from attnedit.editing.optimise import LossTerm, optimise_targets
+from attnedit.editing.optimise import LossTerm, TargetResult, optimise_targets
 from attnedit.editing.presets import MemitParams
 from attnedit.editing.solvers import least_squares_update, read_at_fact_token
 
@@ -67,24 +69,56 @@ class Memit(LocateThenEdit):
         lang = cases_language(cases)
         templates = method_templates(bundle, p, lang)
         covs = second_moments(bundle, "mlp_down", layers, stats_spec(p))
-        injections = self._injections()
-        result = optimise_targets(
+        result = self.optimise(bundle, requests, templates, lang)
+        # the MLP part for PMET, the whole residual for MEMIT
+        targets = result.target(self._injections()[-1])
+        self.update_layers(
+            builder, bundle, requests, templates, targets, "mlp_down", layers, covs, p.mom2_update_weight
+        )
+        return requests, target_info(result)
+
+    def optimise(
+        self, bundle: ModelBundle, requests: list[EditRequest], templates: list[str], lang: str
+    ) -> TargetResult:
+        """The target optimisation at the method's injections (with the extra loss terms)."""
+        return optimise_targets(
             bundle,
             requests,
             templates,
-            injections,
-            target_settings(p, lang),
+            self._injections(),
+            target_settings(self.params, lang),
             self.terms,
             progress=len(requests) > 50,
         )
-        # the MLP part for PMET, the whole residual for MEMIT
-        targets = result.target(injections[-1])
+
+    def update_layers(
+        self,
+        builder: EditBuilder,
+        bundle: ModelBundle,
+        requests: list[EditRequest],
+        templates: list[str],
+        targets: torch.Tensor,
+        component: str,
+        layers: list[int],
+        covs: dict[int, torch.Tensor],
+        weight: float,
+    ) -> dict[str, torch.Tensor]:
+        """MEMIT's layer loop over ``component``'s weight at ``layers`` (ascending): per layer, the keys
+        (the component's input at the fact token, mean over templates) and the remaining residual
+        ``targets - current`` (read at ``_target_read``, share ``_spread``), the least-squares update with
+        ``covs`` and lambda ``weight``, added to ``builder`` at once (so later layers see it).
+
+        Returns each update as added: ``{parameter name: delta}`` (float64, parameter layout)."""
+        deltas: dict[str, torch.Tensor] = {}
+        target_read = self._target_read()
         for i, layer in enumerate(layers):
-            key_read = Site("mlp_down", layer, "input")
-            found = read_at_fact_token(bundle, requests, templates, [key_read, self._target_read()])
+            key_read = Site(component, layer, "input")
+            found = read_at_fact_token(bundle, requests, templates, [key_read, target_read])
             keys = found[key_read].mean(1)
-            current = found[self._target_read()][:, 0]
+            current = found[target_read][:, 0]
             residual = (targets - current) * self._spread(len(layers) - i)
-            delta = least_squares_update(covs[layer], keys, residual, p.mom2_update_weight)
-            builder.add(bundle.adapter.weight_name("mlp_down", layer), bundle.adapter.to_weight_layout(delta))
-        return requests, target_info(result)
+            delta = least_squares_update(covs[layer], keys, residual, weight)
+            name = bundle.adapter.weight_name(component, layer)
+            deltas[name] = bundle.adapter.to_weight_layout(delta)
+            builder.add(name, deltas[name])
+        return deltas

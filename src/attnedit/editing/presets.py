@@ -87,6 +87,23 @@ class MematParams(MemitParams):
 
 
 @dataclass
+class IntAttnParams(MemitParams):
+    """MEMIT's parameters (``layers``: the MLP edit layers; the target z is read after the last one) plus
+    the attention output projections IntAttn-Edit also rewrites and the share ``alpha`` they get."""
+
+    # the attention output projections W_o rewritten (the paper's 2-4), none above the last MLP layer
+    attn_layers: list[int] = field(default_factory=lambda: [2, 3, 4])
+    alpha: float | str = 0.3  # in [0, 1]: W_o gets alpha of its update, the MLPs 1 - alpha; or "trace"
+    # lambda of the W_o least squares; None: mom2_update_weight (resolved when the params are built)
+    attn_mom2_update_weight: float | None = None
+    trace_cases: int = 10  # alpha="trace": the first this many requests of a batch are causally traced
+
+    def __post_init__(self) -> None:
+        if self.attn_mom2_update_weight is None:
+            self.attn_mom2_update_weight = self.mom2_update_weight
+
+
+@dataclass
 class FTParams:
     """Constrained fine-tuning of one MLP down-projection (FT-L, the standard baseline)."""
 
@@ -102,11 +119,13 @@ PARAMS: dict[str, type] = {
     "memit": MemitParams,
     "pmet": PmetParams,
     "memat": MematParams,
+    "intattn": IntAttnParams,
     "ft": FTParams,
 }
 # methods whose presets are another method's: MEMAT's first step is MEMIT with MEMIT's preset, and its own
-# fields keep their defaults unless overridden
-PRESET_METHOD: dict[str, str] = {"memat": "memit"}
+# fields keep their defaults unless overridden. IntAttn-Edit reads its own directory (its layers and alpha
+# differ from MEMIT's), named here so that every MEMIT-derived method says where its presets are
+PRESET_METHOD: dict[str, str] = {"memat": "memit", "intattn": "intattn"}
 
 
 @dataclass(frozen=True)
@@ -114,11 +133,12 @@ class Rule:
     """What one params field accepts: its type and, for numbers, a lower bound (``strict``: the bound
     itself is refused); for text, the allowed ``choices`` (empty: any non-empty text)."""
 
-    kind: str  # "int" | "float" | "str" | "layers" (non-empty list of ints >= 0) | "templates"
+    kind: str  # "int" | "float" | "str" | "layers" (non-empty list of ints >= 0) | "templates" | "share"
     minimum: float | None = None
     strict: bool = False
     choices: tuple[str, ...] = ()
     below: float | None = None  # an exclusive upper bound
+    maximum: float | None = None  # an inclusive upper bound
 
     def problem(self, value: Any) -> str | None:
         """Why ``value`` is refused, or None."""
@@ -136,6 +156,12 @@ class Rule:
                 for t in value
             )
             return None if ok else "expected a list of [length, count] pairs of integers >= 1"
+        if self.kind == "share":  # a number in [minimum, maximum] or one of the named choices
+            if isinstance(value, str):
+                if value in self.choices:
+                    return None
+                return f"expected a number in [{self.minimum:g}, {self.maximum:g}] or one of {self.choices}"
+            return Rule("float", self.minimum, maximum=self.maximum).problem(value)
         if self.kind == "str":
             if not isinstance(value, str) or not value.strip():
                 return "expected a non-empty string"
@@ -151,6 +177,8 @@ class Rule:
             return f"must be {'>' if self.strict else '>='} {self.minimum:g}"
         if self.below is not None and value >= self.below:
             return f"must be < {self.below:g}"
+        if self.maximum is not None and value > self.maximum:
+            return f"must be <= {self.maximum:g}"
         return None
 
 
@@ -194,6 +222,10 @@ RULES: dict[str, Rule] = {
     "correction_weight_decay": _at_least("float", 0),
     "correction_clamp": _positive("float"),
     "bias_fold": Rule("str", choices=("sum", "overwrite")),
+    "attn_layers": Rule("layers"),
+    "alpha": Rule("share", 0, maximum=1, choices=("trace",)),
+    "attn_mom2_update_weight": _at_least("float", 0),
+    "trace_cases": _at_least("int", 1),
 }
 
 
@@ -253,6 +285,11 @@ def _convert(value: str, hint: Any, key: str) -> Any:
             return float(text)
         if hint is str:
             return text
+        if hint == float | str:  # a number, else the text (alpha=0.2, alpha=trace)
+            try:
+                return float(text)
+            except ValueError:
+                return text
         if hint == list[int]:  # layer lists: 3-7, 3,4,5, [3, 4, 5]
             layers = parse_layers(text)
             if layers is None:

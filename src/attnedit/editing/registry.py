@@ -2,8 +2,9 @@
 
 ``make_editor`` builds a method from the preset of the model it is given (``presets.py``) plus
 overrides. ``none`` leaves the model untouched (an empty edit: the unedited baseline row of the
-paper's tables); ``rome``, ``memit``, ``pmet``, ``memat`` and ``ft`` have a module each (``rome.py``, ...;
-MEMAT's head blocks are ``heads.py``). MEMAT takes MEMIT's presets (``presets.PRESET_METHOD``).
+paper's tables); ``rome``, ``memit``, ``pmet``, ``memat``, ``intattn`` and ``ft`` have a module each
+(``rome.py``, ...; MEMAT's head blocks are ``heads.py``). MEMAT takes MEMIT's presets
+(``presets.PRESET_METHOD``); IntAttn-Edit has its own.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from attnedit.core.data import EditCase
 from attnedit.core.deltas import AppliedEdit, WeightEdit
 from attnedit.core.models import ModelBundle
 from attnedit.editing.ft import FineTune
+from attnedit.editing.intattn import IntAttn
 from attnedit.editing.memat import Memat
 from attnedit.editing.memit import Memit
 from attnedit.editing.pmet import Pmet
@@ -66,6 +68,7 @@ METHODS: dict[str, Callable[..., Editor]] = {
     "memit": Memit,
     "pmet": Pmet,
     "memat": Memat,
+    "intattn": IntAttn,
     "ft": FineTune,
 }
 
