@@ -154,10 +154,10 @@ def test_knowedit_zsre(shared_data):
     assert (len(case.portability), len(case.locality), len(case.subject_alias)) == (port, loc, alias)
     assert (port, loc, alias) == (1, 2, 0)
     # a plain-string ground truth and a one-element list both work
-    assert case.portability == (
-        Probe("What is the common name for the family Epaspidoceras belongs to?", "Owlet moths", kind="Reasoning"),
-    )
-    assert case.locality[0] == Probe("The taxon rank of Epaspidoceras is", "genus", kind="Relation_Specificity")
+    port_prompt = "What is the common name for the family Epaspidoceras belongs to?"
+    assert case.portability == (Probe(port_prompt, "Owlet moths", kind="Reasoning"),)
+    loc_prompt = "The taxon rank of Epaspidoceras is"
+    assert case.locality[0] == Probe(loc_prompt, "genus", kind="Relation_Specificity")
 
 
 def test_mend_counterfact(shared_data):
