@@ -113,9 +113,14 @@ def test_knowedit_wiki_counterfact(shared_data):
     # a list of alias lists: first alias is the target, the rest are kept as aliases
     first = raw["portability"]["Reasoning"][0]
     assert case.portability[0] == Probe(
-        first["prompt"], first["ground_truth"][0][0], tuple(first["ground_truth"][0][1:])
+        first["prompt"], first["ground_truth"][0][0], tuple(first["ground_truth"][0][1:]), kind="Reasoning"
     )
     assert case.portability[0].target == "Syrian pound"
+    # every probe keeps its key, in the record's order (KnowEdit's metrics average within each key)
+    kinds = [k for k, items in raw["portability"].items() for _ in items]
+    assert [p.kind for p in case.portability] == kinds
+    assert [p.kind for p in case.locality] == [k for k, items in raw["locality"].items() for _ in items]
+    assert {p.kind for p in case.subject_alias} == {"Subject_Aliasing"}
     assert case.subject_alias[0].prompt == "The name of the country of citizenship of Di Caprio is"
     assert case.subject_alias[0].target == "Syria"
     loc_first = next(iter(raw["locality"].values()))[0]
@@ -149,10 +154,10 @@ def test_knowedit_zsre(shared_data):
     assert (len(case.portability), len(case.locality), len(case.subject_alias)) == (port, loc, alias)
     assert (port, loc, alias) == (1, 2, 0)
     # a plain-string ground truth and a one-element list both work
-    assert case.portability == (
-        Probe("What is the common name for the family Epaspidoceras belongs to?", "Owlet moths"),
-    )
-    assert case.locality[0] == Probe("The taxon rank of Epaspidoceras is", "genus")
+    port_prompt = "What is the common name for the family Epaspidoceras belongs to?"
+    assert case.portability == (Probe(port_prompt, "Owlet moths", kind="Reasoning"),)
+    loc_prompt = "The taxon rank of Epaspidoceras is"
+    assert case.locality[0] == Probe(loc_prompt, "genus", kind="Relation_Specificity")
 
 
 def test_mend_counterfact(shared_data):

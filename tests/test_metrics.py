@@ -99,7 +99,7 @@ def test_comparisons_empty_sets():
 
 
 def test_knowedit_probes(case):
-    probes = knowedit_probes(case)
+    probes = {name: [(p.prompt, p.target) for p in got] for name, got in knowedit_probes(case).items()}
     assert set(probes) == set(KNOWEDIT_METRICS)
     assert probes["KE_EDIT"] == [("The Eiffel Tower is located in the city of", NEW)]
     assert probes["KE_GEN"] == [
@@ -316,17 +316,19 @@ def test_summarize_fluency_ppl_knowedit():
     assert summary["PPL"]["ci95"] == pytest.approx(1.96 * np.std(ppl, ddof=1) / math.sqrt(2))
     assert summary["PPL"]["n"] == 2
 
+    # EasyEdit's averaging: per case (no probe keys here: one key), then over the cases that have probes
     expected = {
         "KE_EDIT": [1.0, 0.0],
-        "KE_GEN": [0.5, 1.0],
-        "KE_PORT": [0.25, 0.5, 0.0, 1.0],  # pooled over prompts: 1.75 / 4, not mean(0.25, 0.5)
-        "KE_LOC": [1.0, 0.75],
+        "KE_GEN": [0.75],
+        "KE_PORT": [0.25, 0.5],  # the second case's mean (0.5 + 0 + 1) / 3, not pooled 1.75 / 4
+        "KE_LOC": [0.875],
     }
     for name, values in expected.items():
         assert summary[name]["mean"] == pytest.approx(100 * np.mean(values)), name
         assert summary[name]["n"] == len(values), name
-    assert summary["KE_PORT"]["mean"] == pytest.approx(43.75)
-    assert summary["KE_GEN"]["ci95"] == pytest.approx(100 * 1.96 * np.std([0.5, 1.0], ddof=1) / math.sqrt(2))
+        assert summary[name]["protocol"] == "easyedit"
+    assert summary["KE_PORT"]["mean"] == pytest.approx(37.5)
+    assert summary["KE_EDIT"]["ci95"] == pytest.approx(100 * 1.96 * np.std([1.0, 0.0], ddof=1) / math.sqrt(2))
 
     # no comparison prompts at all: every comparison entry is empty and Avg S is None
     for spec in COMPARISON_METRICS:
@@ -342,7 +344,7 @@ def test_summarize_single_record():
     assert summary["AvgS"]["ci95"] is None  # one case: no bootstrap interval
     assert summary["FL"] == {"mean": None, "ci95": None, "n": 0}
     assert summary["PPL"] == {"mean": None, "ci95": None, "n": 0}
-    assert summary["KE_EDIT"] == {"mean": None, "ci95": None, "n": 0}
+    assert summary["KE_EDIT"] == {"mean": None, "ci95": None, "n": 0, "protocol": "easyedit"}
 
 
 def test_fluency_from_rewrite_prompts_for_data_without_generation_prompts(tiny):

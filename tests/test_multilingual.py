@@ -240,7 +240,7 @@ def test_evaluator_scores_each_translation_as_its_own_case(tmp_path, tiny_llama,
     evaluator = Evaluator(tiny_llama, EvalConfig(fluency=False))
     calls = []
     score = evaluator._score
-    monkeypatch.setattr(evaluator, "_score", lambda pairs: calls.append(len(pairs)) or score(pairs))
+    monkeypatch.setattr(evaluator, "_score", lambda pairs, *a: calls.append(len(pairs)) or score(pairs, *a))
     for case in data.cases:
         calls.clear()
         record = evaluator.score(case)

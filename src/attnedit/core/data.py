@@ -57,6 +57,10 @@ class Probe:
     prompt: str
     target: str
     aliases: tuple[str, ...] = ()
+    # the probe's key in its record where the format groups probes (KnowEdit portability: Reasoning,
+    # Subject_Aliasing, Logical_Generalization; locality: Relation_Specificity, Forgetfulness); "" = none.
+    # KnowEdit's metrics average within each key first (``metrics.knowedit_case_value``)
+    kind: str = ""
 
 
 @dataclass(frozen=True)
@@ -248,7 +252,7 @@ def _knowedit_probes(rec: _Record, key: str) -> tuple[tuple[str, tuple[Probe, ..
             if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
                 raise rec.fail(f"{where}.prompt", "missing or not a string")
             answers = rec.answers(f"{where}.ground_truth", item.get("ground_truth"))
-            probes.append(Probe(item["prompt"], answers[0], answers[1:]))
+            probes.append(Probe(item["prompt"], answers[0], answers[1:], kind=kind))
         out.append((kind, tuple(probes)))
     return tuple(out)
 

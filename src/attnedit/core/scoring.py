@@ -113,6 +113,25 @@ def length_batches(
     return batches[::-1]
 
 
+def joined_target(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, target: str, prompt_ids: list[int] | None = None
+) -> list[int]:
+    """Ids of ``target`` as EasyEdit's KnowEdit metrics split them: tokenise ``prompt + " " + target``
+    (special tokens included) and take every id after the first ``len(prompt ids)``.
+
+    Unlike ``encode_target`` there is no check that the prompt's ids are a prefix of the joint ones and
+    no fallback: where the boundary merges, the split is EasyEdit's count-based one all the same.
+    """
+    if not target or not target.strip():
+        raise ValueError(f"empty target for prompt {prompt!r}")
+    if prompt_ids is None:
+        prompt_ids = encode_prompt(tokenizer, prompt)
+    ids = encode_prompt(tokenizer, f"{prompt} {target}")[len(prompt_ids) :]
+    if not ids:
+        raise ValueError(f"target {target!r} adds no token after prompt {prompt!r}")
+    return ids
+
+
 @torch.inference_mode()
 def score_targets(
     model: PreTrainedModel,
@@ -122,10 +141,18 @@ def score_targets(
     max_batch_tokens: int = 2048,
     max_batch_rows: int = 64,
     progress: bool = False,
+    joined: Sequence[bool] | None = None,
 ) -> list[TargetScore]:
-    """Teacher-forced scores of every ``(prompt, target)`` pair (target appended after one space)."""
+    """Teacher-forced scores of every ``(prompt, target)`` pair (target appended after one space).
+
+    ``joined[i]``: pair ``i``'s target ids are EasyEdit's split (``joined_target``) instead of
+    ``encode_target``'s; the teacher-forced pass is the same. Pairs whose ids agree either way are
+    scored once.
+    """
     if not pairs:
         return []
+    if joined is not None and len(joined) != len(pairs):
+        raise ValueError(f"{len(joined)} joined flags for {len(pairs)} pairs")
     device = next(model.parameters()).device
     base, head = _base_and_head(model, adapter)
     pad_id = padding_id(tokenizer)
@@ -137,8 +164,17 @@ def score_targets(
         if not ids:
             raise ValueError(f"prompt {p!r} tokenises to nothing")
     # distinct targets per prompt; identical pairs are scored once
-    unique_pairs = list(dict.fromkeys(pairs))
-    pair_targets = [encode_target(tokenizer, p, t, prompt_ids[prompt_index[p]]) for p, t in unique_pairs]
+    flags = [False] * len(pairs) if joined is None else [bool(j) for j in joined]
+    encoded: dict[tuple[str, str, bool], tuple[int, ...]] = {}
+    for (p, t), j in zip(pairs, flags, strict=True):
+        if (p, t, j) not in encoded:
+            encode = joined_target if j else encode_target
+            encoded[p, t, j] = tuple(encode(tokenizer, p, t, prompt_ids[prompt_index[p]]))
+    # a pair is its text and its ids: a joined pair whose ids equal encode_target's is the same pair
+    keys = [(p, t, encoded[p, t, j]) for (p, t), j in zip(pairs, flags, strict=True)]
+    unique_keys = list(dict.fromkeys(keys))
+    unique_pairs = [(p, t) for p, t, _ in unique_keys]
+    pair_targets = [list(ids) for _, _, ids in unique_keys]
     by_prompt: list[list[int]] = [[] for _ in prompts]
     for j, (p, _) in enumerate(unique_pairs):
         by_prompt[prompt_index[p]].append(j)
@@ -151,8 +187,8 @@ def score_targets(
     batches = length_batches(lengths, order, max_batch_tokens, max_batch_rows)
     for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress, leave=False):
         _score_prompt_batch(base, head, batch, prompt_ids, by_prompt, pair_targets, results, pad_id, device)
-    index = {pair: j for j, pair in enumerate(unique_pairs)}
-    return [results[index[pair]] for pair in pairs]  # type: ignore[misc]
+    index = {key: j for j, key in enumerate(unique_keys)}
+    return [results[index[key]] for key in keys]  # type: ignore[misc]
 
 
 def _score_prompt_batch(
@@ -290,12 +326,15 @@ def generate(
     batch_size: int = 16,
     adapter: ModelAdapter | None = None,
     row_edits: tuple[Sequence[Mapping[str, torch.Tensor]], Sequence[int]] | None = None,
+    max_length: int | None = None,
 ) -> list[str]:
     """Continuations of ``prompts`` (greedy, or top-k sampling with a fixed seed), batched and left-padded.
 
     ``row_edits = (deltas, owner)``: prompt ``i`` is continued by the model plus the weight deltas
     ``deltas[owner[i]]`` (``interventions.row_deltas``), so the prompts of many edited cases share one
-    batch.
+    batch. ``max_length`` (EasyEdit's ``max_out_len``), in place of ``max_new_tokens``: a prompt's ids
+    and its continuation make at most this many tokens; a batch decodes for its shortest prompt and
+    each row is cut to its own budget (a prompt of ``max_length`` tokens or more gets "").
     """
     if not prompts:
         return []
@@ -307,10 +346,18 @@ def generate(
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
+            if max_length is None:
+                budgets = [max_new_tokens] * len(chunk)
+            else:
+                budgets = [max(0, max_length - len(c)) for c in chunk]
+            steps = max(budgets)
+            if steps == 0:
+                texts.extend("" for _ in chunk)
+                continue
             ids, mask = pad_batch(chunk, pad_id, left=True, device=device)
             width = ids.shape[1]
             if adapter is not None:
-                check_length(adapter, width + max_new_tokens, prompts[start])
+                check_length(adapter, width + steps, prompts[start])
             edits = (
                 row_deltas(model, row_edits[0], row_edits[1][start : start + batch_size])
                 if row_edits is not None
@@ -319,21 +366,27 @@ def generate(
             with edits:
                 if top_k is None and adapter is not None:
                     new = greedy_decode(
-                        model, adapter, ids, mask, max_new_tokens, _eos_ids(model, tokenizer), pad_id
+                        model, adapter, ids, mask, steps, _eos_ids(model, tokenizer), pad_id
                     )
-                    texts.extend(tokenizer.decode(row, skip_special_tokens=True) for row in new)
+                    texts.extend(
+                        tokenizer.decode(row[:budget], skip_special_tokens=True)
+                        for row, budget in zip(new, budgets, strict=True)
+                    )
                     continue
                 out = model.generate(
                     input_ids=ids,
                     attention_mask=mask,
-                    max_new_tokens=max_new_tokens,
+                    max_new_tokens=steps,
                     do_sample=top_k is not None,
                     top_k=top_k,
                     top_p=None,
                     temperature=None,
                     pad_token_id=pad_id,
                 )
-            texts.extend(tokenizer.decode(row[width:], skip_special_tokens=True) for row in out)
+            texts.extend(
+                tokenizer.decode(row[width : width + budget], skip_special_tokens=True)
+                for row, budget in zip(out, budgets, strict=True)
+            )
     finally:
         torch.random.set_rng_state(generator_state)
     return texts

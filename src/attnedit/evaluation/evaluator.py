@@ -11,7 +11,13 @@ import torch
 from attnedit.core.data import EditCase
 from attnedit.core.models import ModelBundle
 from attnedit.core.scoring import generate, score_targets, text_nll
-from attnedit.evaluation.metrics import comparisons, knowedit_probes, ngram_entropy
+from attnedit.evaluation.metrics import (
+    KNOWEDIT_FLUENCY_MAX_LENGTH,
+    KNOWEDIT_FLUENCY_TOP_K,
+    comparisons,
+    knowedit_probes,
+    ngram_entropy,
+)
 from attnedit.evaluation.records import CaseRecord, ComparisonNLLs, Perplexity, Reference
 
 
@@ -54,16 +60,23 @@ class Evaluator:
         self.config = config or EvalConfig()
         self._ppl_cache: tuple[tuple[tuple[int, int], ...], Perplexity] | None = None
 
-    def _score(self, pairs: list[tuple[str, str]]):
+    def _score(self, pairs: list[tuple[str, str]], joined: list[bool] | None = None):
         b = self.bundle
         return score_targets(
-            b.model, b.tokenizer, b.adapter, pairs, max_batch_tokens=self.config.max_batch_tokens
+            b.model,
+            b.tokenizer,
+            b.adapter,
+            pairs,
+            max_batch_tokens=self.config.max_batch_tokens,
+            joined=joined,
         )
 
     def reference(self, case: EditCase) -> Reference:
-        """What KnowEdit locality compares against; call on the unedited model."""
-        pairs = knowedit_probes(case)["KE_LOC"]
-        return {"locality_argmax": [list(s.argmax_ids) for s in self._score(pairs)]}
+        """What KnowEdit locality compares against; call on the unedited model. Tokenised as ``score``
+        tokenises the KnowEdit probes (EasyEdit's split, ``scoring.joined_target``)."""
+        pairs = [(p.prompt, p.target) for p in knowedit_probes(case)["KE_LOC"]]
+        scores = self._score(pairs, joined=[True] * len(pairs))
+        return {"locality_argmax": [list(s.argmax_ids) for s in scores]}
 
     def evaluate(self, case: EditCase, reference: Reference | None = None) -> CaseRecord:
         """The whole record of one case on the current model (comparisons, fluency, PPL)."""
@@ -77,25 +90,31 @@ class Evaluator:
 
         A case with translations (multilingual data) also gets every translation's comparisons and
         KnowEdit probes, under ``METRIC@LANG`` keys after the case's own, all scored in the same call.
-        KnowEdit locality is the case's own only (``reference`` is taken for it alone).
+        KnowEdit locality is the case's own only (``reference`` is taken for it alone). The KnowEdit
+        probes' targets are split from the prompt as EasyEdit splits them (``scoring.joined_target``),
+        the comparisons' as ever (``tokens.encode_target``).
         """
         start = time.perf_counter()
         # (key suffix, the case in that language): "" for the case itself, "@fr" for its translation
         versions = [("", case)] + [(f"@{lang}", case.translations[lang]) for lang in case.languages[1:]]
         plans = []
         pairs: list[tuple[str, str]] = []
+        joined: list[bool] = []
         for suffix, version in versions:
             comps = comparisons(version)
             ke = knowedit_probes(version)
             if suffix:
                 ke.pop("KE_LOC")  # it compares with the unedited model's answers, taken for the case's own
             pairs += [(c.prompt, c.right) for c in comps] + [(c.prompt, c.wrong) for c in comps]
-            pairs += [pair for name in ke for pair in ke[name]]
+            ke_pairs = [(p.prompt, p.target) for name in ke for p in ke[name]]
+            joined += [False] * (len(pairs) - len(joined)) + [True] * len(ke_pairs)
+            pairs += ke_pairs
             plans.append((suffix, comps, ke))
-        scores = iter(self._score(pairs))
+        scores = iter(self._score(pairs, joined))
 
         record: CaseRecord = {"case_id": case.case_id, "source": case.source, "comparisons": {}}
         knowedit: dict[str, list[float]] = {}
+        knowedit_keys: dict[str, list[str]] = {}
         for suffix, comps, ke in plans:
             right = [next(scores) for _ in comps]
             wrong = [next(scores) for _ in comps]
@@ -105,19 +124,26 @@ class Evaluator:
                 )
                 entry["right_nll"].append(r.nll)
                 entry["wrong_nll"].append(w.nll)
-            for name, probe_pairs in ke.items():
-                got = [next(scores) for _ in probe_pairs]
+            for name, probes in ke.items():
+                got = [next(scores) for _ in probes]
+                if not got or (name == "KE_LOC" and reference is None):
+                    continue
                 if name == "KE_LOC":
-                    if reference is None or not got:
-                        continue
-                    knowedit[name] = [
+                    # EasyEdit's locality: the share of target positions where the edited model's argmax
+                    # is the unedited model's
+                    values = [
                         sum(a == b for a, b in zip(s.argmax_ids, ref, strict=True)) / len(ref)
                         for s, ref in zip(got, reference["locality_argmax"], strict=True)
                     ]
-                elif got:
-                    knowedit[name + suffix] = [s.token_accuracy for s in got]
+                else:
+                    values = [s.token_accuracy for s in got]
+                knowedit[name + suffix] = values
+                if any(p.kind for p in probes):
+                    knowedit_keys[name + suffix] = [p.kind for p in probes]
         if knowedit:
             record["knowedit"] = knowedit
+        if knowedit_keys:
+            record["knowedit_keys"] = knowedit_keys
         record["seconds_scoring"] = time.perf_counter() - start
 
         if self.config.ppl_texts:
@@ -138,13 +164,15 @@ class Evaluator:
         records: Sequence[CaseRecord],
         deltas: Sequence[Mapping[str, torch.Tensor]] | None = None,
     ) -> None:
-        """Generate from the fluency prompts of several cases in one batch and add FL to their records.
+        """Generate from the fluency prompts of several cases in one batch and add FL to their records;
+        for cases with KnowEdit probes, KnowEdit's fluency (KE_FLU) too (``add_knowedit_fluency``).
 
         ``deltas[k]``: the weight edit case ``k`` is generated with (``interventions.row_deltas``; the
         model itself unedited); ``None``: every case uses the model as it is. Decoding reads every
         weight once per step whatever the batch, so one batch for many cases is several times faster
         than one per case. ``seconds_generation`` is the batch's time divided among its cases.
         """
+        self.add_knowedit_fluency(cases, records, deltas)
         prompts: list[str] = []
         owner: list[int] = []
         for k, case in enumerate(cases):
@@ -172,7 +200,48 @@ class Evaluator:
                 continue
             record["fluency"] = [ngram_entropy(t) for t in full]
             record["generations"] = full
-            record["seconds_generation"] = seconds
+            record["seconds_generation"] = record.get("seconds_generation", 0.0) + seconds  # + KE_FLU's
+
+    def add_knowedit_fluency(
+        self,
+        cases: Sequence[EditCase],
+        records: Sequence[CaseRecord],
+        deltas: Sequence[Mapping[str, torch.Tensor]] | None = None,
+    ) -> None:
+        """KnowEdit's fluency as EasyEdit computes it, for the cases with KnowEdit probes (portability or
+        locality): from each rewrite prompt, top-k (5) sampling to 100 tokens including the prompt's,
+        seeded (``EvalConfig.seed``); per text (prompt + continuation) ``ngram_entropy``. One decoding
+        batch for all the cases (``deltas`` as in ``add_fluency``); its time is added to
+        ``seconds_generation``. Other data keep their cost: KE_FLU decodes as much again as FL.
+        """
+        prompts: list[str] = []
+        owner: list[int] = []
+        for k, case in enumerate(cases):
+            if case.portability or case.locality:
+                prompts += [p.prompt for p in case.rewrite]
+                owner += [k] * len(case.rewrite)
+        if not prompts:
+            return
+        t0 = time.perf_counter()
+        texts = generate(
+            self.bundle.model,
+            self.bundle.tokenizer,
+            prompts,
+            top_k=KNOWEDIT_FLUENCY_TOP_K,
+            seed=self.config.seed,
+            batch_size=len(prompts),
+            adapter=self.bundle.adapter,
+            row_edits=None if deltas is None else (deltas, owner),
+            max_length=KNOWEDIT_FLUENCY_MAX_LENGTH,
+        )
+        seconds = (time.perf_counter() - t0) / len(set(owner))
+        for k, record in enumerate(records):
+            full = [p + t for p, t, o in zip(prompts, texts, owner, strict=True) if o == k]
+            if not full:
+                continue
+            record["knowedit_fluency"] = [ngram_entropy(t) for t in full]
+            record["knowedit_generations"] = full
+            record["seconds_generation"] = record.get("seconds_generation", 0.0) + seconds
 
     def _perplexity(self) -> Perplexity:
         """Corpus NLL, recomputed only when a weight changed in place since the last call.

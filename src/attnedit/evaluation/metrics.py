@@ -5,6 +5,9 @@ Definitions follow the SADR paper (section 2.1, appendix E) as fixed in ``guides
 every score is the share of PROMPTS, pooled over all cases, whose right answer has the lower mean
 NLL; every magnitude is the mean probability of the right answer; 95% CIs are normal intervals with
 the standard error of the mean. Tables print percentages.
+
+The KnowEdit metrics (``KE_*``) follow EasyEdit instead (``KNOWEDIT_PROTOCOL``): per-probe token
+accuracy, averaged within each probe key, then within the case, then across cases (CI over cases).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from attnedit.core.data import EditCase
+from attnedit.core.data import EditCase, Probe
 from attnedit.evaluation.records import CaseRecord, MetricEntry, PairedDifference, Summary
 
 
@@ -53,8 +56,15 @@ COMPARISON_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("DOS", "DOM", None, "Distracted commonsense (edit sentence prepended)"),
 )
 AVG_S_COMPONENTS = ("ES", "PS", "NS", "RS", "DNS")
-# KnowEdit metrics: per-prompt teacher-forced token accuracy
+# KnowEdit metrics: per-probe teacher-forced token accuracy, averaged as EasyEdit does
 KNOWEDIT_METRICS = ("KE_EDIT", "KE_GEN", "KE_PORT", "KE_LOC")
+# KnowEdit fluency: n-gram entropy of top-k sampled text from the rewrite prompts (``Evaluator.add_fluency``)
+KNOWEDIT_FLUENCY = "KE_FLU"
+# ... generated as EasyEdit does: top-k sampling to this many tokens, the prompt's included
+KNOWEDIT_FLUENCY_TOP_K = 5
+KNOWEDIT_FLUENCY_MAX_LENGTH = 100
+# what the KE_ summary entries record as their "protocol": EasyEdit's tokenisation, averaging and fluency
+KNOWEDIT_PROTOCOL = "easyedit"
 
 
 def distracted(case: EditCase, prompt: str) -> str:
@@ -78,15 +88,31 @@ def comparisons(case: EditCase) -> list[Comparison]:
     return out
 
 
-def knowedit_probes(case: EditCase) -> dict[str, list[tuple[str, str]]]:
-    """(prompt, target) pairs of the KnowEdit token-accuracy metrics."""
+def knowedit_probes(case: EditCase) -> dict[str, list[Probe]]:
+    """The probes of the KnowEdit token-accuracy metrics: prompt, target (the first answer) and key
+    (``Probe.kind``: KnowEdit's portability / locality key, "" elsewhere)."""
     new = case.request.target_new
     return {
-        "KE_EDIT": [(p.prompt, new) for p in case.rewrite],
-        "KE_GEN": [(p.prompt, new) for p in case.paraphrase],
-        "KE_PORT": [(p.prompt, p.target) for p in case.portability],
-        "KE_LOC": [(p.prompt, p.target) for p in case.locality],
+        "KE_EDIT": [Probe(p.prompt, new) for p in case.rewrite],
+        "KE_GEN": [Probe(p.prompt, new) for p in case.paraphrase],
+        "KE_PORT": list(case.portability),
+        "KE_LOC": list(case.locality),
     }
+
+
+def knowedit_case_value(values: Sequence[float], keys: Sequence[str] | None = None) -> float | None:
+    """One case's KnowEdit metric as EasyEdit averages it: the mean of each probe key's mean (``keys[i]``:
+    the key of ``values[i]``; None = one key). None for a case without probes."""
+    if keys is None:
+        keys = [""] * len(values)
+    if len(keys) != len(values):
+        raise ValueError(f"{len(keys)} probe keys for {len(values)} values")
+    by_key: dict[str, list[float]] = {}
+    for key, value in zip(keys, values, strict=True):
+        by_key.setdefault(key, []).append(value)
+    if not by_key:
+        return None
+    return float(np.mean([np.mean(v) for v in by_key.values()]))
 
 
 _WORD = re.compile(r"\w+|[^\w\s]")
@@ -155,6 +181,8 @@ def summarize(records: Sequence[CaseRecord], bootstrap: int = 1000, seed: int = 
     summary["PPL"] = _entry(*mean_ci(ppl))
     for name in KNOWEDIT_METRICS:
         summary[name] = _knowedit_entry(records, name)
+    ke_flu = [float(np.mean(r["knowedit_fluency"])) for r in records if r.get("knowedit_fluency")]
+    summary[KNOWEDIT_FLUENCY] = {**_entry(*mean_ci(ke_flu), scale=100), "protocol": KNOWEDIT_PROTOCOL}
     for lang in record_languages(records):
         summary |= _language_summary(records, f"@{lang}", bootstrap, seed)
         for name in KNOWEDIT_METRICS:
@@ -163,8 +191,14 @@ def summarize(records: Sequence[CaseRecord], bootstrap: int = 1000, seed: int = 
 
 
 def _knowedit_entry(records: Sequence[CaseRecord], key: str) -> MetricEntry:
-    """One KnowEdit metric pooled over every probe (percent)."""
-    return _entry(*mean_ci(v for r in records for v in r.get("knowedit", {}).get(key, [])), scale=100)
+    """One KnowEdit metric (percent) as EasyEdit averages it: per case ``knowedit_case_value``, then the
+    mean over the cases that have probes of it; the CI and ``n`` are over those cases."""
+    per_case = []
+    for r in records:
+        values = r.get("knowedit", {}).get(key, [])
+        if values:
+            per_case.append(knowedit_case_value(values, r.get("knowedit_keys", {}).get(key)))
+    return {**_entry(*mean_ci(per_case), scale=100), "protocol": KNOWEDIT_PROTOCOL}
 
 
 def _language_summary(records: Sequence[CaseRecord], suffix: str, bootstrap: int, seed: int) -> Summary:

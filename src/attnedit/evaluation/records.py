@@ -55,6 +55,9 @@ class CaseRecord(TypedDict):
     source: str  # "file#index"
     comparisons: dict[str, ComparisonNLLs]  # metric (ES, PS, ...; metrics.COMPARISON_METRICS; ES@fr) -> NLLs
     knowedit: NotRequired[dict[str, list[float]]]  # KE_EDIT, ...: per-probe token accuracy; only if any
+    # KE_PORT, KE_LOC, ... whose probes have keys (KnowEdit's Reasoning, Relation_Specificity, ...): per
+    # probe, its key, parallel to ``knowedit[metric]``; a metric without an entry has one key per case
+    knowedit_keys: NotRequired[dict[str, list[str]]]
     seconds_scoring: NotRequired[float]
     ppl: NotRequired[Perplexity]  # with a perplexity corpus only
     # the runner (runs.runner): the case's share of its edit, the evaluation time, the edit's report
@@ -71,6 +74,10 @@ class CaseRecord(TypedDict):
     fluency: NotRequired[list[float]]  # per generation: n-gram entropy (metrics.ngram_entropy)
     generations: NotRequired[list[str]]  # prompt + generated text
     seconds_generation: NotRequired[float]  # the decoding batch's time divided among its cases
+    # Evaluator.add_fluency, KnowEdit's fluency (KE_FLU; cases with KnowEdit probes): per rewrite prompt,
+    # the n-gram entropy of its top-k sampled text and the text (prompt + continuation)
+    knowedit_fluency: NotRequired[list[float]]
+    knowedit_generations: NotRequired[list[str]]
 
 
 class MetricEntry(TypedDict):
@@ -79,6 +86,7 @@ class MetricEntry(TypedDict):
     mean: float | None
     ci95: float | None
     n: int
+    protocol: NotRequired[str]  # KE_ entries: the protocol that defines them (metrics.KNOWEDIT_PROTOCOL)
 
 
 Summary = dict[str, MetricEntry]  # metric name (ES, EM, AvgS, FL, PPL, KE_EDIT, ..., ES@fr, ...) -> entry
