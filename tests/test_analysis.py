@@ -24,7 +24,13 @@ from attnedit.analysis.engine import Restoration, window_layers
 from attnedit.analysis.patching import patch_attention, patch_attention_scores, record_attention
 from attnedit.analysis.specificity import specificity_prompts
 from attnedit.analysis.substitution import record_outputs, substitute_outputs
-from attnedit.analysis.tracing import causal_trace, layer_effects, subject_noise, trace_restorations
+from attnedit.analysis.tracing import (
+    causal_trace,
+    layer_effects,
+    subject_last_effects,
+    subject_noise,
+    trace_restorations,
+)
 from attnedit.core.adapters import UnsupportedModelError
 from attnedit.core.data import EditCase, EditRequest, Probe
 from attnedit.core.interventions import attention_probabilities
@@ -145,6 +151,23 @@ def test_causal_trace_grid(bundle: ModelBundle):
     assert data["tokens"] == single.tokens and len(data["effects"]["mlp"]) == a.n_layers
     assert window_layers(5, 10, 30) == tuple(range(0, 10)) and window_layers(0, 1, 3) == (0,)
     assert window_layers(2, 6, 3) == (0, 1, 2) and window_layers(4, 3, 30) == (3, 4, 5)
+
+
+def test_subject_last_effects_are_the_trace_column(bundle: ModelBundle):
+    """The cheap trace (only the subject's last token, only the layers asked for) gives exactly the
+    subject-last column of the full causal trace, for each kind and measure."""
+    n = bundle.adapter.n_layers
+    for measure in ("prob", "logit"):
+        full = layer_effects(
+            causal_trace(bundle, PROMPT, SUBJECT, TARGET, kinds=("attn", "mlp"), samples=2, measure=measure)
+        )
+        picked = {"attn": [n - 1, 0], "mlp": list(range(n))}
+        effects, run = subject_last_effects(
+            bundle, PROMPT, SUBJECT, TARGET, picked, samples=2, measure=measure
+        )
+        assert len(run.values) == 1 + n + 2
+        for kind, layers in picked.items():
+            np.testing.assert_allclose(effects[kind], full[kind][layers], atol=1e-6)
 
 
 # --- contaminating substitution ---------------------------------------------------------------------

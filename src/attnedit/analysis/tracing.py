@@ -24,6 +24,7 @@ from attnedit.analysis.engine import (
     split_grid,
     together,
     token_grid,
+    window_layers,
 )
 from attnedit.core.interventions import (
     Trace,
@@ -197,3 +198,36 @@ def layer_effects(result: CausalTrace, at: str = "subject_last") -> dict[str, np
     if at == "subject_max":
         return {kind: e[:, span].max(axis=1) for kind, e in result.effects.items()}
     raise ValueError(f"at must be 'subject_last' or 'subject_max', not {at!r}")
+
+
+def subject_last_effects(
+    bundle: ModelBundle,
+    prompt: str,
+    subject: str,
+    target: str,
+    layers: dict[str, Sequence[int]],
+    window: int = 1,
+    noise: float | None = None,
+    samples: int = 10,
+    seed: int = 0,
+    measure: str = "prob",
+    batch_rows: int = 128,
+) -> tuple[dict[str, np.ndarray], RestorationRun]:
+    """``layer_effects(causal_trace(...), "subject_last")`` restricted to the ``{kind: layers}`` asked for:
+    only the subject's last token is restored, so the cost is one row per (kind, layer), not the whole
+    (layer, token) grid. Returns each kind's effects in the order of its layers, and the run (row 0:
+    the corrupted prompt)."""
+    kinds = check_kinds(tuple(layers))
+    last = locate_subject(bundle.tokenizer, prompt, subject).last_token
+    n_layers = bundle.adapter.n_layers
+    rows = [Restoration()] + [
+        Restoration(kind, window_layers(layer, window, n_layers), (last,))
+        for kind in kinds
+        for layer in layers[kind]
+    ]
+    run = trace_restorations(bundle, prompt, subject, target, rows, noise, samples, seed, measure, batch_rows)
+    effects, at = {}, 1
+    for kind in kinds:
+        effects[kind] = run.values[at : at + len(layers[kind])] - run.values[0]
+        at += len(layers[kind])
+    return effects, run

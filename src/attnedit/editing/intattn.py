@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from attnedit.analysis.tracing import causal_trace, layer_effects
+from attnedit.analysis.tracing import subject_last_effects
 from attnedit.core.data import EditCase, EditRequest
 from attnedit.core.deltas import AppliedEdit, EditBuilder
 from attnedit.core.models import ModelBundle
@@ -77,12 +77,18 @@ def traced_alpha(
     attn = np.zeros(len(attn_layers))
     mlp = np.zeros(len(mlp_layers))
     for req in requests:
-        trace = causal_trace(
-            bundle, req.prompt, req.subject, req.target_true, kinds=("attn", "mlp"), measure=TRACE_MEASURE
+        # only the subject's last token of the edit layers is restored: the effects alpha needs, not the
+        # whole (layer, token) grid of a causal trace
+        effects, _ = subject_last_effects(
+            bundle,
+            req.prompt,
+            req.subject,
+            req.target_true,
+            {"attn": attn_layers, "mlp": mlp_layers},
+            measure=TRACE_MEASURE,
         )
-        effects = layer_effects(trace, "subject_last")
-        attn += effects["attn"][attn_layers]
-        mlp += effects["mlp"][mlp_layers]
+        attn += effects["attn"]
+        mlp += effects["mlp"]
     attn /= len(requests)
     mlp /= len(requests)
     # a negative total effect (restoring the module lowers the target's logit on average) is no share of
