@@ -117,6 +117,17 @@ def _norm(deltas: dict[str, torch.Tensor], share: float = 1.0) -> float:
 
 
 @dataclass
+class FamilyUpdates:
+    """Each family's full update (float64, by weight name) from the unedited model, and how it was found."""
+
+    requests: list[EditRequest]
+    updates: dict[str, dict[str, torch.Tensor]]  # "mlp_down" / "attn_o" -> weight name -> delta
+    choice: AlphaChoice
+    info: dict  # the target optimisation's record
+    seconds: dict[str, float]
+
+
+@dataclass
 class IntAttn(Memit):
     """IntAttn-Edit (module docstring): MEMIT's updates of the MLPs and of W_o, mixed by alpha."""
 
@@ -127,6 +138,40 @@ class IntAttn(Memit):
 
     def apply(self, bundle: ModelBundle, cases: list[EditCase]) -> AppliedEdit:
         """Edit the model in place for all cases together; the returned edit reverts it exactly."""
+        found = self.family_updates(bundle, cases)
+        alpha = found.choice.alpha
+        with EditBuilder(bundle.model) as builder:
+            mix(builder, found.updates, alpha)
+        info = {
+            **found.info,
+            "intattn": {
+                **found.choice.describe(),
+                "mlp_layers": sorted(self.params.layers),
+                "attn_layers": sorted(self.params.attn_layers),
+                "seconds": found.seconds,
+                # the norms of each family's update as computed and as applied (times its share)
+                "update_norms": {
+                    FAMILIES[c]: {
+                        "computed": _norm(found.updates[c]),
+                        "applied": _norm(found.updates[c], share),
+                    }
+                    for c, share in shares(alpha).items()
+                    if c in found.updates
+                },
+            },
+        }
+        logger.info(
+            "intattn: alpha %.4f (%s); update norms %s",
+            alpha,
+            found.choice.source,
+            info["intattn"]["update_norms"],
+        )
+        return builder.finish(edit_metadata(self, bundle, found.requests, info))
+
+    def family_updates(self, bundle: ModelBundle, cases: list[EditCase], both: bool = False) -> FamilyUpdates:
+        """Steps 1-3 (module docstring): alpha, statistics, the target, and each family's full update from
+        the unedited model (the model is left as it was). A family with no share is not computed, unless
+        ``both`` (the alpha sweep mixes the same two families at many alphas)."""
         p = self.params
         mlp_layers, attn_layers = sorted(p.layers), sorted(p.attn_layers)
         check_layers(bundle, mlp_layers, self.name)
@@ -148,12 +193,11 @@ class IntAttn(Memit):
             seconds["trace"] = time.perf_counter() - t0
         else:
             choice = AlphaChoice(float(p.alpha), "fixed")
-        alpha = choice.alpha
         # a family with no share is not computed at all: alpha = 0 is MEMIT, alpha = 1 touches only W_o
         wanted = {}
-        if alpha < 1:
+        if choice.alpha < 1 or both:
             wanted["mlp_down"] = mlp_layers
-        if alpha > 0:
+        if choice.alpha > 0 or both:
             wanted["attn_o"] = attn_layers
 
         t0 = time.perf_counter()
@@ -174,29 +218,22 @@ class IntAttn(Memit):
                 updates[component] = self.update_layers(scratch, bundle, *loop)
             scratch.applied.revert()
             seconds["mlp_loop" if component == "mlp_down" else "attn_loop"] = time.perf_counter() - t0
+        return FamilyUpdates(requests, updates, choice, target_info(result), seconds)
 
-        shares = {"mlp_down": 1.0 - alpha, "attn_o": alpha}
-        with EditBuilder(bundle.model) as builder:
-            for component, deltas in updates.items():
-                for name, delta in deltas.items():
-                    # float64 before the cast to the weights' dtype; a share of 1.0 is exact (MEMIT)
-                    builder.add(name, delta * shares[component])
-        families = {"mlp_down": "mlp", "attn_o": "attn"}
-        info = {
-            **target_info(result),
-            "intattn": {
-                **choice.describe(),
-                "mlp_layers": mlp_layers,
-                "attn_layers": attn_layers,
-                "seconds": seconds,
-                # the norms of each family's update as computed and as applied (times its share)
-                "update_norms": {
-                    families[c]: {"computed": _norm(updates[c]), "applied": _norm(updates[c], shares[c])}
-                    for c in updates
-                },
-            },
-        }
-        logger.info(
-            "intattn: alpha %.4f (%s); update norms %s", alpha, choice.source, info["intattn"]["update_norms"]
-        )
-        return builder.finish(edit_metadata(self, bundle, requests, info))
+
+FAMILIES = {"mlp_down": "mlp", "attn_o": "attn"}
+
+
+def shares(alpha: float) -> dict[str, float]:
+    """Each family's share of its own update: the MLPs 1 - alpha, W_o alpha."""
+    return {"mlp_down": 1.0 - alpha, "attn_o": alpha}
+
+
+def mix(builder: EditBuilder, updates: dict[str, dict[str, torch.Tensor]], alpha: float) -> None:
+    """Add ``(1 - alpha) D_mlp + alpha D_attn`` to ``builder`` (a family with no share is left out)."""
+    for component, share in shares(alpha).items():
+        if share == 0 or component not in updates:
+            continue
+        for name, delta in updates[component].items():
+            # float64 before the cast to the weights' dtype; a share of 1.0 is exact (MEMIT)
+            builder.add(name, delta * share)
