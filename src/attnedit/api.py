@@ -135,10 +135,11 @@ def edit(
 ) -> AppliedEdit:
     """Edit the model in place and return the ``AppliedEdit``.
 
-    ``requests``: one request (or case), or a list for batch methods (``memit``, ``pmet``, ``memat``: one
-    update for all). ``settings`` override preset fields (see ``editor``). Use the result as a context
-    manager to revert on exit, call ``revert()`` yourself, or pass ``keep=True`` (or call ``keep()``) to
-    keep the edit when a ``with`` block ends, so that later edits build on it (sequential editing).
+    ``requests``: one request (or case), or a list for batch methods (``memit``, ``pmet``, ``memat``,
+    ``intattn``: one update for all). ``settings`` override preset fields (see ``editor``). Use the
+    result as a context manager to revert on exit, call ``revert()`` yourself, or pass ``keep=True`` (or
+    call ``keep()``) to keep the edit when a ``with`` block ends, so that later edits build on it
+    (sequential editing).
     """
     applied = editor(bundle, method, preset=preset, **settings).apply(bundle, _as_cases(requests))
     return applied.keep() if keep else applied
