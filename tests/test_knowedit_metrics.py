@@ -232,3 +232,29 @@ def test_generate_max_length_counts_the_prompt(bundle):
         alone = generate(bundle.model, tok, [prompt], max_new_tokens=total - n, adapter=bundle.adapter)
         assert text == alone[0]
     assert generate(bundle.model, tok, prompts, adapter=bundle.adapter, max_length=min(lengths)) == ["", ""]
+
+
+def test_paired_knowedit_differences_average_over_cases_like_the_summary():
+    """``paired_difference`` on a KnowEdit metric pairs the per-case values (mean per key, then per case)
+    and its rates equal the summaries; the report adds the KnowEdit columns and pairs them."""
+    from attnedit.evaluation.metrics import paired_difference, summarize
+    from attnedit.runs.report import ReportRow, columns, paired
+
+    def record(i: int, port: list[float], keys: list[str]) -> dict:
+        return {
+            "case_id": str(i),
+            "comparisons": {},
+            "knowedit": {"KE_EDIT": [1.0], "KE_PORT": port} if port else {"KE_EDIT": [1.0]},
+            "knowedit_keys": {"KE_EDIT": [""], "KE_PORT": keys} if port else {"KE_EDIT": [""]},
+        }
+
+    base = [record(0, [1.0, 0.0, 0.0], ["A", "B", "B"]), record(1, [0.5], ["A"]), record(2, [], [])]
+    other = [record(0, [1.0, 1.0, 1.0], ["A", "B", "B"]), record(1, [0.0], ["A"]), record(2, [], [])]
+    out = paired_difference(base, other, ("KE_PORT", "KE_EDIT"), resamples=200)["KE_PORT"]
+    # case 0: mean(1.0, mean(0, 0)) = 0.5; case 1: 0.5; case 2 has no portability probe
+    assert out["base"] == pytest.approx(50.0) == pytest.approx(summarize(base)["KE_PORT"]["mean"])
+    assert out["other"] == pytest.approx(summarize(other)["KE_PORT"]["mean"]) == pytest.approx(50.0)
+    assert out["cases"] == 3 and out["prompts"] == 2
+    rows = [ReportRow("a", [], {}, summarize(base), base), ReportRow("b", [], {}, summarize(other), other)]
+    assert {"KE_EDIT", "KE_PORT"} <= set(columns(rows=rows))
+    assert "KE_PORT" in paired(rows, "a")["b"]

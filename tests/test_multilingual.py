@@ -316,10 +316,16 @@ def test_run_manifest_report_columns_and_cli(tmp_path, tiny_dir):
 
     rows = collect([out])
     cols = columns(magnitudes=True, rows=rows)
-    assert cols[: len(columns(magnitudes=True))] == columns(magnitudes=True)
-    # the French columns that have values, in the order of the usual ones (no RS, Avg S or FL in French)
-    french = ("ES", "PS", "NS", "DNS", "EM", "PM", "NM", "DNM", "DNM_onew")
-    assert cols[len(columns(magnitudes=True)) :] == tuple(f"{c}@fr" for c in french)
+    plain = columns(magnitudes=True)
+    assert cols[: len(plain)] == plain
+    # BMIKE-53 has KnowEdit probes: their columns follow (no KE_FLU without fluency; BMIKE-53's locality
+    # question is a neighbourhood prompt, NS)
+    knowedit = ("KE_EDIT", "KE_GEN", "KE_PORT")
+    assert cols[len(plain) : len(plain) + 3] == knowedit
+    # the French columns that have values, in the order of the usual ones (no RS, Avg S or FL in French;
+    # KnowEdit locality is the edit language's only)
+    french = ("ES", "PS", "NS", "DNS", "EM", "PM", "NM", "DNM", "DNM_onew", "KE_EDIT", "KE_GEN", "KE_PORT")
+    assert cols[len(plain) + 3 :] == tuple(f"{c}@fr" for c in french)
     assert "| ES@fr |" in markdown_table(rows, cols)
 
     # the edit language is part of the run's identity; the CLI passes both settings

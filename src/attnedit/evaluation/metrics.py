@@ -246,9 +246,18 @@ def _resampled_rates(counts: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 def case_counts(records: Sequence[CaseRecord], score: str) -> np.ndarray:
     """Per case, ``[cases, 2]``: (hits, prompts) of a comparison score; (summed probability, prompts) of
-    a magnitude (``EM``: P(right)) or a failure probability (``NM_onew``: P(wrong)). ``KEY@LANG`` names
-    read the translation's entries. Pooled over cases, column 0 over column 1 is the summary's value."""
+    a magnitude (``EM``: P(right)) or a failure probability (``NM_onew``: P(wrong)); (the case's value, 1)
+    of a KnowEdit metric (``KE_EDIT``...; (0, 0) for a case without its probes). ``KEY@LANG`` names read
+    the translation's entries. Pooled over cases, column 0 over column 1 is the summary's value."""
     name, at, lang = score.partition("@")
+    if name in KNOWEDIT_METRICS:
+        # a KnowEdit metric is averaged over cases (EasyEdit): one unit per case that has its probes
+        values = [r.get("knowedit", {}).get(score, []) for r in records]
+        keys = [r.get("knowedit_keys", {}).get(score) for r in records]
+        rows = [
+            [knowedit_case_value(v, k), 1.0] if v else [0.0, 0.0] for v, k in zip(values, keys, strict=True)
+        ]
+        return np.array(rows, dtype=float).reshape(-1, 2)
     for spec in COMPARISON_METRICS:
         if name in (spec.score, spec.magnitude, spec.failure):
             break

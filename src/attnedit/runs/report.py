@@ -11,7 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attnedit.evaluation.metrics import PAIRED_MAGNITUDES, PAIRED_SCORES, paired_difference, summarize
+from attnedit.evaluation.metrics import (
+    KNOWEDIT_METRICS,
+    PAIRED_MAGNITUDES,
+    PAIRED_SCORES,
+    paired_difference,
+    summarize,
+)
 from attnedit.evaluation.records import CaseRecord, PairedDifference
 from attnedit.runs.rundir import MANIFEST, RunDir
 
@@ -20,6 +26,7 @@ logger = logging.getLogger(__name__)
 TABLE_COLUMNS = ("AvgS", "ES", "PS", "NS", "RS", "DNS", "FL")
 MAGNITUDE_COLUMNS = ("EM", "PM", "NM", "RM", "DNM", "RM_onew", "DNM_onew")
 EXTRA_COLUMNS = ("DRS", "RES", "ALIAS", "OS", "DOS", "PPL")
+KNOWEDIT_COLUMNS = (*KNOWEDIT_METRICS, "KE_FLU")
 
 
 @dataclass
@@ -130,6 +137,10 @@ def columns(magnitudes: bool = False, extra: bool = False, rows: Sequence[Report
     """The table's columns; given the ``rows``, followed by those of their translation languages
     (``language_columns``)."""
     cols = TABLE_COLUMNS + (MAGNITUDE_COLUMNS if magnitudes else ()) + (EXTRA_COLUMNS if extra else ())
+    # KnowEdit data: its metrics too, where some row has a value for them
+    cols += tuple(
+        c for c in KNOWEDIT_COLUMNS if any((r.summary.get(c) or {}).get("mean") is not None for r in rows)
+    )
     return cols + language_columns(rows, cols)
 
 
@@ -178,13 +189,16 @@ def paired(
     rows: list[ReportRow], against: str, magnitudes: bool = False
 ) -> dict[str, dict[str, PairedDifference]]:
     """Every other row minus the row labelled ``against``, on the cases both hold (paired bootstrap);
-    ``magnitudes``: EM, PM, NM, RM, DNM too."""
+    ``magnitudes``: EM, PM, NM, RM, DNM too; the KnowEdit metrics where the records have them; each in
+    every translation language the records hold."""
     base = [r for r in rows if r.label == against]
     if len(base) != 1:
         labels = ", ".join(r.label for r in rows)
         which = "no" if not base else "more than one"
         raise ValueError(f"--against {against!r}: {which} row has this label (rows: {labels})")
     names = PAIRED_SCORES + (PAIRED_MAGNITUDES if magnitudes else ())
+    if any(r.get("knowedit") for r in base[0].records):
+        names += KNOWEDIT_METRICS
     # translations (multilingual data): the same scores in every language the base run's records hold
     langs = sorted({key.partition("@")[2] for r in base[0].records for key in r["comparisons"]} - {""})
     scores = names + tuple(f"{name}@{lang}" for lang in langs for name in names)
@@ -204,7 +218,7 @@ def paired_table(differences: dict[str, dict[str, PairedDifference]], against: s
             text += f"; {d['relative']:+.0f}% [{rlo:+.0f}, {rhi:+.0f}]"
         return text
 
-    known = PAIRED_SCORES + PAIRED_MAGNITUDES
+    known = PAIRED_SCORES + PAIRED_MAGNITUDES + KNOWEDIT_METRICS
     found = {s for d in differences.values() for s in d}
     # the edit language's scores first, then each translation's (``ES@fr``, ...), each in the known order
     names = sorted(found, key=lambda s: (s.partition("@")[2], known.index(s.partition("@")[0])))
