@@ -258,3 +258,20 @@ def test_paired_knowedit_differences_average_over_cases_like_the_summary():
     rows = [ReportRow("a", [], {}, summarize(base), base), ReportRow("b", [], {}, summarize(other), other)]
     assert {"KE_EDIT", "KE_PORT"} <= set(columns(rows=rows))
     assert "KE_PORT" in paired(rows, "a")["b"]
+
+
+def test_records_from_before_the_protocol_are_labelled_legacy():
+    """A summary over records without the protocol mark (scored before the EasyEdit protocol) does not
+    claim it."""
+    from attnedit.evaluation.metrics import KNOWEDIT_LEGACY, KNOWEDIT_PROTOCOL, summarize
+
+    new = {
+        "knowedit_protocol": KNOWEDIT_PROTOCOL,
+        "case_id": "0",
+        "comparisons": {},
+        "knowedit": {"KE_PORT": [1.0]},
+        "knowedit_keys": {"KE_PORT": ["A"]},
+    }
+    old = {"case_id": "1", "comparisons": {}, "knowedit": {"KE_PORT": [0.0]}}
+    assert summarize([new])["KE_PORT"]["protocol"] == KNOWEDIT_PROTOCOL
+    assert summarize([new, old])["KE_PORT"]["protocol"] == KNOWEDIT_LEGACY

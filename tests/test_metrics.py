@@ -296,12 +296,14 @@ def test_summarize_fluency_ppl_knowedit():
             "fluency": [6.0, 6.5],
             "ppl": {"nll": 20.0, "tokens": 10},
             "knowedit": {"KE_EDIT": [1.0], "KE_GEN": [0.5, 1.0], "KE_PORT": [0.25], "KE_LOC": [1.0, 0.75]},
+            "knowedit_protocol": "easyedit",
         },
         {
             "comparisons": {},
             "fluency": [5.5],
             "ppl": {"nll": 9.0, "tokens": 3},
             "knowedit": {"KE_EDIT": [0.0], "KE_PORT": [0.5, 0.0, 1.0]},
+            "knowedit_protocol": "easyedit",
         },
         {"comparisons": {}},  # no generation, no ppl, no KnowEdit probes
     ]

@@ -277,6 +277,7 @@ def test_summary_pools_each_language_like_the_edit_language(tmp_path, tiny_llama
             "source": r["source"],
             "comparisons": {k[:-3]: v for k, v in r["comparisons"].items() if k.endswith("@fr")},
             "knowedit": {k[:-3]: v for k, v in r["knowedit"].items() if k.endswith("@fr")},
+            "knowedit_protocol": r["knowedit_protocol"],
         }
         for r in records
     ]

@@ -14,6 +14,7 @@ from attnedit.core.scoring import generate, score_targets, text_nll
 from attnedit.evaluation.metrics import (
     KNOWEDIT_FLUENCY_MAX_LENGTH,
     KNOWEDIT_FLUENCY_TOP_K,
+    KNOWEDIT_PROTOCOL,
     comparisons,
     knowedit_probes,
     ngram_entropy,
@@ -142,6 +143,7 @@ class Evaluator:
                     knowedit_keys[name + suffix] = [p.kind for p in probes]
         if knowedit:
             record["knowedit"] = knowedit
+            record["knowedit_protocol"] = KNOWEDIT_PROTOCOL
         if knowedit_keys:
             record["knowedit_keys"] = knowedit_keys
         record["seconds_scoring"] = time.perf_counter() - start

@@ -65,6 +65,8 @@ KNOWEDIT_FLUENCY_TOP_K = 5
 KNOWEDIT_FLUENCY_MAX_LENGTH = 100
 # what the KE_ summary entries record as their "protocol": EasyEdit's tokenisation, averaging and fluency
 KNOWEDIT_PROTOCOL = "easyedit"
+# KE_ entries over records scored before the EasyEdit protocol (not comparable with it)
+KNOWEDIT_LEGACY = "legacy: scored before the easyedit protocol"
 
 
 def distracted(case: EditCase, prompt: str) -> str:
@@ -194,11 +196,16 @@ def _knowedit_entry(records: Sequence[CaseRecord], key: str) -> MetricEntry:
     """One KnowEdit metric (percent) as EasyEdit averages it: per case ``knowedit_case_value``, then the
     mean over the cases that have probes of it; the CI and ``n`` are over those cases."""
     per_case = []
+    legacy = False
     for r in records:
         values = r.get("knowedit", {}).get(key, [])
         if values:
             per_case.append(knowedit_case_value(values, r.get("knowedit_keys", {}).get(key)))
-    return {**_entry(*mean_ci(per_case), scale=100), "protocol": KNOWEDIT_PROTOCOL}
+            # records scored before the EasyEdit protocol (another split of prompt and target, no probe
+            # keys) carry no protocol mark: their entry says so instead of claiming the protocol
+            legacy |= r.get("knowedit_protocol") != KNOWEDIT_PROTOCOL
+    protocol = KNOWEDIT_LEGACY if legacy else KNOWEDIT_PROTOCOL
+    return {**_entry(*mean_ci(per_case), scale=100), "protocol": protocol}
 
 
 def _language_summary(records: Sequence[CaseRecord], suffix: str, bootstrap: int, seed: int) -> Summary:

@@ -58,6 +58,9 @@ class CaseRecord(TypedDict):
     # KE_PORT, KE_LOC, ... whose probes have keys (KnowEdit's Reasoning, Relation_Specificity, ...): per
     # probe, its key, parallel to ``knowedit[metric]``; a metric without an entry has one key per case
     knowedit_keys: NotRequired[dict[str, list[str]]]
+    knowedit_protocol: NotRequired[
+        str
+    ]  # with ``knowedit``: metrics.KNOWEDIT_PROTOCOL (absent: scored before it)
     seconds_scoring: NotRequired[float]
     ppl: NotRequired[Perplexity]  # with a perplexity corpus only
     # the runner (runs.runner): the case's share of its edit, the evaluation time, the edit's report

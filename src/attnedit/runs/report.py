@@ -137,10 +137,14 @@ def columns(magnitudes: bool = False, extra: bool = False, rows: Sequence[Report
     """The table's columns; given the ``rows``, followed by those of their translation languages
     (``language_columns``)."""
     cols = TABLE_COLUMNS + (MAGNITUDE_COLUMNS if magnitudes else ()) + (EXTRA_COLUMNS if extra else ())
-    # KnowEdit data: its metrics too, where some row has a value for them
-    cols += tuple(
-        c for c in KNOWEDIT_COLUMNS if any((r.summary.get(c) or {}).get("mean") is not None for r in rows)
-    )
+
+    # KnowEdit-style data (portability or locality probes: KnowEdit, zsRE, BMIKE-53): its metrics too, where
+    # some row has a value (every case has KE_EDIT, so that alone says nothing about the data)
+    def has(col: str) -> bool:
+        return any((r.summary.get(col) or {}).get("mean") is not None for r in rows)
+
+    if has("KE_PORT") or has("KE_LOC"):
+        cols += tuple(c for c in KNOWEDIT_COLUMNS if has(c))
     return cols + language_columns(rows, cols)
 
 
@@ -197,7 +201,7 @@ def paired(
         which = "no" if not base else "more than one"
         raise ValueError(f"--against {against!r}: {which} row has this label (rows: {labels})")
     names = PAIRED_SCORES + (PAIRED_MAGNITUDES if magnitudes else ())
-    if any(r.get("knowedit") for r in base[0].records):
+    if any({"KE_PORT", "KE_LOC"} & set(r.get("knowedit", {})) for r in base[0].records):  # as ``columns``
         names += KNOWEDIT_METRICS
     # translations (multilingual data): the same scores in every language the base run's records hold
     langs = sorted({key.partition("@")[2] for r in base[0].records for key in r["comparisons"]} - {""})
