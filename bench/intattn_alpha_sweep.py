@@ -22,9 +22,11 @@ import time
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from attnedit.analysis.plots import save_figure
 from attnedit.core.data import file_sha256, load_cases
 from attnedit.core.deltas import EditBuilder
 from attnedit.core.models import load_model
@@ -42,13 +44,9 @@ SHOWN = ("KE_EDIT", "KE_GEN", "KE_PORT", "KE_LOC")
 
 def figure(table: dict[str, dict], path: Path, title: str) -> None:
     """Each KnowEdit metric against alpha."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     alphas = sorted(table, key=float)
-    fig, ax = plt.subplots(figsize=(5.6, 3.2))
+    fig = Figure(figsize=(5.6, 3.2))
+    ax = fig.add_subplot()
     for name in SHOWN:
         values = [table[a].get(name, {}).get("mean") for a in alphas]
         if any(v is not None for v in values):
@@ -58,9 +56,7 @@ def figure(table: dict[str, dict], path: Path, title: str) -> None:
     ax.set_title(title, fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -28,8 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from attnedit.analysis.plots import save_figure
 from attnedit.core.data import EditRequest, file_sha256
 from attnedit.core.models import load_model
 from attnedit.editing.intattn import TRACE_MEASURE, traced_alpha
@@ -41,13 +43,9 @@ logger = logging.getLogger("intattn_trace")
 
 def figure(mlp: np.ndarray, attn: np.ndarray, chosen: dict, path: Path, n: int) -> None:
     """Mean indirect effect per layer (logit), MLP vs attention, the chosen layers shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     layers = np.arange(len(mlp))
-    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    fig = Figure(figsize=(6.4, 3.2))
+    ax = fig.add_subplot()
     for lay in chosen["mlp_layers"]:
         ax.axvspan(lay - 0.5, lay + 0.5, color="tab:green", alpha=0.12, lw=0)
     for lay in chosen["attn_layers"]:
@@ -64,9 +62,7 @@ def figure(mlp: np.ndarray, attn: np.ndarray, chosen: dict, path: Path, n: int) 
     )
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -21,8 +21,11 @@ import time
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from tqdm.auto import tqdm
 
+from attnedit.analysis.plots import save_figure
 from attnedit.core.data import file_sha256, load_cases
 from attnedit.core.deltas import EditBuilder, WeightEdit
 from attnedit.core.models import load_model
@@ -44,24 +47,18 @@ def _records(bundle, cases) -> list[dict]:
 
 def heatmap(accuracy: list[list[float]], top: list[list[int]], path: Path, title: str) -> None:
     """Validation accuracy of every head (layer x head), the chosen heads framed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     values = torch.tensor(accuracy)
-    fig, ax = plt.subplots(figsize=(4.2, 7))
+    fig = Figure(figsize=(4.2, 7))
+    ax = fig.add_subplot()
     image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0.5, vmax=max(0.51, float(values.max())))
     for layer, head in top:
-        ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.5))
+        ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.5))
     ax.set_xlabel("query head")
     ax.set_ylabel("layer")
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, label="validation accuracy")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -144,9 +141,11 @@ def main() -> None:
         entry["seconds_total"] = time.perf_counter() - t0
         path.write_text(json.dumps(entry))
         results[str(k)] = entry
-        logger.info("K=%d: ES %.1f EM %.1f PS %.1f PM %.1f NS %.1f", k, *(
-            entry["summary"][m]["mean"] for m in ("ES", "EM", "PS", "PM", "NS")
-        ))
+        logger.info(
+            "K=%d: ES %.1f EM %.1f PS %.1f PM %.1f NS %.1f",
+            k,
+            *(entry["summary"][m]["mean"] for m in ("ES", "EM", "PS", "PM", "NS")),
+        )
     memit.revert()
 
     base = results.get("0")

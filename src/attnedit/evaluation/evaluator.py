@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -175,34 +176,20 @@ class Evaluator:
         than one per case. ``seconds_generation`` is the batch's time divided among its cases.
         """
         self.add_knowedit_fluency(cases, records, deltas)
-        prompts: list[str] = []
-        owner: list[int] = []
-        for k, case in enumerate(cases):
-            mine = self.fluency_prompts(case)
-            prompts += mine
-            owner += [k] * len(mine)
-        if not prompts:
-            return
-        t0 = time.perf_counter()
-        texts = generate(
-            self.bundle.model,
-            self.bundle.tokenizer,
-            prompts,
+        texts, seconds = self._decode(
+            cases,
+            self.fluency_prompts,
+            deltas,
             max_new_tokens=self.config.max_new_tokens,
             top_k=self.config.generation_top_k,
-            seed=self.config.seed,
-            batch_size=len(prompts),
-            adapter=self.bundle.adapter,
-            row_edits=None if deltas is None else (deltas, owner),
         )
-        seconds = (time.perf_counter() - t0) / len(cases)
-        for k, record in enumerate(records):
-            full = [p + t for p, t, o in zip(prompts, texts, owner, strict=True) if o == k]
+        for record, full in zip(records, texts, strict=True):
             if not full:
                 continue
             record["fluency"] = [ngram_entropy(t) for t in full]
             record["generations"] = full
-            record["seconds_generation"] = record.get("seconds_generation", 0.0) + seconds  # + KE_FLU's
+            # the batch's time divided among all its cases; + KE_FLU's
+            record["seconds_generation"] = record.get("seconds_generation", 0.0) + seconds / len(cases)
 
     def add_knowedit_fluency(
         self,
@@ -216,34 +203,54 @@ class Evaluator:
         batch for all the cases (``deltas`` as in ``add_fluency``); its time is added to
         ``seconds_generation``. Other data keep their cost: KE_FLU decodes as much again as FL.
         """
+
+        def prompts_of(case: EditCase) -> list[str]:
+            return [p.prompt for p in case.rewrite] if case.portability or case.locality else []
+
+        texts, seconds = self._decode(
+            cases, prompts_of, deltas, top_k=KNOWEDIT_FLUENCY_TOP_K, max_length=KNOWEDIT_FLUENCY_MAX_LENGTH
+        )
+        owners = sum(1 for full in texts if full)
+        for record, full in zip(records, texts, strict=True):
+            if not full:
+                continue
+            record["knowedit_fluency"] = [ngram_entropy(t) for t in full]
+            record["knowedit_generations"] = full
+            record["seconds_generation"] = record.get("seconds_generation", 0.0) + seconds / owners
+
+    def _decode(
+        self,
+        cases: Sequence[EditCase],
+        prompts_of: Callable[[EditCase], list[str]],
+        deltas: Sequence[Mapping[str, torch.Tensor]] | None,
+        **settings: Any,
+    ) -> tuple[list[list[str]], float]:
+        """One decoding batch over ``prompts_of(case)`` of every case (case ``k`` with ``deltas[k]``):
+        per case its texts (prompt + continuation), and the batch's seconds."""
         prompts: list[str] = []
         owner: list[int] = []
         for k, case in enumerate(cases):
-            if case.portability or case.locality:
-                prompts += [p.prompt for p in case.rewrite]
-                owner += [k] * len(case.rewrite)
+            mine = prompts_of(case)
+            prompts += mine
+            owner += [k] * len(mine)
         if not prompts:
-            return
+            return [[] for _ in cases], 0.0
         t0 = time.perf_counter()
         texts = generate(
             self.bundle.model,
             self.bundle.tokenizer,
             prompts,
-            top_k=KNOWEDIT_FLUENCY_TOP_K,
             seed=self.config.seed,
             batch_size=len(prompts),
             adapter=self.bundle.adapter,
             row_edits=None if deltas is None else (deltas, owner),
-            max_length=KNOWEDIT_FLUENCY_MAX_LENGTH,
+            **settings,
         )
-        seconds = (time.perf_counter() - t0) / len(set(owner))
-        for k, record in enumerate(records):
-            full = [p + t for p, t, o in zip(prompts, texts, owner, strict=True) if o == k]
-            if not full:
-                continue
-            record["knowedit_fluency"] = [ngram_entropy(t) for t in full]
-            record["knowedit_generations"] = full
-            record["seconds_generation"] = record.get("seconds_generation", 0.0) + seconds
+        seconds = time.perf_counter() - t0
+        per_case: list[list[str]] = [[] for _ in cases]
+        for prompt, text, k in zip(prompts, texts, owner, strict=True):
+            per_case[k].append(prompt + text)
+        return per_case, seconds
 
     def _perplexity(self) -> Perplexity:
         """Corpus NLL, recomputed only when a weight changed in place since the last call.
