@@ -130,9 +130,24 @@ def one_thread():
 
 
 @pytest.fixture
-def corpus_file(tmp_path, monkeypatch) -> Path:
+def isolated_cache(tmp_path, monkeypatch) -> Path:
+    """The attnedit cache (statistics, templates) in the test's own directory."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ATTNEDIT_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture
+def corpus_file(tmp_path, isolated_cache) -> Path:
     """A small text corpus for statistics, with the attnedit cache in the test's own directory."""
-    monkeypatch.setenv("ATTNEDIT_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "corpus.txt"
     path.write_text("\n".join(CORPUS))
     return path
+
+
+@pytest.fixture
+def corpus(tmp_path) -> str:
+    """The path of a statistics corpus three times the tokenizer's corpus (editing tests)."""
+    path = tmp_path / "corpus3.txt"
+    path.write_text("\n".join(CORPUS * 3))
+    return str(path)

@@ -48,16 +48,7 @@ from attnedit.editing.solvers import least_squares_update, rank_one_update, solv
 TEMPLATES = ["{}", "The city. {}", "You know that. {}"]
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("ATTNEDIT_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(CORPUS * 3))
-    return str(path)
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def _case(

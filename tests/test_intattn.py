@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from conftest import CORPUS, FAMILIES, make_tiny
+from conftest import FAMILIES, make_tiny
 from typer.testing import CliRunner
 
 import attnedit
@@ -29,17 +29,7 @@ from attnedit.editing.registry import make_editor
 from attnedit.editing.sadr import SadrSettings, SadrTerm
 from attnedit.editing.solvers import read_at_fact_token
 
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch, one_thread):
-    monkeypatch.setenv("ATTNEDIT_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def corpus(tmp_path) -> str:
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(CORPUS * 3))
-    return str(path)
+pytestmark = pytest.mark.usefixtures("isolated_cache", "one_thread")
 
 
 # random tiny models have tiny MLP outputs: relax MEMIT's decay and clamp that are relative to them

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import CORPUS, FAMILIES, make_tiny
+from conftest import FAMILIES, make_tiny
 from typer.testing import CliRunner
 
 import attnedit
@@ -24,17 +24,7 @@ from attnedit.editing.presets import MematParams, PresetError, load_preset, make
 from attnedit.editing.registry import make_editor
 from attnedit.editing.sadr import SadrSettings, SadrTerm
 
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch, one_thread):
-    monkeypatch.setenv("ATTNEDIT_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def corpus(tmp_path) -> str:
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(CORPUS * 3))
-    return str(path)
+pytestmark = pytest.mark.usefixtures("isolated_cache", "one_thread")
 
 
 def _params(corpus: str, **kw) -> MematParams:

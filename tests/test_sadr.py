@@ -29,9 +29,7 @@ REQUESTS = [
 SETTINGS = TargetSettings(lr=2.0, steps=3, weight_decay=0.0, clamp_norm_factor=1e3, early_stop_loss=0.0)
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("ATTNEDIT_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("isolated_cache")
 
 
 def _direct_sadr(bundle, rows, first_changed, heads, edited):
