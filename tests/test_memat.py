@@ -190,6 +190,20 @@ def test_memat_with_sadr_regularises_both_optimisations(tiny_tokenizer, corpus):
     applied.revert()
 
 
+def test_memat_with_sadr_over_several_correction_minibatches(tiny_tokenizer, corpus):
+    """The corrections cycle through minibatches (here 2 of 2 requests): SADR's reference of each is its
+    pass with the corrections still zero, taken before the first step; with lr 0 nothing moves, so the
+    SADR term stays exactly 0 at every step of every minibatch."""
+    bundle = make_tiny("llama", tiny_tokenizer)
+    term = SadrTerm(SadrSettings(gamma=0.5, heads="all"))
+    params = _params(corpus, correction_batch=2, correction_lr=0.0, correction_min_steps=4)
+    applied = Memat(params, terms=[term]).apply(bundle, load_cases("sample").cases[:4])
+    memat = applied.edit.info["memat"]
+    assert memat["correction_steps"] >= 4
+    assert memat["correction_loss_parts"]["sadr"] == 0.0
+    applied.revert()
+
+
 def test_memat_settings_are_checked(tiny_tokenizer, corpus):
     bundle = make_tiny("llama", tiny_tokenizer)
     with pytest.raises(ValueError, match="heads=99"):

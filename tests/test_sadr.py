@@ -201,13 +201,13 @@ def test_sequential_edits_take_the_model_before_the_current_edit_as_reference(ti
     term = SadrTerm(SadrSettings(gamma=0.5, heads="all"))
     inj = Site("mlp", 0)
     optimise_targets(bundle, REQUESTS[:1], TEMPLATES, [inj], SETTINGS, [term])
-    before = term._reference.clone()
+    before = term.last_reference.clone()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # an earlier edit in place: every layer's attention changes
         for param in bundle.model.model.layers[0].parameters():
             param.add_(0.2 * torch.randn(param.shape, generator=generator))
     result = optimise_targets(bundle, REQUESTS[:1], TEMPLATES, [inj], SETTINGS, [term])
-    assert not torch.allclose(term._reference, before, atol=1e-4)
+    assert not torch.allclose(term.last_reference, before, atol=1e-4)
     rows = [(row, row.fact) for row in build_rows(bundle, REQUESTS[:1], TEMPLATES) if not row.kl]
     edited = _injected(bundle, "mlp", 0, result.delta[inj][0])
     expected, n_selected = _direct_sadr(bundle, rows, 1, "all", edited)

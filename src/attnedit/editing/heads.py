@@ -317,8 +317,9 @@ def train_corrections(
         cuts = length_batches(lengths, by_length, max_tokens=1 << 30, max_rows=len(picked), call_cost=512)
         return [chunk(sorted(c), local) for c in cuts]
 
-    def loss_at(step: int) -> torch.Tensor:
-        m = step % len(minibatches)
+    def loss_at(step: int, m: int | None = None) -> torch.Tensor:
+        """The loss of minibatch ``m`` (default: the step's) with the current corrections."""
+        m = step % len(minibatches) if m is None else m
         chunks, n = prepared[m], len(minibatches[m])
         sums = {k: torch.zeros(n, device=device) for k in ("nll", "nll_n", "kl", "kl_n")}
 
@@ -365,6 +366,12 @@ def train_corrections(
     # one attention kernel for the whole optimisation, the prepared lower blocks included
     with term_kernel(bundle, terms, first_layer):
         prepared = [prepare(members) for members in minibatches]
+        if terms:
+            # every minibatch's step-0 pass (corrections still zero): the reference of terms that compare
+            # with the model before the corrections (SADR); minibatch 0's is the loop's own first step
+            with torch.no_grad():
+                for m in range(1, len(minibatches)):
+                    loss_at(0, m)
         result = adam_loop(
             [delta],
             loss_at,
@@ -401,4 +408,3 @@ def fold_corrections(
         change = weight[:, head * d : (head + 1) * d].float() @ delta[i].to(weight.device).float()
         out[layer] = change if fold == "overwrite" or layer not in out else out[layer] + change
     return out
-

@@ -22,6 +22,7 @@ recorded.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -146,8 +147,13 @@ class SadrTerm:
     settings: SadrSettings = field(default_factory=SadrSettings)
     name: str = "sadr"
     diagnostics: dict[str, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
-    _reference: torch.Tensor | None = field(default=None, init=False, repr=False)
-    _batch: SplitBatch | None = field(default=None, init=False, repr=False)
+    # the step-0 attention of each batch the optimisation cycles through (several: minibatches of MEMAT's
+    # corrections, length groups of the target optimisation), keyed by the batch's id with a weak
+    # reference to it, so that a finished optimisation's batches are not kept alive
+    _references: dict[int, tuple[weakref.ref[SplitBatch], torch.Tensor]] = field(
+        default_factory=dict, init=False, repr=False
+    )
+    last_reference: torch.Tensor | None = field(default=None, init=False, repr=False)  # the latest recorded
     _n_layers: int = field(default=0, init=False, repr=False)
 
     def describe(self) -> dict:
@@ -176,12 +182,7 @@ class SadrTerm:
             return torch.zeros(state.n_requests, device=device)
         rows = state.prompt_rows
         current = torch.stack([state.attention[layer][rows] for layer in layers]).float()  # [L, R, H, K]
-        if state.step == 0 or self._batch is not state.batch:
-            if state.step != 0:
-                raise RuntimeError("SADR needs the step-0 attention of every batch as its reference")
-            self._reference, self._batch = current.detach(), state.batch
-        reference = self._reference
-        assert reference is not None
+        reference = self._reference(state, current)
         kl = drift_kl(reference, current)  # [L, R, H]
         selected = select_heads(reference, current, state.fact_key[rows], self.settings.heads)
         per_prompt = (kl * selected).sum(dim=(0, 2))  # [R]
@@ -196,6 +197,19 @@ class SadrTerm:
             self.diagnostics = self._diagnose(kl.detach(), selected, layers, rows, request, state.n_requests)
             self.diagnostics["unweighted"] = value.detach()
         return self.settings.gamma * value
+
+    def _reference(self, state: StepState, current: torch.Tensor) -> torch.Tensor:
+        """The batch's reference attention: recorded at its step 0 (the model before the edit)."""
+        key = id(state.batch)
+        if state.step == 0:
+            # a new optimisation or a new batch of one: forget the batches that no longer exist
+            self._references = {k: v for k, v in self._references.items() if v[0]() is not None}
+            self._references[key] = (weakref.ref(state.batch), current.detach())
+            self.last_reference = current.detach()
+        known = self._references.get(key)
+        if known is None or known[0]() is not state.batch:
+            raise RuntimeError("SADR needs the step-0 attention of every batch as its reference")
+        return known[1]
 
     def _diagnose(
         self,
