@@ -285,3 +285,35 @@ def test_failed_edit_leaves_the_weights(served):
     assert "layer" in response.json()["error"]
     assert model_hash(served.bundle.model) == served.app.state.inspector.original_hash
     assert served.get("/healthz").json()["status"] == "ok"
+
+
+def test_serve_command(monkeypatch, tiny_dir, tmp_path):
+    import builtins
+
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from attnedit.cli.main import app
+
+    served: dict = {}
+    monkeypatch.setattr(uvicorn, "run", lambda web, **kwargs: served.update(app=web, **kwargs))
+    result = CliRunner().invoke(app, ["serve", "--model", str(tiny_dir), "--runs", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert served["host"] == "127.0.0.1" and served["port"] == 8000
+    assert "warning" not in result.output
+    with TestClient(served["app"]) as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/api/runs").json() == {"runs": []}
+    result = CliRunner().invoke(app, ["serve", "--model", str(tiny_dir), "--host", "0.0.0.0"])
+    assert result.exit_code == 0 and "warning: serving on 0.0.0.0" in result.output
+    # without the serve extra: one line saying what to install
+    real_import = builtins.__import__
+
+    def no_fastapi(name, *args, **kwargs):
+        if name == "uvicorn" or name.startswith("fastapi"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_fastapi)
+    result = CliRunner().invoke(app, ["serve", "--model", str(tiny_dir)])
+    assert result.exit_code == 2 and "pip install attnedit[serve]" in result.output, result.output

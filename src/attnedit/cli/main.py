@@ -357,7 +357,7 @@ def serve_command(
         from attnedit.serve.app import create_app
     except ImportError as err:
         typer.echo(f"error: attnedit serve needs {err.name}: pip install attnedit[serve]", err=True)
-        raise typer.Exit(2) from None
+        raise SystemExit(2) from None  # past the error boundary, which would call this a bug
     if runs is not None and not runs.is_dir():
         raise typer.BadParameter(f"{runs} is not a directory", param_hint="--runs")
     if not _is_loopback(host):

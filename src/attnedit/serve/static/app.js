@@ -30,7 +30,7 @@ async function api(path, options = {}) {
   return body;
 }
 
-function fmt(p) { return p === null || p === undefined ? "" : p.toFixed(3); }
+function fmt(p) { return p === null || p === undefined ? "" : p.toPrecision(3); }
 
 // --- form ---------------------------------------------------------------------------------------
 
