@@ -20,8 +20,8 @@ if [ "${ATTNEDIT_SKIP_LOWEST:-0}" != 1 ]; then
   fi
   .venv-lowest/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '${TORCH_VERSION:-2.13.0}')" \
     2>/dev/null || .venv-lowest/bin/pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-  .venv-lowest/bin/python -c "import sklearn, transformers, sys; sys.exit(transformers.__version__ != '$LOWEST_TRANSFORMERS')" \
-    2>/dev/null || .venv-lowest/bin/pip install -q -e ".[dev,memat]" "transformers==$LOWEST_TRANSFORMERS"
+  .venv-lowest/bin/python -c "import sklearn, fastapi, transformers, sys; sys.exit(transformers.__version__ != '$LOWEST_TRANSFORMERS')" \
+    2>/dev/null || .venv-lowest/bin/pip install -q -e ".[dev,memat,serve]" "transformers==$LOWEST_TRANSFORMERS"
   # editable: the installed package must be this checkout (re-pointed if .venv-lowest came from another one)
   .venv-lowest/bin/python -c "import attnedit, pathlib, sys; sys.exit(pathlib.Path(attnedit.__file__).resolve()
     != pathlib.Path('src/attnedit/__init__.py').resolve())" 2>/dev/null || .venv-lowest/bin/pip install -q --no-deps -e .

@@ -1,4 +1,4 @@
-"""Command line: ``attnedit eval | report | models``."""
+"""Command line: ``attnedit eval | report | models | serve``."""
 
 from __future__ import annotations
 
@@ -323,6 +323,53 @@ def report_command(
     if out:
         paths = write_report(rows, out, cols, differences)
         typer.echo(json.dumps({k: str(v) for k, v in paths.items()}))
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@app.command("serve")
+@error_boundary
+def serve_command(
+    model: Annotated[str, typer.Option(help="embedded name, local HF directory or hub id")] = "smollm2-135m",
+    runs: Annotated[
+        Path | None, typer.Option(help="a directory of runs to browse, read-only (default: no runs browser)")
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="address to bind (another than loopback is reachable by others)")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Serve the edit inspector: edit a fact in the loaded model and see its answers and attention drift."""
+    try:
+        import uvicorn
+
+        from attnedit.serve.app import create_app
+    except ImportError as err:
+        typer.echo(f"error: attnedit serve needs {err.name}: pip install attnedit[serve]", err=True)
+        raise SystemExit(2) from None  # past the error boundary, which would call this a bug
+    if runs is not None and not runs.is_dir():
+        raise typer.BadParameter(f"{runs} is not a directory", param_hint="--runs")
+    if not _is_loopback(host):
+        typer.echo(
+            f"warning: serving on {host}: anyone who can reach it may run edits on this machine", err=True
+        )
+    setup_logging(verbose, threads)
+    from attnedit.api import load_model
+
+    bundle = load_model(model)
+    typer.echo(f"attnedit inspector: {bundle.name} at http://{host}:{port}/", err=True)
+    uvicorn.run(create_app(bundle, runs), host=host, port=port, log_level="info" if verbose else "warning")
 
 
 @app.command("models")

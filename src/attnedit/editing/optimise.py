@@ -24,6 +24,7 @@ remaining tokens recorded once. Logits are computed only at the positions the lo
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -429,6 +430,25 @@ def per_request_mean(
     return total / count.clamp_min(1)
 
 
+# who hears of every step of ``adam_loop`` (the edit inspector streams the steps); set by ``on_step``
+StepListener = Callable[[str, int, list[float], dict[str, list]], None]
+_step_listener: contextvars.ContextVar[StepListener | None] = contextvars.ContextVar(
+    "attnedit_step_listener", default=None
+)
+
+
+@contextlib.contextmanager
+def on_step(listener: StepListener) -> Iterator[None]:
+    """Inside the block (this thread's context), every ``adam_loop`` step calls
+    ``listener(what, step, losses, parts)`` after its forward pass: the losses per unit and the loss
+    parts per unit where the loop's caller gives them. It only reads detached values: nothing changes."""
+    token = _step_listener.set(listener)
+    try:
+        yield
+    finally:
+        _step_listener.reset(token)
+
+
 @dataclass
 class LoopResult:
     """What ``adam_loop`` ran, per unit: the last step at which the unit was active, and its loss then."""
@@ -447,6 +467,7 @@ def adam_loop(
     project: Callable[[], None] | None = None,
     units: int | Sequence[object] = 1,
     what: str = "",
+    parts: Mapping[str, torch.Tensor] | None = None,
 ) -> LoopResult:
     """Adam on ``parameters`` against per-unit losses, each unit stopping on its own.
 
@@ -463,7 +484,8 @@ def adam_loop(
     parameters may have any shape (the loop has ended before its unit could finish).
 
     ``units``: how many units, or their names (request ids, named in the non-finite error); ``what``
-    prefixes that error's message.
+    prefixes that error's message. ``parts``: the loss parts ``loss_fn`` fills in, per unit, reported
+    with each step to the listener of ``on_step`` (if any).
     """
     names = None if isinstance(units, int) else list(units)
     n = len(names) if names is not None else int(units)  # type: ignore[arg-type]
@@ -471,6 +493,7 @@ def adam_loop(
     active: torch.Tensor | None = None
     last_step, last_loss = [0] * n, [math.nan] * n
     prefix = f"{what}: " if what else ""
+    listener = _step_listener.get()
     for step in range(steps):
         loss = loss_fn(step)
         if loss.shape != (n,):
@@ -486,6 +509,8 @@ def adam_loop(
                 last_step[i] = step
                 last_loss[i] = float(loss[i])
             active &= loss.detach() >= early_stop_loss
+        if listener is not None:
+            listener(what, step, loss.detach().tolist(), {k: v.tolist() for k, v in (parts or {}).items()})
         if not active.any() or step == steps - 1:
             break
         # finished units keep the values that met the stop rule (nothing to restore while all are active)
@@ -587,6 +612,7 @@ def _optimise_group(
             early_stop_loss=settings.early_stop_loss,
             project=clamp_norms,
             units=request_ids,
+            parts=parts,
         )
 
         for i, rid in enumerate(request_ids):

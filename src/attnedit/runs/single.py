@@ -61,7 +61,8 @@ def edit_case_from_args(
     return case, probes
 
 
-def _answers(bundle: ModelBundle, probes: list[tuple[str, str]], request: EditRequest) -> list[Answer]:
+def probe_answers(bundle: ModelBundle, probes: list[tuple[str, str]], request: EditRequest) -> list[Answer]:
+    """Greedy continuation, P(o_new) and P(o_true) of each (label, prompt) probe on the model as it is now."""
     prompts = [p for _, p in probes]
     generated = generate(bundle.model, bundle.tokenizer, prompts, max_new_tokens=8, adapter=bundle.adapter)
     pairs = [(p, t) for p in prompts for t in (request.target_new, request.target_true)]
@@ -89,9 +90,9 @@ def run_single_edit(
         request = EditRequest(case.request.prompt, case.request.subject, case.request.target_new, object_true)
         case = EditCase(case_id=case.case_id, request=request, rewrite=case.rewrite)
     editor = make_editor(method, bundle, preset, overrides, sadr=sadr)
-    before = _answers(bundle, probes, case.request)
+    before = probe_answers(bundle, probes, case.request)
     applied = editor.apply(bundle, [case])
-    after = _answers(bundle, probes, case.request)
+    after = probe_answers(bundle, probes, case.request)
     return before, after, applied.edit
 
 

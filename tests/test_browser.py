@@ -1,0 +1,108 @@
+"""The inspector page in a real headless Chromium (the system's, driven by Playwright): load the page served
+on a tiny model, run an edit, wait for the drift grid, click a head, see its attention row, submit a bad
+request and see the inline error. Screenshots go to the test's temporary directory."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import uvicorn
+from conftest import make_tiny
+from playwright.sync_api import expect, sync_playwright
+from test_serve import write_tiny_presets
+
+from attnedit.core.deltas import model_hash
+from attnedit.serve.app import create_app
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch, tiny_tokenizer):
+    """The inspector on a tiny Llama (ROME preset), served by uvicorn in a thread on a free port."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"The city number {i} lies on the river {i % 7}." for i in range(40)))
+    write_tiny_presets(tmp_path / "presets", corpus)
+    monkeypatch.setenv("ATTNEDIT_PRESETS", str(tmp_path / "presets"))
+    monkeypatch.setenv("ATTNEDIT_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    bundle = make_tiny("llama", tiny_tokenizer)
+    app = create_app(bundle, None)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", app, bundle
+    srv.should_exit = True
+    thread.join(timeout=30)
+    torch.set_num_threads(threads)
+
+
+def _chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.fail("no system Chromium for the browser test: apt-get install chromium (Debian's package)")
+    return path
+
+
+def test_page_edits_shows_grid_head_row_and_errors(server, tmp_path):
+    url, app, bundle = server
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.wait_for_selector("body[data-ready='1']")
+            expect(page.locator("#model-name")).to_have_text("tiny-llama")
+            assert page.locator("#method-a option").count() >= 13  # 7 methods and 6 +sadr variants
+            page.fill("textarea[name=neighbors]", "The Louvre is located in the city of")
+            page.click("#edit-button")
+            # the grid: 3 layers x 6 heads of the tiny Llama
+            page.wait_for_selector(".grid svg rect.cell", timeout=60_000)
+            assert page.locator(".grid svg rect.cell").count() == 18
+            expect(page.locator(".answers tr")).to_have_count(4)  # header, rewrite, neighbour, distracted
+            expect(page.locator(".progress")).to_contain_text("step 0")
+            page.screenshot(path=str(shots / "grid.png"), full_page=True)
+            # a head of layer 2 (the layer above the edit): its attention row before and after
+            page.click(".grid svg rect.cell[data-layer='2'][data-head='1']")
+            page.wait_for_selector(".head-row .tokens.after .token")
+            tokens = page.locator(".head-row .tokens.before .token")
+            assert tokens.count() == page.locator(".head-row .tokens.after .token").count() >= 5
+            assert page.locator(".head-row .tokens.before .token.subject").count() >= 1
+            expect(page.locator(".head-row h4")).to_contain_text("layer 2, head 1")
+            page.screenshot(path=str(shots / "head.png"), full_page=True)
+            # a subject that is not in the prompt: an inline error naming the field
+            page.fill("input[name=prompt]", "The Eiffel Tower is in")
+            page.fill("input[name=subject]", "Big Ben")
+            page.click("#edit-button")
+            error = page.locator("#form-error")
+            expect(error).to_be_visible()
+            expect(error).to_contain_text("subject")
+            assert "invalid" in (page.get_attribute("input[name=subject]", "class") or "")
+            page.screenshot(path=str(shots / "error.png"), full_page=True)
+        finally:
+            browser.close()
+    assert all((shots / f"{name}.png").stat().st_size > 0 for name in ("grid", "head", "error"))
+    assert model_hash(bundle.model) == app.state.inspector.original_hash
+
+
+def test_browser_test_needs_the_system_chromium():
+    """The check above fails, never skips, without Chromium: CI must install it (.ci/run does)."""
+    assert Path(_chromium()).is_file()
