@@ -1,4 +1,4 @@
-"""Command line: ``attnedit eval | report | models | serve``."""
+"""Command line: ``attnedit eval | report | models | serve | inspect``."""
 
 from __future__ import annotations
 
@@ -245,6 +245,100 @@ def edit_command(
     typer.echo(answers_table(probes, before, after))
     path = edit.save(save)
     typer.echo(f"\nedit saved to {path} ({', '.join(edit.deltas)})")
+
+
+@app.command("inspect")
+@error_boundary
+def inspect_command(
+    html: Annotated[Path, typer.Option("--html", help="the offline page to write (one HTML file)")],
+    subject: Annotated[str | None, typer.Option(help="the subject, e.g. 'Eiffel Tower'")] = None,
+    prompt: Annotated[
+        str | None, typer.Option(help="prompt containing the subject or a {} slot, e.g. '{} is located in'")
+    ] = None,
+    target_new: Annotated[str | None, typer.Option("--target-new", help="the new object")] = None,
+    target_true: Annotated[str | None, typer.Option("--target-true", help="the current object")] = None,
+    paraphrase: Annotated[
+        list[str] | None, typer.Option(help="a paraphrase prompt to check (repeatable)")
+    ] = None,
+    neighbor: Annotated[
+        list[str] | None,
+        typer.Option(help="a neighbourhood prompt (another subject, same relation; repeatable)"),
+    ] = None,
+    relation: Annotated[
+        list[str] | None, typer.Option(help="a prompt about the subject's other facts (repeatable)")
+    ] = None,
+    request_file: Annotated[
+        Path | None,
+        typer.Option("--file", help=f"a data file (or '{SAMPLE_DATA}'); inspects its record --index instead"),
+    ] = None,
+    index: Annotated[int, typer.Option(help="record of --file to inspect")] = 0,
+    method: Annotated[str, typer.Option(help="rome | memit | pmet | ft, optionally +sadr")] = "rome",
+    model: Annotated[str, typer.Option(help="embedded name, local HF directory or hub id")] = "smollm2-135m",
+    preset: Annotated[str | None, typer.Option(help="preset name or JSON file")] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE override")] = None,
+    window: Annotated[int, typer.Option(help="patching: layers patched back around each layer")] = 10,
+    sadr: SadrFlag = False,
+    gamma: SadrGamma = None,
+    sadr_heads: SadrHeads = None,
+    sadr_layers: SadrLayers = None,
+    sadr_reduction: SadrReduction = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Edit one fact as the inspector does; write its view as one offline HTML file: the answers, the
+    drift grids of the rewrite and distracted neighbour prompts with every head's attention rows, and
+    their patching curves."""
+    check_writable_file(html, "--html")  # before the edit is computed, not after
+    if window < 1:
+        raise typer.BadParameter("must be at least 1", param_hint="--window")
+    setup_logging(verbose, threads)
+    from attnedit.api import load_cases, load_model
+    from attnedit.editing.registry import make_editor
+    from attnedit.serve.inspector import MAX_PROBES, InputError, Inspector, build_case
+    from attnedit.serve.offline import offline_view, write_html
+
+    method, overrides, sadr_settings = _with_sadr(
+        method, param, sadr, gamma, sadr_heads, sadr_layers, sadr_reduction
+    )
+    probes: dict[str, list[str]] = {
+        "paraphrase": paraphrase or [],
+        "neighbors": neighbor or [],
+        "relation": relation or [],
+    }
+    if request_file is not None:
+        cases = load_cases(str(request_file))
+        if not 0 <= index < len(cases):
+            raise ValueError(f"--index {index} out of range: {request_file} has {len(cases)} cases")
+        case = cases[index]
+        subject, prompt = case.request.subject, case.request.prompt
+        target_new, target_true = case.request.target_new, case.request.target_true
+        probes = {
+            "paraphrase": [p.prompt for p in case.paraphrase],
+            "neighbors": [p.prompt for p in case.neighborhood],
+            "relation": [p.prompt for p in case.relation],
+        }
+    given = {"subject": subject, "prompt": prompt, "target-new": target_new, "target-true": target_true}
+    missing = [f"--{name}" for name, value in given.items() if not value]
+    if missing:
+        raise ValueError(f"give {', '.join(missing)} (or --file DATA --index N)")
+    for kind, given in probes.items():
+        if len(given) > MAX_PROBES:  # the page's limit: a data file's case keeps its first ones
+            logger.warning("%s: the first %d of %d prompts are inspected", kind, MAX_PROBES, len(given))
+            probes[kind] = given[:MAX_PROBES]
+    bundle = load_model(model)
+    try:
+        case, shown = build_case(bundle, prompt, subject, target_new, target_true, probes)  # type: ignore[arg-type]
+    except InputError as err:
+        flag = {"neighbors": "neighbor"}.get(err.field.split("[")[0], err.field.split("[")[0])
+        raise typer.BadParameter(err.message, param_hint=f"--{flag.replace('_', '-')}") from None
+    editor = make_editor(method, bundle, preset, overrides, sadr=sadr_settings)
+    inspector = Inspector(bundle)
+    try:
+        view = offline_view(inspector, method, case, shown, editor, min(window, bundle.adapter.n_layers))
+    finally:
+        inspector.close()
+    path = write_html(view, html)
+    typer.echo(f"{path}: {method} on {case.request.text!r} ({path.stat().st_size / 1024:.0f} kB)")
 
 
 @app.command("stats")

@@ -38,11 +38,11 @@ from attnedit.serve.inspector import (
     method_names,
     method_settings,
 )
-from attnedit.serve.runs_browser import RunNotFoundError, RunsBrowser
+from attnedit.serve.offline import STATIC
+from attnedit.serve.runs_browser import ReportError, RunNotFoundError, RunsBrowser
 
 logger = logging.getLogger(__name__)
 
-STATIC = Path(__file__).resolve().parent / "static"
 EVENT_POLL_SECONDS = 0.1
 
 
@@ -120,6 +120,10 @@ def create_app(bundle: ModelBundle, runs_root: Path | None = None) -> FastAPI:
     @app.exception_handler(RunNotFoundError)
     async def run_not_found(_request: Request, _err: RunNotFoundError) -> JSONResponse:
         return _error(404, "no such run directory under the runs root", "path")
+
+    @app.exception_handler(ReportError)
+    async def report_error(_request: Request, err: ReportError) -> JSONResponse:
+        return _error(422, str(err), err.field)
 
     @app.exception_handler(WeightsChangedError)
     async def weights_changed(_request: Request, err: WeightsChangedError) -> JSONResponse:
@@ -278,6 +282,18 @@ def create_app(bundle: ModelBundle, runs_root: Path | None = None) -> FastAPI:
     def run_records(path: str) -> dict:
         """One run's manifest, summary and per-case records."""
         return _browser().records(path)
+
+    @app.get("/api/report")
+    def report(
+        runs: list[str] = Query(...),
+        against: str | None = None,
+        magnitudes: bool = False,
+        extra: bool = False,
+    ) -> dict:
+        """The report of several runs (``runs.report``: shards of one run merged into one row), with
+        each row minus the row labelled ``against`` on their shared cases when it is given (paired
+        bootstrap). ``runs``: run paths as ``/api/runs`` lists them; one outside the root is a 404."""
+        return _browser().report(runs, against, magnitudes, extra)
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:

@@ -1,4 +1,5 @@
-"""The inspector's read-only runs browser: run directories under one root, their summaries and records.
+"""The inspector's read-only runs browser: run directories under one root, their summaries and records,
+and the report of several of them (``runs.report``, as ``attnedit report`` prints it).
 
 Every path a browser sends is resolved strictly under the root: absolute paths, ``..`` parts and
 anything that resolves outside the root (a symbolic link out of it) are refused as not found, so that
@@ -14,7 +15,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from attnedit.analysis.engine import json_ready
-from attnedit.runs.rundir import MANIFEST, RESULTS, RunDir, read_results
+from attnedit.runs.report import collect, columns, markdown_table, paired, paired_table
+from attnedit.runs.rundir import MANIFEST, RESULTS, RunConflictError, RunDir, read_results
 
 logger = logging.getLogger(__name__)
 
@@ -22,10 +24,20 @@ SUMMARY = "summary.json"  # an evaluation run's pooled metrics (runs.runner)
 ANALYSIS_RECORDS = "cases.jsonl"  # an analysis run's records (runs.analysis_runs)
 MAX_RUNS = 500  # run directories listed at most
 MAX_DEPTH = 6  # directory levels searched under the root
+MAX_REPORT_RUNS = 50  # run directories in one report at most
 
 
 class RunNotFoundError(LookupError):
     """A run path that is not a run directory under the root (or not allowed): answered as 404."""
+
+
+class ReportError(ValueError):
+    """Run directories that make no report (not evaluation runs, a shard twice, an unknown ``against``
+    label); ``field`` names the query parameter: answered as 422."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 class RunsBrowser:
@@ -108,3 +120,47 @@ class RunsBrowser:
             "summary": json_ready(self._read_json(path / SUMMARY)),
             "records": json_ready(records),
         }
+
+    def report(
+        self, relatives: list[str], against: str | None = None, magnitudes: bool = False, extra: bool = False
+    ) -> dict:
+        """The report of the runs ``relatives`` names under the root, as ``attnedit report`` makes it
+        (``runs.report``): its columns and rows (label, run paths, cases, the pooled summary) and its
+        markdown table; with ``against``, every other row minus that row on their shared cases."""
+        if not relatives:
+            raise ReportError("runs", "give at least one run")
+        if len(relatives) > MAX_REPORT_RUNS:
+            raise ReportError("runs", f"at most {MAX_REPORT_RUNS} runs in one report")
+        paths = [self.resolve(r) for r in relatives]  # each confined to the root, as ``records``
+        try:
+            rows = collect(paths)
+        except (KeyError, TypeError) as err:  # a manifest without the fields of an evaluation run
+            raise ReportError("runs", f"not an evaluation run directory (its manifest lacks {err})") from None
+        except (OSError, ValueError, RunConflictError) as err:  # a shard twice, a linked or torn file
+            raise ReportError("runs", str(err)) from None
+        cols = columns(magnitudes, extra, rows)
+        out: dict[str, Any] = {
+            "columns": list(cols),
+            "rows": [
+                {
+                    "label": row.label,
+                    "runs": [Path(d).relative_to(self.root).as_posix() for d in row.run_dirs],
+                    "cases": row.summary["_cases"],
+                    "complete": row.summary["_complete_shards"],
+                    "summary": json_ready(row.summary),
+                }
+                for row in rows
+            ],
+            "markdown": markdown_table(rows, cols),
+        }
+        if against is not None:
+            try:
+                differences = paired(rows, against, magnitudes)
+            except ValueError as err:
+                raise ReportError("against", str(err)) from None
+            out.update(
+                against=against,
+                paired=json_ready(differences),
+                paired_markdown=paired_table(differences, against),
+            )
+        return out

@@ -1,8 +1,11 @@
 // The edit inspector page: plain DOM and hand-written SVG over the JSON API under /api/ (no CDN, no build).
+// The same script renders the offline file of `attnedit inspect --html`: when the page embeds a view
+// (<script type="application/json" id="view-data">), it draws that and sends no request at all.
 "use strict";
 
 const $ = (sel, root = document) => root.querySelector(sel);
-const SVG = "http://www.w3.org/2000/svg";
+// the SVG namespace, read off a parsed <svg> element: the page names no URL (the offline file has none)
+const SVG = (() => { const t = document.createElement("template"); t.innerHTML = "<svg></svg>"; return t.content.firstChild.namespaceURI; })();
 let METHODS = {};
 let SAMPLES = [];
 
@@ -135,14 +138,54 @@ async function runColumn(request) {
   });
   const status = await api(`/api/edits/${id}`);
   if (status.state !== "done") return;
-  showResult(node, id, status);
+  showResult(node, serverSource(id), status.results);
 }
 
-function showResult(node, id, status) {
+// Where a column's grids, head rows and patching curves come from: the API of the served page, or
+// the view embedded in the offline file (the rows the server computed, picked out of it).
+function serverSource(id) {
+  const q = (prompt) => `prompt=${encodeURIComponent(prompt)}`;
+  return {
+    downloads: () => [
+      el("a", { href: `/api/edits/${id}/edit.safetensors`, text: "edit (safetensors)" }),
+      el("a", { href: `/api/edits/${id}/view.json`, text: "view data (JSON)" }),
+    ],
+    hasGrid: () => true,
+    grid: (prompt) => api(`/api/edits/${id}/grid?${q(prompt)}`),
+    head: (prompt, layer, head) => api(`/api/edits/${id}/head?layer=${layer}&head=${head}&${q(prompt)}`),
+    patching: (prompt) => api(`/api/edits/${id}/patching?${q(prompt)}`),
+  };
+}
+
+function embeddedSource(view, text) {
+  const grids = new Map(view.grids.map((g) => [g.prompt, g]));
+  const rows = new Map(view.head_rows.map((r) => [r.prompt, r]));
+  const curves = new Map(view.patching.map((c) => [c.prompt, c]));
+  const missing = (what) => Promise.reject(new Error(`${what} is not in this file`));
+  return {
+    downloads: () => [el("a", {
+      href: URL.createObjectURL(new Blob([text], { type: "application/json" })),
+      download: `view-${view.id}.json`, text: "view data (JSON)",
+    })],
+    hasGrid: (prompt) => grids.has(prompt),
+    grid: (prompt) => (grids.has(prompt) ? Promise.resolve(grids.get(prompt)) : missing("this prompt's grid")),
+    head: (prompt, layer, head) => {
+      const g = grids.get(prompt), r = rows.get(prompt);
+      if (!g || !r) return missing("this prompt's head rows");
+      return Promise.resolve({
+        prompt, layer, head, tokens: g.tokens, before: r.before[layer][head], after: r.after[layer][head],
+        kl: g.kl[layer][head], selected: g.selected[layer][head], subject_span: g.subject_span,
+      });
+    },
+    patching: (prompt) => (curves.has(prompt) ? Promise.resolve(curves.get(prompt)) : missing("this prompt's patching curve")),
+  };
+}
+
+function showResult(node, source, results) {
   $(".result", node).hidden = false;
   const table = $(".answers", node);
   table.append(el("tr", {}, ...["probe", "prompt", "before", "after", "P(new)", "P(true)"].map((h) => el("th", { text: h }))));
-  for (const r of status.results) {
+  for (const r of results) {
     const pn = el("td", { class: "num", text: `${fmt(r.before.p_new)} → ${fmt(r.after.p_new)}` });
     const pt = el("td", { class: "num", text: `${fmt(r.before.p_true)} → ${fmt(r.after.p_true)}` });
     pn.classList.add(r.after.p_new >= r.before.p_new ? "up" : "down");
@@ -150,15 +193,14 @@ function showResult(node, id, status) {
     table.append(el("tr", {}, el("td", { text: r.kind }), el("td", { text: r.prompt }),
       el("td", { text: r.before.generated }), el("td", { text: r.after.generated }), pn, pt));
   }
-  $(".downloads", node).append(
-    el("a", { href: `/api/edits/${id}/edit.safetensors`, text: "edit (safetensors)" }),
-    el("a", { href: `/api/edits/${id}/view.json`, text: "view data (JSON)" }),
-  );
+  $(".downloads", node).append(...source.downloads());
   const probe = $(".probe", node);
-  for (const r of status.results) probe.append(el("option", { value: r.prompt, text: `${r.kind}: ${r.prompt}` }));
-  probe.addEventListener("change", () => showGrid(node, id, probe.value));
-  $(".patch-button", node).addEventListener("click", () => showPatching(node, id, probe.value));
-  showGrid(node, id, probe.value);
+  for (const r of results) {
+    if (source.hasGrid(r.prompt)) probe.append(el("option", { value: r.prompt, text: `${r.kind}: ${r.prompt}` }));
+  }
+  probe.addEventListener("change", () => showGrid(node, source, probe.value));
+  $(".patch-button", node).addEventListener("click", () => showPatching(node, source, probe.value));
+  showGrid(node, source, probe.value);
 }
 
 // cell colour: white (no drift) to red (the grid's largest KL), on a square-root scale
@@ -168,12 +210,12 @@ function heat(value, max) {
   return `rgb(255,${g},${g})`;
 }
 
-async function showGrid(node, id, prompt) {
+async function showGrid(node, source, prompt) {
   const box = $(".grid", node);
   box.textContent = "computing…";
   $(".head-row", node).textContent = "";
   let grid;
-  try { grid = await api(`/api/edits/${id}/grid?prompt=${encodeURIComponent(prompt)}`); } catch (err) {
+  try { grid = await source.grid(prompt); } catch (err) {
     box.textContent = ""; $(".column-error", node).hidden = false; $(".column-error", node).textContent = err.message; return;
   }
   const size = 18, left = 30, top = 18;
@@ -194,7 +236,7 @@ async function showGrid(node, id, prompt) {
       cell.addEventListener("click", () => {
         svg.querySelectorAll(".chosen").forEach((c) => c.classList.remove("chosen"));
         cell.classList.add("chosen");
-        showHead(node, id, prompt, l, h);
+        showHead(node, source, prompt, l, h);
       });
       svg.append(cell);
     }
@@ -203,9 +245,9 @@ async function showGrid(node, id, prompt) {
   box.append(svg, el("div", { class: "muted", text: `max KL ${max.toExponential(3)}; ${grid.selected.flat().filter(Boolean).length} heads SADR would select` }));
 }
 
-async function showHead(node, id, prompt, layer, head) {
+async function showHead(node, source, prompt, layer, head) {
   const box = $(".head-row", node);
-  const row = await api(`/api/edits/${id}/head?layer=${layer}&head=${head}&prompt=${encodeURIComponent(prompt)}`);
+  const row = await source.head(prompt, layer, head);
   box.textContent = "";
   box.append(el("h4", { text: `layer ${layer}, head ${head}: KL ${row.kl.toExponential(3)}${row.selected ? " (SADR would select it)" : ""}` }));
   const span = row.subject_span;
@@ -223,11 +265,11 @@ async function showHead(node, id, prompt, layer, head) {
   }
 }
 
-async function showPatching(node, id, prompt) {
+async function showPatching(node, source, prompt) {
   const box = $(".patching", node);
   box.textContent = "computing…";
   let curve;
-  try { curve = await api(`/api/edits/${id}/patching?prompt=${encodeURIComponent(prompt)}`); } catch (err) {
+  try { curve = await source.patching(prompt); } catch (err) {
     box.textContent = err.message; return;
   }
   const w = 360, h = 160, pad = 30, n = curve.layers.length;
@@ -283,11 +325,13 @@ function scalarColumns(records) {
   return cols;
 }
 
-function renderTable(table, rows, cols, onRowClick) {
+// ticked (optional): a Set of row paths, shown as a first column of checkboxes
+function renderTable(table, rows, cols, onRowClick, ticked = null) {
   let sortKey = null, ascending = true;
   const draw = () => {
     table.textContent = "";
     const head = el("tr");
+    if (ticked) head.append(el("th", { text: "report" }));
     for (const c of cols) {
       head.append(el("th", { class: "sortable", text: c + (c === sortKey ? (ascending ? " ▲" : " ▼") : ""), onclick: () => {
         ascending = sortKey === c ? !ascending : true; sortKey = c; draw();
@@ -301,6 +345,15 @@ function renderTable(table, rows, cols, onRowClick) {
     });
     for (const r of sorted) {
       const tr = el("tr", onRowClick ? { class: "clickable", onclick: () => onRowClick(r) } : {});
+      if (ticked) {
+        const box = el("input", { type: "checkbox", class: "tick", "data-path": r.path, onclick: (e) => e.stopPropagation() });
+        box.checked = ticked.has(r.path);
+        box.addEventListener("change", () => {
+          if (box.checked) ticked.add(r.path); else ticked.delete(r.path);
+          $("#report-button").disabled = ticked.size === 0;
+        });
+        tr.append(el("td", {}, box));
+      }
       for (const c of cols) {
         const v = r[c];
         tr.append(el("td", { class: typeof v === "number" ? "num" : "", text: typeof v === "number" ? String(+v.toFixed(4)) : v ?? "" }));
@@ -323,7 +376,69 @@ async function loadRuns() {
     return row;
   });
   const cols = [...new Set(rows.flatMap((r) => Object.keys(r)))];
-  renderTable($("#runs-table"), rows, cols, (r) => showRun(r.path));
+  for (const path of [...TICKED]) if (!rows.some((r) => r.path === path)) TICKED.delete(path);
+  renderTable($("#runs-table"), rows, cols, (r) => showRun(r.path), TICKED);
+  $("#report-button").disabled = TICKED.size === 0;
+}
+
+// --- the report of several runs (runs.report, as `attnedit report` prints it) ---------------------------
+
+const TICKED = new Set();
+
+// a summary entry as the markdown report writes it: mean ± 95% interval
+function reportCell(entry, digits) {
+  if (!entry || entry.mean === null || entry.mean === undefined) return "-";
+  const mean = entry.mean.toFixed(digits);
+  return entry.ci95 === null || entry.ci95 === undefined ? mean : `${mean} ± ${entry.ci95.toFixed(digits)}`;
+}
+
+function pairedCell(d) {
+  if (!d) return "-";
+  const sign = (v, digits) => (v >= 0 ? "+" : "") + v.toFixed(digits);
+  let text = `${sign(d.diff, 1)} [${sign(d.diff_ci[0], 1)}, ${sign(d.diff_ci[1], 1)}]`;
+  if (d.relative !== null && d.relative_ci !== null) {
+    text += `; ${sign(d.relative, 0)}% [${sign(d.relative_ci[0], 0)}, ${sign(d.relative_ci[1], 0)}]`;
+  }
+  return text;
+}
+
+async function showReport() {
+  const error = $("#report-error");
+  error.hidden = true;
+  const params = new URLSearchParams();
+  for (const path of TICKED) params.append("runs", path);
+  const against = $("#report-against").value;
+  if (against) params.set("against", against);
+  if ($("#report-magnitudes").checked) params.set("magnitudes", "true");
+  let report;
+  try { report = await api(`/api/report?${params}`); } catch (err) {
+    error.hidden = false; error.textContent = err.field ? `${err.field}: ${err.message}` : err.message; return;
+  }
+  $("#report").hidden = false;
+  const rows = report.rows.map((r) => {
+    const row = { method: r.label, cases: r.cases, runs: r.runs.join(", ") };
+    for (const c of report.columns) row[c] = reportCell(r.summary[c], c === "PPL" ? 2 : 1);
+    return row;
+  });
+  renderTable($("#report-table"), rows, ["method", "cases", ...report.columns, "runs"], null);
+  const select = $("#report-against");
+  select.textContent = "";
+  select.append(el("option", { value: "", text: "(none)" }));
+  for (const r of report.rows) select.append(el("option", { value: r.label, text: r.label }));
+  select.value = report.rows.some((r) => r.label === against) ? against : "";
+  const paired = $("#paired-table");
+  paired.textContent = "";
+  $("#paired-title").hidden = !report.paired;
+  if (!report.paired) return;
+  $("#paired-title").textContent = `each row minus ${report.against}, on their shared cases (paired bootstrap, 95% intervals)`;
+  const scores = [...new Set(Object.values(report.paired).flatMap((d) => Object.keys(d)))];
+  const diffs = Object.entries(report.paired).map(([label, byScore]) => {
+    const first = Object.values(byScore)[0];
+    const row = { method: `${label} - ${report.against}`, cases: first ? first.cases : 0 };
+    for (const s of scores) row[s] = pairedCell(byScore[s]);
+    return row;
+  });
+  renderTable(paired, diffs, ["method", "cases", ...scores], null);
 }
 
 async function showRun(path) {
@@ -357,7 +472,32 @@ function showTab(id) {
   if (id === "runs-tab") loadRuns();
 }
 
+// the offline file of `attnedit inspect --html`: one column drawn from the embedded view, no requests
+function showOffline(script) {
+  const text = script.textContent;
+  const view = JSON.parse(text);
+  document.body.classList.add("offline");
+  $("nav").hidden = true;
+  $("#edit-form").hidden = true;
+  $("#model-name").textContent = `${view.model}, offline view`;
+  const node = $("#column-template").content.firstElementChild.cloneNode(true);
+  $("#columns").append(node);
+  const req = view.request;
+  $(".column-title", node).textContent = `${req.method}: ${req.subject}: ${req.target_true} → ${req.target_new}`;
+  $(".progress", node).textContent = `edited in ${Number(view.seconds).toFixed(1)} s; settings ${JSON.stringify(view.hyperparameters)}`;
+  showResult(node, embeddedSource(view, text), view.results);
+}
+
 document.addEventListener("DOMContentLoaded", async () => {
+  const embedded = document.getElementById("view-data");
+  if (embedded) {
+    try { showOffline(embedded); } catch (err) { $("#columns").append(el("p", { class: "error", text: err.message })); }
+    document.body.dataset.ready = "1";
+    return;
+  }
+  $("#report-button").addEventListener("click", showReport);
+  $("#report-against").addEventListener("change", showReport);
+  $("#report-magnitudes").addEventListener("change", () => { if (!$("#report").hidden) showReport(); });
   document.querySelectorAll(".tab").forEach((t) => t.addEventListener("click", () => showTab(t.dataset.tab)));
   $("#edit-form").addEventListener("submit", submitEdit);
   $("#sample").addEventListener("change", fillSample);
