@@ -290,7 +290,7 @@ def inspect_command(
     their patching curves."""
     check_writable_file(html, "--html")  # before the edit is computed, not after
     if window < 1:
-        raise typer.BadParameter("must be at least 1", param_hint="--window")
+        raise ValueError(f"--window must be at least 1 (got {window})")
     setup_logging(verbose, threads)
     from attnedit.api import load_cases, load_model
     from attnedit.editing.registry import make_editor
@@ -330,7 +330,7 @@ def inspect_command(
         case, shown = build_case(bundle, prompt, subject, target_new, target_true, probes)  # type: ignore[arg-type]
     except InputError as err:
         flag = {"neighbors": "neighbor"}.get(err.field.split("[")[0], err.field.split("[")[0])
-        raise typer.BadParameter(err.message, param_hint=f"--{flag.replace('_', '-')}") from None
+        raise ValueError(f"--{flag.replace('_', '-')}: {err.message}") from None
     editor = make_editor(method, bundle, preset, overrides, sadr=sadr_settings)
     inspector = Inspector(bundle)
     try:

@@ -86,9 +86,12 @@ def _script_json(value: Any) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def _inline(text: str, closing: str) -> str:
-    if closing in text.lower():
-        raise ValueError(f"cannot inline a static file that contains {closing!r}")
+def _inline(text: str, *markers: str) -> str:
+    """``text`` to be inlined in an element, refused if it holds a marker that would end that element
+    early or change how the HTML parser reads it (``<!--`` or ``<script`` inside a script)."""
+    for marker in markers:
+        if marker in text.lower():
+            raise ValueError(f"cannot inline a static file that contains {marker!r}")
     return text
 
 
@@ -96,7 +99,7 @@ def render_html(view: dict[str, Any]) -> str:
     """The served page as one self-contained file: CSS and JS inlined, ``view`` embedded as JSON."""
     page = (STATIC / "index.html").read_text(encoding="utf-8")
     css = _inline((STATIC / "style.css").read_text(encoding="utf-8"), "</style")
-    js = _inline((STATIC / "app.js").read_text(encoding="utf-8"), "</script")
+    js = _inline((STATIC / "app.js").read_text(encoding="utf-8"), "</script", "<script", "<!--")
     for tag in (STYLE_TAG, SCRIPT_TAG):
         if page.count(tag) != 1:
             raise ValueError(f"static/index.html must hold {tag!r} once to be inlined")

@@ -1,6 +1,6 @@
 // The edit inspector page: plain DOM and hand-written SVG over the JSON API under /api/ (no CDN, no build).
 // The same script renders the offline file of `attnedit inspect --html`: when the page embeds a view
-// (<script type="application/json" id="view-data">), it draws that and sends no request at all.
+// (a JSON script element with the id view-data), it draws that and sends no request at all.
 "use strict";
 
 const $ = (sel, root = document) => root.querySelector(sel);
