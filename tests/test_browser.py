@@ -1,6 +1,7 @@
 """The inspector page in a real headless Chromium (the system's, driven by Playwright): load the page served
 on a tiny model, run an edit, wait for the drift grid, click a head, see its attention row, submit a bad
-request and see the inline error. Screenshots go to the test's temporary directory."""
+request and see the inline error; open the offline file of ``attnedit inspect --html`` (``file://``, no
+server), see its grid, click a head and see its row. Screenshots go to the test's temporary directory."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from test_serve import write_tiny_presets
 
 from attnedit.core.deltas import model_hash
 from attnedit.serve.app import create_app
+from attnedit.serve.inspector import Inspector, build_case, build_editor
+from attnedit.serve.offline import offline_view, write_html
 
 
 def _free_port() -> int:
@@ -106,3 +109,71 @@ def test_page_edits_shows_grid_head_row_and_errors(server, tmp_path):
 def test_browser_test_needs_the_system_chromium():
     """The check above fails, never skips, without Chromium: CI must install it (.ci/run does)."""
     assert Path(_chromium()).is_file()
+
+
+@pytest.fixture
+def offline_file(tmp_path, monkeypatch, tiny_tokenizer) -> Path:
+    """The offline view of a ROME edit on a tiny Llama (what ``attnedit inspect --html`` writes)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"The city number {i} lies on the river {i % 7}." for i in range(40)))
+    write_tiny_presets(tmp_path / "presets", corpus)
+    monkeypatch.setenv("ATTNEDIT_PRESETS", str(tmp_path / "presets"))
+    monkeypatch.setenv("ATTNEDIT_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    bundle = make_tiny("llama", tiny_tokenizer)
+    case, probes = build_case(
+        bundle,
+        "{} is located in the city of",
+        "Eiffel Tower",
+        "Rome",
+        "Paris",
+        {"neighbors": ["The Louvre is located in the city of"]},
+    )
+    inspector = Inspector(bundle)
+    try:
+        view = offline_view(inspector, "rome", case, probes, build_editor(bundle, "rome", {}))
+    finally:
+        inspector.close()
+        torch.set_num_threads(threads)
+    return write_html(view, tmp_path / "view.html")
+
+
+def test_offline_file_shows_grid_and_head_rows_without_requests(offline_file, tmp_path):
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    requested: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("request", lambda request: requested.append(request.url))
+            page.goto(offline_file.as_uri())
+            page.wait_for_selector("body[data-ready='1']")
+            expect(page.locator("#model-name")).to_contain_text("offline view")
+            assert not page.locator("#edit-form").is_visible()
+            page.wait_for_selector(".grid svg rect.cell")
+            assert page.locator(".grid svg rect.cell").count() == 18
+            expect(page.locator(".answers tr")).to_have_count(4)  # header, rewrite, neighbour, distracted
+            # the probe selector offers the embedded prompts: the rewrite and the distracted neighbour
+            expect(page.locator(".probe option")).to_have_count(2)
+            page.click(".grid svg rect.cell[data-layer='2'][data-head='1']")
+            page.wait_for_selector(".head-row .tokens.after .token")
+            tokens = page.locator(".head-row .tokens.before .token")
+            assert tokens.count() == page.locator(".head-row .tokens.after .token").count() >= 5
+            assert page.locator(".head-row .tokens.before .token.subject").count() >= 1
+            expect(page.locator(".head-row h4")).to_contain_text("layer 2, head 1")
+            page.screenshot(path=str(shots / "offline-head.png"), full_page=True)
+            # the distracted neighbour's grid and rows, and its patching curve, are in the file too
+            page.select_option(".probe", index=1)
+            page.wait_for_selector(".grid svg rect.cell")
+            page.click(".grid svg rect.cell[data-layer='2'][data-head='0']")
+            expect(page.locator(".head-row h4")).to_contain_text("layer 2, head 0")
+            page.click(".patch-button")
+            page.wait_for_selector(".patching svg polyline", state="attached")  # a flat line: no height
+            assert page.locator(".patching svg polyline").count() == 2
+            page.screenshot(path=str(shots / "offline-patching.png"), full_page=True)
+        finally:
+            browser.close()
+    assert requested == [offline_file.as_uri()]  # the file itself, nothing else
+    assert all((shots / f"{name}.png").stat().st_size > 0 for name in ("offline-head", "offline-patching"))

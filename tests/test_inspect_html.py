@@ -53,7 +53,8 @@ def inspect_args(model_dir: Path, html: Path) -> list[str]:
     args = ["inspect", "--model", str(model_dir), "--method", "rome", "--html", str(html)]
     args += ["--prompt", EDIT["prompt"], "--subject", EDIT["subject"]]
     args += ["--target-new", EDIT["target_new"], "--target-true", EDIT["target_true"]]
-    for flag, key in (("--paraphrase", "paraphrase"), ("--neighbor", "neighbors"), ("--relation", "relation")):
+    flags = {"--paraphrase": "paraphrase", "--neighbor": "neighbors", "--relation": "relation"}
+    for flag, key in flags.items():
         for prompt in EDIT[key]:
             args += [flag, prompt]
     return args
@@ -162,7 +163,7 @@ def test_missing_flags_are_named(setup, tmp_path):
         cli, ["inspect", "--model", str(model_dir), "--subject", "X", "--html", str(tmp_path / "v.html")]
     )
     assert result.exit_code == 2
-    assert "--prompt" in result.output and "--target-new" in result.output and "--target-true" in result.output
+    assert all(flag in result.output for flag in ("--prompt", "--target-new", "--target-true"))
 
 
 def test_embedded_text_cannot_end_its_script_block():

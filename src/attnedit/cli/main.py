@@ -334,7 +334,7 @@ def inspect_command(
     editor = make_editor(method, bundle, preset, overrides, sadr=sadr_settings)
     inspector = Inspector(bundle)
     try:
-        view = offline_view(inspector, method, case, shown, editor, min(window, bundle.adapter.n_layers))
+        view = offline_view(inspector, method, case, shown, editor, window)
     finally:
         inspector.close()
     path = write_html(view, html)

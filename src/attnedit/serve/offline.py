@@ -64,8 +64,10 @@ def offline_view(
     window: int = 10,
 ) -> dict[str, Any]:
     """Edit ``case`` with ``editor`` in ``inspector`` (as ``POST /api/edits`` does) and return the view's
-    data: ``Inspector.view_json`` with the grids and patching curves (over ``window`` layers) of the
-    rewrite and distracted neighbour prompts computed, plus ``head_rows`` (one per grid, in its order)."""
+    data: ``Inspector.view_json`` with the grids and patching curves (over ``window`` layers, at most
+    the model's) of the rewrite and distracted neighbour prompts computed, plus ``head_rows`` (one per
+    grid, in its order)."""
+    window = min(window, inspector.bundle.adapter.n_layers)
     job = inspector.new_job("edit")
     session = inspector.start_edit(job, method, case, probes, editor).result()
     prompts = list(dict.fromkeys(p for kind, p in session.probes if kind in EMBEDDED_KINDS))
