@@ -317,3 +317,80 @@ def test_serve_command(monkeypatch, tiny_dir, tmp_path):
     monkeypatch.setattr(builtins, "__import__", no_fastapi)
     result = CliRunner().invoke(app, ["serve", "--model", str(tiny_dir)])
     assert result.exit_code == 2 and "pip install attnedit[serve]" in result.output, result.output
+
+
+@pytest.fixture(scope="module")
+def reports(served, tmp_path_factory, tiny_dir):
+    """A TestClient whose runs root holds two real evaluation runs (unedited and FT on three sample
+    cases), a non-evaluation run, and a symbolic link to a real run outside the root."""
+    from attnedit.evaluation.evaluator import EvalConfig
+    from attnedit.runs.runner import RunConfig, run
+
+    tmp = tmp_path_factory.mktemp("reports")
+    root = tmp / "runs"
+    ft_preset = tmp / "ft.json"
+    ft_preset.write_text(json.dumps({"method": "ft", "model": "tiny", "params": {"layers": [1], "steps": 2}}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ATTNEDIT_CACHE", str(tmp / "cache"))
+        for out, method, preset in (
+            (root / "evals" / "base", "none", None),
+            (root / "evals" / "ft", "ft", str(ft_preset)),
+            (tmp / "outside" / "secret", "none", None),
+        ):
+            config = RunConfig(
+                data="sample", out=str(out), model=str(tiny_dir), method=method, preset=preset, limit=3,
+                eval=EvalConfig(fluency=False),
+            )  # fmt: skip
+            run(config, progress=False)
+    other = root / "analysis"
+    other.mkdir()
+    (other / "manifest.json").write_text(json.dumps({"analysis": "drift"}))
+    (root / "escape").symlink_to(tmp / "outside" / "secret", target_is_directory=True)
+    with TestClient(create_app(served.bundle, root)) as client:
+        client.root = root  # type: ignore[attr-defined]
+        yield client
+
+
+def test_report_equals_runs_report(reports):
+    from attnedit.analysis.engine import json_ready
+    from attnedit.runs.report import collect, columns, markdown_table, paired, paired_table
+
+    listed = {r["path"] for r in reports.get("/api/runs").json()["runs"]}
+    assert {"evals/base", "evals/ft", "analysis"} == listed
+    rows = collect([reports.root / "evals" / "base", reports.root / "evals" / "ft"])
+    query = {"runs": ["evals/base", "evals/ft"], "against": "none", "magnitudes": True}
+    body = reports.get("/api/report", params=query).json()
+    assert body["columns"] == list(columns(True, False, rows))
+    assert [r["label"] for r in body["rows"]] == [r.label for r in rows] == ["none", "ft"]
+    assert [r["runs"] for r in body["rows"]] == [["evals/base"], ["evals/ft"]]  # relative to the root
+    assert [r["summary"] for r in body["rows"]] == [json_ready(r.summary) for r in rows]
+    assert [r["cases"] for r in body["rows"]] == [3, 3]
+    assert body["markdown"] == markdown_table(rows, columns(True, False, rows))
+    differences = paired(rows, "none", True)
+    assert body["against"] == "none" and body["paired"] == json_ready(differences)
+    assert body["paired_markdown"] == paired_table(differences, "none")
+    assert body["paired"]["ft"]["ES"]["cases"] == 3
+    # without against: no paired differences; without magnitudes: the table's columns only
+    plain = reports.get("/api/report", params={"runs": ["evals/ft"]}).json()
+    assert "paired" not in plain and plain["columns"] == list(columns(False, False, rows[1:]))
+
+
+def test_report_stays_under_the_root_and_names_bad_input(reports):
+    for path in ("escape", "evals/../escape", "evals/%2e%2e/escape", "../outside/secret", "/tmp", "evals"):
+        response = reports.get("/api/report", params={"runs": ["evals/base", path]})
+        assert response.status_code == 404, path
+        assert "secret" not in response.text
+    bad = [
+        ({"runs": ["evals/base"], "against": "rome"}, "against"),
+        ({"runs": ["evals/base", "evals/base"]}, "runs"),  # the same shard twice
+        ({"runs": ["analysis"]}, "runs"),  # not an evaluation run
+        ({}, "runs"),
+    ]
+    for params, field in bad:
+        response = reports.get("/api/report", params=params)
+        assert response.status_code == 422, (params, response.text)
+        assert response.json()["field"] == field, params
+    # an inspector started without --runs has no report
+    with TestClient(create_app(reports.app.state.inspector.bundle)) as client:
+        response = client.get("/api/report", params={"runs": ["evals/base"]})
+        assert response.status_code == 404 and response.json()["field"] == "runs"
