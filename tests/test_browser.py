@@ -5,18 +5,21 @@ server), see its grid, click a head and see its row. Screenshots go to the test'
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import uvicorn
 from conftest import make_tiny
+from fastapi import FastAPI
 from playwright.sync_api import expect, sync_playwright
-from test_serve import write_tiny_presets
+from test_serve import make_eval_runs, write_tiny_presets
 
 from attnedit.core.deltas import model_hash
 from attnedit.serve.app import create_app
@@ -28,6 +31,24 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _serving(app: FastAPI) -> Iterator[str]:
+    """``app`` served by uvicorn in a thread on a free port: its URL."""
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
 
 
 @pytest.fixture
@@ -42,17 +63,8 @@ def server(tmp_path, monkeypatch, tiny_tokenizer):
     torch.set_num_threads(1)
     bundle = make_tiny("llama", tiny_tokenizer)
     app = create_app(bundle, None)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", app, bundle
-    srv.should_exit = True
-    thread.join(timeout=30)
+    with _serving(app) as url:
+        yield url, app, bundle
     torch.set_num_threads(threads)
 
 
@@ -177,3 +189,37 @@ def test_offline_file_shows_grid_and_head_rows_without_requests(offline_file, tm
             browser.close()
     assert requested == [offline_file.as_uri()]  # the file itself, nothing else
     assert all((shots / f"{name}.png").stat().st_size > 0 for name in ("offline-head", "offline-patching"))
+
+
+def test_runs_tab_reports_ticked_runs(tmp_path, tiny_dir, tiny_tokenizer):
+    """The Runs tab: tick two runs, see their report, then their paired differences against one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        root = make_eval_runs(tmp_path, tiny_dir)
+        app = create_app(make_tiny("llama", tiny_tokenizer), root)
+    finally:
+        torch.set_num_threads(threads)
+    with _serving(app) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.wait_for_selector("body[data-ready='1']")
+            page.click(".tab[data-tab='runs-tab']")
+            page.wait_for_selector("#runs-table input.tick")
+            expect(page.locator("#report-button")).to_be_disabled()
+            assert page.locator("#runs-table input.tick[data-path='analysis']").count() == 0
+            page.check("#runs-table input.tick[data-path='evals/base']")
+            page.check("#runs-table input.tick[data-path='evals/ft']")
+            expect(page.locator("#run-detail")).to_be_hidden()  # ticking does not open the run
+            page.click("#report-button")
+            expect(page.locator("#report-table tr")).to_have_count(3)  # header, none, ft
+            expect(page.locator("#report-table")).to_contain_text("evals/ft")
+            page.select_option("#report-against", "none")
+            expect(page.locator("#paired-table tr")).to_have_count(2)  # header, ft - none
+            expect(page.locator("#paired-table")).to_contain_text("ft - none")
+            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "report.png").stat().st_size > 0

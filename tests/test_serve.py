@@ -319,14 +319,13 @@ def test_serve_command(monkeypatch, tiny_dir, tmp_path):
     assert result.exit_code == 2 and "pip install attnedit[serve]" in result.output, result.output
 
 
-@pytest.fixture(scope="module")
-def reports(served, tmp_path_factory, tiny_dir):
-    """A TestClient whose runs root holds two real evaluation runs (unedited and FT on three sample
-    cases), a non-evaluation run, and a symbolic link to a real run outside the root."""
+def make_eval_runs(tmp: Path, model_dir: Path) -> Path:
+    """A runs root ``tmp/runs`` with two real evaluation runs on three sample cases (``evals/base``:
+    unedited, ``evals/ft``: FT), a run that is no evaluation (``analysis``) and ``escape``: a symbolic
+    link to a real run outside the root (``tmp/outside/secret``)."""
     from attnedit.evaluation.evaluator import EvalConfig
     from attnedit.runs.runner import RunConfig, run
 
-    tmp = tmp_path_factory.mktemp("reports")
     root = tmp / "runs"
     ft_preset = tmp / "ft.json"
     ft_preset.write_text(json.dumps({"method": "ft", "model": "tiny", "params": {"layers": [1], "steps": 2}}))
@@ -338,7 +337,7 @@ def reports(served, tmp_path_factory, tiny_dir):
             (tmp / "outside" / "secret", "none", None),
         ):
             config = RunConfig(
-                data="sample", out=str(out), model=str(tiny_dir), method=method, preset=preset, limit=3,
+                data="sample", out=str(out), model=str(model_dir), method=method, preset=preset, limit=3,
                 eval=EvalConfig(fluency=False),
             )  # fmt: skip
             run(config, progress=False)
@@ -346,6 +345,13 @@ def reports(served, tmp_path_factory, tiny_dir):
     other.mkdir()
     (other / "manifest.json").write_text(json.dumps({"analysis": "drift"}))
     (root / "escape").symlink_to(tmp / "outside" / "secret", target_is_directory=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reports(served, tmp_path_factory, tiny_dir):
+    """A TestClient whose runs root is ``make_eval_runs``'s."""
+    root = make_eval_runs(tmp_path_factory.mktemp("reports"), tiny_dir)
     with TestClient(create_app(served.bundle, root)) as client:
         client.root = root  # type: ignore[attr-defined]
         yield client

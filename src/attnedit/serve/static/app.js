@@ -325,8 +325,8 @@ function scalarColumns(records) {
   return cols;
 }
 
-// ticked (optional): a Set of row paths, shown as a first column of checkboxes
-function renderTable(table, rows, cols, onRowClick, ticked = null) {
+// ticked (optional): a Set of row paths, shown as a first column of checkboxes (where tickable(row))
+function renderTable(table, rows, cols, onRowClick, ticked = null, tickable = () => true) {
   let sortKey = null, ascending = true;
   const draw = () => {
     table.textContent = "";
@@ -345,7 +345,8 @@ function renderTable(table, rows, cols, onRowClick, ticked = null) {
     });
     for (const r of sorted) {
       const tr = el("tr", onRowClick ? { class: "clickable", onclick: () => onRowClick(r) } : {});
-      if (ticked) {
+      if (ticked && !tickable(r)) tr.append(el("td"));
+      else if (ticked) {
         const box = el("input", { type: "checkbox", class: "tick", "data-path": r.path, onclick: (e) => e.stopPropagation() });
         box.checked = ticked.has(r.path);
         box.addEventListener("change", () => {
@@ -369,7 +370,7 @@ async function loadRuns() {
   let data;
   try { data = await api("/api/runs"); } catch (err) { error.hidden = false; error.textContent = err.message; return; }
   const rows = data.runs.map((r) => {
-    const row = { path: r.path, label: r.label, method: r.method, model: r.model, records: r.records };
+    const row = { path: r.path, kind: r.kind, label: r.label, method: r.method, model: r.model, records: r.records };
     for (const [k, v] of Object.entries(r.summary || {})) {
       if (v && typeof v === "object" && typeof v.mean === "number") row[k] = v.mean;
     }
@@ -377,7 +378,8 @@ async function loadRuns() {
   });
   const cols = [...new Set(rows.flatMap((r) => Object.keys(r)))];
   for (const path of [...TICKED]) if (!rows.some((r) => r.path === path)) TICKED.delete(path);
-  renderTable($("#runs-table"), rows, cols, (r) => showRun(r.path), TICKED);
+  // only evaluation runs make a report (runs.report)
+  renderTable($("#runs-table"), rows, cols, (r) => showRun(r.path), TICKED, (r) => r.kind === "evaluation");
   $("#report-button").disabled = TICKED.size === 0;
 }
 
