@@ -56,6 +56,18 @@ def _is_user_error(err: BaseException) -> bool:
     return isinstance(err, ModelLoadError | NonFiniteLossError | RunConflictError)
 
 
+# typer/click's own exceptions (usage errors, explicit exits): recent typer ships its own copy of click,
+# whose classes are not click's, so both sets are named
+CLI_OWN: tuple[type[BaseException], ...] = (
+    click.exceptions.ClickException,
+    click.exceptions.Exit,
+    click.exceptions.Abort,
+    typer.Exit,
+    typer.Abort,
+    *(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"),
+)
+
+
 def error_boundary(command: Callable[P, R]) -> Callable[P, R]:
     """The CLI's one error boundary, applied to every command: an error of ours becomes one line on
     stderr (exit code 2); anything else keeps its traceback plus a line saying it is a bug."""
@@ -64,7 +76,7 @@ def error_boundary(command: Callable[P, R]) -> Callable[P, R]:
     def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return command(*args, **kwargs)
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        except CLI_OWN:
             raise  # typer/click's own: usage errors (exit 2) and explicit exits
         except KeyboardInterrupt:
             raise
