@@ -400,3 +400,21 @@ def test_report_stays_under_the_root_and_names_bad_input(reports):
     with TestClient(create_app(reports.app.state.inspector.bundle)) as client:
         response = client.get("/api/report", params={"runs": ["evals/base"]})
         assert response.status_code == 404 and response.json()["field"] == "runs"
+
+
+def test_run_records_carry_each_case_s_own_scores(reports):
+    """The records of an evaluation run carry flat per-case scores (share of a score's prompts right; the
+    case's KnowEdit value), so the page can sort and filter cases, e.g. those whose distracted
+    neighbours fail."""
+    from attnedit.evaluation.metrics import case_counts
+    from attnedit.runs.rundir import RESULTS, read_results
+
+    body = reports.get("/api/runs/evals/ft/records").json()
+    originals = {r["case_id"]: r for r in read_results(reports.root / "evals" / "ft" / RESULTS)}
+    assert len(body["records"]) == 3
+    for record in body["records"]:
+        original = originals[record["case_id"]]
+        for score in ("ES", "PS", "NS", "DNS"):
+            ((hits, prompts),) = case_counts([original], score)
+            assert record[score] == pytest.approx(hits / prompts, abs=1e-4), score
+        assert 0.0 <= record["KE_EDIT"] <= 1.0

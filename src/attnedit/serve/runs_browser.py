@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from attnedit.analysis.engine import json_ready
+from attnedit.evaluation.metrics import COMPARISON_METRICS, KNOWEDIT_METRICS, case_counts
 from attnedit.runs.report import collect, columns, markdown_table, paired, paired_table
 from attnedit.runs.rundir import MANIFEST, RESULTS, RunConflictError, RunDir, read_results
 
@@ -114,6 +115,8 @@ class RunsBrowser:
         manifest = run.read_manifest()
         file = self._record_file(path)
         records = read_results(file) if file is not None else []
+        for record in records:
+            record.update(case_scores(record))
         return {
             "path": path.relative_to(self.root).as_posix(),
             "manifest": json_ready(manifest),
@@ -164,3 +167,20 @@ class RunsBrowser:
                 paired_markdown=paired_table(differences, against),
             )
         return out
+
+
+def case_scores(record: dict) -> dict[str, float]:
+    """One evaluation record's own scores as flat fields the page can sort and filter on: per comparison
+    score (``ES``, ``DNS``, ``ES@fr``...) the share of its prompts the case gets right, per KnowEdit metric
+    the case's value (EasyEdit's averaging); scores without prompts are left out."""
+    comparisons = record.get("comparisons")
+    if not isinstance(comparisons, dict):
+        return {}  # an analysis record
+    names = [key for key in comparisons if key.partition("@")[0] in {m.score for m in COMPARISON_METRICS}]
+    names += [key for key in record.get("knowedit", {}) if key.partition("@")[0] in KNOWEDIT_METRICS]
+    out = {}
+    for name in names:
+        ((value, prompts),) = case_counts([record], name)
+        if prompts:
+            out[name] = round(float(value / prompts), 4)
+    return out

@@ -44,7 +44,9 @@ function showFormError(err) {
   document.querySelectorAll(".invalid").forEach((n) => n.classList.remove("invalid"));
   if (!err) { box.hidden = true; box.textContent = ""; return; }
   box.hidden = false;
-  box.textContent = err.field ? `${err.field}: ${err.message}` : err.message;
+  // the server's messages often start with the field already
+  const named = err.field && !String(err.message).startsWith(`${err.field}:`);
+  box.textContent = named ? `${err.field}: ${err.message}` : err.message;
   const name = (err.field || "").split(/[.[]/)[0];
   const input = name && $(`#edit-form [name="${name}"]`);
   if (input) input.classList.add("invalid");
