@@ -225,7 +225,7 @@ def test_settings_are_checked(tiny_tokenizer, corpus):
     with pytest.raises(EditRequestError, match="above the last MLP layer"):
         IntAttn(_params(corpus, layers=[0, 1], attn_layers=[2])).apply(bundle, _cases(1))
     preset = load_preset("intattn", "smollm2-135m")
-    assert preset["method"] == "intattn" and "provisional" in preset["source"]
+    assert preset["method"] == "intattn" and "bench/intattn_trace.py" in preset["source"]
     params = make_params("intattn", preset, {"alpha": "trace", "attn_layers": "1-2"})
     assert params.alpha == "trace" and params.attn_layers == [1, 2]
     assert make_params("intattn", preset, {"alpha": "0.5"}).alpha == 0.5
