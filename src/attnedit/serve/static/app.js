@@ -190,8 +190,11 @@ function showResult(node, source, results) {
   for (const r of results) {
     const pn = el("td", { class: "num", text: `${fmt(r.before.p_new)} → ${fmt(r.after.p_new)}` });
     const pt = el("td", { class: "num", text: `${fmt(r.before.p_true)} → ${fmt(r.after.p_true)}` });
-    pn.classList.add(r.after.p_new >= r.before.p_new ? "up" : "down");
-    pt.classList.add(r.after.p_true >= r.before.p_true ? "up" : "down");
+    // green where the change is what the edit wants: o_new up on its own prompts, o_new down elsewhere
+    const wanted = r.kind === "rewrite" || r.kind === "paraphrase";
+    const newUp = r.after.p_new >= r.before.p_new, trueUp = r.after.p_true >= r.before.p_true;
+    pn.classList.add(newUp === wanted ? "good" : "bad");
+    pt.classList.add(trueUp !== wanted ? "good" : "bad");
     table.append(el("tr", {}, el("td", { text: r.kind }), el("td", { text: r.prompt }),
       el("td", { text: r.before.generated }), el("td", { text: r.after.generated }), pn, pt));
   }
