@@ -418,3 +418,20 @@ def test_run_records_carry_each_case_s_own_scores(reports):
             ((hits, prompts),) = case_counts([original], score)
             assert record[score] == pytest.approx(hits / prompts, abs=1e-4), score
         assert 0.0 <= record["KE_EDIT"] <= 1.0
+
+
+def test_the_form_offers_the_cases_of_the_server_s_data_file(served, tmp_path):
+    """``attnedit serve --data FILE``: the case picker lists that file's cases (the server's choice; the
+    browser names no path); a bad file fails when the app is made, naming the record and field."""
+    from attnedit.core.data import DataFormatError, sample_path
+
+    records = json.loads(Path(sample_path()).read_text())[:2]
+    records[1]["requested_rewrite"]["subject"] = "Someone Else Entirely"
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(records[:1]))
+    with TestClient(create_app(served.bundle, None, str(path))) as client:
+        cases = client.get("/api/sample").json()["cases"]
+    assert len(cases) == 1 and cases[0]["subject"] == records[0]["requested_rewrite"]["subject"]
+    path.write_text(json.dumps(records))
+    with pytest.raises(DataFormatError, match=r"mine\.json\[1\]"):
+        create_app(served.bundle, None, str(path))

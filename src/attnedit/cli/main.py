@@ -441,6 +441,9 @@ def serve_command(
         str, typer.Option(help="address to bind (another than loopback is reachable by others)")
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    data: Annotated[
+        str, typer.Option(help="data file whose cases the form offers, or 'sample' (the shipped sample set)")
+    ] = "sample",
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -463,7 +466,9 @@ def serve_command(
 
     bundle = load_model(model)
     typer.echo(f"attnedit inspector: {bundle.name} at http://{host}:{port}/", err=True)
-    uvicorn.run(create_app(bundle, runs), host=host, port=port, log_level="info" if verbose else "warning")
+    uvicorn.run(
+        create_app(bundle, runs, data), host=host, port=port, log_level="info" if verbose else "warning"
+    )
 
 
 @app.command("models")

@@ -67,9 +67,14 @@ def _error(status: int, message: str, field: str | None) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": message, "field": field})
 
 
-def _sample_cases() -> list[dict]:
+MAX_LISTED_CASES = 1000  # the form's case picker lists at most this many cases of the data file
+
+
+def _sample_cases(data: str) -> list[dict]:
+    """The request fields of the first cases of ``data`` (a data file chosen when the server starts, or
+    the shipped sample set), for the form's case picker."""
     cases = []
-    for i, case in enumerate(load_cases("sample")):
+    for i, case in enumerate(load_cases(data)[:MAX_LISTED_CASES]):
         req = case.request
         cases.append(
             {
@@ -87,8 +92,11 @@ def _sample_cases() -> list[dict]:
     return cases
 
 
-def create_app(bundle: ModelBundle, runs_root: Path | None = None) -> FastAPI:
-    """The inspector app for one loaded model; ``runs_root``: the directory the runs browser reads."""
+def create_app(bundle: ModelBundle, runs_root: Path | None = None, data: str = "sample") -> FastAPI:
+    """The inspector app for one loaded model; ``runs_root``: the directory the runs browser reads;
+    ``data``: the data file whose cases the form offers (the shipped sample set by default). Both are
+    the server's choice: no path is taken from the browser."""
+    listed = _sample_cases(data)  # read once: a bad file fails at start, not in the page
     inspector = Inspector(bundle)
     browser = RunsBrowser(runs_root) if runs_root is not None else None
 
@@ -141,8 +149,8 @@ def create_app(bundle: ModelBundle, runs_root: Path | None = None) -> FastAPI:
 
     @app.get("/api/sample")
     def sample() -> dict:
-        """The cases of the shipped sample set (CounterFact), to fill the request form."""
-        return {"cases": _sample_cases()}
+        """The cases of the server's data file (default: the shipped sample set), to fill the form."""
+        return {"cases": listed}
 
     @app.post("/api/edits")
     async def create_edit(body: EditBody, wait: bool = True) -> Any:
