@@ -198,6 +198,19 @@ def second_moments_of(
     return result
 
 
+def cache_entries(bundle: ModelBundle) -> dict[tuple, torch.Tensor]:
+    """The second moments in ``bundle``'s memory cache, under the keys ``second_moments_of`` uses
+    (component, layer, corpus key, spec): what an executor ships to other workers
+    (``install_cache_entries``) so that none recomputes them."""
+    return dict(bundle.cache.get("second_moments", {}))
+
+
+def install_cache_entries(bundle: ModelBundle, entries: dict[tuple, torch.Tensor]) -> None:
+    """Put second moments computed elsewhere (``cache_entries`` of the same model) in ``bundle``'s memory
+    cache."""
+    bundle.cache.setdefault("second_moments", {}).update(entries)
+
+
 @torch.no_grad()
 def _accumulate(
     bundle: ModelBundle, wanted: Mapping[str, list[int]], texts: list[str], spec: StatsSpec, progress: bool

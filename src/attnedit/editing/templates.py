@@ -145,6 +145,17 @@ def context_templates(bundle: ModelBundle, spec: TemplateSpec) -> list[str]:
     return templates
 
 
+def cache_entries(bundle: ModelBundle) -> dict[TemplateSpec, list[str]]:
+    """The templates in ``bundle``'s memory cache, keyed as ``context_templates`` keys them: what an
+    executor ships to other workers (``install_cache_entries``) so that none samples them again."""
+    return dict(bundle.cache.get("context_templates", {}))
+
+
+def install_cache_entries(bundle: ModelBundle, entries: dict[TemplateSpec, list[str]]) -> None:
+    """Put templates computed elsewhere (``cache_entries`` of the same model) in ``bundle``'s memory cache."""
+    bundle.cache.setdefault("context_templates", {}).update(entries)
+
+
 def template_prefix(template: str) -> str:
     """The text a template puts before the prompt (``""`` for ``"{}"``)."""
     return template[: template.index("{}")]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,12 +33,15 @@ from attnedit.editing.registry import Editor, make_editor
 from attnedit.evaluation.evaluator import EvalConfig, Evaluator
 from attnedit.evaluation.metrics import summarize
 from attnedit.evaluation.records import CaseRecord, Reference, Summary
+from attnedit.runs.executors import FailedUnit, RayOptions, UnitsFailedError
 from attnedit.runs.rundir import (
+    MANIFEST,
     RunDir,
     data_manifest,
     environment_manifest,
     model_manifest,
     provenance,
+    seed_everything,
     short_hash,
 )
 
@@ -175,9 +179,17 @@ def write_summary(run_dir: RunDir[CaseRecord], records: list[CaseRecord]) -> Sum
 
 
 def run(
-    config: RunConfig, bundle: ModelBundle | None = None, editor: Editor | None = None, progress: bool = True
+    config: RunConfig,
+    bundle: ModelBundle | None = None,
+    editor: Editor | None = None,
+    progress: bool = True,
+    ray: RayOptions | None = None,
 ) -> Summary:
-    """Run (or resume) an evaluation; returns the summary."""
+    """Run (or resume) an evaluation; returns the summary. ``ray``: compute the units on Ray actors
+    (``executors.fan_out``; each loads ``config.model`` itself), this process writing the records.
+    Raises ``UnitsFailedError`` (after writing the other records, the summary and the manifest's
+    ``failed_units``) when some units failed on every try."""
+    check_backend(config, ray)
     run_dir = RunDir[CaseRecord](config.out)
     run_dir.seed_everything(config.seed)
     dataset = load_cases(
@@ -193,7 +205,7 @@ def run(
     manifest = {**build_manifest(config, bundle, dataset, editor), "case_ids": [c.case_id for c in cases]}
     run_dir.open(manifest, run_identity(config.mode))  # takes the directory's lock
     try:
-        return _run_locked(run_dir, manifest, cases, bundle, editor, config, progress)
+        return _run_locked(run_dir, manifest, cases, bundle, editor, config, progress, ray)
     finally:
         run_dir.close()
 
@@ -206,6 +218,7 @@ def _run_locked(
     editor: Editor,
     config: RunConfig,
     progress: bool,
+    ray: RayOptions | None = None,
 ) -> Summary:
     """The body of ``run`` while it holds the run directory's lock."""
     if config.repair:
@@ -226,33 +239,59 @@ def _run_locked(
         unit="case",
         disable=not progress,
     )
+    failed: list[FailedUnit] = []
     with bar:
-        state = _Loop(run_dir, done, bundle, editor, evaluator, records, bar, config, manifest)
-        (_run_sequential if config.mode == "sequential" else _run_groups)(state, groups)
+        worker = UnitWorker(bundle, editor, evaluator, config, manifest, run_dir.path)
+        state = _Loop(run_dir, done, worker, records, bar)
+        if config.mode == "sequential":
+            _run_sequential(state, groups)
+        elif ray is not None:
+            failed = _run_groups_on_ray(state, groups, ray)
+        else:
+            _run_groups(state, groups)
     order = {case_id: i for i, case_id in enumerate(manifest["case_ids"])}
     records.sort(key=lambda r: order[r["case_id"]])  # case order, as reports read them
-    return write_summary(run_dir, records)
+    summary = write_summary(run_dir, records)
+    if failed:
+        report_failed(run_dir, manifest, failed)
+    return summary
+
+
+def check_backend(config: RunConfig, ray: RayOptions | None) -> None:
+    """Sequential mode's cases depend on each other (each edit builds on the previous ones): local only."""
+    if ray is not None and config.mode == "sequential":
+        raise ValueError(
+            "--backend ray: sequential mode runs locally only (its edits build on each other); "
+            "drop --backend ray, or use --mode single or batch"
+        )
+
+
+def report_failed(run_dir: RunDir, manifest: dict, failed: list[FailedUnit]) -> None:
+    """Record the failed units in the manifest (``failed_units``: case ids, error, tries) and raise
+    ``UnitsFailedError``; a rerun of the same command computes them again (and rewrites the manifest)."""
+    listed = [asdict(f) for f in failed]
+    stamped = {**(run_dir.read_manifest() or manifest), "failed_units": listed}
+    run_dir.write_json(MANIFEST, stamped, indent=1)
+    ids = [i for f in failed for i in f.case_ids]
+    raise UnitsFailedError(
+        f"{len(ids)} case(s) failed on every try ({', '.join(ids)}; see failed_units in "
+        f"{run_dir.manifest_path}); the other cases are written: run the same command again to retry them"
+    )
 
 
 @dataclass
-class _Loop:
-    """What the case loops of ``run`` share: the run directory (which writes the records), what is done,
-    the model, editor and evaluator, the records so far and the progress bar."""
+class UnitWorker:
+    """What computes the records of a unit: the model, editor and evaluator, the run's settings and
+    manifest (for provenance) and ``out``, the run directory where edits are saved and re-applied from
+    (None on a remote worker, which has no run directory: its batch edits are recomputed on resume, and
+    with --save-edits they are returned to the driver, which saves them)."""
 
-    run_dir: RunDir[CaseRecord]
-    done: set[str]
     bundle: ModelBundle
     editor: Editor
     evaluator: Evaluator
-    records: list[CaseRecord]
-    bar: tqdm
     config: RunConfig
     manifest: dict
-
-    @property
-    def out(self) -> Path:
-        """The run directory's path (where edits are saved)."""
-        return self.run_dir.path
+    out: Path | None
 
     def chunks(self, cases: list[EditCase]) -> list[list[EditCase]]:
         """The cases scored before their fluency is generated and they are written (one by one
@@ -269,11 +308,21 @@ class _Loop:
         record.update(provenance(self.manifest, case))
         return record
 
-    def finish_in_place(self, cases: list[EditCase], records: list[CaseRecord]) -> None:
-        """Add fluency generated by the model as it is now (edit applied), then write the records."""
-        if self.evaluator.config.fluency:
-            self.evaluator.add_fluency(cases, records)
-        self.write(records)
+
+@dataclass
+class _Loop:
+    """What the case loops of ``run`` share: the run directory (which writes the records), what is done,
+    the worker (model, editor, evaluator), the records so far and the progress bar."""
+
+    run_dir: RunDir[CaseRecord]
+    done: set[str]
+    worker: UnitWorker
+    records: list[CaseRecord]
+    bar: tqdm
+
+    @property
+    def config(self) -> RunConfig:
+        return self.worker.config
 
     def write(self, finished: list[CaseRecord], counted: bool = False) -> None:
         """Append records; ``counted``: the progress bar already advanced for them when scored."""
@@ -284,39 +333,77 @@ class _Loop:
                 self.bar.update(1)
 
 
-def _run_groups(state: _Loop, groups: list[list[EditCase]]) -> None:
-    """Single and batch mode: per group edit -> score -> revert.
+@dataclass
+class Unit:
+    """A work unit of single and batch mode: groups (their index in the run and their cases) with the
+    cases of each still to do. A batch group is a unit of its own; single-case groups whose fluency is
+    decoded together (``generation_cases`` of them) form one unit, so that a unit's records are the same
+    wherever it is computed."""
 
-    Fluency: a batch edit generates for its cases while it is applied; single-case edits are collected
-    (``config.generation_cases`` at a time) and generated together on the unedited model with each
-    row's own deltas (``Evaluator.add_fluency``), since one decoding batch costs about what one case
-    costs. Records are written once their generations are done; an interruption loses at most that
-    many unwritten cases, which the resumed run recomputes.
-    """
-    evaluator, config, done = state.evaluator, state.config, state.done
-    fluency = evaluator.config.fluency
-    pending: list[tuple[EditCase, CaseRecord, dict]] = []
+    groups: list[tuple[int, list[EditCase], list[EditCase]]]
 
-    def flush() -> None:
-        if pending:
-            cases, finished, deltas = (list(x) for x in zip(*pending, strict=True))
-            evaluator.add_fluency(cases, finished, deltas)
-            state.write(finished, counted=True)
-            pending.clear()
-            state.bar.set_postfix_str("")
+    @property
+    def case_ids(self) -> list[str]:
+        """The ids of the cases the unit computes."""
+        return [c.case_id for _, _, todo in self.groups for c in todo]
 
+
+def plan_units(
+    groups: list[list[EditCase]], done: set[str], generation_cases: int, fluency: bool
+) -> list[Unit]:
+    """The units of the groups not done yet, in order. A one-case group's fluency is generated later on
+    the unedited model with the case's deltas, together with the next ones (up to ``generation_cases``);
+    such groups share a unit. A larger group generates with its edit in place: a unit of its own."""
+    units: list[Unit] = []
+    pending: list[tuple[int, list[EditCase], list[EditCase]]] = []
     for k, group in enumerate(groups):
         todo = [c for c in group if c.case_id not in done]
         if not todo:
             continue
+        if fluency and len(group) == 1:
+            pending.append((k, group, todo))
+            if len(pending) >= generation_cases:
+                units.append(Unit(pending))
+                pending = []
+        else:
+            units.append(Unit([(k, group, todo)]))
+    if pending:
+        units.append(Unit(pending))
+    return units
+
+
+# a unit's records are handed over as they are finished: (records, counted) where counted says that
+# ``scored`` already reported them; ``scored(n, waiting)``: n cases scored, ``waiting`` awaiting fluency
+Emit = Callable[[list[CaseRecord], bool], None]
+Scored = Callable[[int, int], None]
+
+
+def run_unit(
+    worker: UnitWorker, unit: Unit, emit: Emit, scored: Scored | None = None
+) -> list[tuple[list[EditCase], WeightEdit]]:
+    """THE unit of single and batch mode, wherever it runs: per group edit -> score -> revert.
+
+    Fluency: a batch edit generates for its cases while it is applied; the unit's single-case edits are
+    generated together afterwards on the unedited model with each row's own deltas
+    (``Evaluator.add_fluency``), since one decoding batch costs about what one case costs. Records are
+    emitted once their generations are done. Returns the edits to keep that could not be saved here
+    (``worker.out`` None with --save-edits): the caller saves them.
+    """
+    evaluator, config = worker.evaluator, worker.config
+    fluency = evaluator.config.fluency
+    pending: list[tuple[EditCase, CaseRecord, dict]] = []
+    kept: list[tuple[list[EditCase], WeightEdit]] = []
+    for k, group, todo in unit.groups:
         references = {c.case_id: evaluator.reference(c) for c in todo if c.locality}
-        edit, seconds_edit, checkpoint = _edit_group(state.out, k, group, state.bundle, state.editor, config)
+        edit, seconds_edit, checkpoint = _edit_group(
+            worker.out, k, group, worker.bundle, worker.editor, config
+        )
         try:
             deltas = edit.edit.deltas
             defer = fluency and len(group) == 1
-            for chunk in state.chunks(todo):
-                scored = [
-                    state.score(
+            for chunk in worker.chunks(todo):
+                records = [
+                    worker.score(
                         case,
                         references.get(case.case_id),
                         seconds_edit=seconds_edit / len(group),
@@ -324,29 +411,63 @@ def _run_groups(state: _Loop, groups: list[list[EditCase]]) -> None:
                     )
                     for case in chunk
                 ]
-                if defer:  # the bar counts edited cases; the postfix says how many await their fluency
-                    pending.extend((case, record, deltas) for case, record in zip(chunk, scored, strict=True))
-                    state.bar.update(len(chunk))
-                    state.bar.set_postfix_str(f"{len(pending)} awaiting fluency")
+                if defer:
+                    pending.extend(
+                        (case, record, deltas) for case, record in zip(chunk, records, strict=True)
+                    )
+                    if scored is not None:
+                        scored(len(chunk), len(pending))
                 else:  # a batch edit: generate with it in place
-                    state.finish_in_place(chunk, scored)
+                    if fluency:
+                        evaluator.add_fluency(chunk, records)
+                    emit(records, False)
         finally:
             edit.revert()
         if checkpoint is not None and not config.save_edits:
             checkpoint.unlink()
-        if len(pending) >= config.generation_cases:
-            flush()
-    flush()
+        if worker.out is None and config.save_edits and edit.edit.deltas:
+            kept.append((group, edit.edit))
+    if pending:
+        cases, finished, deltas_of = (list(x) for x in zip(*pending, strict=True))
+        evaluator.add_fluency(cases, finished, deltas_of)
+        emit(finished, scored is not None)
+    return kept
+
+
+def _run_groups(state: _Loop, groups: list[list[EditCase]]) -> None:
+    """Single and batch mode in this process: ``run_unit`` for each unit, records written as emitted.
+    An interruption loses at most the cases of the unit in progress, which the resumed run recomputes."""
+    config, fluency = state.config, state.worker.evaluator.config.fluency
+
+    def scored(n: int, waiting: int) -> None:  # the bar counts edited cases; the postfix, those waiting
+        state.bar.update(n)
+        state.bar.set_postfix_str(f"{waiting} awaiting fluency")
+
+    def emit(records: list[CaseRecord], counted: bool) -> None:
+        state.write(records, counted=counted)
+        if counted:
+            state.bar.set_postfix_str("")
+
+    for unit in plan_units(groups, state.done, config.generation_cases, fluency):
+        run_unit(state.worker, unit, emit, scored)
 
 
 def _edit_group(
-    out: Path, k: int, group: list[EditCase], bundle: ModelBundle, editor: Editor, config: RunConfig
+    out: Path | None, k: int, group: list[EditCase], bundle: ModelBundle, editor: Editor, config: RunConfig
 ) -> tuple[AppliedEdit, float, Path | None]:
     """Edit one group (single or batch mode). A batch edit is saved before its cases are evaluated
     (kept with --save-edits, removed after the group otherwise), so an interrupted run re-applies it
     instead of recomputing it; a single-case edit is saved only with --save-edits. An empty edit
     (method ``none``) is never saved. The file is named by the group's requests (``group_edit_path``),
-    so a run extended to other cases keeps the edits of the earlier ones."""
+    so a run extended to other cases keeps the edits of the earlier ones. ``out`` None (a remote
+    worker): nothing is read or saved here (with --save-edits the edit's time is noted for the driver)."""
+    if out is None:
+        t0 = time.perf_counter()
+        applied = editor.apply(bundle, group)
+        seconds = time.perf_counter() - t0
+        if config.save_edits:
+            applied.edit.info["seconds"] = seconds
+        return applied, seconds, None
     path = group_edit_path(out, group)
     loaded = _saved_edit(path, group)
     if loaded is not None:
@@ -401,11 +522,70 @@ def _edit_info(edit: WeightEdit, index: int) -> dict:
     return {k: v for k, v in picked.items() if v is not None}
 
 
+@dataclass
+class EvalWorkerFactory:
+    """Builds a Ray actor's worker: loads the run's model (checked against the manifest's fingerprint),
+    editor and evaluator once, seeded as the local run is."""
+
+    config: RunConfig
+    manifest: dict
+
+    def __call__(self, device: str) -> _RemoteUnits:
+        config = self.config
+        seed_everything(config.seed)
+        bundle = load_model(config.model, device=device)
+        expected = self.manifest["model"]["fingerprint"]
+        if bundle.fingerprint != expected:
+            raise ValueError(
+                f"worker: model {config.model!r} has fingerprint {bundle.fingerprint[:16]}, the driver's "
+                f"{expected[:16]}: every node must load the same model"
+            )
+        editor = make_editor(config.method, bundle, config.preset, config.params, sadr=config.sadr)
+        evaluator = Evaluator(bundle, config.eval)
+        return _RemoteUnits(UnitWorker(bundle, editor, evaluator, config, self.manifest, None))
+
+
+@dataclass
+class _RemoteUnits:
+    """A Ray actor's units: ``run_unit`` without a run directory; returns the records and kept edits."""
+
+    worker: UnitWorker
+
+    @property
+    def bundle(self) -> ModelBundle:
+        return self.worker.bundle
+
+    def __call__(self, unit: Unit) -> tuple[list[CaseRecord], list[tuple[list[EditCase], WeightEdit]]]:
+        records: list[CaseRecord] = []
+        kept = run_unit(self.worker, unit, lambda finished, _counted: records.extend(finished))
+        return records, kept
+
+
+def _run_groups_on_ray(state: _Loop, groups: list[list[EditCase]], options: RayOptions) -> list[FailedUnit]:
+    """Single and batch mode on Ray actors: the same units as ``_run_groups``, this process writing each
+    unit's records (and, with --save-edits, its edits) once the unit has returned."""
+    from attnedit.runs.executors import fan_out
+
+    config, worker = state.config, state.worker
+    units = plan_units(groups, state.done, config.generation_cases, worker.evaluator.config.fluency)
+
+    def on_result(unit: Unit, result: tuple[list[CaseRecord], list]) -> None:
+        records, kept = result
+        for group, edit in kept:
+            edit.save(group_edit_path(state.run_dir.path, group))
+        state.write(records)
+
+    factory = EvalWorkerFactory(config, worker.manifest)
+    report = fan_out(units, factory, on_result, lambda unit: unit.case_ids, options)
+    return report.failed
+
+
 def _run_sequential(state: _Loop, groups: list[list[EditCase]]) -> None:
     """Apply every group's edit on top of the previous ones (saved, so a resumed run re-applies them),
     then evaluate every case on the final model (fluency ``config.generation_cases`` cases per
     decoding batch); all edits are reverted at the end."""
-    evaluator, done, bundle, out = state.evaluator, state.done, state.bundle, state.out
+    worker, done = state.worker, state.done
+    evaluator, bundle, out = worker.evaluator, worker.bundle, state.run_dir.path
     cases = [c for g in groups for c in g]
     todo = [c for c in cases if c.case_id not in done]
     if not todo:
@@ -421,15 +601,15 @@ def _run_sequential(state: _Loop, groups: list[list[EditCase]]) -> None:
             if saved is not None:
                 applied.append(saved.apply(bundle.model))
             else:
-                edit = state.editor.apply(bundle, group)
+                edit = worker.editor.apply(bundle, group)
                 applied.append(edit)
                 if edit.edit.deltas:  # an empty edit (method none) is not saved
                     edit.edit.save(path)
             for case in group:
                 seconds[case.case_id] = (time.perf_counter() - t0) / len(group)
-        for chunk in state.chunks(todo):
+        for chunk in worker.chunks(todo):
             finished = [
-                state.score(
+                worker.score(
                     case,
                     references.get(case.case_id),
                     seconds_edit=seconds[case.case_id],
@@ -437,7 +617,9 @@ def _run_sequential(state: _Loop, groups: list[list[EditCase]]) -> None:
                 )
                 for case in chunk
             ]
-            state.finish_in_place(chunk, finished)
+            if evaluator.config.fluency:  # generated by the model with every edit applied
+                evaluator.add_fluency(chunk, finished)
+            state.write(finished)
     finally:
         for edit in reversed(applied):
             edit.revert()
