@@ -36,6 +36,7 @@ from attnedit.runs.analysis_runs import (
     run_substitute,
     run_trace,
 )
+from attnedit.runs.executors import RayOptions
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -78,10 +79,13 @@ def _setting(
     repair: bool = False,
     language: str | None = None,
     question_template: str | None = None,
+    ray: RayOptions | None = None,
 ) -> Setting:
     params, sadr = split_sadr(overrides or {})  # -p sadr_gamma=0.1: a setting of the SADR term
     multilingual = {"language": language, "question_template": question_template}
-    return Setting(data, model, out, first, limit, seed, method, preset, params, sadr, repair, **multilingual)
+    return Setting(
+        data, model, out, first, limit, seed, method, preset, params, sadr, repair, **multilingual, ray=ray
+    )
 
 
 def _report(result: AnalysisResult) -> None:
@@ -103,6 +107,41 @@ def _prepare(
 
 
 # --- options shared by the subcommands ----------------------------------------------------------------
+
+# where the cases are computed (``attnedit eval`` takes the same flags)
+Backend = Annotated[
+    str, typer.Option(help="local (this process) | ray (Ray actors; pip install attnedit[ray])")
+]
+Workers = Annotated[int, typer.Option(help="--backend ray: actors, each loading the model once")]
+Address = Annotated[
+    str | None,
+    typer.Option(help="--backend ray: cluster address, or 'auto' (the running cluster); default: start one"),
+]
+CpusPerWorker = Annotated[float, typer.Option(help="--backend ray: CPUs per actor (its torch threads)")]
+GpusPerWorker = Annotated[float, typer.Option(help="--backend ray: GPUs per actor (e.g. 0.25: 4 on one GPU)")]
+MaxRetries = Annotated[int, typer.Option(help="--backend ray: tries again of a unit whose actor died")]
+
+
+def ray_options(
+    backend: str, workers: int, address: str | None, cpus: float, gpus: float, max_retries: int
+) -> RayOptions | None:
+    """The Ray settings of ``--backend ray`` (None for ``local``); without Ray installed, one line saying
+    how to install it (exit 2), before any work."""
+    from attnedit.runs.executors import BACKENDS, RayMissingError, require_ray
+
+    if backend not in BACKENDS:
+        raise typer.BadParameter(
+            f"must be one of {', '.join(BACKENDS)}, not {backend!r}", param_hint="--backend"
+        )
+    if backend == "local":
+        return None
+    try:
+        require_ray()
+    except RayMissingError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    return RayOptions(workers, address, cpus, gpus, max_retries)
+
 
 Data = Annotated[str, typer.Argument(help="data file, or 'sample' for the shipped sample set")]
 Model = Annotated[str, typer.Option(help="embedded name, local HF directory or hub id")]
@@ -156,15 +195,26 @@ def trace_command(
     threads: Threads = None,
     seed: Seed = 0,
     repair: Repair = False,
+    backend: Backend = "local",
+    workers: Workers = 2,
+    address: Address = None,
+    cpus_per_worker: CpusPerWorker = 1,
+    gpus_per_worker: GpusPerWorker = 0,
+    max_retries: MaxRetries = 2,
     verbose: Verbose = False,
 ) -> None:
     """ROME's causal tracing of the UNEDITED model on each case's request prompt with o_true: average
     indirect effects per module kind (heatmaps over aligned tokens) and the per-layer MLP vs attention
     effects at the subject's last token."""
     _prepare(verbose, threads, None, first, limit, out)
+    ray = ray_options(backend, workers, address, cpus_per_worker, gpus_per_worker, max_retries)
     options = TraceOptions(_kinds(kinds), window, layer_window, samples, noise)
     multilingual = {"language": language, "question_template": question_template}
-    _report(run_trace(_setting(data, model, out, first, limit, seed, repair=repair, **multilingual), options))
+    _report(
+        run_trace(
+            _setting(data, model, out, first, limit, seed, repair=repair, **multilingual, ray=ray), options
+        )
+    )
 
 
 # --- 2. contaminating substitution --------------------------------------------------------------------
@@ -190,15 +240,34 @@ def substitute_command(
     threads: Threads = None,
     seed: Seed = 0,
     repair: Repair = False,
+    backend: Backend = "local",
+    workers: Workers = 2,
+    address: Address = None,
+    cpus_per_worker: CpusPerWorker = 1,
+    gpus_per_worker: GpusPerWorker = 0,
+    max_retries: MaxRetries = 2,
     verbose: Verbose = False,
 ) -> None:
     """Contaminating substitution (SADR section 3.2, figures 3 and 9): edit, record the edited model's module
     outputs on the Distract-Neighborhood and Relation prompts, revert, and run the unedited model with them
     substituted over a window of layers at each token; the effect on P(o_true) and P(o_edit)."""
     overrides = _prepare(verbose, threads, param, first, limit, out)
+    ray = ray_options(backend, workers, address, cpus_per_worker, gpus_per_worker, max_retries)
     options = SubstituteOptions(_kinds(kinds), window)
     setting = _setting(
-        data, model, out, first, limit, seed, method, preset, overrides, repair, language, question_template
+        data,
+        model,
+        out,
+        first,
+        limit,
+        seed,
+        method,
+        preset,
+        overrides,
+        repair,
+        language,
+        question_template,
+        ray,
     )
     _report(run_substitute(setting, options))
 
@@ -225,16 +294,35 @@ def drift_command(
     threads: Threads = None,
     seed: Seed = 0,
     repair: Repair = False,
+    backend: Backend = "local",
+    workers: Workers = 2,
+    address: Address = None,
+    cpus_per_worker: CpusPerWorker = 1,
+    gpus_per_worker: GpusPerWorker = 0,
+    max_retries: MaxRetries = 2,
     verbose: Verbose = False,
 ) -> None:
     """Attention drift (SADR section 3.3, figure 4, tables 2 and 4): per case the unedited and edited
     last-token attention on the Distract-Neighborhood and Relation prompts, the drift factors, and their
     Pearson correlation with the edited P(o_edit) per task."""
     overrides = _prepare(verbose, threads, param, first, limit, out)
+    ray = ray_options(backend, workers, address, cpus_per_worker, gpus_per_worker, max_retries)
     layers = _layers(drift_layers)
     options = DriftOptions(None if layers is None else tuple(layers))
     setting = _setting(
-        data, model, out, first, limit, seed, method, preset, overrides, repair, language, question_template
+        data,
+        model,
+        out,
+        first,
+        limit,
+        seed,
+        method,
+        preset,
+        overrides,
+        repair,
+        language,
+        question_template,
+        ray,
     )
     try:
         result = run_drift(setting, options)
@@ -272,14 +360,33 @@ def patch_command(
     threads: Threads = None,
     seed: Seed = 0,
     repair: Repair = False,
+    backend: Backend = "local",
+    workers: Workers = 2,
+    address: Address = None,
+    cpus_per_worker: CpusPerWorker = 1,
+    gpus_per_worker: GpusPerWorker = 0,
+    max_retries: MaxRetries = 2,
     verbose: Verbose = False,
 ) -> None:
     """Attention patching (SADR section 3.4, figure 5; --scores: appendix D.2, figure 10): run the edited
     model with the unedited attention over a window of layers; P(o_true) and P(o_edit) against the window
     centre, with the unpatched edited and the unedited levels."""
     overrides = _prepare(verbose, threads, param, first, limit, out)
+    ray = ray_options(backend, workers, address, cpus_per_worker, gpus_per_worker, max_retries)
     options = PatchOptions(window, queries, scores)
     setting = _setting(
-        data, model, out, first, limit, seed, method, preset, overrides, repair, language, question_template
+        data,
+        model,
+        out,
+        first,
+        limit,
+        seed,
+        method,
+        preset,
+        overrides,
+        repair,
+        language,
+        question_template,
+        ray,
     )
     _report(run_patch(setting, options))

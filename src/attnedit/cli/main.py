@@ -9,6 +9,15 @@ from typing import Annotated
 
 import typer
 
+from attnedit.cli.analyze import (
+    Address,
+    Backend,
+    CpusPerWorker,
+    GpusPerWorker,
+    MaxRetries,
+    Workers,
+    ray_options,
+)
 from attnedit.cli.analyze import app as analyze_app
 from attnedit.cli.common import (
     Language,
@@ -140,11 +149,24 @@ def eval_command(
         ),
     ] = False,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    backend: Backend = "local",
+    workers: Workers = 2,
+    address: Address = None,
+    cpus_per_worker: CpusPerWorker = 1,
+    gpus_per_worker: GpusPerWorker = 0,
+    max_retries: MaxRetries = 2,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Evaluate METHOD on DATA: edit -> evaluate -> restore (per case or batch); resumable; prints the row."""
+    """Evaluate METHOD on DATA: edit -> evaluate -> restore (per case or batch); resumable; prints the row.
+    With --backend ray the units (a case, a fluency batch of cases, a batch edit) run on Ray actors."""
     check_limit(limit, first)
     check_writable_dir(out)
+    if backend == "ray" and mode == "sequential":
+        raise typer.BadParameter(
+            "sequential mode runs locally only (its edits build on each other): drop --backend ray",
+            param_hint="--backend",
+        )
+    ray = ray_options(backend, workers, address, cpus_per_worker, gpus_per_worker, max_retries)
     setup_logging(verbose, threads)
     from attnedit.evaluation.evaluator import EvalConfig
     from attnedit.runs.report import collect, columns, markdown_table
@@ -190,7 +212,13 @@ def eval_command(
             seed=seed,
         ),
     )
-    run(config)
+    from attnedit.runs.executors import UnitsFailedError
+
+    try:
+        run(config, ray=ray)
+    except UnitsFailedError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
     rows = collect([out])
     typer.echo(markdown_table(rows, columns(magnitudes=True, rows=rows)))
     typer.echo(f"\nresults: {out / 'results.jsonl'}  summary: {out / 'summary.json'}")

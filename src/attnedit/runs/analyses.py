@@ -20,12 +20,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from attnedit.analysis.aggregate import POSITIONS
 from attnedit.analysis.engine import json_ready
+from attnedit.runs.executors import RayOptions
 from attnedit.runs.rundir import (
     MANIFEST,
     RunConflictError,
@@ -67,6 +68,8 @@ class Setting:
     repair: bool = False  # first move unreadable record lines to the quarantine file (--repair)
     language: str | None = None  # multilingual data: the edit language (core.data.load_cases)
     question_template: str | None = None  # multilingual data: the question prompts' wrapper
+    # where the cases are computed: None here, else on Ray actors (``executors.fan_out``), one case a unit
+    ray: RayOptions | None = None
 
 
 @dataclass
@@ -147,30 +150,104 @@ def start(analysis: str, setting: Setting, options: dict, *, edit: bool) -> Sess
     return Session(analysis, setting, options, cases, bundle, editor, records, run_dir, manifest)
 
 
-def run_cases(session: Session, compute: Callable[[Any], dict]) -> list[dict]:
-    """``compute`` each case not done yet, appending its record; all records in case order."""
+# one case's record: f(bundle, editor, case) (editor None for the analyses of the unedited model); a
+# module-level function (or a ``functools.partial`` of one), so that it reaches Ray actors by reference
+CaseRecordFn = Callable[[Any, Any, Any], dict]
+
+
+def compute_case(record: CaseRecordFn, bundle: Any, editor: Any, case: Any) -> dict:
+    """``record`` of one case; a bad input names the case (here and on a Ray actor alike)."""
+    try:
+        return record(bundle, editor, case)
+    except (ValueError, KeyError, IndexError) as err:
+        raise ValueError(f"case {case.case_id} ({case.source}): {err}") from err
+
+
+def run_cases(session: Session, record: CaseRecordFn) -> list[dict]:
+    """``record`` each case not done yet (here, or on Ray actors with ``setting.ray``), appending its
+    record; all records in case order."""
     from tqdm.auto import tqdm
 
     done = session.records
     bar = tqdm(total=len(session.cases), initial=len(done), desc=f"analyze {session.analysis}", unit="case")
+
+    def write(case: Any, computed: dict) -> None:
+        keys = {"case_id": case.case_id, "source": case.source, **provenance(session.manifest, case)}
+        finished = json_ready({**keys, **computed})
+        session.run_dir.append(finished)
+        done[case.case_id] = finished
+        bar.update(1)
+
+    todo = [case for case in session.cases if case.case_id not in done]
     try:
         with bar:
-            for case in session.cases:
-                if case.case_id in done:
-                    continue
-                try:
-                    record = compute(case)
-                except (ValueError, KeyError, IndexError) as err:
-                    raise ValueError(f"case {case.case_id} ({case.source}): {err}") from err
-                keys = {"case_id": case.case_id, "source": case.source, **provenance(session.manifest, case)}
-                record = json_ready({**keys, **record})
-                session.run_dir.append(record)
-                done[case.case_id] = record
-                bar.update(1)
+            if session.setting.ray is not None:
+                _run_cases_on_ray(session, record, todo, write)
+            else:
+                for case in todo:
+                    write(case, compute_case(record, session.bundle, session.editor, case))
     except BaseException:
         session.run_dir.close()  # the records so far stay; the directory is free for the rerun
         raise
     return [done[c.case_id] for c in session.cases]
+
+
+@dataclass
+class AnalysisWorkerFactory:
+    """Builds a Ray actor's worker for an analysis: the setting's model (checked against the manifest's
+    fingerprint) and editor, loaded once, seeded as the local run is."""
+
+    setting: Setting
+    fingerprint: str
+    record: CaseRecordFn
+
+    def __call__(self, device: str) -> _RemoteCases:
+        from attnedit.core.models import load_model
+        from attnedit.editing.registry import make_editor
+        from attnedit.runs.rundir import seed_everything
+
+        setting = self.setting
+        seed_everything(setting.seed)
+        bundle = load_model(setting.model, device=device)
+        if bundle.fingerprint != self.fingerprint:
+            raise ValueError(f"worker: model {setting.model!r} is not the driver's (fingerprint differs)")
+        editor = None
+        if setting.method not in (None, "none"):
+            editor = make_editor(setting.method, bundle, setting.preset, setting.params, sadr=setting.sadr)
+        return _RemoteCases(bundle, editor, self.record)
+
+
+@dataclass
+class _RemoteCases:
+    """A Ray actor's units: one case each, its record computed by the analysis's per-case function."""
+
+    bundle: Any
+    editor: Any
+    record: CaseRecordFn
+
+    def __call__(self, case: Any) -> dict:
+        return compute_case(self.record, self.bundle, self.editor, case)
+
+
+def _run_cases_on_ray(
+    session: Session, record: CaseRecordFn, todo: list, write: Callable[[Any, dict], None]
+) -> None:
+    """The cases on Ray actors, one a unit; this process writes each record once it has returned."""
+    from attnedit.runs.executors import UnitsFailedError, fan_out
+
+    options = session.setting.ray
+    assert options is not None
+    factory = AnalysisWorkerFactory(session.setting, session.manifest["model"]["fingerprint"], record)
+    report = fan_out(todo, factory, write, lambda case: [case.case_id], options)
+    if report.failed:
+        listed = [asdict(f) for f in report.failed]
+        stamped = {**(session.run_dir.read_manifest() or session.manifest), "failed_units": listed}
+        session.run_dir.write_json(MANIFEST, stamped, indent=1)
+        ids = [i for f in report.failed for i in f.case_ids]
+        raise UnitsFailedError(
+            f"{len(ids)} case(s) failed on every try ({', '.join(ids)}; see failed_units in "
+            f"{session.run_dir.manifest_path}); the other cases are written: run the same command again"
+        )
 
 
 def finish(session: Session, records: list[dict], aggregate: dict, figures: Sequence[Path]) -> Path:

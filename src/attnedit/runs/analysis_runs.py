@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,11 @@ def trace_record(bundle: Any, case: Any, options: TraceOptions, seed: int) -> di
     return record
 
 
+def _trace_case(bundle: Any, editor: Any, case: Any, options: TraceOptions, seed: int) -> dict:
+    """``trace_record`` as ``run_cases`` calls a per-case function (no editor: the unedited model)."""
+    return trace_record(bundle, case, options, seed)
+
+
 def trace_figures(aggregate: dict, options: TraceOptions, n_cases: int, out: Path) -> list[Path]:
     """The indirect-effect heatmaps and the per-layer effects at the subject's last token."""
     from attnedit.analysis import plots
@@ -152,7 +158,7 @@ def run_trace(setting: Setting, options: TraceOptions) -> AnalysisResult:
     """ROME's causal tracing of the unedited model (``setting.method`` must be None) over the cases."""
     session = start("trace", setting, options.manifest(), edit=False)
     bundle = session.bundle
-    records = run_cases(session, lambda case: trace_record(bundle, case, options, setting.seed))
+    records = run_cases(session, partial(_trace_case, options=options, seed=setting.seed))
     aggregate = trace_aggregate(records, options.kinds, bundle.adapter.n_layers)
     figures = trace_figures(aggregate, options, len(records), setting.out)
     return _result(session, records, json_ready(aggregate), figures)
@@ -231,7 +237,7 @@ def run_substitute(setting: Setting, options: SubstituteOptions) -> AnalysisResu
     """Contaminating substitution (SADR section 3.2) of ``setting.method``'s edits over the cases."""
     session = start("substitute", setting, options.manifest(), edit=True)
     bundle = session.bundle
-    records = run_cases(session, lambda case: substitute_record(bundle, session.editor, case, options))
+    records = run_cases(session, partial(substitute_record, options=options))
     aggregate = substitute_aggregate(records, options.kinds, bundle.adapter.n_layers)
     n_used = sum("skipped" not in r for r in records)
     figures = substitute_figures(aggregate, options, n_used, setting.out)
@@ -307,7 +313,7 @@ def run_drift(setting: Setting, options: DriftOptions) -> AnalysisResult:
     n_layers = bundle.adapter.n_layers
     if options.layers is not None and not all(0 <= x < n_layers for x in options.layers):
         raise DriftLayersError(options.layers, n_layers)
-    records = run_cases(session, lambda case: drift_record(bundle, session.editor, case, options))
+    records = run_cases(session, partial(drift_record, options=options))
     aggregate, points = drift_aggregate(records)
     aggregate = json_ready(aggregate)
     table = correlation_table(aggregate["correlations"])
@@ -436,7 +442,7 @@ def run_patch(setting: Setting, options: PatchOptions) -> AnalysisResult:
     """Attention patching (SADR section 3.4; ``scores``: appendix D.2) of ``setting.method``'s edits."""
     session = start("patch", setting, options.manifest(), edit=True)
     bundle = session.bundle
-    records = run_cases(session, lambda case: patch_record(bundle, session.editor, case, options))
+    records = run_cases(session, partial(patch_record, options=options))
     aggregate = patch_aggregate(records, bundle.adapter.n_layers, options.scores)
     n_used = sum("skipped" not in r for r in records)
     figures = patch_figures(aggregate, options, n_used, setting.out)
