@@ -1,0 +1,167 @@
+"""``--backend ray`` on a local Ray instance (2 CPUs) with the tiny Llama: records equal a local run's,
+a worker or the driver killed mid-run loses no case and writes none twice, and the flags' errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from attnedit.evaluation.evaluator import EvalConfig
+from attnedit.runs.executors import RayOptions
+from attnedit.runs.rundir import MANIFEST, RESULTS, read_results
+from attnedit.runs.runner import RunConfig, run
+
+pytestmark = pytest.mark.ray
+
+TIMINGS = ("seconds_eval", "seconds_edit", "seconds_scoring", "seconds_generation")
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One local Ray instance for the module; its workers use a cache directory of their own."""
+    cache = tmp_path_factory.mktemp("ray-cache")
+    before = os.environ.get("ATTNEDIT_CACHE")
+    os.environ["ATTNEDIT_CACHE"] = str(cache)  # inherited by the Ray workers started now
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p)
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        if before is None:
+            os.environ.pop("ATTNEDIT_CACHE", None)
+        else:
+            os.environ["ATTNEDIT_CACHE"] = before
+
+
+def _memit(out: Path, model: Path, corpus: Path, fluency: bool = False, **kw) -> RunConfig:
+    params = {
+        "layers": "0,1",
+        "stats_corpus": str(corpus),
+        "stats_samples": "20",
+        "steps": "3",
+        "templates": "[[3, 1]]",
+    }
+    preset = Path(__file__).parents[1] / "src/attnedit/resources/presets/memit/smollm2-135m.json"
+    return RunConfig(
+        data="sample",
+        out=str(out),
+        model=str(model),
+        method="memit",
+        preset=str(preset),
+        params=params,
+        eval=EvalConfig(fluency=fluency, max_new_tokens=4, max_generation_prompts=1),
+        **kw,
+    )
+
+
+def _records(out: Path) -> dict[str, dict]:
+    records = read_results(out / RESULTS)
+    ids = [r["case_id"] for r in records]
+    assert len(ids) == len(set(ids)), "a case written twice"
+    return {r["case_id"]: {k: v for k, v in r.items() if k not in TIMINGS} for r in records}
+
+
+@pytest.mark.parametrize(
+    ("mode", "batch_size", "fluency"), [("single", 1, True), ("batch", 2, False)], ids=["single", "batch"]
+)
+def test_ray_records_equal_local_records(tmp_path, tiny_dir, corpus_file, cluster, mode, batch_size, fluency):
+    kw = dict(limit=5, mode=mode, batch_size=batch_size, generation_cases=2)
+    local = run(_memit(tmp_path / "local", tiny_dir, corpus_file, fluency, **kw), progress=False)
+    remote = run(
+        _memit(tmp_path / "ray", tiny_dir, corpus_file, fluency, **kw),
+        progress=False,
+        ray=RayOptions(workers=2),
+    )
+    a, b = _records(tmp_path / "local"), _records(tmp_path / "ray")
+    assert sorted(a) == sorted(b) and len(a) == 5
+    for case_id in a:
+        assert a[case_id] == b[case_id], case_id
+    if fluency:
+        assert all(r["generations"] for r in b.values())  # FL came from the same decoding batches
+    assert json.dumps(local, sort_keys=True) == json.dumps(remote, sort_keys=True)
+
+
+def test_a_killed_worker_has_its_unit_retried(tmp_path, tiny_dir, corpus_file, cluster):
+    marker = tmp_path / "crashed"
+    config = _memit(tmp_path / "ray", tiny_dir, corpus_file, limit=4)
+    run(config, progress=False, ray=RayOptions(workers=2, crash_once=str(marker)))
+    assert marker.exists()  # one actor did die mid-unit
+    assert sorted(_records(tmp_path / "ray"), key=int) == ["0", "1", "2", "3"]
+    assert "failed_units" not in json.loads((tmp_path / "ray" / MANIFEST).read_text())
+
+
+def test_units_failing_every_try_are_reported_and_the_rest_kept(tmp_path, tiny_dir, corpus_file, cluster):
+    from attnedit.runs.executors import UnitsFailedError
+
+    marker = tmp_path / "crashed"
+    config = _memit(tmp_path / "ray", tiny_dir, corpus_file, limit=3)
+    with pytest.raises(UnitsFailedError, match="1 case"):
+        run(config, progress=False, ray=RayOptions(workers=1, max_retries=0, crash_once=str(marker)))
+    manifest = json.loads((tmp_path / "ray" / MANIFEST).read_text())
+    (failed,) = manifest["failed_units"]
+    assert failed["tries"] == 1 and failed["error"]
+    assert sorted(_records(tmp_path / "ray")) == sorted({"0", "1", "2"} - set(failed["case_ids"]))
+    run(config, progress=False, ray=RayOptions(workers=1))  # the same run again: completed
+    assert sorted(_records(tmp_path / "ray"), key=int) == ["0", "1", "2"]
+
+
+def _cli(out: Path, model: Path, corpus: Path, address: str, *extra: str) -> list[str]:
+    params = ["layers=0,1", f"stats_corpus={corpus}", "stats_samples=20", "steps=3", "templates=[[3, 1]]"]
+    preset = Path(__file__).parents[1] / "src/attnedit/resources/presets/memit/smollm2-135m.json"
+    args = [sys.executable, "-m", "attnedit", "eval", "sample", "--out", str(out), "--model", str(model)]
+    args += ["--method", "memit", "--preset", str(preset), "--no-fluency", "--ppl-corpus", "none"]
+    args += [a for p in params for a in ("-p", p)]
+    return [*args, "--backend", "ray", "--address", address, "--workers", "2", *extra]
+
+
+def test_a_killed_driver_resumes_with_every_case_once(tmp_path, tiny_dir, corpus_file, cluster):
+    out = tmp_path / "run"
+    cmd = _cli(out, tiny_dir, corpus_file, cluster, "--limit", "16")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / RESULTS).is_file() and (out / RESULTS).read_bytes().count(b"\n") >= 1:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = len(_records(out))
+    assert 1 <= killed_at < 16
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(_records(out), key=int) == [str(i) for i in range(16)]
+
+
+def test_without_ray_one_line_says_how_to_install_it(tmp_path):
+    code = (
+        "import sys; sys.modules['ray'] = None\n"
+        "from attnedit.cli.main import app\n"
+        f"app(['eval', 'sample', '--out', {str(tmp_path / 'o')!r}, '--backend', 'ray'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: --backend ray needs Ray: pip install attnedit[ray]"
+    assert not (tmp_path / "o" / RESULTS).exists()
+
+
+def test_sequential_mode_refuses_ray(tmp_path, tiny_dir):
+    from typer.testing import CliRunner
+
+    from attnedit.cli.main import app
+
+    result = CliRunner().invoke(
+        app, ["eval", "sample", "--out", str(tmp_path / "o"), "--mode", "sequential", "--backend", "ray"]
+    )
+    assert result.exit_code == 2 and "sequential mode runs locally only" in result.output
+    with pytest.raises(ValueError, match="sequential mode runs locally only"):
+        run(RunConfig(data="sample", out=str(tmp_path / "p"), mode="sequential"), ray=RayOptions())
