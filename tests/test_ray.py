@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 
 from attnedit.evaluation.evaluator import EvalConfig
 from attnedit.runs.executors import RayOptions
@@ -25,7 +24,10 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """One local Ray instance for the module; its workers use a cache directory of their own."""
+    """One local Ray instance for the module; its workers use a cache directory of their own. (Ray is
+    imported here: the lowest-transformers environment, without the extra, deselects these tests.)"""
+    import ray
+
     cache = tmp_path_factory.mktemp("ray-cache")
     before = os.environ.get("ATTNEDIT_CACHE")
     os.environ["ATTNEDIT_CACHE"] = str(cache)  # inherited by the Ray workers started now
@@ -111,6 +113,19 @@ def test_units_failing_every_try_are_reported_and_the_rest_kept(tmp_path, tiny_d
     assert sorted(_records(tmp_path / "ray")) == sorted({"0", "1", "2"} - set(failed["case_ids"]))
     run(config, progress=False, ray=RayOptions(workers=1))  # the same run again: completed
     assert sorted(_records(tmp_path / "ray"), key=int) == ["0", "1", "2"]
+
+
+def test_analysis_on_ray_equals_local(tmp_path, tiny_dir, cluster):
+    from attnedit.runs.analyses import Setting
+    from attnedit.runs.analysis_runs import TraceOptions, run_trace
+
+    options = TraceOptions(kinds=("mlp",), window=1, samples=2)
+    results = {}
+    for name, backend in (("local", None), ("ray", RayOptions(workers=2))):
+        setting = Setting("sample", str(tiny_dir), tmp_path / name, limit=3, ray=backend)
+        results[name] = json.loads(run_trace(setting, options).path.read_text())
+    assert results["local"]["cases"] == results["ray"]["cases"]
+    assert results["local"]["aggregate"] == results["ray"]["aggregate"]
 
 
 def _cli(out: Path, model: Path, corpus: Path, address: str, *extra: str) -> list[str]:
