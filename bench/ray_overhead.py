@@ -1,0 +1,122 @@
+"""``--backend ray`` against the local loop (issue 19, docs/scaling.md "Measurements").
+
+    OMP_NUM_THREADS=1 python bench/ray_overhead.py --part overhead --model tiny --cases 200
+    OMP_NUM_THREADS=1 python bench/ray_overhead.py --part rome --cases 20     # SmolLM2: an idle machine
+
+``overhead``: method ``none`` (no edit: a unit is the scoring of one case), ``--no-fluency``, the shipped
+sample/merged data; a local run with 1 thread against Ray with 2 workers x 1 thread. The overhead per unit
+is (Ray wall x workers - local wall) / cases, the start-up (Ray, actors loading the model) reported apart.
+``rome``: ROME on SmolLM2, 2 workers x 1 thread against one local process with 2 threads (near parity
+expected on 2 cores). Both check that the records agree (timings aside) and write
+bench/results/ray_overhead.json (merged with what is there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TIMINGS = ("seconds_eval", "seconds_edit", "seconds_scoring", "seconds_generation")
+
+
+def _tiny_model(root: Path) -> str:
+    """The tests' tiny Llama saved as a local directory (tests/conftest.py builds it offline)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import _tokenizer, make_tiny
+
+    tok = _tokenizer(bos=False)
+    bundle = make_tiny("llama", tok)
+    path = root / "tiny-llama"
+    bundle.model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _timed_run(config, ray_options, threads: int) -> tuple[float, list[dict]]:
+    import torch
+
+    from attnedit.runs.rundir import read_results
+    from attnedit.runs.runner import run
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    run(config, progress=False, ray=ray_options)
+    wall = time.perf_counter() - t0
+    records = read_results(Path(config.out) / "results.jsonl")
+    return wall, records
+
+
+def _same(a: list[dict], b: list[dict]) -> bool:
+    strip = [{r["case_id"]: {k: v for k, v in r.items() if k not in TIMINGS} for r in x} for x in (a, b)]
+    return strip[0] == strip[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", choices=("overhead", "rome"), required=True)
+    ap.add_argument("--model", default="smollm2-135m", help="'tiny' for the tests' tiny Llama")
+    ap.add_argument("--data", default="sample")
+    ap.add_argument("--cases", type=int, default=200)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", default="bench/results/ray_overhead.json")
+    args = ap.parse_args()
+
+    import ray
+
+    from attnedit.evaluation.evaluator import EvalConfig
+    from attnedit.runs.executors import RayOptions
+    from attnedit.runs.runner import RunConfig
+
+    root = Path(tempfile.mkdtemp(prefix="ray-overhead-"))
+    model = _tiny_model(root) if args.model == "tiny" else args.model
+    method = "none" if args.part == "overhead" else "rome"
+    fluency = args.part == "rome"
+
+    def config(name: str) -> RunConfig:
+        return RunConfig(
+            data=args.data,
+            out=str(root / name),
+            model=model,
+            method=method,
+            limit=args.cases,
+            eval=EvalConfig(fluency=fluency),
+            generation_cases=max(1, args.cases // (2 * args.workers)) if fluency else 16,
+        )
+
+    local_threads = 1 if args.part == "overhead" else args.workers
+    local_wall, local_records = _timed_run(config("local"), None, local_threads)
+    t0 = time.perf_counter()
+    ray.init(num_cpus=args.workers, include_dashboard=False)
+    ray_start = time.perf_counter() - t0
+    try:
+        ray_wall, ray_records = _timed_run(config("ray"), RayOptions(workers=args.workers), 1)
+    finally:
+        ray.shutdown()
+    result = {
+        "model": args.model,
+        "method": method,
+        "cases": args.cases,
+        "workers": args.workers,
+        "local_threads": local_threads,
+        "local_seconds": round(local_wall, 2),
+        "ray_init_seconds": round(ray_start, 2),
+        "ray_seconds": round(ray_wall, 2),
+        "records_equal": _same(local_records, ray_records),
+    }
+    if args.part == "overhead":
+        # each worker is as fast as the local process: what Ray adds per unit, actor start-up included
+        result["overhead_seconds_per_unit"] = round((ray_wall * args.workers - local_wall) / args.cases, 4)
+    out = Path(args.out)
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    previous[f"{args.part}-{args.model}-{args.cases}"] = result
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(previous, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
