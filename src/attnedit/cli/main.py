@@ -215,7 +215,7 @@ def eval_command(
     from attnedit.runs.executors import UnitsFailedError
 
     try:
-        run(config, ray=ray)
+        run(config) if ray is None else run(config, ray=ray)  # the local call as it always was
     except UnitsFailedError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
