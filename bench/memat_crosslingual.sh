@@ -15,18 +15,22 @@ Q=()
 for x in "${EXTRA[@]}"; do Q+=(-p "$x"); done
 pair() {  # edit language, head language, data file
   local edit=$1 heads=$2 data=$3
+  # editing in another language needs the subject in that language's prompt: records without it are
+  # left out (and listed in the manifest) by --skip-invalid
+  local skip=()
+  if [[ $edit != en ]]; then skip=(--skip-invalid); fi
   local base="runs/memat-xling-memit-$edit-$(basename "$data" .json)"
   local out="runs/memat-xling-memat-$edit-$heads"
-  attnedit eval "$data" --language "$edit" --method memit --mode batch --batch-size 100 --first "$FIRST" \
+  attnedit eval "$data" "${skip[@]}" --language "$edit" --method memit --mode batch --batch-size 100 --first "$FIRST" \
     --limit "$N" --no-fluency --ppl-corpus none "${P[@]}" --out "$base" --threads "${THREADS:-2}"
-  attnedit eval "$data" --language "$edit" --method memat --mode batch --batch-size 100 --first "$FIRST" \
+  attnedit eval "$data" "${skip[@]}" --language "$edit" --method memat --mode batch --batch-size 100 --first "$FIRST" \
     --limit "$N" --no-fluency --ppl-corpus none "${P[@]}" -p "head_language=$heads" "${Q[@]}" --out "$out" \
     --threads "${THREADS:-2}"
   attnedit report "$base" "$out" --magnitudes --against memit --out "bench/results/memat/xling/$edit-$heads"
 }
-for l in ${LANGS:-fr es de ca}; do
+for l in ${LANGS-fr es de ca}; do
   pair en "$l" "../shared/data/bmike53_counterfact_en_$l.json"
 done
-for l in ${REVERSE:-fr}; do
+for l in ${REVERSE-fr}; do
   pair "$l" en "../shared/data/bmike53_counterfact_en_$l.json"
 done
