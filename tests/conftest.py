@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -151,3 +154,17 @@ def corpus(tmp_path) -> str:
     path = tmp_path / "corpus3.txt"
     path.write_text("\n".join(CORPUS * 3))
     return str(path)
+
+
+def kill_after_records(cmd: list[str], env: dict, results: Path, lines: int, timeout: float) -> None:
+    """Start ``cmd``, wait until ``results`` holds ``lines`` record lines, then ``kill -9`` it (a run that
+    ends before that fails the test)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if results.is_file() and results.read_bytes().count(b"\n") >= lines:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

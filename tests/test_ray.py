@@ -3,13 +3,12 @@ a worker or the driver killed mid-run loses no case and writes none twice, and t
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import kill_after_records
 
 from attnedit.evaluation.evaluator import EvalConfig
 from attnedit.runs.executors import RayOptions
@@ -141,15 +140,7 @@ def test_a_killed_driver_resumes_with_every_case_once(tmp_path, tiny_dir, corpus
     out = tmp_path / "run"
     cmd = _cli(out, tiny_dir, corpus_file, cluster, "--limit", "16")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if (out / RESULTS).is_file() and (out / RESULTS).read_bytes().count(b"\n") >= 1:
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_records(cmd, env, out / RESULTS, 1, 120)
     killed_at = len(_records(out))
     assert 1 <= killed_at < 16
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -1,13 +1,12 @@
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import kill_after_records
 
 from attnedit.core.data import load_cases
 from attnedit.evaluation.evaluator import EvalConfig
@@ -226,15 +225,7 @@ def test_kill_9_then_resume_keeps_every_case_once(tmp_path, smollm2):
         "1",
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (out / RESULTS).is_file() and (out / RESULTS).read_bytes().count(b"\n") >= 3:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_records(cmd, env, out / RESULTS, 3, 300)
     killed_at = len(_ids(out))
     assert 3 <= killed_at < 10
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
