@@ -88,20 +88,42 @@ def test_sadr_options_become_typed_settings():
     import pytest
     import typer
 
-    from attnedit.cli.main import _with_sadr
+    from attnedit.cli.common import MethodChoice, method_choice
     from attnedit.editing.registry import make_editor
 
-    method, params, sadr = _with_sadr("rome", ["steps=3", "sadr_heads=all"], True, 0.5, None, "6-29", None)
-    assert (method, params) == ("rome+sadr", {"steps": "3"})
-    assert sadr == {"heads": "all", "gamma": 0.5, "layers": "6-29"}
-    settings = make_editor(method, "smollm2-135m", overrides=params, sadr=sadr).terms[0].settings
+    choice = method_choice("rome", "x.json", ["steps=3", "sadr_heads=all"], True, 0.5, None, "6-29", None)
+    assert choice == MethodChoice(
+        "rome+sadr", "x.json", {"steps": "3"}, {"heads": "all", "gamma": 0.5, "layers": "6-29"}
+    )
+    settings = (
+        make_editor(choice.method, "smollm2-135m", overrides=choice.params, sadr=choice.sadr)
+        .terms[0]
+        .settings
+    )
     assert (settings.gamma, settings.heads, settings.layers) == (0.5, "all", (6, 29))
     with pytest.raises(typer.BadParameter, match="gamma is given twice"):
-        _with_sadr("rome+sadr", ["sadr_gamma=0.1"], False, 0.5, None, None, None)
+        method_choice("rome+sadr", None, ["sadr_gamma=0.1"], False, 0.5, None, None, None)
     # without +sadr, the settings are refused by make_editor
-    method, params, sadr = _with_sadr("rome", ["sadr_gamma=0.1"], False, None, None, None, None)
+    choice = method_choice("rome", None, ["sadr_gamma=0.1"], False, None, None, None, None)
     with pytest.raises(ValueError, match="need a '\\+sadr' method"):
-        make_editor(method, "smollm2-135m", overrides=params, sadr=sadr)
+        make_editor(choice.method, "smollm2-135m", overrides=choice.params, sadr=choice.sadr)
+
+
+def test_every_command_takes_the_shared_method_flags():
+    """The method flags are declared once (``edit_method``) and reach eval, edit, inspect and the
+    analyses of an edit alike: a SADR flag given twice is refused the same way by each, before any work."""
+    from typer.testing import CliRunner
+
+    from attnedit.cli.main import app
+
+    commands = (["eval", "sample"], ["edit", "--subject", "X"], ["inspect", "--html", "x.html"])
+    commands += (["analyze", "drift"], ["analyze", "patch"], ["analyze", "substitute"])
+    for command in commands:
+        result = CliRunner().invoke(app, [*command, "--method", "rome", "--gamma", "1", "-p", "sadr_gamma=2"])
+        assert result.exit_code == 2, (command, result.output)
+        assert "gamma is given twice" in result.output, command
+    trace = CliRunner().invoke(app, ["analyze", "trace", "--method", "rome"])
+    assert trace.exit_code == 2 and "No such option" in trace.output  # tracing reads the unedited model
 
 
 # --- issue 15: flags checked before any work, one error boundary --------------------------------------

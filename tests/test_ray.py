@@ -5,7 +5,10 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import kill_after_records
@@ -30,7 +33,8 @@ def cluster(tmp_path_factory):
     cache = tmp_path_factory.mktemp("ray-cache")
     before = os.environ.get("ATTNEDIT_CACHE")
     os.environ["ATTNEDIT_CACHE"] = str(cache)  # inherited by the Ray workers started now
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p)
+    paths = (SRC, str(Path(__file__).parent), os.environ.get("PYTHONPATH"))  # workers import this module
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         yield ray.get_runtime_context().gcs_address
@@ -112,6 +116,38 @@ def test_units_failing_every_try_are_reported_and_the_rest_kept(tmp_path, tiny_d
     assert sorted(_records(tmp_path / "ray")) == sorted({"0", "1", "2"} - set(failed["case_ids"]))
     run(config, progress=False, ray=RayOptions(workers=1))  # the same run again: completed
     assert sorted(_records(tmp_path / "ray"), key=int) == ["0", "1", "2"]
+
+
+@dataclass
+class PrivateDiskCache:
+    """A worker factory giving each actor a disk cache of its own (as on machines without a shared file
+    system), so that one-time work an actor does not receive from the object store shows up on its disk."""
+
+    inner: Any
+    root: str
+
+    def __call__(self, device: str) -> Any:
+        os.environ["ATTNEDIT_CACHE"] = tempfile.mkdtemp(dir=self.root)
+        return self.inner(device)
+
+
+def test_one_time_work_is_done_by_one_worker_only(tmp_path, tiny_dir, corpus_file, cluster, monkeypatch):
+    from attnedit.runs import runner
+
+    root = tmp_path / "actors"
+    root.mkdir()
+    made = runner.EvalWorkerFactory
+    monkeypatch.setattr(runner, "EvalWorkerFactory", lambda *a: PrivateDiskCache(made(*a), str(root)))
+    config = _memit(tmp_path / "ray", tiny_dir, corpus_file, limit=6, mode="batch", batch_size=2)
+    run(config, progress=False, ray=RayOptions(workers=2))
+    assert len(_records(tmp_path / "ray")) == 6
+    actors = sorted(root.iterdir())
+    assert len(actors) == 2  # three units on two actors: both computed edits
+    # the kinds of cache file each actor wrote (stats/..., templates/...)
+    computed = {a.name: {f.relative_to(a).parts[0] for f in a.rglob("*") if f.is_file()} for a in actors}
+    did = [name for name, kinds in computed.items() if kinds]
+    assert len(did) == 1, computed  # the other actor received the templates and statistics
+    assert {"stats", "templates"} <= computed[did[0]]
 
 
 def test_analysis_on_ray_equals_local(tmp_path, tiny_dir, cluster):

@@ -8,20 +8,32 @@ resumable) and returns what is printed here. The heatmaps' token alignment: ``an
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from attnedit.cli.common import (
+    RAY_FLAGS,
+    Data,
+    First,
     Language,
+    Limit,
+    MethodChoice,
+    Model,
+    OptionGroup,
     QuestionTemplate,
+    Threads,
+    Verbose,
     check_limit,
     check_writable_dir,
     error_boundary,
-    parse_overrides,
+    flag,
+    method_choice,
+    method_flags,
+    ray_options,
     setup_logging,
-    split_sadr,
 )
 from attnedit.runs.analyses import Setting
 from attnedit.runs.analysis_runs import (
@@ -36,7 +48,6 @@ from attnedit.runs.analysis_runs import (
     run_substitute,
     run_trace,
 )
-from attnedit.runs.executors import RayOptions
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -66,28 +77,6 @@ def _layers(text: str | None) -> list[int] | None:
         raise ValueError(f"--drift-layers: {err}") from None
 
 
-def _setting(
-    data: str,
-    model: str,
-    out: Path,
-    first: int,
-    limit: int | None,
-    seed: int,
-    method: str | None = None,
-    preset: str | None = None,
-    overrides: dict[str, str] | None = None,
-    repair: bool = False,
-    language: str | None = None,
-    question_template: str | None = None,
-    ray: RayOptions | None = None,
-) -> Setting:
-    params, sadr = split_sadr(overrides or {})  # -p sadr_gamma=0.1: a setting of the SADR term
-    multilingual = {"language": language, "question_template": question_template}
-    return Setting(
-        data, model, out, first, limit, seed, method, preset, params, sadr, repair, **multilingual, ray=ray
-    )
-
-
 def _report(result: AnalysisResult) -> None:
     """Print where everything is."""
     typer.echo(f"{result.analysis}: {result.n_cases} cases -> {result.path}")
@@ -95,87 +84,97 @@ def _report(result: AnalysisResult) -> None:
         typer.echo(f"figure: {figure}")
 
 
-def _prepare(
-    verbose: bool, threads: int | None, param: list[str] | None, first: int, limit: int | None, out: Path
-) -> dict[str, str]:
-    """Check the flags (before any work) and set up logging; the ``--param`` overrides."""
-    check_limit(limit, first)
-    overrides = parse_overrides(param)
-    check_writable_dir(out)
-    setup_logging(verbose, threads)
-    return overrides
+# --- the flags every analysis takes, given to its command as one ``Setting`` -----------------------------
 
-
-# --- options shared by the subcommands ----------------------------------------------------------------
-
-# where the cases are computed (``attnedit eval`` takes the same flags)
-Backend = Annotated[
-    str, typer.Option(help="local (this process) | ray (Ray actors; pip install attnedit[ray])")
-]
-Workers = Annotated[int, typer.Option(help="--backend ray: actors, each loading the model once")]
-Address = Annotated[
-    str | None,
-    typer.Option(help="--backend ray: cluster address, or 'auto' (the running cluster); default: start one"),
-]
-CpusPerWorker = Annotated[float, typer.Option(help="--backend ray: CPUs per actor (its torch threads)")]
-GpusPerWorker = Annotated[float, typer.Option(help="--backend ray: GPUs per actor (e.g. 0.25: 4 on one GPU)")]
-MaxRetries = Annotated[int, typer.Option(help="--backend ray: tries again of a unit whose actor died")]
-
-
-def ray_options(
-    backend: str, workers: int, address: str | None, cpus: float, gpus: float, max_retries: int
-) -> RayOptions | None:
-    """The Ray settings of ``--backend ray`` (None for ``local``); without Ray installed, one line saying
-    how to install it (exit 2), before any work."""
-    from attnedit.runs.executors import BACKENDS, RayMissingError, require_ray
-
-    if backend not in BACKENDS:
-        raise typer.BadParameter(
-            f"must be one of {', '.join(BACKENDS)}, not {backend!r}", param_hint="--backend"
-        )
-    if backend == "local":
-        return None
-    try:
-        require_ray()
-    except RayMissingError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
-    return RayOptions(workers, address, cpus, gpus, max_retries)
-
-
-Data = Annotated[str, typer.Argument(help="data file, or 'sample' for the shipped sample set")]
-Model = Annotated[str, typer.Option(help="embedded name, local HF directory or hub id")]
-Method = Annotated[str, typer.Option(help="rome | memit | pmet | ft, optionally +sadr (rome+sadr)")]
-Preset = Annotated[str | None, typer.Option(help="preset name or JSON file (default: by model)")]
-Param = Annotated[
-    list[str] | None, typer.Option("--param", "-p", help="override a preset field: KEY=VALUE (repeatable)")
-]
-First = Annotated[int, typer.Option(help="skip the cases before this index")]
-Limit = Annotated[int | None, typer.Option(help="first N cases only (counted from --first)")]
-Threads = Annotated[int | None, typer.Option(help="torch CPU threads")]
 Seed = Annotated[int, typer.Option(help="random seed (trace: the noise seed; recorded in the manifest)")]
-Verbose = Annotated[bool, typer.Option("--verbose", "-v")]
 Repair = Annotated[
     bool,
     typer.Option(help="first move unreadable lines of OUT/cases.jsonl aside (cases.jsonl.quarantine)"),
 ]
+Out = Annotated[Path, typer.Option("--out", help="output directory (manifest, cases.jsonl, JSON, PNG)")]
+
+
+def _setting(
+    data: str,
+    model: str,
+    first: int,
+    limit: int | None,
+    language: str | None,
+    question_template: str | None,
+    out: Path,
+    threads: int | None,
+    seed: int,
+    repair: bool,
+    verbose: bool,
+    choice: MethodChoice | None = None,
+    **ray_flags: Any,
+) -> Setting:
+    """Check the flags (before any work), set up logging and Ray: the analysis's ``Setting``."""
+    check_limit(limit, first)
+    check_writable_dir(out)
+    ray = ray_options(**ray_flags)
+    setup_logging(verbose, threads)
+    edit = (
+        {}
+        if choice is None
+        else {"method": choice.method, "preset": choice.preset, "params": choice.params, "sadr": choice.sadr}
+    )
+    return Setting(
+        data,
+        model,
+        out,
+        first,
+        limit,
+        seed,
+        repair=repair,
+        language=language,
+        question_template=question_template,
+        ray=ray,
+        **edit,
+    )
+
+
+def _analysis(name: str, edits: bool) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register ``attnedit analyze NAME``: the command takes the common flags (and, for an analysis of an
+    edit, the method flags) and receives them as ``setting: Setting``."""
+    method = method_flags() if edits else ()
+    names = [p.name for p in method]
+
+    def build(**values: Any) -> Setting:
+        choice = method_choice(**{n: values.pop(n) for n in names}) if edits else None
+        return _setting(**values, choice=choice)
+
+    group = OptionGroup(
+        "setting",
+        build,
+        head=(flag("data", Data, "sample"), flag("model", Model, "smollm2-135m"), *method),
+        tail=(
+            flag("first", First, 0),
+            flag("limit", Limit, None),
+            flag("language", Language, None),
+            flag("question_template", QuestionTemplate, None),
+            flag("out", Out, Path(f"runs/analyze/{name}")),
+            flag("threads", Threads, None),
+            flag("seed", Seed, 0),
+            flag("repair", Repair, False),
+            *RAY_FLAGS,
+            flag("verbose", Verbose, False),
+        ),
+    )
+    return lambda command: app.command(name)(error_boundary(group(command)))
 
 
 # the defaults of the options are those of the run functions' option dataclasses
 _TRACED = ",".join(TraceOptions.kinds)
 _SUBSTITUTED = ",".join(SubstituteOptions.kinds)
 
-Out = Annotated[Path, typer.Option("--out", help="output directory (manifest, cases.jsonl, JSON, PNG)")]
-
 
 # --- 1. causal tracing --------------------------------------------------------------------------------
 
 
-@app.command("trace")
-@error_boundary
+@_analysis("trace", edits=False)
 def trace_command(
-    data: Data = "sample",
-    model: Model = "smollm2-135m",
+    setting: Setting,
     kinds: Annotated[str, typer.Option(help="module kinds to restore: layer,mlp,attn")] = _TRACED,
     window: Annotated[
         int, typer.Option(help="layers restored together for mlp and attn (ROME: 10)")
@@ -187,143 +186,46 @@ def trace_command(
     noise: Annotated[
         float | None, typer.Option(help="noise std (default: 3 x the embeddings' std, as ROME)")
     ] = TraceOptions.noise,
-    first: First = 0,
-    limit: Limit = None,
-    language: Language = None,
-    question_template: QuestionTemplate = None,
-    out: Out = Path("runs/analyze/trace"),
-    threads: Threads = None,
-    seed: Seed = 0,
-    repair: Repair = False,
-    backend: Backend = "local",
-    workers: Workers = 2,
-    address: Address = None,
-    cpus_per_worker: CpusPerWorker = 1,
-    gpus_per_worker: GpusPerWorker = 0,
-    max_retries: MaxRetries = 2,
-    verbose: Verbose = False,
 ) -> None:
     """ROME's causal tracing of the UNEDITED model on each case's request prompt with o_true: average
     indirect effects per module kind (heatmaps over aligned tokens) and the per-layer MLP vs attention
     effects at the subject's last token."""
-    _prepare(verbose, threads, None, first, limit, out)
-    ray = ray_options(backend, workers, address, cpus_per_worker, gpus_per_worker, max_retries)
-    options = TraceOptions(_kinds(kinds), window, layer_window, samples, noise)
-    multilingual = {"language": language, "question_template": question_template}
-    _report(
-        run_trace(
-            _setting(data, model, out, first, limit, seed, repair=repair, **multilingual, ray=ray), options
-        )
-    )
+    _report(run_trace(setting, TraceOptions(_kinds(kinds), window, layer_window, samples, noise)))
 
 
 # --- 2. contaminating substitution --------------------------------------------------------------------
 
 
-@app.command("substitute")
-@error_boundary
+@_analysis("substitute", edits=True)
 def substitute_command(
-    data: Data = "sample",
-    model: Model = "smollm2-135m",
-    method: Method = "rome",
-    preset: Preset = None,
-    param: Param = None,
+    setting: Setting,
     kinds: Annotated[str, typer.Option(help="module kinds substituted: attn,mlp,layer")] = _SUBSTITUTED,
     window: Annotated[
         int, typer.Option(help="layers substituted together (the paper: 6)")
     ] = SubstituteOptions.window,
-    first: First = 0,
-    limit: Limit = None,
-    language: Language = None,
-    question_template: QuestionTemplate = None,
-    out: Out = Path("runs/analyze/substitute"),
-    threads: Threads = None,
-    seed: Seed = 0,
-    repair: Repair = False,
-    backend: Backend = "local",
-    workers: Workers = 2,
-    address: Address = None,
-    cpus_per_worker: CpusPerWorker = 1,
-    gpus_per_worker: GpusPerWorker = 0,
-    max_retries: MaxRetries = 2,
-    verbose: Verbose = False,
 ) -> None:
     """Contaminating substitution (SADR section 3.2, figures 3 and 9): edit, record the edited model's module
     outputs on the Distract-Neighborhood and Relation prompts, revert, and run the unedited model with them
     substituted over a window of layers at each token; the effect on P(o_true) and P(o_edit)."""
-    overrides = _prepare(verbose, threads, param, first, limit, out)
-    ray = ray_options(backend, workers, address, cpus_per_worker, gpus_per_worker, max_retries)
     options = SubstituteOptions(_kinds(kinds), window)
-    setting = _setting(
-        data,
-        model,
-        out,
-        first,
-        limit,
-        seed,
-        method,
-        preset,
-        overrides,
-        repair,
-        language,
-        question_template,
-        ray,
-    )
     _report(run_substitute(setting, options))
 
 
 # --- 3. attention drift -------------------------------------------------------------------------------
 
 
-@app.command("drift")
-@error_boundary
+@_analysis("drift", edits=True)
 def drift_command(
-    data: Data = "sample",
-    model: Model = "smollm2-135m",
-    method: Method = "rome",
-    preset: Preset = None,
-    param: Param = None,
+    setting: Setting,
     drift_layers: Annotated[
         str | None, typer.Option(help="layers the factors sum over: FIRST-LAST or A,B,C (default: all)")
     ] = None,
-    first: First = 0,
-    limit: Limit = None,
-    language: Language = None,
-    question_template: QuestionTemplate = None,
-    out: Out = Path("runs/analyze/drift"),
-    threads: Threads = None,
-    seed: Seed = 0,
-    repair: Repair = False,
-    backend: Backend = "local",
-    workers: Workers = 2,
-    address: Address = None,
-    cpus_per_worker: CpusPerWorker = 1,
-    gpus_per_worker: GpusPerWorker = 0,
-    max_retries: MaxRetries = 2,
-    verbose: Verbose = False,
 ) -> None:
     """Attention drift (SADR section 3.3, figure 4, tables 2 and 4): per case the unedited and edited
     last-token attention on the Distract-Neighborhood and Relation prompts, the drift factors, and their
     Pearson correlation with the edited P(o_edit) per task."""
-    overrides = _prepare(verbose, threads, param, first, limit, out)
-    ray = ray_options(backend, workers, address, cpus_per_worker, gpus_per_worker, max_retries)
     layers = _layers(drift_layers)
     options = DriftOptions(None if layers is None else tuple(layers))
-    setting = _setting(
-        data,
-        model,
-        out,
-        first,
-        limit,
-        seed,
-        method,
-        preset,
-        overrides,
-        repair,
-        language,
-        question_template,
-        ray,
-    )
     try:
         result = run_drift(setting, options)
     except DriftLayersError as err:
@@ -335,14 +237,9 @@ def drift_command(
 # --- 4. attention patching ----------------------------------------------------------------------------
 
 
-@app.command("patch")
-@error_boundary
+@_analysis("patch", edits=True)
 def patch_command(
-    data: Data = "sample",
-    model: Model = "smollm2-135m",
-    method: Method = "rome",
-    preset: Preset = None,
-    param: Param = None,
+    setting: Setting,
     window: Annotated[
         int, typer.Option(help="layers patched together (the paper: 10)")
     ] = PatchOptions.window,
@@ -352,41 +249,9 @@ def patch_command(
     scores: Annotated[
         bool, typer.Option(help="also the single-entry variant: the last token's score on each token")
     ] = PatchOptions.scores,
-    first: First = 0,
-    limit: Limit = None,
-    language: Language = None,
-    question_template: QuestionTemplate = None,
-    out: Out = Path("runs/analyze/patch"),
-    threads: Threads = None,
-    seed: Seed = 0,
-    repair: Repair = False,
-    backend: Backend = "local",
-    workers: Workers = 2,
-    address: Address = None,
-    cpus_per_worker: CpusPerWorker = 1,
-    gpus_per_worker: GpusPerWorker = 0,
-    max_retries: MaxRetries = 2,
-    verbose: Verbose = False,
 ) -> None:
     """Attention patching (SADR section 3.4, figure 5; --scores: appendix D.2, figure 10): run the edited
     model with the unedited attention over a window of layers; P(o_true) and P(o_edit) against the window
     centre, with the unpatched edited and the unedited levels."""
-    overrides = _prepare(verbose, threads, param, first, limit, out)
-    ray = ray_options(backend, workers, address, cpus_per_worker, gpus_per_worker, max_retries)
     options = PatchOptions(window, queries, scores)
-    setting = _setting(
-        data,
-        model,
-        out,
-        first,
-        limit,
-        seed,
-        method,
-        preset,
-        overrides,
-        repair,
-        language,
-        question_template,
-        ray,
-    )
     _report(run_patch(setting, options))

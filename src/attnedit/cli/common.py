@@ -1,21 +1,28 @@
 """What every command shares: the error boundary, logging and thread setup, ``--param KEY=VALUE``
-parsing and the checks of flags that must hold before any work (before the model loads)."""
+parsing, the checks of flags that must hold before any work (before the model loads), and the flags
+several commands take, declared once (the aliases below; ``OptionGroup`` for a set of flags that a
+command receives as one value: the method choice, the Ray backend)."""
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
 import click
 import typer
 
-from attnedit.core.data import DEFAULT_QUESTION_TEMPLATE
+from attnedit.core.data import DEFAULT_QUESTION_TEMPLATE, SAMPLE_DATA
+
+if TYPE_CHECKING:
+    from attnedit.runs.executors import RayOptions
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -36,6 +43,186 @@ QuestionTemplate = Annotated[
         f"(default {DEFAULT_QUESTION_TEMPLATE!r}; '{{}}' = plain questions)",
     ),
 ]
+
+# --- flags several commands take -----------------------------------------------------------------------
+
+Data = Annotated[str, typer.Argument(help=f"data file, or '{SAMPLE_DATA}' for the shipped sample set")]
+Model = Annotated[str, typer.Option(help="embedded name, local HF directory or hub id")]
+Preset = Annotated[str | None, typer.Option(help="preset name or JSON file (default: by model)")]
+Param = Annotated[
+    list[str] | None, typer.Option("--param", "-p", help="override a preset field: KEY=VALUE (repeatable)")
+]
+First = Annotated[int, typer.Option(help="skip the cases before this index")]
+Limit = Annotated[int | None, typer.Option(help="first N cases only (counted from --first)")]
+Threads = Annotated[int | None, typer.Option(help="torch CPU threads")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v")]
+
+SadrFlag = Annotated[
+    bool, typer.Option("--sadr", help="add the SADR regulariser (same as METHOD+sadr, e.g. rome+sadr)")
+]
+SadrGamma = Annotated[
+    float | None,
+    typer.Option("--gamma", help="SADR weight (default: the preset's); the official code's --gamma / 10000"),
+]
+SadrHeads = Annotated[
+    str | None,
+    typer.Option(
+        "--sadr-heads",
+        help="SADR heads: selective (the paper) | increased (ours, looser) | all (its ablation)",
+    ),
+]
+SadrLayers = Annotated[
+    str | None, typer.Option("--sadr-layers", help="SADR layer range FIRST-LAST (default: every layer)")
+]
+SadrReduction = Annotated[
+    str | None, typer.Option("--sadr-reduction", help="over the prompts: mean (the paper) | sum")
+]
+
+# where the cases are computed
+Backend = Annotated[
+    str,
+    typer.Option(
+        help="local (this process) | ray (Ray actors; needs the extra: pip install attnedit\\[ray])"
+    ),
+]
+Workers = Annotated[int, typer.Option(help="--backend ray: actors, each loading the model once")]
+Address = Annotated[
+    str | None,
+    typer.Option(help="--backend ray: cluster address, or 'auto' (the running cluster); default: start one"),
+]
+CpusPerWorker = Annotated[float, typer.Option(help="--backend ray: CPUs per actor (its torch threads)")]
+GpusPerWorker = Annotated[float, typer.Option(help="--backend ray: GPUs per actor (e.g. 0.25: 4 on one GPU)")]
+MaxRetries = Annotated[int, typer.Option(help="--backend ray: tries again of a unit whose actor died")]
+
+
+def flag(name: str, annotation: Any, default: Any) -> inspect.Parameter:
+    """A command parameter (a typer flag), for ``OptionGroup``."""
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+@dataclass(frozen=True)
+class OptionGroup:
+    """Flags several commands take, declared once: ``@group`` adds ``head`` before a command's own flags and
+    ``tail`` after them (typer reads the signature), and hands the command ``build(**their values)`` as
+    its parameter ``provides`` instead. ``build`` runs inside the command's error boundary."""
+
+    provides: str
+    build: Callable[..., Any]
+    head: Sequence[inspect.Parameter] = ()
+    tail: Sequence[inspect.Parameter] = ()
+
+    def __call__(self, command: Callable[..., R]) -> Callable[..., R]:
+        signature = inspect.signature(command, eval_str=True)
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in signature.parameters.values()]
+        names = [p.name for p in (*self.head, *self.tail)]
+
+        @functools.wraps(command)
+        def grouped(**kwargs: Any) -> R:
+            values = {name: kwargs.pop(name) for name in names}
+            return command(**kwargs, **{self.provides: self.build(**values)})
+
+        params = [*self.head, *(p for p in own if p.name != self.provides), *self.tail]
+        grouped.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        grouped.__annotations__ = {p.name: p.annotation for p in params}
+        return grouped
+
+
+@dataclass(frozen=True)
+class MethodChoice:
+    """``--method/--preset/--param`` and the SADR flags, resolved: the method (``X+sadr`` with --sadr), its
+    preset, its preset overrides and the SADR settings (the --gamma/--sadr-* flags and any ``--param
+    sadr_KEY=VALUE``)."""
+
+    method: str
+    preset: str | None
+    params: dict[str, str]
+    sadr: dict[str, object]
+
+
+def method_choice(
+    method: str,
+    preset: str | None,
+    param: list[str] | None,
+    sadr: bool,
+    gamma: float | None,
+    sadr_heads: str | None,
+    sadr_layers: str | None,
+    sadr_reduction: str | None,
+) -> MethodChoice:
+    """The ``MethodChoice`` of the flags (``method_flags``)."""
+    if sadr and not method.endswith("+sadr"):
+        method = f"{method}+sadr"
+    params, settings = split_sadr(parse_overrides(param))
+    flags = {"gamma": gamma, "heads": sadr_heads, "layers": sadr_layers, "prompt_reduction": sadr_reduction}
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if key in settings:
+            raise typer.BadParameter(f"SADR {key} is given twice: by its option and by --param sadr_{key}")
+        settings[key] = value
+    return MethodChoice(method, preset, params, settings)
+
+
+METHODS_HELP = "rome | memit | pmet | ft | memat | intattn, optionally +sadr (rome+sadr)"
+
+
+def method_flags(default: str = "rome", help: str = METHODS_HELP) -> tuple[inspect.Parameter, ...]:
+    """The flags of ``method_choice``: ``--method`` (with this default and help), ``--preset``,
+    ``--param/-p``, ``--sadr``, ``--gamma``, ``--sadr-heads``, ``--sadr-layers``, ``--sadr-reduction``."""
+    return (
+        flag("method", Annotated[str, typer.Option(help=help)], default),
+        flag("preset", Preset, None),
+        flag("param", Param, None),
+        flag("sadr", SadrFlag, False),
+        flag("gamma", SadrGamma, None),
+        flag("sadr_heads", SadrHeads, None),
+        flag("sadr_layers", SadrLayers, None),
+        flag("sadr_reduction", SadrReduction, None),
+    )
+
+
+def edit_method(default: str = "rome", help: str = METHODS_HELP) -> OptionGroup:
+    """``@edit_method()``: the command takes the method flags and receives ``choice: MethodChoice``."""
+    return OptionGroup("choice", method_choice, head=method_flags(default, help))
+
+
+def ray_options(
+    backend: str,
+    workers: int,
+    address: str | None,
+    cpus_per_worker: float,
+    gpus_per_worker: float,
+    max_retries: int,
+) -> RayOptions | None:
+    """The Ray settings of ``--backend ray`` (None for ``local``); without Ray installed, one line saying
+    how to install it (exit 2), before any work."""
+    from attnedit.runs.executors import BACKENDS, RayMissingError, RayOptions, require_ray
+
+    if backend not in BACKENDS:
+        raise typer.BadParameter(
+            f"must be one of {', '.join(BACKENDS)}, not {backend!r}", param_hint="--backend"
+        )
+    if backend == "local":
+        return None
+    try:
+        require_ray()
+    except RayMissingError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    return RayOptions(workers, address, cpus_per_worker, gpus_per_worker, max_retries)
+
+
+RAY_FLAGS = (
+    flag("backend", Backend, "local"),
+    flag("workers", Workers, 2),
+    flag("address", Address, None),
+    flag("cpus_per_worker", CpusPerWorker, 1.0),
+    flag("gpus_per_worker", GpusPerWorker, 0.0),
+    flag("max_retries", MaxRetries, 2),
+)
+# ``@ray_backend``: the command takes the Ray flags and receives ``ray: RayOptions | None``
+ray_backend = OptionGroup("ray", ray_options, tail=RAY_FLAGS)
+
 
 # an unexpected exception is a bug of ours: say so, and where it goes
 BUG_REPORT = (

@@ -9,28 +9,30 @@ from typing import Annotated
 
 import typer
 
-from attnedit.cli.analyze import (
-    Address,
-    Backend,
-    CpusPerWorker,
-    GpusPerWorker,
-    MaxRetries,
-    Workers,
-    ray_options,
-)
 from attnedit.cli.analyze import app as analyze_app
 from attnedit.cli.common import (
+    Data,
+    First,
     Language,
+    Limit,
+    MethodChoice,
+    Model,
+    Param,
+    Preset,
     QuestionTemplate,
+    Threads,
+    Verbose,
     check_limit,
     check_writable_dir,
     check_writable_file,
+    edit_method,
     error_boundary,
     parse_overrides,
+    ray_backend,
     setup_logging,
-    split_sadr,
 )
 from attnedit.core.data import SAMPLE_DATA
+from attnedit.runs.executors import RayOptions
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Attention-aware knowledge editing of LLMs."
@@ -39,67 +41,20 @@ logger = logging.getLogger("attnedit")
 app.add_typer(analyze_app, name="analyze")
 
 
-SadrFlag = Annotated[
-    bool, typer.Option("--sadr", help="add the SADR regulariser (same as METHOD+sadr, e.g. rome+sadr)")
-]
-SadrGamma = Annotated[
-    float | None,
-    typer.Option("--gamma", help="SADR weight (default: the preset's); the official code's --gamma / 10000"),
-]
-SadrHeads = Annotated[
-    str | None,
-    typer.Option(
-        "--sadr-heads",
-        help="SADR heads: selective (the paper) | increased (ours, looser) | all (its ablation)",
-    ),
-]
-SadrLayers = Annotated[
-    str | None, typer.Option("--sadr-layers", help="SADR layer range FIRST-LAST (default: every layer)")
-]
-SadrReduction = Annotated[
-    str | None, typer.Option("--sadr-reduction", help="over the prompts: mean (the paper) | sum")
-]
-
-
-def _with_sadr(
-    method: str,
-    param: list[str] | None,
-    sadr: bool,
-    gamma: float | None,
-    heads: str | None,
-    layers: str | None,
-    reduction: str | None,
-) -> tuple[str, dict[str, str], dict[str, object]]:
-    """The method name (``X+sadr`` with --sadr), its preset overrides (``--param``) and the SADR
-    settings: the --gamma/--sadr-* options and any ``--param sadr_KEY=VALUE``."""
-    if sadr and not method.endswith("+sadr"):
-        method = f"{method}+sadr"
-    params, settings = split_sadr(parse_overrides(param))
-    options = {"gamma": gamma, "heads": heads, "layers": layers, "prompt_reduction": reduction}
-    for key, value in options.items():
-        if value is None:
-            continue
-        if key in settings:
-            raise typer.BadParameter(f"SADR {key} is given twice: by its option and by --param sadr_{key}")
-        settings[key] = value
-    return method, params, settings
-
-
 @app.command("eval")
 @error_boundary
+@ray_backend
+@edit_method("none", "none (unedited) | rome | memit | pmet | ft | memat | intattn, optionally +sadr")
 def eval_command(
-    data: Annotated[
-        str, typer.Argument(help=f"data file, or '{SAMPLE_DATA}' for the shipped sample set")
-    ] = SAMPLE_DATA,
+    choice: MethodChoice,
+    ray: RayOptions | None,
+    data: Data = SAMPLE_DATA,
     out: Annotated[Path, typer.Option("--out", help="run directory (results.jsonl, summary.json)")] = Path(
         "runs/eval"
     ),
-    model: Annotated[str, typer.Option(help="embedded name, local HF directory or hub id")] = "smollm2-135m",
-    method: Annotated[
-        str, typer.Option(help="none (unedited) | rome | memit | pmet | ft, optionally +sadr (rome+sadr)")
-    ] = "none",
-    limit: Annotated[int | None, typer.Option(help="first N cases only (counted from --first)")] = None,
-    first: Annotated[int, typer.Option(help="skip the cases before this index")] = 0,
+    model: Model = "smollm2-135m",
+    limit: Limit = None,
+    first: First = 0,
     shard: Annotated[str, typer.Option(help="i/n: run block i of n (merge with 'attnedit report')")] = "0/1",
     data_format: Annotated[
         str | None, typer.Option("--format", help="data format (default: detected)")
@@ -127,20 +82,10 @@ def eval_command(
         str, typer.Option(help="single | batch (N cases per edit) | sequential (edits accumulate)")
     ] = "single",
     batch_size: Annotated[int, typer.Option(help="cases per edit in batch/sequential mode")] = 1,
-    preset: Annotated[str | None, typer.Option(help="preset name or JSON file (default: by model)")] = None,
-    param: Annotated[
-        list[str] | None,
-        typer.Option("--param", "-p", help="override a preset field: KEY=VALUE (repeatable)"),
-    ] = None,
     save_edits: Annotated[bool, typer.Option(help="keep each edit in OUT/edits/*.safetensors")] = False,
     generation_cases: Annotated[
         int, typer.Option(help="fluency: cases generated in one decoding batch (speed only)")
     ] = 16,
-    sadr: SadrFlag = False,
-    gamma: SadrGamma = None,
-    sadr_heads: SadrHeads = None,
-    sadr_layers: SadrLayers = None,
-    sadr_reduction: SadrReduction = None,
     repair: Annotated[
         bool,
         typer.Option(
@@ -148,25 +93,18 @@ def eval_command(
             "(every valid record is kept)"
         ),
     ] = False,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
-    backend: Backend = "local",
-    workers: Workers = 2,
-    address: Address = None,
-    cpus_per_worker: CpusPerWorker = 1,
-    gpus_per_worker: GpusPerWorker = 0,
-    max_retries: MaxRetries = 2,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    threads: Threads = None,
+    verbose: Verbose = False,
 ) -> None:
     """Evaluate METHOD on DATA: edit -> evaluate -> restore (per case or batch); resumable; prints the row.
     With --backend ray the units (a case, a fluency batch of cases, a batch edit) run on Ray actors."""
     check_limit(limit, first)
     check_writable_dir(out)
-    if backend == "ray" and mode == "sequential":
+    if ray is not None and mode == "sequential":
         raise typer.BadParameter(
             "sequential mode runs locally only (its edits build on each other): drop --backend ray",
             param_hint="--backend",
         )
-    ray = ray_options(backend, workers, address, cpus_per_worker, gpus_per_worker, max_retries)
     setup_logging(verbose, threads)
     from attnedit.evaluation.evaluator import EvalConfig
     from attnedit.runs.report import collect, columns, markdown_table
@@ -177,14 +115,11 @@ def eval_command(
         from attnedit.core.data import corpus_path
 
         corpus = str(corpus_path(corpus))
-    method, overrides, sadr_settings = _with_sadr(
-        method, param, sadr, gamma, sadr_heads, sadr_layers, sadr_reduction
-    )
     config = RunConfig(
         data=data,
         out=str(out),
         model=model,
-        method=method,
+        method=choice.method,
         limit=limit,
         first=first,
         shard=Shard.parse(shard),
@@ -198,9 +133,9 @@ def eval_command(
         label=label,
         mode=mode,
         batch_size=batch_size,
-        preset=preset,
-        params=overrides,
-        sadr=sadr_settings,
+        preset=choice.preset,
+        params=choice.params,
+        sadr=choice.sadr,
         save_edits=save_edits,
         generation_cases=generation_cases,
         repair=repair,
@@ -226,7 +161,9 @@ def eval_command(
 
 @app.command("edit")
 @error_boundary
+@edit_method()
 def edit_command(
+    choice: MethodChoice,
     subject: Annotated[str | None, typer.Option(help="the subject, e.g. 'Eiffel Tower'")] = None,
     prompt: Annotated[
         str | None, typer.Option(help="prompt containing the subject or a {} slot, e.g. '{} is located in'")
@@ -243,20 +180,12 @@ def edit_command(
         Path | None, typer.Option("--file", help="a data file; edits its record --index instead of the flags")
     ] = None,
     index: Annotated[int, typer.Option(help="record of --file to edit")] = 0,
-    method: Annotated[str, typer.Option(help="rome | memit | pmet | ft, optionally +sadr")] = "rome",
-    model: Annotated[str, typer.Option(help="embedded name, local HF directory or hub id")] = "smollm2-135m",
-    preset: Annotated[str | None, typer.Option(help="preset name or JSON file")] = None,
-    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE override")] = None,
+    model: Model = "smollm2-135m",
     save: Annotated[Path, typer.Option(help="where to save the edit (safetensors)")] = Path(
         "edit.safetensors"
     ),
-    sadr: SadrFlag = False,
-    gamma: SadrGamma = None,
-    sadr_heads: SadrHeads = None,
-    sadr_layers: SadrLayers = None,
-    sadr_reduction: SadrReduction = None,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    threads: Threads = None,
+    verbose: Verbose = False,
 ) -> None:
     """Edit one fact; print the model's answers before and after; save the edit."""
     check_writable_file(save, "--save")  # before the edit is computed, not after
@@ -266,10 +195,9 @@ def edit_command(
     case, probes = edit_case_from_args(
         model, subject, prompt, target_new, target_true, paraphrase, neighbor, request_file, index
     )
-    method, overrides, sadr_settings = _with_sadr(
-        method, param, sadr, gamma, sadr_heads, sadr_layers, sadr_reduction
+    before, after, edit = run_single_edit(
+        case, probes, choice.method, model, choice.preset, choice.params, choice.sadr
     )
-    before, after, edit = run_single_edit(case, probes, method, model, preset, overrides, sadr_settings)
     typer.echo(answers_table(probes, before, after))
     path = edit.save(save)
     typer.echo(f"\nedit saved to {path} ({', '.join(edit.deltas)})")
@@ -277,7 +205,9 @@ def edit_command(
 
 @app.command("inspect")
 @error_boundary
+@edit_method()
 def inspect_command(
+    choice: MethodChoice,
     html: Annotated[Path, typer.Option("--html", help="the offline page to write (one HTML file)")],
     subject: Annotated[str | None, typer.Option(help="the subject, e.g. 'Eiffel Tower'")] = None,
     prompt: Annotated[
@@ -300,18 +230,10 @@ def inspect_command(
         typer.Option("--file", help=f"a data file (or '{SAMPLE_DATA}'); inspects its record --index instead"),
     ] = None,
     index: Annotated[int, typer.Option(help="record of --file to inspect")] = 0,
-    method: Annotated[str, typer.Option(help="rome | memit | pmet | ft, optionally +sadr")] = "rome",
-    model: Annotated[str, typer.Option(help="embedded name, local HF directory or hub id")] = "smollm2-135m",
-    preset: Annotated[str | None, typer.Option(help="preset name or JSON file")] = None,
-    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE override")] = None,
+    model: Model = "smollm2-135m",
     window: Annotated[int, typer.Option(help="patching: layers patched back around each layer")] = 10,
-    sadr: SadrFlag = False,
-    gamma: SadrGamma = None,
-    sadr_heads: SadrHeads = None,
-    sadr_layers: SadrLayers = None,
-    sadr_reduction: SadrReduction = None,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    threads: Threads = None,
+    verbose: Verbose = False,
 ) -> None:
     """Edit one fact as the inspector does; write its view as one offline HTML file: the answers, the
     drift grids of the rewrite and distracted neighbour prompts with every head's attention rows, and
@@ -325,9 +247,7 @@ def inspect_command(
     from attnedit.serve.inspector import MAX_PROBES, InputError, Inspector, build_case
     from attnedit.serve.offline import offline_view, write_html
 
-    method, overrides, sadr_settings = _with_sadr(
-        method, param, sadr, gamma, sadr_heads, sadr_layers, sadr_reduction
-    )
+    method = choice.method
     probes: dict[str, list[str]] = {
         "paraphrase": paraphrase or [],
         "neighbors": neighbor or [],
@@ -359,7 +279,7 @@ def inspect_command(
     except InputError as err:
         flag = {"neighbors": "neighbor"}.get(err.field.split("[")[0], err.field.split("[")[0])
         raise ValueError(f"--{flag.replace('_', '-')}: {err.message}") from None
-    editor = make_editor(method, bundle, preset, overrides, sadr=sadr_settings)
+    editor = make_editor(method, bundle, choice.preset, choice.params, sadr=choice.sadr)
     inspector = Inspector(bundle)
     try:
         view = offline_view(inspector, method, case, shown, editor, window)
@@ -373,13 +293,11 @@ def inspect_command(
 @error_boundary
 def stats_command(
     method: Annotated[str, typer.Option(help="compute what this method's preset needs")] = "rome",
-    model: Annotated[str, typer.Option(help="embedded name, local HF directory or hub id")] = "smollm2-135m",
-    preset: Annotated[str | None, typer.Option(help="preset name or JSON file")] = None,
-    param: Annotated[
-        list[str] | None, typer.Option("--param", "-p", help="KEY=VALUE override (e.g. stats_corpus=PATH)")
-    ] = None,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    model: Model = "smollm2-135m",
+    preset: Preset = None,
+    param: Param = None,
+    threads: Threads = None,
+    verbose: Verbose = False,
 ) -> None:
     """Precompute (and cache) the covariance statistics of a method's edit layers."""
     setup_logging(verbose, threads)
@@ -461,7 +379,7 @@ def _is_loopback(host: str) -> bool:
 @app.command("serve")
 @error_boundary
 def serve_command(
-    model: Annotated[str, typer.Option(help="embedded name, local HF directory or hub id")] = "smollm2-135m",
+    model: Model = "smollm2-135m",
     runs: Annotated[
         Path | None, typer.Option(help="a directory of runs to browse, read-only (default: no runs browser)")
     ] = None,
@@ -472,8 +390,8 @@ def serve_command(
     data: Annotated[
         str, typer.Option(help="data file whose cases the form offers, or 'sample' (the shipped sample set)")
     ] = "sample",
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    threads: Threads = None,
+    verbose: Verbose = False,
 ) -> None:
     """Serve the edit inspector: edit a fact in the loaded model and see its answers and attention drift."""
     try:
