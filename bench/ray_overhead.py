@@ -1,11 +1,12 @@
 """``--backend ray`` against the local loop (issue 19, docs/scaling.md "Measurements").
 
-    OMP_NUM_THREADS=1 python bench/ray_overhead.py --part overhead --model tiny --cases 200
-    OMP_NUM_THREADS=1 python bench/ray_overhead.py --part rome --cases 20     # SmolLM2: an idle machine
+    OMP_NUM_THREADS=1 python bench/ray_overhead.py --part overhead --cases 200   # an idle machine
+    OMP_NUM_THREADS=1 python bench/ray_overhead.py --part rome --cases 20
+    (--model tiny: the tests' tiny Llama; --data: default the SADR merged CounterFact set in ../shared)
 
-``overhead``: method ``none`` (no edit: a unit is the scoring of one case), ``--no-fluency``, the shipped
-sample/merged data; a local run with 1 thread against Ray with 2 workers x 1 thread. The overhead per unit
-is (Ray wall x workers - local wall) / cases, the start-up (Ray, actors loading the model) reported apart.
+``overhead``: method ``none`` (no edit: a unit is the scoring of one case), no fluency; a local run with 1
+thread against Ray with 2 workers x 1 thread. The overhead per unit is (Ray wall x workers - local wall) /
+cases, which includes the actors' start-up (loading the model); ``ray.init`` is reported apart.
 ``rome``: ROME on SmolLM2, 2 workers x 1 thread against one local process with 2 threads (near parity
 expected on 2 cores). Both check that the records agree (timings aside) and write
 bench/results/ray_overhead.json (merged with what is there).
@@ -59,7 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=("overhead", "rome"), required=True)
     ap.add_argument("--model", default="smollm2-135m", help="'tiny' for the tests' tiny Llama")
-    ap.add_argument("--data", default="sample")
+    ap.add_argument("--data", default="../shared/data/sadr_merged_counterfact.json")
     ap.add_argument("--cases", type=int, default=200)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="bench/results/ray_overhead.json")
