@@ -51,9 +51,39 @@ def _timed_run(config, ray_options, threads: int) -> tuple[float, list[dict]]:
     return wall, records
 
 
-def _same(a: list[dict], b: list[dict]) -> bool:
-    strip = [{r["case_id"]: {k: v for k, v in r.items() if k not in TIMINGS} for r in x} for x in (a, b)]
-    return strip[0] == strip[1]
+def _differences(x, y, out: list) -> None:
+    """Collect where two records differ (timings aside): a float's absolute difference, or None for
+    anything else (a metric outcome, a text, a list length)."""
+    if isinstance(x, dict) and isinstance(y, dict):
+        for k in set(x) | set(y):
+            if k not in TIMINGS:
+                _differences(x.get(k), y.get(k), out)
+    elif isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
+        for u, v in zip(x, y, strict=True):
+            _differences(u, v, out)
+    elif isinstance(x, float) and isinstance(y, float):
+        if x != y:
+            out.append(abs(x - y))
+    elif x != y:
+        out.append(None)
+
+
+def _compare(a: list[dict], b: list[dict]) -> dict:
+    """Equal records, or how they differ: runs with other thread counts reduce in another order, so their
+    floats may differ in the last digits while every outcome and text is the same."""
+    left, right = ({r["case_id"]: r for r in x} for x in (a, b))
+    if sorted(left) != sorted(right):
+        return {"records_equal": False, "same_cases": False}
+    out: list = []
+    for case_id, record in left.items():
+        _differences(record, right[case_id], out)
+    floats = [d for d in out if d is not None]
+    return {
+        "records_equal": not out,
+        "other_differences": len(out) - len(floats),  # outcomes, texts: must be 0
+        "float_differences": len(floats),
+        "max_float_difference": max(floats, default=0.0),
+    }
 
 
 def main() -> None:
@@ -64,7 +94,22 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=200)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="bench/results/ray_overhead.json")
+    ap.add_argument(
+        "--recompare",
+        help="a finished run's temporary root (ray-overhead-*): redo only the comparison of its records",
+    )
     args = ap.parse_args()
+    out = Path(args.out)
+    key = f"{args.part}-{args.model}-{args.cases}"
+    if args.recompare:
+        from attnedit.runs.rundir import read_results
+
+        runs = [read_results(Path(args.recompare) / name / "results.jsonl") for name in ("local", "ray")]
+        previous = json.loads(out.read_text())
+        previous[key] |= _compare(*runs)
+        out.write_text(json.dumps(previous, indent=1) + "\n")
+        print(json.dumps(previous[key], indent=1))
+        return
 
     import ray
 
@@ -106,14 +151,13 @@ def main() -> None:
         "local_seconds": round(local_wall, 2),
         "ray_init_seconds": round(ray_start, 2),
         "ray_seconds": round(ray_wall, 2),
-        "records_equal": _same(local_records, ray_records),
+        **_compare(local_records, ray_records),
     }
     if args.part == "overhead":
         # each worker is as fast as the local process: what Ray adds per unit, actor start-up included
         result["overhead_seconds_per_unit"] = round((ray_wall * args.workers - local_wall) / args.cases, 4)
-    out = Path(args.out)
     previous = json.loads(out.read_text()) if out.is_file() else {}
-    previous[f"{args.part}-{args.model}-{args.cases}"] = result
+    previous[key] = result
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(previous, indent=1) + "\n")
     print(json.dumps(result, indent=1))
