@@ -11,6 +11,7 @@ import typer
 
 from attnedit.cli.analyze import app as analyze_app
 from attnedit.cli.common import (
+    METHODS_HELP,
     Data,
     First,
     Language,
@@ -44,7 +45,7 @@ app.add_typer(analyze_app, name="analyze")
 @app.command("eval")
 @error_boundary
 @ray_backend
-@edit_method("none", "none (unedited) | rome | memit | pmet | ft | memat | intattn, optionally +sadr")
+@edit_method("none", f"none (unedited) | {METHODS_HELP}")
 def eval_command(
     choice: MethodChoice,
     ray: RayOptions | None,
