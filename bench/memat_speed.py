@@ -60,9 +60,15 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     for b in batches:
-        logging.info("%s: %d requests, %.1f s (MEMIT %.1f s, x%.2f); classifiers %.1f s",
-                     b["edit"], b["requests"], b["total"], b["seconds"]["memit"], b["memat_over_memit"],
-                     b["seconds"]["classifiers"])
+        logging.info(
+            "%s: %d requests, %.1f s (MEMIT %.1f s, x%.2f); classifiers %.1f s",
+            b["edit"],
+            b["requests"],
+            b["total"],
+            b["seconds"]["memit"],
+            b["memat_over_memit"],
+            b["seconds"]["classifiers"],
+        )
 
 
 if __name__ == "__main__":

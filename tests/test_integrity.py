@@ -13,7 +13,6 @@ from attnedit.runs.runner import RunConfig, group_edit_path, run
 PRESET = Path(__file__).parents[1] / "src/attnedit/resources/presets/memit/smollm2-135m.json"
 
 
-
 def _memit(out: Path, model: Path, corpus: Path, **kw) -> RunConfig:
     params = {"layers": "0,1", "stats_corpus": str(corpus), "stats_samples": "20", "steps": "3"}
     return RunConfig(

@@ -304,8 +304,16 @@ def test_sequential_memat_edits_stack_and_resume(tmp_path, tiny_dir, corpus, mon
 
     def config(out):
         return RunConfig(
-            data="sample", out=str(out), model=str(tiny_dir), method="memat", preset=str(path), params=params,
-            mode="sequential", batch_size=2, limit=4, eval=EvalConfig(fluency=False),
+            data="sample",
+            out=str(out),
+            model=str(tiny_dir),
+            method="memat",
+            preset=str(path),
+            params=params,
+            mode="sequential",
+            batch_size=2,
+            limit=4,
+            eval=EvalConfig(fluency=False),
         )
 
     first = tmp_path / "first"

@@ -255,7 +255,6 @@ def _edit_config(out: Path, model: Path, corpus: Path, **kw) -> RunConfig:
     )
 
 
-
 @pytest.mark.parametrize("mode", ["batch", "sequential"])
 def test_batch_and_sequential_modes_restore_the_model(tmp_path, tiny_dir, corpus_file, mode):
     from attnedit.core.deltas import model_hash

@@ -365,9 +365,7 @@ def generate(
             )
             with edits:
                 if top_k is None and adapter is not None:
-                    new = greedy_decode(
-                        model, adapter, ids, mask, steps, _eos_ids(model, tokenizer), pad_id
-                    )
+                    new = greedy_decode(model, adapter, ids, mask, steps, _eos_ids(model, tokenizer), pad_id)
                     texts.extend(
                         tokenizer.decode(row[:budget], skip_special_tokens=True)
                         for row, budget in zip(new, budgets, strict=True)

@@ -3,7 +3,8 @@
 Sources (``StatsSpec.corpus``):
 - a text file path (plain text lines, JSON list or JSON lines; several joined with ``,``),
 - ``hf:NAME[:CONFIG]``, a Hugging Face dataset's ``text`` column (needs ``datasets`` and a network),
-- ``model``: text sampled from the model itself (seeded top-k), for offline use without a corpus.
+- ``model``: text sampled from the model itself (seeded top-k), for offline use without a corpus;
+  sampled once and cached (``model_texts``), shipped with the package for the embedded SmolLM2.
 
 One forward pass per memory-bounded batch collects every requested layer of every requested component
 (``second_moments_of``; stopping after the highest module).
@@ -15,10 +16,13 @@ its tensors; one that does not load, verify or hold finite values is set aside a
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -32,7 +36,7 @@ from attnedit.core.interventions import Trace
 from attnedit.core.models import ModelBundle, cache_dir
 from attnedit.core.scoring import generate, length_batches, pad_batch
 from attnedit.core.tokens import padding_id
-from attnedit.editing.templates import SEED_WORDS, set_aside
+from attnedit.editing.templates import SEED_WORDS, read_texts, set_aside, texts_digest, write_texts
 
 logger = logging.getLogger(__name__)
 
@@ -56,39 +60,93 @@ class StatsSpec:
         return {**asdict(self), "source": kind}
 
 
+SAMPLING_CHUNK = 64  # prompts per sampling batch; each chunk has its own seed (spec.seed + its start)
+
+
+def generate_chunk(bundle: ModelBundle, spec: StatsSpec, start: int, stop: int) -> list[str]:
+    """Texts ``start:stop`` of the ``model`` corpus (one sampling batch, seeded by ``spec.seed + start``)."""
+    prompts = [SEED_WORDS[i % len(SEED_WORDS)] for i in range(start, stop)]
+    continuations = generate(
+        bundle.model,
+        bundle.tokenizer,
+        prompts,
+        max_new_tokens=spec.sample_length,
+        top_k=50,
+        seed=spec.seed + start,
+        batch_size=len(prompts),
+        adapter=bundle.adapter,
+    )
+    return [p + t for p, t in zip(prompts, continuations, strict=True)]
+
+
+def _sample_texts(bundle: ModelBundle, spec: StatsSpec, progress: bool = True) -> list[str]:
+    """``spec.samples`` texts sampled from the model: top-k 50 continuations of the seed words, in
+    batches of ``SAMPLING_CHUNK``."""
+    logger.info(
+        "sampling %d texts of %d tokens from %s for statistics", spec.samples, spec.sample_length, bundle.name
+    )
+    texts = []
+    for start in tqdm(
+        range(0, spec.samples, SAMPLING_CHUNK), desc="sampling text", unit="batch", disable=not progress
+    ):
+        texts += generate_chunk(bundle, spec, start, min(start + SAMPLING_CHUNK, spec.samples))
+    return texts
+
+
+def sampled_texts_name(bundle: ModelBundle, spec: StatsSpec) -> str:
+    """The file name of ``spec``'s model-sampled texts for this model (cache and shipped copies)."""
+    return f"{bundle.fingerprint[:16]}-s{spec.seed}-l{spec.sample_length}-n{spec.samples}.json"
+
+
+def shipped_texts_path(bundle: ModelBundle, spec: StatsSpec) -> Path:
+    """Where the package ships texts sampled once from an embedded model (``bench/ship_sampled_texts.py``)."""
+    root = resources.files("attnedit") / "resources" / "sampled_texts"
+    return Path(str(root / (sampled_texts_name(bundle, spec) + ".gz")))
+
+
+def _read_shipped(path: Path, bundle: ModelBundle, spec: StatsSpec) -> list[str] | None:
+    """The shipped texts at ``path`` if they are this model's and spec's (verified)."""
+    try:
+        entry = json.loads(gzip.decompress(path.read_bytes()).decode("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise RuntimeError(f"the shipped sampled texts {path} do not load ({err}); reinstall") from None
+    texts = entry.get("texts")
+    settings = (entry.get("fingerprint"), entry.get("seed"), entry.get("sample_length"), entry.get("chunk"))
+    if settings != (bundle.fingerprint, spec.seed, spec.sample_length, SAMPLING_CHUNK):
+        return None  # another model or other settings under a colliding name prefix: sample instead
+    count_ok = isinstance(texts, list) and len(texts) == spec.samples
+    if not count_ok or entry.get("sha256") != texts_digest(texts):
+        raise RuntimeError(f"the shipped sampled texts {path} do not verify against their digest; reinstall")
+    return texts
+
+
+def model_texts(bundle: ModelBundle, spec: StatsSpec, progress: bool = True) -> list[str]:
+    """The texts of the ``model`` corpus: sampled once per (model, seed, length, count), then cached in
+    memory and under ``$ATTNEDIT_CACHE/texts`` (statistics of other layers reuse them). For the embedded
+    SmolLM2 the package ships the texts of its preset's spec, sampled on our machine with this same
+    function; they are used only when the model's full fingerprint and the spec match."""
+    memo = bundle.cache.setdefault("sampled_texts", {})
+    key = (spec.seed, spec.sample_length, spec.samples)
+    if key in memo:
+        return memo[key]
+    path = cache_dir() / "texts" / sampled_texts_name(bundle, spec)
+    texts = read_texts(path, "texts") if path.is_file() else None
+    if texts is None:
+        shipped = shipped_texts_path(bundle, spec)
+        texts = _read_shipped(shipped, bundle, spec) if shipped.is_file() else None
+        if texts is not None:
+            logger.info("using the %d texts shipped for %s (%s)", len(texts), bundle.name, shipped.name)
+        else:
+            texts = _sample_texts(bundle, spec, progress)
+            write_texts(path, "texts", texts, fingerprint=bundle.fingerprint, spec=asdict(spec))
+    memo[key] = texts
+    return texts
+
+
 def corpus_texts(bundle: ModelBundle, spec: StatsSpec, progress: bool = True) -> list[str]:
     """The statistics texts (at most ``spec.samples``)."""
     if spec.corpus == "model":
-        prompts = [SEED_WORDS[i % len(SEED_WORDS)] for i in range(spec.samples)]
-        logger.info(
-            "sampling %d texts of %d tokens from %s for statistics",
-            spec.samples,
-            spec.sample_length,
-            bundle.name,
-        )
-        texts = []
-        chunk = 64
-        for start in tqdm(
-            range(0, len(prompts), chunk), desc="sampling text", unit="batch", disable=not progress
-        ):
-            texts += [
-                p + t
-                for p, t in zip(
-                    prompts[start : start + chunk],
-                    generate(
-                        bundle.model,
-                        bundle.tokenizer,
-                        prompts[start : start + chunk],
-                        max_new_tokens=spec.sample_length,
-                        top_k=50,
-                        seed=spec.seed + start,
-                        batch_size=chunk,
-                        adapter=bundle.adapter,
-                    ),
-                    strict=True,
-                )
-            ]
-        return texts
+        return model_texts(bundle, spec, progress)
     if spec.corpus.startswith("hf:"):
         name, _, config = spec.corpus[3:].partition(":")
         try:

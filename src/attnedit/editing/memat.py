@@ -202,7 +202,8 @@ class Memat(Memit):
             "correction_final_loss": result.final_loss,
             "correction_loss_parts": result.loss_parts,
             # each correction's norm relative to its head's mean activation norm (the clamp's scale)
-            "correction_norms": (result.delta.norm(dim=-1) / result.reference_norm).round(decimals=4)
+            "correction_norms": (result.delta.norm(dim=-1) / result.reference_norm)
+            .round(decimals=4)
             .tolist(),
         }
 

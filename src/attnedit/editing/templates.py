@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -77,12 +78,15 @@ def set_aside(path: Path, problem: str) -> None:
     logger.warning("cache file %s %s; moved it to %s and recomputing it", path, problem, aside.name)
 
 
-def _templates_digest(templates: list[str]) -> str:
-    return hashlib.sha256(json.dumps(templates, ensure_ascii=False).encode()).hexdigest()
+def texts_digest(texts: list[str]) -> str:
+    """The sha256 a cache file of texts (templates, sampled statistics texts) carries."""
+    return hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode()).hexdigest()
 
 
-def _read_templates(path: Path) -> list[str] | None:
-    """The cached templates at ``path`` when the file verifies; None (set aside or stale) otherwise."""
+def read_texts(path: Path, field: str, valid: Callable[[str], bool] = lambda _: True) -> list[str] | None:
+    """The texts under ``field`` of the JSON cache file at ``path`` when it parses, each text is
+    ``valid`` and the list verifies against the file's ``sha256``; None otherwise (a damaged file is set
+    aside, one written before digests existed is left to be replaced)."""
     try:
         entry = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
@@ -91,15 +95,24 @@ def _read_templates(path: Path) -> list[str] | None:
     if isinstance(entry, list):  # written before cache files carried a digest
         logger.info("cache file %s has no digest (an older version wrote it); recomputing it", path)
         return None
-    templates = entry.get("templates") if isinstance(entry, dict) else None
+    texts = entry.get(field) if isinstance(entry, dict) else None
     if (
-        not isinstance(templates, list)
-        or not all(isinstance(t, str) and "{}" in t for t in templates)
-        or entry.get("sha256") != _templates_digest(templates)
+        not isinstance(texts, list)
+        or not all(isinstance(t, str) and valid(t) for t in texts)
+        or entry.get("sha256") != texts_digest(texts)
     ):
         set_aside(path, "does not verify against its digest")
         return None
-    return templates
+    return texts
+
+
+def write_texts(path: Path, field: str, texts: list[str], **extra: object) -> None:
+    """Write ``{**extra, "sha256": ..., field: texts}`` to ``path`` atomically (``read_texts`` reads it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    entry = {**extra, "sha256": texts_digest(texts), field: texts}
+    tmp.write_text(json.dumps(entry, indent=1, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(path)
 
 
 def _sanitise(text: str) -> str:
@@ -113,7 +126,7 @@ def context_templates(bundle: ModelBundle, spec: TemplateSpec) -> list[str]:
     if spec in memo:
         return memo[spec]
     path = cache_dir() / "templates" / f"{bundle.fingerprint[:16]}-{spec.key()}.json"
-    templates = _read_templates(path) if path.is_file() else None
+    templates = read_texts(path, "templates", lambda t: "{}" in t) if path.is_file() else None
     if templates is None:
         templates = ["{}"]
         for length, count in spec.lengths:
@@ -133,11 +146,7 @@ def context_templates(bundle: ModelBundle, spec: TemplateSpec) -> list[str]:
                 _sanitise(f"{p}{'' if t.startswith(' ') else ' '}{t}") + ". {}"
                 for p, t in zip(prompts, texts, strict=True)
             ]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        entry = {"sha256": _templates_digest(templates), "templates": templates}
-        tmp.write_text(json.dumps(entry, indent=1, ensure_ascii=False), encoding="utf-8")
-        tmp.replace(path)
+        write_texts(path, "templates", templates)
         logger.info(
             "sampled %d context templates for %s (cached in %s)", len(templates) - 1, bundle.name, path
         )

@@ -1,0 +1,72 @@
+"""The ``model`` statistics corpus: texts sampled once per model and spec, cached, shipped for SmolLM2."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+
+import pytest
+import torch
+from conftest import make_tiny
+
+from attnedit.editing import covariance
+from attnedit.editing.covariance import StatsSpec, model_texts, second_moments
+
+
+def test_sampled_texts_are_cached_and_reused_by_other_layers(tiny_tokenizer, isolated_cache, monkeypatch):
+    bundle = make_tiny("llama", tiny_tokenizer)
+    spec = StatsSpec(corpus="model", samples=6, sample_length=4, max_tokens=16, batch_tokens=64)
+    calls = []
+    real = covariance._sample_texts
+    monkeypatch.setattr(covariance, "_sample_texts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = second_moments(bundle, "mlp_down", [0], spec, progress=False)[0]
+    texts = model_texts(bundle, spec)
+    (path,) = (isolated_cache / "texts").glob("*.json")
+    assert json.loads(path.read_text())["texts"] == texts and len(texts) == 6
+    bundle.cache.clear()  # a new process: the texts come from disk, another layer needs no sampling
+    second_moments(bundle, "mlp_down", [1], spec, progress=False)
+    assert torch.equal(second_moments(bundle, "mlp_down", [0], spec, progress=False)[0], first)
+    assert calls == [1]
+
+
+def test_a_bad_sampled_texts_file_is_set_aside_and_sampled_again(tiny_tokenizer, isolated_cache, caplog):
+    bundle = make_tiny("gpt2", tiny_tokenizer)
+    spec = StatsSpec(corpus="model", samples=3, sample_length=4)
+    texts = model_texts(bundle, spec, progress=False)
+    (path,) = (isolated_cache / "texts").glob("*.json")
+    good = path.read_text()
+    path.write_text(json.dumps({**json.loads(good), "texts": ["injected", *texts[1:]]}))
+    bundle.cache.clear()
+    with caplog.at_level(logging.WARNING, logger="attnedit.editing"):
+        assert model_texts(bundle, spec, progress=False) == texts
+    assert "does not verify" in caplog.text and str(path) in caplog.text
+    assert path.read_text() == good
+
+
+@pytest.mark.smollm2
+def test_the_shipped_smollm2_texts_are_what_sampling_gives(smollm2, isolated_cache, monkeypatch):
+    """The file is this model's (full fingerprint), verifies, is used without sampling, and its first
+    and last chunks are what ``_sample_texts`` samples now (each chunk has its own seed)."""
+    from attnedit.editing.base import stats_spec
+    from attnedit.editing.registry import make_editor
+
+    spec = stats_spec(make_editor("rome", smollm2).params)
+    path = covariance.shipped_texts_path(smollm2, spec)
+    entry = json.loads(gzip.decompress(path.read_bytes()))
+    assert entry["fingerprint"] == smollm2.fingerprint and len(entry["texts"]) == spec.samples == 1000
+    saved = smollm2.cache.pop("sampled_texts", None)
+    try:
+        monkeypatch.setattr(covariance, "_sample_texts", lambda *a, **k: pytest.fail("sampled"))
+        assert model_texts(smollm2, spec, progress=False) == entry["texts"]
+        assert not (isolated_cache / "texts").exists()  # the shipped file is not copied
+    finally:
+        smollm2.cache.pop("sampled_texts", None)
+        if saved is not None:
+            smollm2.cache["sampled_texts"] = saved
+    monkeypatch.undo()
+    chunk = covariance.SAMPLING_CHUNK
+    last = (spec.samples - 1) // chunk * chunk
+    for start, stop in ((0, chunk), (last, spec.samples)):
+        part = covariance.generate_chunk(smollm2, spec, start, stop)
+        assert part == entry["texts"][start:stop], f"chunk at {start}"
