@@ -48,6 +48,13 @@ QuestionTemplate = Annotated[
 
 Data = Annotated[str, typer.Argument(help=f"data file, or '{SAMPLE_DATA}' for the shipped sample set")]
 Model = Annotated[str, typer.Option(help="embedded name, local HF directory or hub id")]
+Device = Annotated[str, typer.Option(help="where the model runs: cpu, cuda, cuda:N or auto")]
+Dtype = Annotated[
+    str,
+    typer.Option(
+        help="the weights' precision: float32, bfloat16 or float16 (targets and solvers stay float32/64)"
+    ),
+]
 Preset = Annotated[str | None, typer.Option(help="preset name or JSON file (default: by model)")]
 Param = Annotated[
     list[str] | None, typer.Option("--param", "-p", help="override a preset field: KEY=VALUE (repeatable)")
@@ -285,6 +292,18 @@ def check_limit(limit: int | None, first: int = 0) -> None:
         raise ValueError(f"--limit must be at least 1 (got {limit}); leave it out for every case")
     if first < 0:
         raise ValueError(f"--first must be 0 or more (got {first})")
+
+
+def check_model_flags(device: str, dtype: str) -> None:
+    """``--device`` names a device this machine has and ``--dtype`` a supported precision: checked
+    before anything loads, the error naming the flag."""
+    from attnedit.core.models import ModelLoadError, resolve_device, resolve_dtype
+
+    for flag, check, value in (("--device", resolve_device, device), ("--dtype", resolve_dtype, dtype)):
+        try:
+            check(value)
+        except ModelLoadError as err:
+            raise ValueError(f"{flag}: {err}") from None
 
 
 def check_writable_dir(path: Path, flag: str = "--out") -> None:

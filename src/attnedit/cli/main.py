@@ -13,6 +13,8 @@ from attnedit.cli.analyze import app as analyze_app
 from attnedit.cli.common import (
     METHODS_HELP,
     Data,
+    Device,
+    Dtype,
     First,
     Language,
     Limit,
@@ -24,6 +26,7 @@ from attnedit.cli.common import (
     Threads,
     Verbose,
     check_limit,
+    check_model_flags,
     check_writable_dir,
     check_writable_file,
     edit_method,
@@ -54,6 +57,8 @@ def eval_command(
         "runs/eval"
     ),
     model: Model = "smollm2-135m",
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
     limit: Limit = None,
     first: First = 0,
     shard: Annotated[str, typer.Option(help="i/n: run block i of n (merge with 'attnedit report')")] = "0/1",
@@ -100,6 +105,7 @@ def eval_command(
     """Evaluate METHOD on DATA: edit -> evaluate -> restore (per case or batch); resumable; prints the row.
     With --backend ray the units (a case, a fluency batch of cases, a batch edit) run on Ray actors."""
     check_limit(limit, first)
+    check_model_flags(device, dtype)
     check_writable_dir(out)
     if ray is not None and mode == "sequential":
         raise typer.BadParameter(
@@ -120,6 +126,8 @@ def eval_command(
         data=data,
         out=str(out),
         model=model,
+        device=device,
+        dtype=dtype,
         method=choice.method,
         limit=limit,
         first=first,
@@ -182,6 +190,8 @@ def edit_command(
     ] = None,
     index: Annotated[int, typer.Option(help="record of --file to edit")] = 0,
     model: Model = "smollm2-135m",
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
     save: Annotated[Path, typer.Option(help="where to save the edit (safetensors)")] = Path(
         "edit.safetensors"
     ),
@@ -189,6 +199,7 @@ def edit_command(
     verbose: Verbose = False,
 ) -> None:
     """Edit one fact; print the model's answers before and after; save the edit."""
+    check_model_flags(device, dtype)
     check_writable_file(save, "--save")  # before the edit is computed, not after
     setup_logging(verbose, threads)
     from attnedit.runs.single import answers_table, edit_case_from_args, run_single_edit
@@ -197,7 +208,7 @@ def edit_command(
         model, subject, prompt, target_new, target_true, paraphrase, neighbor, request_file, index
     )
     before, after, edit = run_single_edit(
-        case, probes, choice.method, model, choice.preset, choice.params, choice.sadr
+        case, probes, choice.method, model, choice.preset, choice.params, choice.sadr, device, dtype
     )
     typer.echo(answers_table(probes, before, after))
     path = edit.save(save)

@@ -126,10 +126,34 @@ def materialise_gguf(spec: GGUFModel) -> Path:
     return target
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 def resolve_device(device: str | None) -> torch.device:
+    """``auto``/None: CUDA when available, else the CPU; otherwise the named device, which must exist."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ModelLoadError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"device {device!r}: this torch ({torch.__version__}) sees no CUDA device")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    return resolved
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """The weights' dtype: one of ``DTYPES`` (by name or as a torch dtype)."""
+    if isinstance(dtype, torch.dtype):
+        name = str(dtype).removeprefix("torch.")
+    else:
+        name = dtype
+    if name not in DTYPES:
+        raise ModelLoadError(f"unsupported dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
 
 
 FINGERPRINT_SAMPLE = 4096  # bytes hashed at each end of every tensor (of every .bin file)
@@ -215,8 +239,8 @@ def load_model(
     where supported, else ``eager``); code that needs probabilities switches to eager for its own
     forward passes (``interventions.attention_probabilities``).
     """
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = resolve_dtype(dtype)
+    resolved = resolve_device(device)  # before loading: a missing device is an error, not a late crash
     if name_or_path in EMBEDDED_MODELS:
         source = materialise_gguf(EMBEDDED_MODELS[name_or_path])
     elif Path(name_or_path).is_dir():
@@ -241,7 +265,7 @@ def load_model(
             f"could not load {name_or_path!r} as a {where}: {str(err).splitlines()[0]}. "
             f"Embedded models: {', '.join(EMBEDDED_MODELS)}; or pass a local model directory."
         ) from None
-    model.to(resolve_device(device))
+    model.to(resolved)
     logger.debug("loaded %s with %s attention", name_or_path, attention_kernel(model))
     _prepare_for_inference(model, tokenizer)
     fingerprint = (

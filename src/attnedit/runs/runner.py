@@ -78,6 +78,10 @@ class RunConfig:
     data: str
     out: str
     model: str = "smollm2-135m"
+    # where and in which precision the model's weights live (the dtype is part of the manifest's model,
+    # so of the run's identity; the device is recorded only); targets and solvers stay float32/float64
+    device: str = "cpu"
+    dtype: str = "float32"
     method: str = "none"
     limit: int | None = None
     first: int = 0  # skip the cases before this index (then --limit counts from here)
@@ -138,6 +142,7 @@ def build_manifest(config: RunConfig, bundle: ModelBundle, dataset: Dataset, edi
         "eval": config.eval.manifest(),
         "ppl_corpus": config.ppl_corpus,
         "generation_cases": config.generation_cases,
+        "device": str(bundle.device),
         **environment_manifest(),
     }
 
@@ -198,7 +203,7 @@ def run(
     cases = dataset.cases[config.first :]
     cases = cases[: config.limit] if config.limit else cases
     cases = config.shard.select(cases)
-    bundle = bundle or load_model(config.model)
+    bundle = bundle or load_model(config.model, dtype=config.dtype, device=config.device)
     editor = editor or make_editor(config.method, bundle, config.preset, config.params, sadr=config.sadr)
     if config.ppl_corpus:
         config.eval.ppl_texts = load_texts(config.ppl_corpus, config.ppl_limit)
@@ -533,7 +538,7 @@ class EvalWorkerFactory:
     def __call__(self, device: str) -> _RemoteUnits:
         config = self.config
         seed_everything(config.seed)
-        bundle = load_model(config.model, device=device)
+        bundle = load_model(config.model, dtype=config.dtype, device=device)
         expected = self.manifest["model"]["fingerprint"]
         if bundle.fingerprint != expected:
             raise ValueError(

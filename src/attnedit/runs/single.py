@@ -78,10 +78,13 @@ def run_single_edit(
     preset: str | None,
     overrides: dict[str, str],
     sadr: dict[str, object] | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> tuple[list[Answer], list[Answer], WeightEdit]:
     """Edit ``case`` with ``method`` (``overrides``: the preset's fields; ``sadr``: SADR settings of
-    ``X+sadr`` methods); the answers to ``probes`` before and after, and the edit (left applied)."""
-    bundle = load_model(model)
+    ``X+sadr`` methods) on ``model`` loaded on ``device`` in ``dtype``; the answers to ``probes``
+    before and after, and the edit (left applied)."""
+    bundle = load_model(model, dtype=dtype, device=device)
     if not case.request.target_true:
         # the current object: the model's own greedy answer on the edit prompt
         answer = generate(bundle.model, bundle.tokenizer, [case.request.text], max_new_tokens=4)[0]
