@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 from tqdm.auto import tqdm
 
 from attnedit import __version__
@@ -46,6 +47,7 @@ def figure(table: dict, path: Path) -> None:
         means = [table[c]["summary"][name]["mean"] for c in counts]
         ax.plot([int(c) for c in counts], means, marker="o", ms=3, label=name)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xticks([int(c) for c in counts], [str(c) for c in counts])
     ax.set_xlabel("texts sampled from the model for C (log scale)")
     ax.set_ylabel("percent")
@@ -62,7 +64,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench/results/stats_size.json")
     ap.add_argument("--figure", default="docs/figures/stats_size_curve.png")
+    ap.add_argument("--replot", action="store_true", help="only redraw the figure from --out")
     args = ap.parse_args()
+    if args.replot:
+        figure(json.loads(Path(args.out).read_text())["table"], Path(args.figure))
+        return
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     bundle = load_model()
