@@ -70,3 +70,17 @@ def test_the_shipped_smollm2_texts_are_what_sampling_gives(smollm2, isolated_cac
     for start, stop in ((0, chunk), (last, spec.samples)):
         part = covariance.generate_chunk(smollm2, spec, start, stop)
         assert part == entry["texts"][start:stop], f"chunk at {start}"
+
+
+def test_a_damaged_shipped_texts_file_is_a_clear_error(tiny_tokenizer, isolated_cache, tmp_path, monkeypatch):
+    bundle = make_tiny("llama", tiny_tokenizer)
+    spec = StatsSpec(corpus="model", samples=2, sample_length=4)
+    shipped = tmp_path / "shipped.json.gz"
+    monkeypatch.setattr(covariance, "shipped_texts_path", lambda b, s: shipped)
+    entry = {"fingerprint": bundle.fingerprint, "seed": 0, "sample_length": 4, "chunk": 64}
+    shipped.write_bytes(gzip.compress(json.dumps({**entry, "texts": ["a", "b"], "sha256": "0"}).encode()))
+    with pytest.raises(ValueError, match=r"do not verify.*reinstall"):
+        model_texts(bundle, spec, progress=False)
+    shipped.write_bytes(b"not gzip")
+    with pytest.raises(ValueError, match=r"do not load.*reinstall"):
+        model_texts(bundle, spec, progress=False)

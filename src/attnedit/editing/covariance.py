@@ -105,18 +105,23 @@ def shipped_texts_path(bundle: ModelBundle, spec: StatsSpec) -> Path:
 
 
 def _read_shipped(path: Path, bundle: ModelBundle, spec: StatsSpec) -> list[str] | None:
-    """The shipped texts at ``path`` if they are this model's and spec's (verified)."""
+    """The shipped texts at ``path`` if they are this model's and spec's; a damaged file is a ValueError
+    (a user error at the CLI's boundary: the installed package must be repaired, nothing to set aside)."""
     try:
         entry = json.loads(gzip.decompress(path.read_bytes()).decode("utf-8"))
     except (OSError, ValueError, UnicodeDecodeError) as err:
-        raise RuntimeError(f"the shipped sampled texts {path} do not load ({err}); reinstall") from None
+        raise ValueError(
+            f"the shipped sampled texts {path} do not load ({err}); reinstall attnedit"
+        ) from None
     texts = entry.get("texts")
     settings = (entry.get("fingerprint"), entry.get("seed"), entry.get("sample_length"), entry.get("chunk"))
     if settings != (bundle.fingerprint, spec.seed, spec.sample_length, SAMPLING_CHUNK):
         return None  # another model or other settings under a colliding name prefix: sample instead
     count_ok = isinstance(texts, list) and len(texts) == spec.samples
     if not count_ok or entry.get("sha256") != texts_digest(texts):
-        raise RuntimeError(f"the shipped sampled texts {path} do not verify against their digest; reinstall")
+        raise ValueError(
+            f"the shipped sampled texts {path} do not verify against their digest; reinstall attnedit"
+        )
     return texts
 
 
