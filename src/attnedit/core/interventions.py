@@ -7,6 +7,7 @@ which runs on every exit path (normal return, ``StopForward``, any other excepti
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -360,6 +361,45 @@ def start_at_layer(
     finally:
         for block in blocks:
             block.__dict__.pop("forward", None)
+
+
+def _linear_in(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+
+
+@contextlib.contextmanager
+def linear_precision(
+    model: nn.Module, adapter: ModelAdapter, first_layer: int, dtype: torch.dtype
+) -> Iterator[int]:
+    """Inside: every ``nn.Linear`` of blocks ``>= first_layer`` and the vocabulary projection multiplies in
+    ``dtype`` (e.g. bfloat16 on CPUs with AMX, where it is 2-3x faster than float32 at small batches).
+
+    Weights are cast once on entry (the model's own weights are not touched); each call casts its input to
+    ``dtype`` and its output back to the input's dtype, so everything between the matmuls (norms,
+    attention, residual sums, losses) keeps its precision, and gradients flow through the casts. Linear
+    layers whose weights are already ``dtype``, and modules that are not ``nn.Linear`` (GPT-2's
+    ``Conv1D``), are left as they are. Yields how many modules multiply in ``dtype``; ``forward`` is
+    shadowed on the instances and restored on exit.
+    """
+    modules = [
+        m
+        for i in range(max(first_layer, 0), adapter.n_layers)
+        for m in adapter.module(model, "layer", i).modules()
+        if isinstance(m, nn.Linear)
+    ]
+    head = adapter.unembedding(model)
+    if isinstance(head, nn.Linear):
+        modules.append(head)
+    modules = [m for m in dict.fromkeys(modules) if m.weight.dtype != dtype]
+    try:
+        for m in modules:
+            weight = m.weight.detach().to(dtype)
+            bias = None if m.bias is None else m.bias.detach().to(dtype)
+            m.forward = functools.partial(_linear_in, weight, bias)  # type: ignore[method-assign]
+        yield len(modules)
+    finally:
+        for m in modules:
+            m.__dict__.pop("forward", None)
 
 
 # --- attention scores and probabilities inside the softmax (SADR section 3.4 and appendix D.2) ---

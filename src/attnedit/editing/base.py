@@ -81,6 +81,7 @@ def target_settings(p: LocateParams, lang: str = "") -> TargetSettings:
         clamp_norm_factor=p.clamp_norm_factor,
         early_stop_loss=p.early_stop_loss,
         max_rows=p.max_rows,
+        matmul=p.target_matmul,
     )
 
 

@@ -40,6 +40,7 @@ from attnedit.core.interventions import (
     Trace,
     attention_implementation,
     attention_probabilities,
+    linear_precision,
     start_at_layer,
 )
 from attnedit.core.models import ModelBundle
@@ -51,6 +52,8 @@ from attnedit.editing.templates import template_prefix
 logger = logging.getLogger(__name__)
 
 KL_PROMPT = "{} is a"
+# ``TargetSettings.matmul``: "model" (the model's own dtype) or a lower precision for the steps' products
+MATMUL_DTYPES = {"bfloat16": torch.bfloat16}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -80,6 +83,10 @@ class TargetSettings:
     early_stop_loss: float = 0.05
     max_rows: int = 256  # rows (template prompts) optimised together; bounds memory
     kl_prompt: str = KL_PROMPT  # in the language of the requests (``templates.LANGUAGES``)
+    # the dtype of the optimisation steps' matrix products above the injection (``linear_precision``):
+    # "model" (as the model computes) or "bfloat16"; the module outputs the targets start from are read
+    # in the model's own precision either way
+    matmul: str = "model"
 
 
 @dataclass(frozen=True)
@@ -604,16 +611,24 @@ def _optimise_group(
                 scale = torch.where(norms > limit, limit / norms.clamp_min(1e-12), torch.ones_like(norms))
                 d.mul_(scale[:, None])
 
-        result = adam_loop(
-            list(deltas.values()),
-            request_losses,
-            lr=settings.lr,
-            steps=settings.steps,
-            early_stop_loss=settings.early_stop_loss,
-            project=clamp_norms,
-            units=request_ids,
-            parts=parts,
-        )
+        matmul = MATMUL_DTYPES.get(settings.matmul, model.dtype)
+        precision: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if matmul != model.dtype:
+            # the initial module outputs (what the targets are relative to) in the model's own precision
+            with torch.no_grad(), Trace(model, list(names), retain_output=False, edit_output=inject):
+                frozen.forward()
+            precision = linear_precision(model, adapter, frozen.first_layer, matmul)
+        with precision:
+            result = adam_loop(
+                list(deltas.values()),
+                request_losses,
+                lr=settings.lr,
+                steps=settings.steps,
+                early_stop_loss=settings.early_stop_loss,
+                project=clamp_norms,
+                units=request_ids,
+                parts=parts,
+            )
 
         for i, rid in enumerate(request_ids):
             out.steps[rid] = result.steps[i]

@@ -45,6 +45,9 @@ class LocateParams:
     stats_samples: int = 1000
     stats_max_tokens: int = 128
     max_rows: int = 256  # optimisation rows per group (memory bound)
+    # ours: the target optimisation's matrix products, "model" (the model's dtype) or "bfloat16"
+    # (weights cast once; norms, attention, losses and the delta keep their precision)
+    target_matmul: str = "model"
 
 
 @dataclass
@@ -206,6 +209,7 @@ RULES: dict[str, Rule] = {
     "stats_samples": _at_least("int", 1),
     "stats_max_tokens": _at_least("int", 1),
     "max_rows": _at_least("int", 1),
+    "target_matmul": Rule("str", choices=("model", "bfloat16")),
     "key_mode": Rule("str", choices=("templates", "prompt")),
     "mom2_update_weight": _at_least("float", 0),
     "norm_constraint": _positive("float"),
@@ -330,5 +334,12 @@ def make_params(method: str, preset: dict, overrides: dict[str, Any] | None = No
     return params
 
 
+# fields added after run directories were written, with the value those runs used: at that value a field
+# is left out of the manifest's hyper-parameters, so the earlier runs keep their identity and hashes
+ADDED_LATER: dict[str, Any] = {"target_matmul": "model"}
+
+
 def params_dict(params: Any) -> dict:
-    return asdict(params)
+    """The parameters as the run manifest records them (``ADDED_LATER`` fields only when not at their
+    old value)."""
+    return {k: v for k, v in asdict(params).items() if k not in ADDED_LATER or ADDED_LATER[k] != v}
