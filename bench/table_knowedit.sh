@@ -9,8 +9,9 @@
 #            wiki_cf (knowedit_wiki_counterfact_test_cf.json, default FIRST 0; dev: the train_cf file)
 #   METHODS="memit intattn" to run a subset (AGAINST=label pairs against another row than memit); labels:
 #   intattn-trace is intattn with -p alpha=trace. FT_PARAMS="norm_constraint=X": FT's bound
-#   (bench/ft_bound_sweep.sh chooses it on dev cases).
-# -> runs/ke-DATASET-LABEL-bB/, bench/results/intattn/knowedit/DATASET-bB/{report,paired}.*
+#   (bench/ft_bound_sweep.sh chooses it on dev cases). ALL_PARAMS="target_matmul=bfloat16": parameters of
+#   every method but FT; TAG=bf16 names such a table apart (directories ...-bB-TAG).
+# -> runs/ke-DATASET-LABEL-bB[-TAG]/, bench/results/intattn/knowedit/DATASET-bB[-TAG]/{report,paired}.*
 set -euo pipefail
 DATASET=${1:?usage: bash bench/table_knowedit.sh zsre|wiki_cf [B] [FIRST]}
 B=${2:-100}
@@ -28,11 +29,13 @@ for label in ${METHODS:-ft memit pmet intattn intattn-trace intattn+sadr}; do
   if [[ $label == *-trace ]]; then P+=(-p alpha=trace); fi
   read -r -a EXTRA <<< "${FT_PARAMS:-}"
   if [[ $method == ft ]]; then for x in "${EXTRA[@]}"; do P+=(-p "$x"); done; fi
-  out="runs/ke-$DATASET-${label/+/-}-b$B"
+  read -r -a ALL <<< "${ALL_PARAMS:-}"
+  if [[ $method != ft ]]; then for x in "${ALL[@]}"; do P+=(-p "$x"); done; fi
+  out="runs/ke-$DATASET-${label/+/-}-b$B${TAG:+-$TAG}"
   # fluency on the rewrite prompts only: KE_FLU (EasyEdit's sampling) and FL (greedy) both come from them
   attnedit eval "$DATA" --skip-invalid --method "$method" --label "$label" --mode batch --batch-size "$B" \
     --first "$FIRST" --limit "$B" --fluency-prompts rewrite --ppl-corpus none "${P[@]}" --out "$out" \
     --threads "${THREADS:-2}"
   runs+=("$out")
 done
-attnedit report "${runs[@]}" --against "${AGAINST:-memit}" --out "bench/results/intattn/knowedit/$DATASET-b$B"
+attnedit report "${runs[@]}" --against "${AGAINST:-memit}" --out "bench/results/intattn/knowedit/$DATASET-b$B${TAG:+-$TAG}"
