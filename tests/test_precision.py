@@ -196,3 +196,11 @@ def test_target_matmul_is_checked_and_recorded_only_when_set():
     assert "target_matmul" not in params_dict(default)  # earlier runs' manifests keep their identity
     low = make_params("memit", {"params": {"layers": [1]}}, {"target_matmul": "bfloat16"})
     assert params_dict(low)["target_matmul"] == "bfloat16"
+
+
+def test_an_unknown_matmul_setting_is_refused_before_any_work(tiny):
+    from attnedit.editing.optimise import TargetSettings, optimise_targets
+
+    case = load_cases("sample").cases[0]
+    with pytest.raises(ValueError, match="float8"):
+        optimise_targets(tiny, [case.request], ["{}"], [Site("mlp", 1)], TargetSettings(matmul="float8"))

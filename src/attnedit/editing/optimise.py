@@ -295,6 +295,8 @@ def optimise_targets(
     """Optimise one delta per (request, injection site); requests are processed in groups of
     ``max_rows``. Injection sites are hidden-state outputs (``check_injections``)."""
     check_injections(injections)
+    if settings.matmul != "model" and settings.matmul not in MATMUL_DTYPES:
+        raise ValueError(f"matmul must be 'model' or one of {sorted(MATMUL_DTYPES)}, not {settings.matmul!r}")
     rows = build_rows(bundle, requests, templates, settings.kl_prompt)
     per_request = len(templates) + 1
     group = max(1, settings.max_rows // per_request)
