@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from attnedit.core.data import EditRequest
+from attnedit.core.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,6 @@ class WeightEdit:
         base hashes say which parameters the edit creates), each delta's sha256 and a digest binding them
         (see the module docstring). An edit without deltas saves too."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.deltas.items()}
         metadata = {
             "format": FORMAT,
@@ -144,10 +144,7 @@ class WeightEdit:
             "delta_hashes": json.dumps({k: tensor_hash(v) for k, v in tensors.items()}),
         }
         metadata["digest"] = _metadata_digest(metadata)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata)
-        tmp.replace(path)
-        return path
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata))
 
     @classmethod
     def load(cls, path: str | Path) -> WeightEdit:

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from attnedit.core.adapters import ModelAdapter, get_adapter
+from attnedit.core.files import exclusive
 from attnedit.core.hf_compat import attention_kernel, commit_hash, drop_quantizer
 
 logger = logging.getLogger(__name__)
@@ -102,20 +103,32 @@ def materialise_gguf(spec: GGUFModel) -> Path:
     target = cache_dir() / "models" / spec.name
     stamp = target / "attnedit_source.json"
     fingerprint = _file_fingerprint(gguf)
-    if stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint:
+
+    def converted() -> bool:
+        return stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint
+
+    if converted():
         return target
+    # one process converts; any other waits for it here and then finds the stamp
+    with exclusive(target.parent / f".{spec.name}.lock"):
+        if converted():
+            return target
+        _convert(gguf, target, fingerprint, spec.name)
+    return target
+
+
+def _convert(gguf: Path, target: Path, fingerprint: str, name: str) -> None:
     logger.info("dequantising %s once into %s (about 15 s)", gguf.name, target)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # the dequantised weights are plain float32: drop the GGUF quantiser so they can be saved
     drop_quantizer(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{spec.name}-"))
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "attnedit_source.json").write_text(
-            json.dumps({"gguf": str(gguf), "fingerprint": fingerprint, "model": spec.name})
+            json.dumps({"gguf": str(gguf), "fingerprint": fingerprint, "model": name})
         )
         if target.exists():
             shutil.rmtree(target)
@@ -123,7 +136,6 @@ def materialise_gguf(spec: GGUFModel) -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 DTYPES = ("float32", "bfloat16", "float16")

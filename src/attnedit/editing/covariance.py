@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from attnedit.core.data import load_texts
 from attnedit.core.deltas import tensor_hash
+from attnedit.core.files import atomic_write
 from attnedit.core.interventions import Trace
 from attnedit.core.models import ModelBundle, cache_dir
 from attnedit.core.scoring import generate, length_batches, pad_batch
@@ -250,11 +251,9 @@ def second_moments_of(
         computed = _accumulate(bundle, missing, texts, spec, progress)
         for (component, layer), (mom2, count) in computed.items():
             path = _cache_path(bundle, component, layer, key, spec)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
             tensors = {"mom2": mom2, "count": torch.tensor([count])}
-            save_file(tensors, str(tmp), {"sha256": _stats_digest(tensors)})
-            tmp.replace(path)
+            meta = {"sha256": _stats_digest(tensors)}
+            atomic_write(path, lambda tmp, t=tensors, m=meta: save_file(t, str(tmp), m))
             result[component][layer] = memo[(component, layer, key, spec)] = mom2
         done = ", ".join(f"{component} at layers {layers}" for component, layers in missing.items())
         logger.info("statistics of %s cached under %s", done, path.parent)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from attnedit.core.files import atomic_write
 from attnedit.core.models import ModelBundle, cache_dir
 from attnedit.core.scoring import generate
 
@@ -108,11 +109,9 @@ def read_texts(path: Path, field: str, valid: Callable[[str], bool] = lambda _: 
 
 def write_texts(path: Path, field: str, texts: list[str], **extra: object) -> None:
     """Write ``{**extra, "sha256": ..., field: texts}`` to ``path`` atomically (``read_texts`` reads it)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     entry = {**extra, "sha256": texts_digest(texts), field: texts}
-    tmp.write_text(json.dumps(entry, indent=1, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(path)
+    text = json.dumps(entry, indent=1, ensure_ascii=False)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _sanitise(text: str) -> str:
