@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Wall time of the quick start (`bash scripts/demo.sh`, its 16 cases) per configuration, on an idle
+# machine: the rows one after the other in float32 (the demo before issue 20's lanes), two lanes in
+# float32, two lanes with bfloat16 target products (the default here), warm cache; then that default
+# with an empty $ATTNEDIT_CACHE (cold). Each includes scripts/setup.sh's check of the environment,
+# timed alone as well, so "after the installs" = wall - setup.
+#   bash bench/demo_timing.sh       (about 25 minutes) -> bench/results/demo_timing.json
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=bench/results/demo_timing.json
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+timed() {  # timed NAME ENV...: one demo run from fresh run directories; appends "NAME seconds" to $tmp/t
+  local name=$1; shift
+  rm -rf runs/demo
+  local t0=$EPOCHREALTIME
+  env "$@" bash scripts/demo.sh > "$tmp/$name.log" 2>&1
+  echo "$name $t0 $EPOCHREALTIME" >> "$tmp/t"
+  tail -n 6 "$tmp/$name.log" | grep '^| ' > "$tmp/$name.table"
+}
+t0=$EPOCHREALTIME; bash scripts/setup.sh > /dev/null; echo "setup $t0 $EPOCHREALTIME" >> "$tmp/t"
+timed sequential_float32 LANES=1 TARGET_MATMUL=model
+timed lanes2_float32 LANES=2 TARGET_MATMUL=model
+timed lanes2_bfloat16_warm LANES=2 TARGET_MATMUL=bfloat16
+cold=$(mktemp -d)
+timed lanes2_bfloat16_cold LANES=2 TARGET_MATMUL=bfloat16 ATTNEDIT_CACHE="$cold"
+rm -rf "$cold"
+python - "$tmp" "$out" <<'PY'
+import json, platform, sys
+from pathlib import Path
+tmp, out = Path(sys.argv[1]), Path(sys.argv[2])
+seconds = {n: float(b) - float(a) for n, a, b in (line.split() for line in (tmp / "t").read_text().splitlines())}
+setup = seconds.pop("setup")
+runs = {name: {"wall_s": round(s, 1), "after_installs_s": round(s - setup, 1),
+               "table": (tmp / f"{name}.table").read_text().splitlines()} for name, s in seconds.items()}
+out.write_text(json.dumps({"machine": platform.machine(), "setup_check_s": round(setup, 1), "runs": runs}, indent=1))
+print(json.dumps({k: v["after_installs_s"] for k, v in runs.items()}))
+PY
