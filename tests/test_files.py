@@ -77,3 +77,16 @@ def test_the_model_is_converted_once_when_processes_load_it_together(tmp_path: P
         t.join()
     assert len(calls) == 1
     assert found == [tmp_path / "cache" / "models" / "tiny"] * 2
+
+
+def test_a_written_file_has_the_usual_permissions(tmp_path: Path) -> None:
+    """A saved edit or cache file is readable as any file the user writes (umask), not private to the
+    writer as a ``mkstemp`` file would be."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "edit.safetensors", lambda tmp: tmp.write_bytes(b"x"))
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,9 +17,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     processes writing the same file never write into one temporary file), then rename it over
     ``path``. On any error the temporary file is removed and ``path`` is left as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    # unique by process and call; ``write`` creates it, so it gets the usual permissions (umask)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
     try:
         write(tmp)
         tmp.replace(path)
