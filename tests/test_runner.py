@@ -710,6 +710,34 @@ def test_the_data_are_identified_by_their_sha256_not_their_path(tmp_path, tiny_d
         run(replace(_config(out, tiny_dir, limit=2), data=str(edited)), progress=False)
 
 
+def test_the_model_is_identified_by_its_fingerprint_not_its_path(tmp_path, tiny_dir):
+    """The same weights read from another directory (another $ATTNEDIT_CACHE, a moved copy) continue
+    the run; other weights are refused, naming the model."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    run(_config(out, tiny_dir, limit=1), progress=False)
+    copy = tmp_path / "moved-model"
+    shutil.copytree(tiny_dir, copy)
+    run(_config(out, copy, limit=2), progress=False)  # the same weights: resumed
+    assert _ids(out) == ["0", "1"]
+    other = tmp_path / "other-model"
+    model = AutoModelForCausalLM.from_pretrained(copy)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    model.save_pretrained(other)
+    shutil.copy(copy / "tokenizer.json", other)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (copy / name).exists():
+            shutil.copy(copy / name, other)
+    with pytest.raises(RunConflictError, match="model"):
+        run(_config(out, other, limit=2), progress=False)
+
+
 def test_two_concurrent_evals_on_one_out_write_every_case_once(tmp_path, tiny_dir):
     """Two ``attnedit eval`` processes started together on one --out: one runs, the other is refused with one
     line naming the holder (exit 2); running the command again afterwards finds every case done, once."""

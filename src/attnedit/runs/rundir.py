@@ -48,9 +48,11 @@ LOCK = ".lock"
 
 # identity fields newer than some run directories, with the value an older manifest implies
 ADDED_LATER: dict[str, Any] = {"first": 0}
-# parts of an identity field that do not identify a run: the data are known by their sha256, so the same
-# file reached by another path (moved, copied, relative or absolute) continues the run
-NOT_IDENTITY: dict[str, tuple[str, ...]] = {"data": ("path",)}
+# parts of an identity field that do not identify a run: the data are known by their sha256 and the
+# model by its fingerprint (of its weights; a local model's name is its path), so the same file or
+# weights reached by another path (moved, copied, relative or absolute, another $ATTNEDIT_CACHE)
+# continue the run
+NOT_IDENTITY: dict[str, tuple[str, ...]] = {"data": ("path",), "model": ("name", "source")}
 
 
 def _identity_value(key: str, value: Any) -> Any:
