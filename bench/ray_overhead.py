@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python bench/ray_overhead.py --part overhead --cases 200   # an idle machine
     OMP_NUM_THREADS=1 python bench/ray_overhead.py --part rome --cases 20
+    OMP_NUM_THREADS=1 python bench/ray_overhead.py --part rome --cases 40 --param target_matmul=bfloat16
     (--model tiny: the tests' tiny Llama; --data: default the SADR merged CounterFact set in ../shared)
 
 ``overhead``: method ``none`` (no edit: a unit is the scoring of one case), no fluency; a local run with 1
@@ -94,13 +95,15 @@ def main() -> None:
     ap.add_argument("--cases", type=int, default=200)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="bench/results/ray_overhead.json")
+    ap.add_argument("--param", action="append", default=[], help="KEY=VALUE preset override (both runs)")
     ap.add_argument(
         "--recompare",
         help="a finished run's temporary root (ray-overhead-*): redo only the comparison of its records",
     )
     args = ap.parse_args()
     out = Path(args.out)
-    key = f"{args.part}-{args.model}-{args.cases}"
+    params = dict(p.split("=", 1) for p in args.param)
+    key = f"{args.part}-{args.model}-{args.cases}" + "".join(f"-{k}={v}" for k, v in sorted(params.items()))
     if args.recompare:
         from attnedit.runs.rundir import read_results
 
@@ -130,6 +133,7 @@ def main() -> None:
             method=method,
             limit=args.cases,
             eval=EvalConfig(fluency=fluency),
+            params=params,
             generation_cases=max(1, args.cases // (2 * args.workers)) if fluency else 16,
         )
 
@@ -148,6 +152,7 @@ def main() -> None:
         "cases": args.cases,
         "workers": args.workers,
         "local_threads": local_threads,
+        "params": params,
         "local_seconds": round(local_wall, 2),
         "ray_init_seconds": round(ray_start, 2),
         "ray_seconds": round(ray_wall, 2),
