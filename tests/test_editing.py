@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -125,6 +126,47 @@ def test_batched_optimisation_equals_separate(tiny_tokenizer, max_rows):
         alone = optimise_targets(bundle, [req], TEMPLATES, [inj], settings)
         assert torch.allclose(joint.delta[inj][i], alone.delta[inj][0], atol=1e-4)
         assert torch.allclose(joint.init[inj][i], alone.init[inj][0], atol=1e-5)
+
+
+def test_an_interrupted_batch_optimisation_resumes_its_finished_groups(tiny_tokenizer, tmp_path):
+    """With ``target_checkpoints``, each finished group's targets are kept; a run stopped during the
+    second group resumes with the first group's targets from the file (not optimised again) and ends
+    with the targets of an uninterrupted run. Other settings do not reuse them."""
+    from attnedit.editing.optimise import on_step, target_checkpoints
+
+    bundle = make_tiny("llama", tiny_tokenizer)
+    reqs = [
+        _case().request,
+        _case("Danielle Darrieux speaks", "Danielle Darrieux", "English", "French").request,
+        _case("Toko Yasuda plays the", "Toko Yasuda", "piano", "guitar").request,
+    ]
+    settings = TargetSettings(steps=4, early_stop_loss=0.0, max_rows=4)  # one request per group
+    inj = [Site("mlp", 1), Site("layer", 1)]
+    reference = optimise_targets(bundle, reqs, TEMPLATES, inj, settings)
+    path = tmp_path / "edits" / "group.targets.safetensors"
+    starts: list[int] = []
+
+    def stop_in_second_group(what: str, step: int, losses: list, parts: dict) -> None:
+        if step == 0:
+            starts.append(step)
+            if len(starts) == 2:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), target_checkpoints(path), on_step(stop_in_second_group):
+        optimise_targets(bundle, reqs, TEMPLATES, inj, settings)
+    assert path.is_file()
+    starts.clear()
+    with target_checkpoints(path), on_step(lambda what, step, *_: starts.append(step) if step == 0 else None):
+        resumed = optimise_targets(bundle, reqs, TEMPLATES, inj, settings)
+    assert len(starts) == 2  # the first group came from the file
+    for site in inj:
+        assert torch.equal(resumed.delta[site], reference.delta[site])
+        assert torch.equal(resumed.init[site], reference.init[site])
+    assert resumed.steps == reference.steps and resumed.final_loss == reference.final_loss
+    starts.clear()
+    with target_checkpoints(path), on_step(lambda what, step, *_: starts.append(step) if step == 0 else None):
+        optimise_targets(bundle, reqs, TEMPLATES, inj, replace(settings, lr=0.1))
+    assert len(starts) == 3  # other settings: nothing reused
 
 
 def test_early_stop_and_clamp(tiny_tokenizer):

@@ -329,6 +329,8 @@ def test_interrupted_batch_run_reapplies_its_saved_edit(tmp_path, tiny_dir, corp
     assert model_hash(bundle.model) == original
     saved = group_edit_path(out, load_cases("sample").cases[:4])
     assert saved.is_file() and len(read_results(out / RESULTS)) == 2
+    # the targets' group checkpoint served the edit and went once the edit was saved
+    assert not saved.with_name(saved.stem + ".targets.safetensors").exists()
 
     monkeypatch.setattr(evaluation.Evaluator, "score", real)
 
@@ -347,6 +349,45 @@ def test_interrupted_batch_run_reapplies_its_saved_edit(tmp_path, tiny_dir, corp
         assert old["comparisons"] == new["comparisons"]
     assert not saved.exists()
     assert model_hash(bundle.model) == original
+
+
+def test_a_batch_run_stopped_in_its_target_optimisation_resumes_the_finished_groups(
+    tmp_path, tiny_dir, corpus_file
+):
+    """A batch edit's targets are kept group by group (``edits/HASH.targets.safetensors``) until the edit
+    is saved: a run stopped during the third group optimises only the last two when resumed, and its
+    records equal an uninterrupted run's."""
+    from attnedit.core.models import load_model
+    from attnedit.editing.optimise import on_step
+
+    bundle = load_model(str(tiny_dir))
+
+    def config(out: Path) -> RunConfig:
+        c = _edit_config(out, tiny_dir, corpus_file, limit=4, mode="batch", batch_size=4)
+        c.params["max_rows"] = "3"  # 2 templates + the KL prompt: one request per group, 4 groups
+        return c
+
+    clean = tmp_path / "clean"
+    run(config(clean), bundle=bundle, progress=False)
+    out = tmp_path / "stopped"
+    starts: list[int] = []
+
+    def stop_in_third_group(what: str, step: int, *_: object) -> None:
+        if step == 0:
+            starts.append(step)
+            if len(starts) == 3:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), on_step(stop_in_third_group):
+        run(config(out), bundle=bundle, progress=False)
+    assert len(list((out / "edits").glob("*.targets.safetensors"))) == 1
+    starts.clear()
+    with on_step(lambda what, step, *_: starts.append(step) if step == 0 else None):
+        run(config(out), bundle=bundle, progress=False)
+    assert len(starts) == 2  # groups 1 and 2 came from the checkpoint
+    resumed, expected = read_results(out / RESULTS), read_results(clean / RESULTS)
+    assert [r["comparisons"] for r in resumed] == [r["comparisons"] for r in expected]
+    assert not list((out / "edits").glob("*.targets.safetensors"))
 
 
 def test_bad_mode_and_batch_size_are_refused(tmp_path, tiny_dir, corpus_file):

@@ -25,16 +25,22 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
+import json
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from attnedit.core.data import EditRequest
+from attnedit.core.files import atomic_write
 from attnedit.core.hf_compat import CacheCheckpoint, forward_with_cache, map_cache_tensors, output_cache
 from attnedit.core.interventions import (
     Trace,
@@ -315,6 +321,7 @@ def optimise_targets(
         widths[row.request] = max(widths[row.request], len(row.ids) - row.fact)
     order = sorted(range(len(requests)), key=widths.__getitem__)
     groups = [order[i : i + group] for i in range(0, len(order), group)]
+    store = _GroupStore.open(_checkpoint_path.get())
     # one attention kernel for the whole optimisation, cached prefix and lower blocks included
     with term_kernel(bundle, terms, min(inj.layer for inj in injections) + 1):
         for ids in tqdm(
@@ -322,8 +329,107 @@ def optimise_targets(
         ):
             members = set(ids)
             group_rows = [row for row in rows if row.request in members]
+            key = _group_key(bundle, group_rows, ids, injections, settings, terms) if store else ""
+            if store is not None and store.restore(key, ids, injections, out):
+                continue
             _optimise_group(bundle, group_rows, ids, injections, settings, terms, out)
+            if store is not None:
+                store.keep(key, ids, injections, out)
     return out
+
+
+# where ``optimise_targets`` keeps each finished group's targets (``target_checkpoints``)
+_checkpoint_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
+    "attnedit_target_checkpoints", default=None
+)
+
+
+@contextlib.contextmanager
+def target_checkpoints(path: str | Path) -> Iterator[None]:
+    """Inside the block (this thread's context), ``optimise_targets`` saves each finished group's
+    targets to ``path`` (safetensors, rewritten atomically after every group), and a group whose inputs
+    (model fingerprint, settings, injection sites, loss terms, its rows' tokens) match one in the file
+    takes its targets from there instead of being optimised again: a batch edit interrupted during its
+    target optimisation resumes group by group, with the same targets. The caller removes the file
+    once the edit it served is saved."""
+    token = _checkpoint_path.set(Path(path))
+    try:
+        yield
+    finally:
+        _checkpoint_path.reset(token)
+
+
+def _group_key(
+    bundle: ModelBundle,
+    rows: list[Row],
+    ids: list[int],
+    injections: Sequence[Site],
+    settings: TargetSettings,
+    terms: Sequence[LossTerm],
+) -> str:
+    """What a group's targets are a function of, hashed."""
+    local = {rid: i for i, rid in enumerate(ids)}
+    spec = {
+        "model": bundle.fingerprint,
+        "dtype": str(bundle.model.dtype),
+        "settings": asdict(settings),
+        "sites": [[s.component, s.layer, s.side] for s in injections],
+        "terms": [t.describe() for t in terms],
+        "rows": [[local[r.request], r.ids, r.fact, r.n_prompt, r.targets, r.template] for r in rows],
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+class _GroupStore:
+    """The finished groups of one target optimisation, in the file of ``target_checkpoints``."""
+
+    def __init__(self, path: Path, tensors: dict[str, torch.Tensor], groups: dict[str, dict]):
+        self.path, self.tensors, self.groups = path, tensors, groups
+
+    @classmethod
+    def open(cls, path: Path | None) -> _GroupStore | None:
+        if path is None:
+            return None
+        tensors: dict[str, torch.Tensor] = {}
+        groups: dict[str, dict] = {}
+        if path.is_file():
+            try:
+                with safe_open(str(path), framework="pt") as fh:
+                    groups = json.loads((fh.metadata() or {})["groups"])
+                    tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+            except (SafetensorError, OSError, KeyError, ValueError) as err:
+                logger.warning("target checkpoint %s does not load (%s); optimising every group", path, err)
+                tensors, groups = {}, {}
+        return cls(path, tensors, groups)
+
+    def restore(self, key: str, ids: list[int], injections: Sequence[Site], out: TargetResult) -> bool:
+        """Fill ``out`` for the group's requests from the file; False when the group is not there."""
+        entry = self.groups.get(key)
+        names = [f"{key}.{j}.{part}" for j in range(len(injections)) for part in ("init", "delta")]
+        if entry is None or not all(n in self.tensors for n in names):
+            return False
+        for j, inj in enumerate(injections):
+            out.init[inj][ids] = self.tensors[f"{key}.{j}.init"]
+            out.delta[inj][ids] = self.tensors[f"{key}.{j}.delta"]
+        for i, rid in enumerate(ids):
+            out.steps[rid] = entry["steps"][i]
+            out.final_loss[rid] = entry["final_loss"][i]
+            out.loss_parts[rid] = entry["loss_parts"][i]
+        logger.info("targets of %d request(s) taken from the checkpoint %s", len(ids), self.path)
+        return True
+
+    def keep(self, key: str, ids: list[int], injections: Sequence[Site], out: TargetResult) -> None:
+        """Add a finished group and rewrite the file."""
+        for j, inj in enumerate(injections):
+            self.tensors[f"{key}.{j}.init"] = out.init[inj][ids].contiguous()
+            self.tensors[f"{key}.{j}.delta"] = out.delta[inj][ids].contiguous()
+        self.groups[key] = {
+            "steps": [out.steps[r] for r in ids],
+            "final_loss": [out.final_loss[r] for r in ids],
+            "loss_parts": [out.loss_parts[r] for r in ids],
+        }
+        meta = {"groups": json.dumps(self.groups)}
+        atomic_write(self.path, lambda tmp: save_file(self.tensors, str(tmp), meta))
 
 
 class _PrefixCache:

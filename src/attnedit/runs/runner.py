@@ -16,6 +16,7 @@ the summary and reports cover the new range only (``selected_records``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from attnedit import __version__
 from attnedit.core.data import Dataset, EditCase, load_cases, load_texts
 from attnedit.core.deltas import AppliedEdit, EditIntegrityError, WeightEdit
 from attnedit.core.models import ModelBundle, load_model
+from attnedit.editing.optimise import target_checkpoints
 from attnedit.editing.registry import Editor, make_editor
 from attnedit.evaluation.evaluator import EvalConfig, Evaluator
 from attnedit.evaluation.metrics import summarize
@@ -478,13 +480,19 @@ def _edit_group(
     if loaded is not None:
         logger.info("group %d: re-applying the saved edit %s", k, path)
         return loaded.apply(bundle.model), float(loaded.info.get("seconds", float("nan"))), path
+    # a batch's targets are kept group by group until its edit is saved: an interrupted run resumes them
+    partial = path.with_name(path.stem + ".targets.safetensors")
+    checkpoints = target_checkpoints(partial) if len(group) > 1 else contextlib.nullcontext()
     t0 = time.perf_counter()
-    applied = editor.apply(bundle, group)
+    with checkpoints:
+        applied = editor.apply(bundle, group)
     seconds = time.perf_counter() - t0
     if not applied.edit.deltas or not (config.save_edits or len(group) > 1):
+        partial.unlink(missing_ok=True)
         return applied, seconds, None
     applied.edit.info["seconds"] = seconds
     applied.edit.save(path)
+    partial.unlink(missing_ok=True)
     return applied, seconds, path
 
 
