@@ -167,6 +167,14 @@ def test_an_interrupted_batch_optimisation_resumes_its_finished_groups(tiny_toke
     with target_checkpoints(path), on_step(lambda what, step, *_: starts.append(step) if step == 0 else None):
         optimise_targets(bundle, reqs, TEMPLATES, inj, replace(settings, lr=0.1))
     assert len(starts) == 3  # other settings: nothing reused
+    data = bytearray(path.read_bytes())  # a flipped byte in the tensors: the file is not trusted
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    starts.clear()
+    with target_checkpoints(path), on_step(lambda what, step, *_: starts.append(step) if step == 0 else None):
+        again = optimise_targets(bundle, reqs, TEMPLATES, inj, replace(settings, lr=0.1))
+    assert len(starts) == 3
+    assert torch.isfinite(again.delta[inj[0]]).all()
 
 
 def test_early_stop_and_clamp(tiny_tokenizer):
@@ -454,10 +462,10 @@ def test_a_bad_statistics_cache_file_is_named_set_aside_and_recomputed(tiny_toke
     flipped[-40] ^= 0x10  # inside mom2's data (count, 8 bytes, is stored last)
 
     def nan_verified() -> None:
-        from attnedit.editing.covariance import _stats_digest
+        from attnedit.core.deltas import tensors_digest
 
         tensors = {"mom2": nan, "count": count}
-        save_file(tensors, str(path), {"sha256": _stats_digest(tensors)})
+        save_file(tensors, str(path), {"sha256": tensors_digest(tensors)})
 
     for damage, problem in (
         (lambda: path.write_bytes(bytes(flipped)), "does not verify"),

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,15 @@ def tensor_hash(tensor: torch.Tensor) -> str:
     digest = hashlib.sha256(f"{data.dtype}{tuple(data.shape)}".encode())
     # flattened first: a 0-d tensor (GPT-2's masked_bias buffer on transformers 4.x) has no bytes view
     digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 binding named tensors (names and ``tensor_hash`` of each, in name order): the digest a
+    cache file of tensors carries in its metadata."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(f"{name}:{tensor_hash(tensors[name])};".encode())
     return digest.hexdigest()
 
 

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from attnedit.core.data import load_texts
-from attnedit.core.deltas import tensor_hash
+from attnedit.core.deltas import tensors_digest
 from attnedit.core.files import atomic_write
 from attnedit.core.interventions import Trace
 from attnedit.core.models import ModelBundle, cache_dir
@@ -175,13 +175,6 @@ def _cache_path(bundle: ModelBundle, component: str, layer: int, key: str, spec:
     return cache_dir() / "stats" / bundle.fingerprint[:16] / name
 
 
-def _stats_digest(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        digest.update(f"{name}:{tensor_hash(tensors[name])};".encode())
-    return digest.hexdigest()
-
-
 def _read_stats(path: Path) -> torch.Tensor | None:
     """The cached second moments at ``path`` when the file verifies; None (set aside or stale) otherwise."""
     try:
@@ -195,7 +188,7 @@ def _read_stats(path: Path) -> torch.Tensor | None:
         logger.info("cache file %s has no digest (an older version wrote it); recomputing it", path)
         return None
     mom2 = tensors.get("mom2")
-    if meta["sha256"] != _stats_digest(tensors) or mom2 is None or mom2.ndim != 2:
+    if meta["sha256"] != tensors_digest(tensors) or mom2 is None or mom2.ndim != 2:
         set_aside(path, "does not verify against its digest")
         return None
     if not torch.isfinite(mom2).all():
@@ -252,7 +245,7 @@ def second_moments_of(
         for (component, layer), (mom2, count) in computed.items():
             path = _cache_path(bundle, component, layer, key, spec)
             tensors = {"mom2": mom2, "count": torch.tensor([count])}
-            meta = {"sha256": _stats_digest(tensors)}
+            meta = {"sha256": tensors_digest(tensors)}
             atomic_write(path, lambda tmp, t=tensors, m=meta: save_file(t, str(tmp), m))
             result[component][layer] = memo[(component, layer, key, spec)] = mom2
         done = ", ".join(f"{component} at layers {layers}" for component, layers in missing.items())

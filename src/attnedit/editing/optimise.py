@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from attnedit.core.data import EditRequest
+from attnedit.core.deltas import tensors_digest
 from attnedit.core.files import atomic_write
 from attnedit.core.hf_compat import CacheCheckpoint, forward_with_cache, map_cache_tensors, output_cache
 from attnedit.core.interventions import (
@@ -395,8 +396,11 @@ class _GroupStore:
         if path.is_file():
             try:
                 with safe_open(str(path), framework="pt") as fh:
-                    groups = json.loads((fh.metadata() or {})["groups"])
+                    meta = fh.metadata() or {}
+                    groups = json.loads(meta["groups"])
                     tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+                if meta.get("sha256") != tensors_digest(tensors):
+                    raise ValueError("its tensors do not verify against its digest")
             except (SafetensorError, OSError, KeyError, ValueError) as err:
                 logger.warning("target checkpoint %s does not load (%s); optimising every group", path, err)
                 tensors, groups = {}, {}
@@ -428,7 +432,7 @@ class _GroupStore:
             "final_loss": [out.final_loss[r] for r in ids],
             "loss_parts": [out.loss_parts[r] for r in ids],
         }
-        meta = {"groups": json.dumps(self.groups)}
+        meta = {"groups": json.dumps(self.groups), "sha256": tensors_digest(self.tensors)}
         atomic_write(self.path, lambda tmp: save_file(self.tensors, str(tmp), meta))
 
 
