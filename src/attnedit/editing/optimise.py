@@ -330,11 +330,12 @@ def optimise_targets(
         ):
             members = set(ids)
             group_rows = [row for row in rows if row.request in members]
-            key = _group_key(bundle, group_rows, ids, injections, settings, terms) if store else ""
-            if store is not None and store.restore(key, ids, injections, out):
+            if store is None:
+                _optimise_group(bundle, group_rows, ids, injections, settings, terms, out)
                 continue
-            _optimise_group(bundle, group_rows, ids, injections, settings, terms, out)
-            if store is not None:
+            key = _group_key(bundle, group_rows, ids, injections, settings, terms)
+            if not store.restore(key, ids, injections, out):
+                _optimise_group(bundle, group_rows, ids, injections, settings, terms, out)
                 store.keep(key, ids, injections, out)
     return out
 
