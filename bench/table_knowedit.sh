@@ -11,6 +11,8 @@
 #   intattn-trace is intattn with -p alpha=trace. FT_PARAMS="norm_constraint=X": FT's bound
 #   (bench/ft_bound_sweep.sh chooses it on dev cases). ALL_PARAMS="target_matmul=bfloat16": parameters of
 #   every method but FT; TAG=bf16 names such a table apart (directories ...-bB-TAG).
+#   The runs share one target cache (--targets-cache runs/targets-DATASET, or TARGETS_CACHE): IntAttn-Edit
+#   takes MEMIT's targets for the same batch instead of optimising them again.
 # -> runs/ke-DATASET-LABEL-bB[-TAG]/, bench/results/intattn/knowedit/DATASET-bB[-TAG]/{report,paired}.*
 set -euo pipefail
 DATASET=${1:?usage: bash bench/table_knowedit.sh zsre|wiki_cf [B] [FIRST]}
@@ -35,7 +37,7 @@ for label in ${METHODS:-ft memit pmet intattn intattn-trace intattn+sadr}; do
   # fluency on the rewrite prompts only: KE_FLU (EasyEdit's sampling) and FL (greedy) both come from them
   attnedit eval "$DATA" --skip-invalid --method "$method" --label "$label" --mode batch --batch-size "$B" \
     --first "$FIRST" --limit "$B" --fluency-prompts rewrite --ppl-corpus none "${P[@]}" --out "$out" \
-    --threads "${THREADS:-2}"
+    --targets-cache "${TARGETS_CACHE:-runs/targets-$DATASET}" --threads "${THREADS:-2}"
   runs+=("$out")
 done
 attnedit report "${runs[@]}" --against "${AGAINST:-memit}" --out "bench/results/intattn/knowedit/$DATASET-b$B${TAG:+-$TAG}"

@@ -162,6 +162,11 @@ def test_bad_flags_fail_before_the_model_loads(tmp_path):
     _one_line_error(result, "--out", "cannot write there")
     result = runner.invoke(app, ["analyze", "drift", "sample", "--model", nowhere, "--out", str(a_file)])
     _one_line_error(result, "--out", "not a directory")
+    result = runner.invoke(
+        app,
+        ["eval", "sample", "--model", nowhere, "--out", str(tmp_path / "o"), "--targets-cache", str(a_file)],
+    )
+    _one_line_error(result, "--targets-cache", "not a directory")
     assert a_file.read_text() == "not a directory"
 
 

@@ -129,10 +129,11 @@ def test_batched_optimisation_equals_separate(tiny_tokenizer, max_rows):
 
 
 def test_an_interrupted_batch_optimisation_resumes_its_finished_groups(tiny_tokenizer, tmp_path):
-    """With ``target_checkpoints``, each finished group's targets are kept; a run stopped during the
-    second group resumes with the first group's targets from the file (not optimised again) and ends
-    with the targets of an uninterrupted run. Other settings do not reuse them."""
-    from attnedit.editing.optimise import on_step, target_checkpoints
+    """With ``target_cache``, each finished group's targets are kept; a run stopped during the
+    second group resumes with the first group's targets from the cache (not optimised again) and ends
+    with the targets of an uninterrupted run. Other settings do not reuse them; a damaged file is not
+    trusted; a second optimisation of the same requests optimises nothing."""
+    from attnedit.editing.optimise import on_step, target_cache
 
     bundle = make_tiny("llama", tiny_tokenizer)
     reqs = [
@@ -143,7 +144,7 @@ def test_an_interrupted_batch_optimisation_resumes_its_finished_groups(tiny_toke
     settings = TargetSettings(steps=4, early_stop_loss=0.0, max_rows=4)  # one request per group
     inj = [Site("mlp", 1), Site("layer", 1)]
     reference = optimise_targets(bundle, reqs, TEMPLATES, inj, settings)
-    path = tmp_path / "edits" / "group.targets.safetensors"
+    cache = tmp_path / "edits" / "group.targets"
     starts: list[int] = []
 
     def stop_in_second_group(what: str, step: int, losses: list, parts: dict) -> None:
@@ -152,11 +153,11 @@ def test_an_interrupted_batch_optimisation_resumes_its_finished_groups(tiny_toke
             if len(starts) == 2:
                 raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt), target_checkpoints(path), on_step(stop_in_second_group):
+    with pytest.raises(KeyboardInterrupt), target_cache(cache), on_step(stop_in_second_group):
         optimise_targets(bundle, reqs, TEMPLATES, inj, settings)
-    assert path.is_file()
+    assert len(list(cache.glob("*.safetensors"))) == 1
     starts.clear()
-    with target_checkpoints(path), on_step(lambda what, step, *_: starts.append(step) if step == 0 else None):
+    with target_cache(cache), on_step(lambda what, step, *_: starts.append(step) if step == 0 else None):
         resumed = optimise_targets(bundle, reqs, TEMPLATES, inj, settings)
     assert len(starts) == 2  # the first group came from the file
     for site in inj:
@@ -164,17 +165,24 @@ def test_an_interrupted_batch_optimisation_resumes_its_finished_groups(tiny_toke
         assert torch.equal(resumed.init[site], reference.init[site])
     assert resumed.steps == reference.steps and resumed.final_loss == reference.final_loss
     starts.clear()
-    with target_checkpoints(path), on_step(lambda what, step, *_: starts.append(step) if step == 0 else None):
+    with target_cache(cache), on_step(lambda what, step, *_: starts.append(step) if step == 0 else None):
         optimise_targets(bundle, reqs, TEMPLATES, inj, replace(settings, lr=0.1))
     assert len(starts) == 3  # other settings: nothing reused
-    data = bytearray(path.read_bytes())  # a flipped byte in the tensors: the file is not trusted
-    data[-3] ^= 0xFF
-    path.write_bytes(bytes(data))
+    assert len(list(cache.glob("*.safetensors"))) == 6
     starts.clear()
-    with target_checkpoints(path), on_step(lambda what, step, *_: starts.append(step) if step == 0 else None):
+    with target_cache(cache), on_step(lambda what, step, *_: starts.append(step) if step == 0 else None):
+        cached = optimise_targets(bundle, reqs, TEMPLATES, inj, replace(settings, lr=0.1))
+    assert starts == []  # every group from the cache
+    for path in cache.glob("*.safetensors"):  # a flipped byte in the tensors: the file is not trusted
+        data = bytearray(path.read_bytes())
+        data[-3] ^= 0xFF
+        path.write_bytes(bytes(data))
+    starts.clear()
+    with target_cache(cache), on_step(lambda what, step, *_: starts.append(step) if step == 0 else None):
         again = optimise_targets(bundle, reqs, TEMPLATES, inj, replace(settings, lr=0.1))
     assert len(starts) == 3
-    assert torch.isfinite(again.delta[inj[0]]).all()
+    for site in inj:
+        assert torch.equal(again.delta[site], cached.delta[site])
 
 
 def test_early_stop_and_clamp(tiny_tokenizer):

@@ -330,7 +330,7 @@ def test_interrupted_batch_run_reapplies_its_saved_edit(tmp_path, tiny_dir, corp
     saved = group_edit_path(out, load_cases("sample").cases[:4])
     assert saved.is_file() and len(read_results(out / RESULTS)) == 2
     # the targets' group checkpoint served the edit and went once the edit was saved
-    assert not saved.with_name(saved.stem + ".targets.safetensors").exists()
+    assert not saved.with_name(saved.stem + ".targets").exists()
 
     monkeypatch.setattr(evaluation.Evaluator, "score", real)
 
@@ -354,7 +354,7 @@ def test_interrupted_batch_run_reapplies_its_saved_edit(tmp_path, tiny_dir, corp
 def test_a_batch_run_stopped_in_its_target_optimisation_resumes_the_finished_groups(
     tmp_path, tiny_dir, corpus_file
 ):
-    """A batch edit's targets are kept group by group (``edits/HASH.targets.safetensors``) until the edit
+    """A batch edit's targets are kept group by group (``edits/HASH.targets/``) until the edit
     is saved: a run stopped during the third group optimises only the last two when resumed, and its
     records equal an uninterrupted run's."""
     from attnedit.core.models import load_model
@@ -380,14 +380,53 @@ def test_a_batch_run_stopped_in_its_target_optimisation_resumes_the_finished_gro
 
     with pytest.raises(KeyboardInterrupt), on_step(stop_in_third_group):
         run(config(out), bundle=bundle, progress=False)
-    assert len(list((out / "edits").glob("*.targets.safetensors"))) == 1
+    assert len(list((out / "edits").glob("*.targets/*.safetensors"))) == 2
     starts.clear()
     with on_step(lambda what, step, *_: starts.append(step) if step == 0 else None):
         run(config(out), bundle=bundle, progress=False)
     assert len(starts) == 2  # groups 1 and 2 came from the checkpoint
     resumed, expected = read_results(out / RESULTS), read_results(clean / RESULTS)
     assert [r["comparisons"] for r in resumed] == [r["comparisons"] for r in expected]
-    assert not list((out / "edits").glob("*.targets.safetensors"))
+    assert not list((out / "edits").glob("*.targets"))
+
+
+def test_runs_sharing_a_targets_cache_reuse_identical_targets(tmp_path, tiny_dir, corpus_file):
+    """--targets-cache: IntAttn-Edit after MEMIT on the same batch takes MEMIT's targets from the shared
+    directory (no optimisation step runs) and writes the records of an IntAttn-Edit run without it; the
+    cache is kept, recorded in the manifest, and not part of the run's identity."""
+    from attnedit.core.models import load_model
+    from attnedit.editing.optimise import on_step
+
+    bundle = load_model(str(tiny_dir))
+    presets = Path(__file__).parents[1] / "src/attnedit/resources/presets"
+    cache = tmp_path / "targets"
+
+    def config(out: Path, method: str, shared: Path | None) -> RunConfig:
+        cache_dir = None if shared is None else str(shared)
+        c = _edit_config(out, tiny_dir, corpus_file, limit=4, mode="batch", batch_size=4)
+        c.targets_cache = cache_dir
+        c.method = method
+        if method == "intattn":
+            c.preset = str(presets / "intattn/smollm2-135m.json")
+            c.params.update(attn_layers="0,1", alpha="0.5")
+        return c
+
+    steps: list[str] = []
+    with on_step(lambda what, step, *_: steps.append(what) if step == 0 else None):
+        run(config(tmp_path / "memit", "memit", cache), bundle=bundle, progress=False)
+        assert steps and len(list(cache.glob("*.safetensors"))) == len(steps)
+        steps.clear()
+        run(config(tmp_path / "intattn", "intattn", cache), bundle=bundle, progress=False)
+        assert steps == []  # every group from the cache
+        run(config(tmp_path / "plain", "intattn", None), bundle=bundle, progress=False)
+        assert steps  # without the cache, optimised
+    shared, plain = read_results(tmp_path / "intattn" / RESULTS), read_results(tmp_path / "plain" / RESULTS)
+    assert [r["comparisons"] for r in shared] == [r["comparisons"] for r in plain]
+    manifest = json.loads((tmp_path / "intattn" / "manifest.json").read_text())
+    assert manifest["targets_cache"] == str(cache)
+    assert not list((tmp_path / "intattn" / "edits").glob("*.targets"))
+    # the same run directory continues without the cache (a speed setting, not identity)
+    run(config(tmp_path / "intattn", "intattn", None), bundle=bundle, progress=False)
 
 
 def test_bad_mode_and_batch_size_are_refused(tmp_path, tiny_dir, corpus_file):

@@ -92,6 +92,13 @@ def eval_command(
     generation_cases: Annotated[
         int, typer.Option(help="fluency: cases generated in one decoding batch (speed only)")
     ] = 16,
+    targets_cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="directory where edits keep their target optimisation group by group; runs sharing it "
+            "reuse identical targets (IntAttn-Edit after MEMIT on the same batch; speed only)"
+        ),
+    ] = None,
     repair: Annotated[
         bool,
         typer.Option(
@@ -107,6 +114,8 @@ def eval_command(
     check_limit(limit, first)
     check_model_flags(device, dtype)
     check_writable_dir(out)
+    if targets_cache is not None:
+        check_writable_dir(targets_cache, "--targets-cache")
     if ray is not None and mode == "sequential":
         raise typer.BadParameter(
             "sequential mode runs locally only (its edits build on each other): drop --backend ray",
@@ -147,6 +156,7 @@ def eval_command(
         sadr=choice.sadr,
         save_edits=save_edits,
         generation_cases=generation_cases,
+        targets_cache=None if targets_cache is None else str(targets_cache),
         repair=repair,
         eval=EvalConfig(
             fluency=fluency,

@@ -322,7 +322,7 @@ def optimise_targets(
         widths[row.request] = max(widths[row.request], len(row.ids) - row.fact)
     order = sorted(range(len(requests)), key=widths.__getitem__)
     groups = [order[i : i + group] for i in range(0, len(order), group)]
-    store = _GroupStore.open(_checkpoint_path.get())
+    store = _GroupStore.open(_cache_dir.get())
     # one attention kernel for the whole optimisation, cached prefix and lower blocks included
     with term_kernel(bundle, terms, min(inj.layer for inj in injections) + 1):
         for ids in tqdm(
@@ -340,25 +340,25 @@ def optimise_targets(
     return out
 
 
-# where ``optimise_targets`` keeps each finished group's targets (``target_checkpoints``)
-_checkpoint_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar(
-    "attnedit_target_checkpoints", default=None
-)
+# where ``optimise_targets`` keeps each finished group's targets (``target_cache``)
+_cache_dir: contextvars.ContextVar[Path | None] = contextvars.ContextVar("target_cache", default=None)
 
 
 @contextlib.contextmanager
-def target_checkpoints(path: str | Path) -> Iterator[None]:
-    """Inside the block (this thread's context), ``optimise_targets`` saves each finished group's
-    targets to ``path`` (safetensors, rewritten atomically after every group), and a group whose inputs
-    (model fingerprint, settings, injection sites, loss terms, its rows' tokens) match one in the file
-    takes its targets from there instead of being optimised again: a batch edit interrupted during its
-    target optimisation resumes group by group, with the same targets. The caller removes the file
-    once the edit it served is saved."""
-    token = _checkpoint_path.set(Path(path))
+def target_cache(directory: str | Path) -> Iterator[None]:
+    """Inside the block (this thread's context), ``optimise_targets`` keeps each finished group's targets
+    in ``directory`` (one safetensors file per group, ``KEY.safetensors``, written atomically, with a
+    digest of its tensors), and a group whose inputs match a file there takes its targets from it instead
+    of being optimised again. KEY hashes everything a group's targets depend on: the model's fingerprint
+    and dtype, the target settings, the injection sites, the loss terms and the group's rows (tokens,
+    fact positions, targets). So an interrupted batch edit resumes group by group with the same targets,
+    and another method with the same targets (IntAttn-Edit's are MEMIT's) reuses them. Several processes
+    may share a directory. A file that does not load or verify is named in a warning and not used."""
+    token = _cache_dir.set(Path(directory))
     try:
         yield
     finally:
-        _checkpoint_path.reset(token)
+        _cache_dir.reset(token)
 
 
 def _group_key(
@@ -382,59 +382,57 @@ def _group_key(
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
+@dataclass
 class _GroupStore:
-    """The finished groups of one target optimisation, in the file of ``target_checkpoints``."""
+    """Finished groups of target optimisations, one file per group in the directory of ``target_cache``."""
 
-    def __init__(self, path: Path, tensors: dict[str, torch.Tensor], groups: dict[str, dict]):
-        self.path, self.tensors, self.groups = path, tensors, groups
+    directory: Path
 
     @classmethod
-    def open(cls, path: Path | None) -> _GroupStore | None:
-        if path is None:
-            return None
-        tensors: dict[str, torch.Tensor] = {}
-        groups: dict[str, dict] = {}
-        if path.is_file():
-            try:
-                with safe_open(str(path), framework="pt") as fh:
-                    meta = fh.metadata() or {}
-                    groups = json.loads(meta["groups"])
-                    tensors = {name: fh.get_tensor(name) for name in fh.keys()}
-                if meta.get("sha256") != tensors_digest(tensors):
-                    raise ValueError("its tensors do not verify against its digest")
-            except (SafetensorError, OSError, KeyError, ValueError) as err:
-                logger.warning("target checkpoint %s does not load (%s); optimising every group", path, err)
-                tensors, groups = {}, {}
-        return cls(path, tensors, groups)
+    def open(cls, directory: Path | None) -> _GroupStore | None:
+        return None if directory is None else cls(directory)
 
     def restore(self, key: str, ids: list[int], injections: Sequence[Site], out: TargetResult) -> bool:
-        """Fill ``out`` for the group's requests from the file; False when the group is not there."""
-        entry = self.groups.get(key)
-        names = [f"{key}.{j}.{part}" for j in range(len(injections)) for part in ("init", "delta")]
-        if entry is None or not all(n in self.tensors for n in names):
+        """Fill ``out`` for the group's requests from its file; False when there is none to trust."""
+        path = self.directory / f"{key}.safetensors"
+        if not path.is_file():
+            return False
+        names = [f"{j}.{part}" for j in range(len(injections)) for part in ("init", "delta")]
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                entry = json.loads(meta["group"])
+                tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+            if meta.get("sha256") != tensors_digest(tensors):
+                raise ValueError("its tensors do not verify against its digest")
+            if sorted(tensors) != sorted(names) or any(len(entry[k]) != len(ids) for k in entry):
+                raise ValueError("it holds another group's shapes")
+        except (SafetensorError, OSError, KeyError, ValueError) as err:
+            logger.warning("target cache file %s does not load (%s); optimising its group", path, err)
             return False
         for j, inj in enumerate(injections):
-            out.init[inj][ids] = self.tensors[f"{key}.{j}.init"]
-            out.delta[inj][ids] = self.tensors[f"{key}.{j}.delta"]
+            out.init[inj][ids] = tensors[f"{j}.init"]
+            out.delta[inj][ids] = tensors[f"{j}.delta"]
         for i, rid in enumerate(ids):
             out.steps[rid] = entry["steps"][i]
             out.final_loss[rid] = entry["final_loss"][i]
             out.loss_parts[rid] = entry["loss_parts"][i]
-        logger.info("targets of %d request(s) taken from the checkpoint %s", len(ids), self.path)
+        logger.info("targets of %d request(s) taken from %s", len(ids), path)
         return True
 
     def keep(self, key: str, ids: list[int], injections: Sequence[Site], out: TargetResult) -> None:
-        """Add a finished group and rewrite the file."""
+        """Write a finished group's file."""
+        tensors: dict[str, torch.Tensor] = {}
         for j, inj in enumerate(injections):
-            self.tensors[f"{key}.{j}.init"] = out.init[inj][ids].contiguous()
-            self.tensors[f"{key}.{j}.delta"] = out.delta[inj][ids].contiguous()
-        self.groups[key] = {
+            tensors[f"{j}.init"] = out.init[inj][ids].contiguous()
+            tensors[f"{j}.delta"] = out.delta[inj][ids].contiguous()
+        entry = {
             "steps": [out.steps[r] for r in ids],
             "final_loss": [out.final_loss[r] for r in ids],
             "loss_parts": [out.loss_parts[r] for r in ids],
         }
-        meta = {"groups": json.dumps(self.groups), "sha256": tensors_digest(self.tensors)}
-        atomic_write(self.path, lambda tmp: save_file(self.tensors, str(tmp), meta))
+        meta = {"group": json.dumps(entry), "sha256": tensors_digest(tensors)}
+        atomic_write(self.directory / f"{key}.safetensors", lambda tmp: save_file(tensors, str(tmp), meta))
 
 
 class _PrefixCache:

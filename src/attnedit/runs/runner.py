@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -30,7 +31,7 @@ from attnedit import __version__
 from attnedit.core.data import Dataset, EditCase, load_cases, load_texts
 from attnedit.core.deltas import AppliedEdit, EditIntegrityError, WeightEdit
 from attnedit.core.models import ModelBundle, load_model
-from attnedit.editing.optimise import target_checkpoints
+from attnedit.editing.optimise import target_cache
 from attnedit.editing.registry import Editor, make_editor
 from attnedit.evaluation.evaluator import EvalConfig, Evaluator
 from attnedit.evaluation.metrics import summarize
@@ -110,6 +111,10 @@ class RunConfig:
     save_edits: bool = False
     # fluency generation: cases decoded in one batch (a speed setting: not part of a run's identity)
     generation_cases: int = 16
+    # a directory of target-optimisation groups shared by runs (``editing.optimise.target_cache``): a run
+    # whose groups are there (the same model, settings and rows, e.g. IntAttn-Edit after MEMIT on the same
+    # batch) takes their targets instead of optimising them. A speed setting: not part of a run's identity
+    targets_cache: str | None = None
     repair: bool = False  # move unreadable record lines to the quarantine file before the run (--repair)
 
     def __post_init__(self) -> None:
@@ -144,6 +149,7 @@ def build_manifest(config: RunConfig, bundle: ModelBundle, dataset: Dataset, edi
         "eval": config.eval.manifest(),
         "ppl_corpus": config.ppl_corpus,
         "generation_cases": config.generation_cases,
+        "targets_cache": config.targets_cache,
         "device": str(bundle.device),
         **environment_manifest(),
     }
@@ -468,9 +474,11 @@ def _edit_group(
     (method ``none``) is never saved. The file is named by the group's requests (``group_edit_path``),
     so a run extended to other cases keeps the edits of the earlier ones. ``out`` None (a remote
     worker): nothing is read or saved here (with --save-edits the edit's time is noted for the driver)."""
+    shared = target_cache(config.targets_cache) if config.targets_cache else contextlib.nullcontext()
     if out is None:
         t0 = time.perf_counter()
-        applied = editor.apply(bundle, group)
+        with shared:
+            applied = editor.apply(bundle, group)
         seconds = time.perf_counter() - t0
         if config.save_edits:
             applied.edit.info["seconds"] = seconds
@@ -480,20 +488,21 @@ def _edit_group(
     if loaded is not None:
         logger.info("group %d: re-applying the saved edit %s", k, path)
         return loaded.apply(bundle.model), float(loaded.info.get("seconds", float("nan"))), path
-    # a batch's targets are kept group by group until its edit is saved: an interrupted run resumes them
-    partial = path.with_name(path.stem + ".targets.safetensors")
-    checkpoints = target_checkpoints(partial) if len(group) > 1 else contextlib.nullcontext()
+    # a batch's targets are kept group by group until its edit is saved (in the shared cache when there is
+    # one): an interrupted run resumes them
+    own = path.with_name(path.stem + ".targets")
+    if not config.targets_cache and len(group) > 1:
+        shared = target_cache(own)
     t0 = time.perf_counter()
-    with checkpoints:
+    with shared:
         applied = editor.apply(bundle, group)
     seconds = time.perf_counter() - t0
-    if not applied.edit.deltas or not (config.save_edits or len(group) > 1):
-        partial.unlink(missing_ok=True)
-        return applied, seconds, None
-    applied.edit.info["seconds"] = seconds
-    applied.edit.save(path)
-    partial.unlink(missing_ok=True)
-    return applied, seconds, path
+    saved = bool(applied.edit.deltas) and (config.save_edits or len(group) > 1)
+    if saved:
+        applied.edit.info["seconds"] = seconds
+        applied.edit.save(path)
+    shutil.rmtree(own, ignore_errors=True)
+    return applied, seconds, path if saved else None
 
 
 def group_edit_path(out: Path, group: list[EditCase]) -> Path:
