@@ -13,11 +13,12 @@ Behaviour is that of the direct calls these functions replace: same tensors, sam
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -181,3 +182,23 @@ def drop_quantizer(model: nn.Module) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+
+
+@contextlib.contextmanager
+def gguf_parsed_once() -> Iterator[None]:
+    """Inside the block, transformers parses a GGUF file once, not once per loader. Its GGUF loading reads
+    the file again for the config, the weights and the tokenizer (each a ``gguf.GGUFReader`` of the whole
+    file, the tokenizer's 49,152 strings parsed field by field), and builds ``gguf.get_tensor_name_map``
+    again for every submodule: 20-26 s of the embedded SmolLM2's 2-thread conversion, against 7-9 s with
+    both memoised (``docs/benchmarks.md``, model loading). transformers imports both from ``gguf`` at call
+    time, so memoising the module's attributes for the block is enough; the readers only read (a memory
+    map), and the same files come out (tested)."""
+    import gguf
+
+    reader, names = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=2)(reader)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=8)(names)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, names

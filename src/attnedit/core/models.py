@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from attnedit.core.adapters import ModelAdapter, get_adapter
 from attnedit.core.files import exclusive
-from attnedit.core.hf_compat import attention_kernel, commit_hash, drop_quantizer
+from attnedit.core.hf_compat import attention_kernel, commit_hash, drop_quantizer, gguf_parsed_once
 
 logger = logging.getLogger(__name__)
 
@@ -118,9 +118,11 @@ def materialise_gguf(spec: GGUFModel) -> Path:
 
 
 def _convert(gguf: Path, target: Path, fingerprint: str, name: str) -> None:
-    logger.info("dequantising %s once into %s (about 15 s)", gguf.name, target)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    logger.info("dequantising %s once into %s (about 10 s)", gguf.name, target)
+    folder, file = str(gguf.parent), gguf.name
+    with gguf_parsed_once():
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
     # the dequantised weights are plain float32: drop the GGUF quantiser so they can be saved
     drop_quantizer(model)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
