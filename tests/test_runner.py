@@ -432,6 +432,8 @@ def test_runs_sharing_a_targets_cache_reuse_identical_targets(tmp_path, tiny_dir
 def test_bad_mode_and_batch_size_are_refused(tmp_path, tiny_dir, corpus_file):
     with pytest.raises(ValueError, match="--mode"):
         _edit_config(tmp_path, tiny_dir, corpus_file, mode="parallel")
+    with pytest.raises(ValueError, match="--targets-cache needs --mode single or batch"):
+        _edit_config(tmp_path, tiny_dir, corpus_file, mode="sequential", batch_size=2, targets_cache="t")
     with pytest.raises(ValueError, match="--batch-size needs"):
         _edit_config(tmp_path, tiny_dir, corpus_file, batch_size=4)
 

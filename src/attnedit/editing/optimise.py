@@ -353,7 +353,9 @@ def target_cache(directory: str | Path) -> Iterator[None]:
     and dtype, the target settings, the injection sites, the loss terms and the group's rows (tokens,
     fact positions, targets). So an interrupted batch edit resumes group by group with the same targets,
     and another method with the same targets (IntAttn-Edit's are MEMIT's) reuses them. Several processes
-    may share a directory. A file that does not load or verify is named in a warning and not used."""
+    may share a directory. A file that does not load or verify is named in a warning and not used.
+    The key holds the model's fingerprint as loaded, not its current weights: use it around the unedited
+    model only (the runner refuses it in sequential mode, where edits accumulate)."""
     token = _cache_dir.set(Path(directory))
     try:
         yield

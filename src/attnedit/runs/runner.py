@@ -130,6 +130,11 @@ class RunConfig:
             raise ValueError("--generation-cases must be at least 1")
         if self.mode == "single" and self.batch_size != 1:
             raise ValueError("--batch-size needs --mode batch or sequential")
+        if self.mode == "sequential" and self.targets_cache:
+            raise ValueError(
+                "--targets-cache needs --mode single or batch: a sequential edit's targets are optimised on "
+                "the model with the earlier edits applied, so they are not shared"
+            )
 
 
 def build_manifest(config: RunConfig, bundle: ModelBundle, dataset: Dataset, editor: Editor) -> dict:
