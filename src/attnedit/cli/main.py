@@ -90,7 +90,11 @@ def eval_command(
     batch_size: Annotated[int, typer.Option(help="cases per edit in batch/sequential mode")] = 1,
     save_edits: Annotated[bool, typer.Option(help="keep each edit in OUT/edits/*.safetensors")] = False,
     generation_cases: Annotated[
-        int, typer.Option(help="fluency: cases generated in one decoding batch (speed only)")
+        int,
+        typer.Option(
+            help="fluency: cases generated in one decoding batch (speed only for FL; KE_FLU's samples "
+            "depend on it, docs/reliability.md)"
+        ),
     ] = 16,
     targets_cache: Annotated[
         Path | None,

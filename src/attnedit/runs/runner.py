@@ -109,7 +109,8 @@ class RunConfig:
     # keep every edit as DIR/edits/HASH.safetensors (HASH: of the group's requests); sequential mode always
     # keeps its edits, as DIR/edits/NNNNN.safetensors (NNNNN: the position in the sequence)
     save_edits: bool = False
-    # fluency generation: cases decoded in one batch (a speed setting: not part of a run's identity)
+    # fluency generation: cases decoded in one batch (a speed setting: not part of a run's identity; the
+    # greedy FL does not depend on it, KnowEdit's sampled KE_FLU does: docs/reliability.md)
     generation_cases: int = 16
     # a directory of target-optimisation groups shared by runs (``editing.optimise.target_cache``): a run
     # whose groups are there (the same model, settings and rows, e.g. IntAttn-Edit after MEMIT on the same
