@@ -322,7 +322,8 @@ def optimise_targets(
         widths[row.request] = max(widths[row.request], len(row.ids) - row.fact)
     order = sorted(range(len(requests)), key=widths.__getitem__)
     groups = [order[i : i + group] for i in range(0, len(order), group)]
-    store = _GroupStore.open(_cache_dir.get())
+    directory = _cache_dir.get()
+    store = None if directory is None else _GroupStore(directory)
     # one attention kernel for the whole optimisation, cached prefix and lower blocks included
     with term_kernel(bundle, terms, min(inj.layer for inj in injections) + 1):
         for ids in tqdm(
@@ -345,18 +346,19 @@ _cache_dir: contextvars.ContextVar[Path | None] = contextvars.ContextVar("target
 
 
 @contextlib.contextmanager
-def target_cache(directory: str | Path) -> Iterator[None]:
+def target_cache(directory: str | Path | None) -> Iterator[None]:
     """Inside the block (this thread's context), ``optimise_targets`` keeps each finished group's targets
     in ``directory`` (one safetensors file per group, ``KEY.safetensors``, written atomically, with a
     digest of its tensors), and a group whose inputs match a file there takes its targets from it instead
-    of being optimised again. KEY hashes everything a group's targets depend on: the model's fingerprint
-    and dtype, the target settings, the injection sites, the loss terms and the group's rows (tokens,
-    fact positions, targets). So an interrupted batch edit resumes group by group with the same targets,
-    and another method with the same targets (IntAttn-Edit's are MEMIT's) reuses them. Several processes
-    may share a directory. A file that does not load or verify is named in a warning and not used.
-    The key holds the model's fingerprint as loaded, not its current weights: use it around the unedited
-    model only (the runner refuses it in sequential mode, where edits accumulate)."""
-    token = _cache_dir.set(Path(directory))
+    of being optimised again; ``directory`` None: no cache in the block. KEY hashes everything a group's
+    targets depend on: the model's fingerprint and dtype, the target settings, the injection sites, the
+    loss terms and the group's rows (tokens, fact positions, targets). So an interrupted batch edit
+    resumes group by group with the same targets, and another method with the same targets (IntAttn-Edit's
+    are MEMIT's) reuses them. Several processes may share a directory. A file that does not load or
+    verify is named in a warning and not used. The key holds the model's fingerprint as loaded, not its
+    current weights: use it around the unedited model only (the runner refuses it in sequential mode,
+    where edits accumulate)."""
+    token = _cache_dir.set(None if directory is None else Path(directory))
     try:
         yield
     finally:
@@ -389,10 +391,6 @@ class _GroupStore:
     """Finished groups of target optimisations, one file per group in the directory of ``target_cache``."""
 
     directory: Path
-
-    @classmethod
-    def open(cls, directory: Path | None) -> _GroupStore | None:
-        return None if directory is None else cls(directory)
 
     def restore(self, key: str, ids: list[int], injections: Sequence[Site], out: TargetResult) -> bool:
         """Fill ``out`` for the group's requests from its file; False when there is none to trust."""

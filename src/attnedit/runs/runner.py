@@ -16,7 +16,6 @@ the summary and reports cover the new range only (``selected_records``).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shutil
 import time
@@ -480,10 +479,9 @@ def _edit_group(
     (method ``none``) is never saved. The file is named by the group's requests (``group_edit_path``),
     so a run extended to other cases keeps the edits of the earlier ones. ``out`` None (a remote
     worker): nothing is read or saved here (with --save-edits the edit's time is noted for the driver)."""
-    shared = target_cache(config.targets_cache) if config.targets_cache else contextlib.nullcontext()
     if out is None:
         t0 = time.perf_counter()
-        with shared:
+        with target_cache(config.targets_cache):
             applied = editor.apply(bundle, group)
         seconds = time.perf_counter() - t0
         if config.save_edits:
@@ -496,18 +494,17 @@ def _edit_group(
         return loaded.apply(bundle.model), float(loaded.info.get("seconds", float("nan"))), path
     # a batch's targets are kept group by group until its edit is saved (in the shared cache when there is
     # one): an interrupted run resumes them
-    own = path.with_name(path.stem + ".targets")
-    if not config.targets_cache and len(group) > 1:
-        shared = target_cache(own)
+    own = path.with_name(path.stem + ".targets") if len(group) > 1 and not config.targets_cache else None
     t0 = time.perf_counter()
-    with shared:
+    with target_cache(config.targets_cache or own):
         applied = editor.apply(bundle, group)
     seconds = time.perf_counter() - t0
     saved = bool(applied.edit.deltas) and (config.save_edits or len(group) > 1)
     if saved:
         applied.edit.info["seconds"] = seconds
         applied.edit.save(path)
-    shutil.rmtree(own, ignore_errors=True)
+    if own is not None:
+        shutil.rmtree(own, ignore_errors=True)
     return applied, seconds, path if saved else None
 
 
