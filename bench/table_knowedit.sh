@@ -40,4 +40,5 @@ for label in ${METHODS:-ft memit pmet intattn intattn-trace intattn+sadr}; do
     --targets-cache "${TARGETS_CACHE:-runs/targets-$DATASET}" --threads "${THREADS:-2}"
   runs+=("$out")
 done
-attnedit report "${runs[@]}" --against "${AGAINST:-memit}" --out "bench/results/intattn/knowedit/$DATASET-b$B${TAG:+-$TAG}"
+# REPORT=0: no report (bench/table_knowedit_large.sh reports the rows of a batch together)
+[ "${REPORT:-1}" = 0 ] || attnedit report "${runs[@]}" --against "${AGAINST:-memit}" --out "bench/results/intattn/knowedit/$DATASET-b$B${TAG:+-$TAG}"
