@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from attnedit.cli.main import app
@@ -224,6 +225,20 @@ def test_preset_and_data_errors_are_one_line(tmp_path, tiny_tokenizer):
     )
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "d2" / "summary.json").read_text())["ES"]["n"] == 1
+
+
+@pytest.mark.parametrize("error", ["UnitsFailedError", "PrepareFailedError"])
+def test_units_whose_workers_died_are_one_line_with_exit_code_1(tmp_path, monkeypatch, error):
+    import attnedit.runs.runner
+    from attnedit.runs import executors
+
+    def died(config, ray=None):
+        raise getattr(executors, error)("2 case(s) failed on every try: ['3', '4']")
+
+    monkeypatch.setattr(attnedit.runs.runner, "run", died)
+    result = runner.invoke(app, ["eval", "sample", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "error: 2 case(s) failed on every try: ['3', '4']"
 
 
 def test_unexpected_error_keeps_traceback_and_says_bug(tmp_path, monkeypatch):

@@ -22,6 +22,7 @@ from attnedit.core.scoring import score_targets
 from attnedit.core.sites import Site
 from attnedit.editing.base import EditRequestError
 from attnedit.editing.covariance import StatsSpec, second_moments
+from attnedit.editing.covariance import cache_entries as moment_entries
 from attnedit.editing.ft import FineTune
 from attnedit.editing.memit import Memit
 from attnedit.editing.optimise import (
@@ -45,6 +46,7 @@ from attnedit.editing.presets import (
 )
 from attnedit.editing.rome import Rome
 from attnedit.editing.solvers import least_squares_update, rank_one_update, solve_spd
+from attnedit.editing.templates import cache_entries as template_entries
 
 TEMPLATES = ["{}", "The city. {}", "You know that. {}"]
 
@@ -273,6 +275,31 @@ def test_methods_edit_every_family_and_revert_exactly(tiny, method, corpus):
     assert model_hash(tiny.model) != before_hash
     applied.revert()
     assert model_hash(tiny.model) == before_hash
+
+
+def _one_time_keys(bundle) -> set:
+    """The keys of the one-time work in ``bundle``'s memory caches (context templates, second moments)."""
+    return set(template_entries(bundle)) | set(moment_entries(bundle))
+
+
+@pytest.mark.parametrize("method", ["rome", "memit", "pmet", "ft"])
+def test_prepare_does_the_one_time_work_ahead_and_changes_no_edit(
+    tiny_tokenizer, method, corpus, tmp_path, monkeypatch
+):
+    cases = [_case()]
+    unprepared = make_tiny("llama", tiny_tokenizer)
+    expected = _editors(corpus)[method].apply(unprepared, cases).edit.deltas
+    # a fresh disk cache, so that prepare computes rather than reads
+    monkeypatch.setenv("ATTNEDIT_CACHE", str(tmp_path / "fresh-cache"))
+    bundle = make_tiny("llama", tiny_tokenizer)
+    editor = _editors(corpus)[method]
+    editor.prepare(bundle, cases)
+    prepared = _one_time_keys(bundle)
+    assert bool(prepared) == (method != "ft")  # FT needs neither templates nor statistics
+    deltas = editor.apply(bundle, cases).edit.deltas
+    assert _one_time_keys(bundle) == prepared  # apply found everything done
+    assert deltas.keys() == expected.keys()
+    assert all(torch.equal(deltas[k], expected[k]) for k in deltas)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -220,6 +220,25 @@ def test_traced_alpha_is_a_share_recorded_with_its_effects(tiny_tokenizer, corpu
     applied.revert()
 
 
+@pytest.mark.parametrize(
+    ("alpha", "families"),
+    [
+        (0.0, {"mlp_down"}),
+        (0.4, {"mlp_down", "attn_o"}),
+        (1.0, {"attn_o"}),
+        ("trace", {"mlp_down", "attn_o"}),
+    ],
+)
+def test_prepare_computes_the_statistics_the_edits_read(tiny_tokenizer, corpus, alpha, families, monkeypatch):
+    bundle = make_tiny("llama", tiny_tokenizer)
+    editor = IntAttn(_params(corpus, alpha=alpha, trace_cases=1))
+    editor.prepare(bundle, _cases(2))
+    # alpha=trace is known per batch only: both families are prepared
+    assert {component for component, *_ in covariance.cache_entries(bundle)} == families
+    monkeypatch.setattr(covariance, "_accumulate", lambda *a, **k: pytest.fail("statistics recomputed"))
+    editor.apply(bundle, _cases(2)).revert()
+
+
 def test_settings_are_checked(tiny_tokenizer, corpus):
     bundle = make_tiny("llama", tiny_tokenizer)
     with pytest.raises(EditRequestError, match="above the last MLP layer"):

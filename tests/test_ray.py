@@ -150,6 +150,62 @@ def test_one_time_work_is_done_by_one_worker_only(tmp_path, tiny_dir, corpus_fil
     assert {"stats", "templates"} <= computed[did[0]]
 
 
+@dataclass
+class FirstUnitWaits:
+    """A worker factory whose first unit (of the whole run) waits until another actor has started a unit
+    (up to 120 s), and notes whether it saw one: with the one-time work done ahead by ``prepare``, the
+    other actors start at once instead of after the first unit."""
+
+    inner: Any
+    root: str
+
+    def __call__(self, device: str) -> Any:
+        return _WaitingUnits(self.inner(device), Path(self.root))
+
+
+@dataclass
+class _WaitingUnits:
+    runner: Any
+    root: Path
+
+    @property
+    def bundle(self) -> Any:
+        return self.runner.bundle
+
+    def prepare(self, unit: Any) -> None:
+        self.runner.prepare(unit)
+
+    def __call__(self, unit: Any) -> Any:
+        import time
+
+        (self.root / f"started-{os.getpid()}-{time.monotonic_ns()}").touch()
+        try:
+            os.close(os.open(self.root / "first", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return self.runner(unit)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(list(self.root.glob("started-*"))) < 2:
+            time.sleep(0.05)
+        (self.root / f"saw-{len(list(self.root.glob('started-*')))}").touch()
+        return self.runner(unit)
+
+
+def test_every_worker_starts_at_once_after_the_one_time_work(
+    tmp_path, tiny_dir, corpus_file, cluster, monkeypatch
+):
+    from attnedit.runs import runner
+
+    root = tmp_path / "units"
+    root.mkdir()
+    made = runner.EvalWorkerFactory
+    monkeypatch.setattr(runner, "EvalWorkerFactory", lambda *a: FirstUnitWaits(made(*a), str(root)))
+    config = _memit(tmp_path / "ray", tiny_dir, corpus_file, limit=4, mode="batch", batch_size=2)
+    run(config, progress=False, ray=RayOptions(workers=2))
+    assert len(_records(tmp_path / "ray")) == 4
+    (saw,) = [p.name for p in root.glob("saw-*")]
+    assert saw != "saw-1", "the first unit ran alone: no other actor started a unit while it waited"
+
+
 def test_analysis_on_ray_equals_local(tmp_path, tiny_dir, cluster):
     from attnedit.runs.analyses import Setting
     from attnedit.runs.analysis_runs import TraceOptions, run_trace

@@ -264,7 +264,8 @@ CLI_OWN: tuple[type[BaseException], ...] = (
 
 def error_boundary(command: Callable[P, R]) -> Callable[P, R]:
     """The CLI's one error boundary, applied to every command: an error of ours becomes one line on
-    stderr (exit code 2); anything else keeps its traceback plus a line saying it is a bug."""
+    stderr (exit code 2; units whose Ray workers died, exit code 1); anything else keeps its traceback
+    plus a line saying it is a bug."""
 
     @functools.wraps(command)
     def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -275,6 +276,11 @@ def error_boundary(command: Callable[P, R]) -> Callable[P, R]:
         except KeyboardInterrupt:
             raise
         except Exception as err:
+            from attnedit.runs.executors import UnitsFailedError  # no heavy imports
+
+            if isinstance(err, UnitsFailedError):  # workers died: the rest was written, a rerun resumes
+                typer.echo(f"error: {err}", err=True)
+                raise typer.Exit(1) from None
             if _is_user_error(err):
                 message = " ".join(str(err).split()) or type(err).__name__  # one line
                 typer.echo(f"error: {message}", err=True)

@@ -170,13 +170,7 @@ def eval_command(
             seed=seed,
         ),
     )
-    from attnedit.runs.executors import UnitsFailedError
-
-    try:
-        run(config) if ray is None else run(config, ray=ray)  # the local call as it always was
-    except UnitsFailedError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
+    run(config) if ray is None else run(config, ray=ray)  # the local call as it always was
     rows = collect([out])
     typer.echo(markdown_table(rows, columns(magnitudes=True, rows=rows)))
     typer.echo(f"\nresults: {out / 'results.jsonl'}  summary: {out / 'summary.json'}")

@@ -25,7 +25,7 @@ from typing import Any
 from attnedit.core.data import EditCase, EditRequest
 from attnedit.core.models import ModelBundle
 from attnedit.core.tokens import SubjectNotFoundError, locate_subject
-from attnedit.editing.covariance import StatsSpec
+from attnedit.editing.covariance import StatsSpec, second_moments_of
 from attnedit.editing.optimise import LossTerm, TargetResult, TargetSettings
 from attnedit.editing.presets import LocateParams, params_dict
 from attnedit.editing.templates import TemplateSpec, context_templates, language
@@ -125,6 +125,18 @@ class LocateThenEdit:
     terms: list[LossTerm] = field(default_factory=list)
     name: str = ""
     preset: str = ""
+
+    def statistics(self) -> dict[str, list[int]]:
+        """The key second moments the method's edits read, ``{component: layers}`` (the MLP
+        down-projections of the edit layers)."""
+        return {"mlp_down": sorted(self.params.layers)}
+
+    def prepare(self, bundle: ModelBundle, cases: list[EditCase]) -> None:
+        """The one-time work of ``apply`` for edits of ``cases`` (their language), done ahead: the
+        context templates and the key second moments, kept in ``bundle``'s caches. Nothing is edited;
+        ``apply`` computes whatever is not there itself, so calling this is never required."""
+        method_templates(bundle, self.params, cases_language(cases))
+        second_moments_of(bundle, self.statistics(), stats_spec(self.params))
 
     def hyperparameters(self) -> dict:
         """Everything that determines the edit (written to the run manifest)."""

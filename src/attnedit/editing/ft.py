@@ -46,6 +46,9 @@ class FineTune:
             "terms": [t.describe() for t in self.terms],
         }
 
+    def prepare(self, bundle: ModelBundle, cases: list[EditCase]) -> None:
+        """Nothing to prepare: fine-tuning needs neither templates nor statistics."""
+
     def apply(self, bundle: ModelBundle, cases: list[EditCase]) -> AppliedEdit:
         """Edit the model in place for all cases together; the returned edit reverts it exactly."""
         p = self.params

@@ -168,6 +168,20 @@ class IntAttn(Memit):
         )
         return builder.finish(edit_metadata(self, bundle, found.requests, info))
 
+    def statistics(self) -> dict[str, list[int]]:
+        """The second moments of the families the edits update (both when alpha is traced per batch)."""
+        return self._families(None if self.params.alpha == "trace" else float(self.params.alpha))
+
+    def _families(self, alpha: float | None, both: bool = False) -> dict[str, list[int]]:
+        """``{component: layers}`` of the families updated at ``alpha`` (None: not known yet, both). A
+        family with no share is not computed at all: alpha = 0 is MEMIT, alpha = 1 touches only W_o."""
+        wanted = {}
+        if alpha is None or alpha < 1 or both:
+            wanted["mlp_down"] = sorted(self.params.layers)
+        if alpha is None or alpha > 0 or both:
+            wanted["attn_o"] = sorted(self.params.attn_layers)
+        return wanted
+
     def family_updates(self, bundle: ModelBundle, cases: list[EditCase], both: bool = False) -> FamilyUpdates:
         """Steps 1-3 (module docstring): alpha, statistics, the target, and each family's full update from
         the unedited model (the model is left as it was). A family with no share is not computed, unless
@@ -193,12 +207,7 @@ class IntAttn(Memit):
             seconds["trace"] = time.perf_counter() - t0
         else:
             choice = AlphaChoice(float(p.alpha), "fixed")
-        # a family with no share is not computed at all: alpha = 0 is MEMIT, alpha = 1 touches only W_o
-        wanted = {}
-        if choice.alpha < 1 or both:
-            wanted["mlp_down"] = mlp_layers
-        if choice.alpha > 0 or both:
-            wanted["attn_o"] = attn_layers
+        wanted = self._families(choice.alpha, both)
 
         t0 = time.perf_counter()
         covs = second_moments_of(bundle, wanted, stats_spec(p))

@@ -38,6 +38,10 @@ class Editor(Protocol):
     def apply(self, bundle: ModelBundle, cases: list[EditCase]) -> AppliedEdit:
         """Edit the model in place for these cases (one for single mode, many for batch mode)."""
 
+    def prepare(self, bundle: ModelBundle, cases: list[EditCase]) -> None:
+        """The one-time work of ``apply`` for such cases (context templates, second moments), done ahead
+        into ``bundle``'s caches without editing (a Ray run shares it with every worker)."""
+
 
 @dataclass
 class NoEdit:
@@ -48,6 +52,9 @@ class NoEdit:
 
     def hyperparameters(self) -> dict:
         return {}
+
+    def prepare(self, bundle: ModelBundle, cases: list[EditCase]) -> None:
+        """Nothing to prepare."""
 
     def apply(self, bundle: ModelBundle, cases: list[EditCase]) -> AppliedEdit:
         """An empty edit (no deltas): the model is untouched, and the result is handled like any edit."""

@@ -225,6 +225,11 @@ class _RemoteCases:
     editor: Any
     record: CaseRecordFn
 
+    def prepare(self, case: Any) -> None:
+        """The editor's one-time work for the case (``Editor.prepare``); nothing without an editor."""
+        if self.editor is not None:
+            self.editor.prepare(self.bundle, [case])
+
     def __call__(self, case: Any) -> dict:
         return compute_case(self.record, self.bundle, self.editor, case)
 

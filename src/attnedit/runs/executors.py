@@ -9,14 +9,16 @@ caller (``on_result``), which writes its records once, after the unit returned, 
 command resumes as a local run does.
 
 Each actor loads the model once (``WorkerFactory``), with torch threads = its CPUs. The one-time work of
-the editor (context templates, covariance statistics) is done by the first unit's actor; the driver then
-puts that actor's in-memory caches into Ray's object store and every actor installs them under the same
-keys (``editing.templates``/``editing.covariance`` ``cache_entries``), so no other worker recomputes them
-and no shared file system is assumed.
+the editor (context templates, covariance statistics) is done first, by one actor, for the first unit
+(``UnitRunner.prepare``: nothing is edited); the driver then puts that actor's in-memory caches into Ray's
+object store and every actor installs them under the same keys (``editing.templates``/
+``editing.covariance`` ``cache_entries``) before its first unit, so no other worker recomputes them, no
+shared file system is assumed, and every worker starts a unit at once.
 
 Faults: a unit whose actor dies (process killed, out of memory) is given to a new actor, at most
-``max_retries`` times; after that it is reported in ``FanOutReport.failed``. An error raised by the unit's
-own code (bad input, a non-finite loss) stops the run as it would locally.
+``max_retries`` times; after that it is reported in ``FanOutReport.failed``. An actor that dies preparing
+is replaced as often; when every try died, ``PrepareFailedError`` stops the run before any unit. An error
+raised by the unit's own code (bad input, a non-finite loss) stops the run as it would locally.
 
 Ray is optional (``pip install attnedit[ray]``); this module imports it only when a run asks for it.
 """
@@ -44,6 +46,10 @@ class RayMissingError(ImportError):
 
 class UnitsFailedError(RuntimeError):
     """Some work units failed on every try (their actors died); the other cases were written."""
+
+
+class PrepareFailedError(UnitsFailedError):
+    """Every actor given the run's one-time work died doing it: no unit was started (all failed)."""
 
 
 def require_ray() -> Any:
@@ -98,6 +104,9 @@ class UnitRunner(Protocol):
 
     def __call__(self, unit: Any) -> Any: ...
 
+    def prepare(self, unit: Any) -> None:
+        """The one-time work ``unit`` needs (into ``bundle``'s caches), without computing the unit."""
+
 
 class WorkerFactory(Protocol):
     """Builds a worker's ``UnitRunner`` inside the actor (loads the model there, once); picklable."""
@@ -132,6 +141,10 @@ class _Worker:
         torch.set_num_threads(threads)
         self.crash_once = crash_once
         self.runner = factory(device)
+
+    def prepare(self, unit: Any) -> None:
+        """The one-time work of ``unit`` (``UnitRunner.prepare``)."""
+        self.runner.prepare(unit)
 
     def run(self, unit: Any) -> Any:
         if self.crash_once is not None:
@@ -171,6 +184,12 @@ def _connect(ray: Any, options: RayOptions) -> bool:
     return True
 
 
+def _first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _dead_actor_errors(ray: Any) -> tuple[type[BaseException], ...]:
     """The errors by which Ray reports that a unit's actor died (not that the unit's code raised)."""
     exc = ray.exceptions
@@ -186,8 +205,8 @@ def fan_out(
     options: RayOptions,
 ) -> FanOutReport:
     """Compute ``units`` on ``options.workers`` Ray actors; ``on_result(unit, result)`` is called in the
-    driver once per finished unit (in the order they finish). The first unit runs alone, so that its
-    actor does the one-time work, which every actor then installs from the object store."""
+    driver once per finished unit (in the order they finish). One actor first does the one-time work
+    (for the first unit), which every actor then installs from the object store."""
     ray = require_ray()
     started = _connect(ray, options)
     try:
@@ -234,10 +253,13 @@ class _Driver(Generic[U]):
 
     def run(self) -> FanOutReport:
         ray, dead = self.ray, _dead_actor_errors(self.ray)
-        idle = [self._new_actor()]  # one actor until the one-time work is shared
+        if not self.queue:
+            return self.report
+        idle = [self._prepared_actor(dead)]
+        idle += [self._new_actor() for _ in range(self.options.workers - 1)]  # each installs the caches
         flight: dict[Any, tuple[int, Any]] = {}  # object ref -> (unit index, actor)
         while self.queue or flight:
-            while idle and self.queue and (self.shared is not None or not flight):
+            while idle and self.queue:
                 i = self.queue.popleft()
                 actor = idle.pop()
                 self.tries[i] += 1
@@ -255,22 +277,40 @@ class _Driver(Generic[U]):
                 raise err.as_instanceof_cause() from None  # the unit's own error: as a local run
             self.on_result(self.units[i], result)
             self.report.finished += 1
-            if self.shared is None:
-                self.shared = ray.put(ray.get(actor.cache_entries.remote()))
-                for other in idle:  # replacements made while the first unit was retried
-                    other.install_cache.remote(self.shared)
-                idle += [self._new_actor() for _ in range(self.options.workers - 1 - len(idle))]
             idle.append(actor)
         for actor in idle:
             ray.kill(actor)
         return self.report
+
+    def _prepared_actor(self, dead: tuple[type[BaseException], ...]) -> Any:
+        """An actor that has done the one-time work of the first unit, shared (``self.shared``) with every
+        actor made after it; one that dies doing it is replaced, at most ``max_retries`` times."""
+        first, problem = self.units[self.queue[0]], ""
+        for tries in range(1, self.options.max_retries + 2):
+            actor = self._new_actor()
+            try:
+                self.ray.get(actor.prepare.remote(first))
+            except dead as err:
+                self.report.actors_lost += 1
+                self.ray.kill(actor)
+                problem = _first_line(err)
+                again = ": trying again" if tries <= self.options.max_retries else ""
+                logger.warning("a worker died preparing the run (%s)%s", problem, again)
+                continue
+            except self.ray.exceptions.RayTaskError as err:
+                raise err.as_instanceof_cause() from None  # the preparation's own error: as a local run
+            self.shared = self.ray.put(self.ray.get(actor.cache_entries.remote()))
+            return actor
+        raise PrepareFailedError(
+            f"every worker preparing the run died ({tries} tries; last: {problem}); no case was computed"
+        )
 
     def _lost(self, i: int, actor: Any, err: BaseException) -> None:
         """A unit's actor died: retry the unit (on a new actor) or report it failed."""
         self.report.actors_lost += 1
         self.ray.kill(actor)
         ids = self.case_ids(self.units[i])
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first_line = _first_line(err)
         if self.tries[i] <= self.options.max_retries:
             logger.warning("a worker died during case(s) %s (%s): trying again", ids, first_line)
             self.queue.appendleft(i)

@@ -580,6 +580,11 @@ class _RemoteUnits:
     def bundle(self) -> ModelBundle:
         return self.worker.bundle
 
+    def prepare(self, unit: Unit) -> None:
+        """The editor's one-time work for the unit's first group (``Editor.prepare``)."""
+        _, group, _ = unit.groups[0]
+        self.worker.editor.prepare(self.worker.bundle, group)
+
     def __call__(self, unit: Unit) -> tuple[list[CaseRecord], list[tuple[list[EditCase], WeightEdit]]]:
         records: list[CaseRecord] = []
         kept = run_unit(self.worker, unit, lambda finished, _counted: records.extend(finished))
