@@ -23,6 +23,7 @@ from attnedit.editing.memat import Memat
 from attnedit.editing.presets import MematParams, PresetError, load_preset, make_params
 from attnedit.editing.registry import make_editor
 from attnedit.editing.sadr import SadrSettings, SadrTerm
+from attnedit.editing.templates import LANGUAGES
 
 pytestmark = pytest.mark.usefixtures("isolated_cache", "one_thread")
 
@@ -267,7 +268,6 @@ def test_make_editor_builds_memat_and_memat_sadr():
 def test_cross_lingual_memat_edits_in_one_language_corrects_in_another(tiny_tokenizer, corpus, shared_data):
     """BMIKE-53 records: MEMIT on the English requests, classifiers and corrections on the French prompts
     (French context-template seeds and KL prompt), the suite scored in both languages."""
-    from attnedit.editing.templates import LANGUAGES
     from attnedit.evaluation.evaluator import EvalConfig, Evaluator
 
     bundle = make_tiny("llama", tiny_tokenizer)
@@ -285,6 +285,24 @@ def test_cross_lingual_memat_edits_in_one_language_corrects_in_another(tiny_toke
     applied.revert()
     with pytest.raises(ValueError, match="de"):
         Memat(_params(corpus, head_language="de")).apply(bundle, cases)
+
+
+def test_prepare_makes_the_templates_of_both_languages_and_the_statistics(
+    tiny_tokenizer, corpus, shared_data
+):
+    """A Ray run's one-time work for MEMAT with French heads: English and French templates, MEMIT's
+    statistics; the edit then adds nothing to those caches."""
+    from attnedit.editing import covariance, templates
+
+    bundle = make_tiny("llama", tiny_tokenizer)
+    cases = load_cases(shared_data / "bmike53_counterfact_en_fr.json").cases[:4]
+    editor = Memat(_params(corpus, head_language="fr"))
+    editor.prepare(bundle, cases)
+    done = set(templates.cache_entries(bundle)), set(covariance.cache_entries(bundle))
+    assert {spec.seed_words for spec in done[0]} == {LANGUAGES["en"].seed_words, LANGUAGES["fr"].seed_words}
+    assert {(c, layer) for c, layer, *_ in done[1]} == {("mlp_down", layer) for layer in editor.params.layers}
+    editor.apply(bundle, cases).revert()
+    assert (set(templates.cache_entries(bundle)), set(covariance.cache_entries(bundle))) == done
 
 
 def test_sequential_memat_edits_stack_and_resume(tmp_path, tiny_dir, corpus, monkeypatch):

@@ -106,6 +106,11 @@ class Memat(Memit):
         info = {**info, "memat": {**memat, "seconds": seconds}}
         return builder.finish(edit_metadata(self, bundle, requests, info))
 
+    def prepare(self, bundle: ModelBundle, cases: list[EditCase]) -> None:
+        """MEMIT's one-time work, and the context templates of the head language (the corrections')."""
+        super().prepare(bundle, cases)
+        method_templates(bundle, self.params, cases_language(self.head_targets(cases)))
+
     def head_targets(self, cases: list[EditCase]) -> list[EditCase]:
         """The cases in the head language (all in one language)."""
         targets = [head_case(case, self.params.head_language) for case in cases]
