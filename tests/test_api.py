@@ -77,6 +77,26 @@ def test_edit_reverts_on_exit_even_on_error_and_keep_keeps(tiny_tokenizer, tiny_
     assert model_hash(bundle.model) == original
 
 
+def test_a_target_cache_lets_a_second_batch_edit_skip_its_optimisation(
+    tiny_tokenizer, tiny_presets, tmp_path
+):
+    from attnedit.editing import optimise
+
+    bundle = make_tiny("llama", tiny_tokenizer)
+    requests = [REQ, attnedit.EditRequest("{} is in", "Colosseum", "Paris", "Rome")]
+    with attnedit.target_cache(tmp_path / "targets"):
+        with attnedit.edit(bundle, "memit", requests) as first:
+            deltas = first.edit.deltas
+        assert list((tmp_path / "targets").glob("*.safetensors"))
+        steps = []
+        real = optimise.adam_loop
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(optimise, "adam_loop", lambda *a, **k: steps.append(1) or real(*a, **k))
+            with attnedit.edit(bundle, "memit", requests) as second:
+                assert all(torch.equal(second.edit.deltas[k], v) for k, v in deltas.items())
+        assert not steps  # the targets came from the cache
+
+
 def test_settings_are_routed_and_checked(tiny_tokenizer, tiny_presets):
     bundle = make_tiny("llama", tiny_tokenizer)
     editor = attnedit.editor(bundle, "rome+sadr", steps=3, gamma=0.2)

@@ -31,6 +31,7 @@ _API = (
     "load_model",
     "methods",
     "reference",
+    "target_cache",
 )
 
 __all__ = ["__version__", *_API]
@@ -50,6 +51,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
         load_model,
         methods,
         reference,
+        target_cache,
     )
 
 

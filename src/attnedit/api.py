@@ -13,6 +13,10 @@ does not import torch until one of these names is used. A typical session::
 An edit is an ``AppliedEdit``: its ``.edit`` is the saveable ``WeightEdit``; ``revert()`` restores the
 weights bit for bit; as a context manager it reverts on exit (exceptions included) unless ``keep()`` was
 called (or ``keep=True`` given), which is how edits accumulate in sequential editing.
+
+``with target_cache(DIR):`` (``editing.optimise.target_cache``) keeps every finished group of a target
+optimisation in DIR and reuses it for edits with the same targets (an interrupted batch edit again,
+IntAttn-Edit after MEMIT on the same requests), around the unedited model.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from attnedit.core.deltas import AppliedEdit
 from attnedit.core.models import ModelBundle, bundle_from_model
 from attnedit.core.models import load_model as _load_model
 from attnedit.core.scoring import generate
+from attnedit.editing.optimise import target_cache  # noqa: F401 (public: attnedit.target_cache)
 from attnedit.editing.presets import PARAMS
 from attnedit.editing.registry import METHODS, Editor, make_editor
 from attnedit.editing.sadr import SETTING_KEYS as SADR_KEYS
