@@ -34,9 +34,11 @@ for label in ${METHODS:-ft memit pmet intattn intattn-trace intattn+sadr}; do
   read -r -a ALL <<< "${ALL_PARAMS:-}"
   if [[ $method != ft ]]; then for x in "${ALL[@]}"; do P+=(-p "$x"); done; fi
   out="runs/ke-$DATASET-${label/+/-}-b$B${TAG:+-$TAG}"
-  # fluency on the rewrite prompts only: KE_FLU (EasyEdit's sampling) and FL (greedy) both come from them
+  # fluency on the rewrite prompts only: KE_FLU (EasyEdit's sampling) and FL (greedy) both come from them;
+  # KE_FLU drawn per decoding batch, as every row of these tables was (docs/reliability.md)
   attnedit eval "$DATA" --skip-invalid --method "$method" --label "$label" --mode batch --batch-size "$B" \
     --first "$FIRST" --limit "$B" --fluency-prompts rewrite --ppl-corpus none "${P[@]}" --out "$out" \
+    --knowedit-sampling batch \
     --targets-cache "${TARGETS_CACHE:-runs/targets-$DATASET}" --threads "${THREADS:-2}"
   runs+=("$out")
 done

@@ -169,6 +169,12 @@ def test_bad_flags_fail_before_the_model_loads(tmp_path):
     )
     _one_line_error(result, "--targets-cache", "not a directory")
     assert a_file.read_text() == "not a directory"
+    result = runner.invoke(
+        app,
+        ["eval", "sample", "--model", nowhere, "--out", str(tmp_path / "o2"), "--knowedit-sampling", "case"],
+    )
+    _one_line_error(result, "--knowedit-sampling must be one of batch, prompt, not 'case'")
+    assert not (tmp_path / "o2").exists()
 
 
 def test_read_only_out_fails_before_the_model_loads(tmp_path, monkeypatch):

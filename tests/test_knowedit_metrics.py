@@ -222,6 +222,24 @@ def test_ke_flu_is_seeded_and_present(bundle):
     assert "knowedit_fluency" not in plain
 
 
+def test_ke_flu_samples_of_a_case_do_not_depend_on_its_batch_mates(bundle):
+    cases = _cases(bundle)[:3]
+
+    def samples(sampling: str, groups: list[list[int]]) -> list[list[str]]:
+        evaluator = Evaluator(bundle, EvalConfig(fluency=True, seed=7, knowedit_sampling=sampling))
+        records: list[dict] = [{} for _ in cases]
+        for group in groups:
+            evaluator.add_knowedit_fluency([cases[i] for i in group], [records[i] for i in group])
+        return [r["knowedit_generations"] for r in records]
+
+    together, alone = [[0, 1, 2]], [[0], [1], [2]]
+    assert samples("prompt", together) == samples("prompt", alone) == samples("prompt", [[2, 0], [1]])
+    # one stream per decoding batch (runs before the setting): a case's samples change with its batch
+    assert samples("batch", together) != samples("batch", alone)
+    with pytest.raises(ValueError, match="knowedit-sampling"):
+        EvalConfig(knowedit_sampling="case")
+
+
 def test_generate_max_length_counts_the_prompt(bundle):
     tok = bundle.tokenizer
     prompts = ["The capital of Italy is", "Toko Yasuda plays the guitar and the piano. Rome"]

@@ -512,6 +512,20 @@ def test_run_dir_open_keeps_created_and_checks_identity(tmp_path):
     assert run_dir.open({"seed": 0, "method": "rome", "first": 0}, ("first",))["first"] == 0
 
 
+def test_a_manifest_from_before_knowedit_sampling_continues_with_batch_only(tmp_path):
+    from attnedit.evaluation.evaluator import EvalConfig
+
+    run_dir = RunDir(tmp_path / "run")
+    old_eval = {k: v for k, v in EvalConfig().manifest().items() if k != "knowedit_sampling"}
+    run_dir.open({"eval": old_eval}, ("eval",))
+    run_dir.close()
+    with pytest.raises(RunConflictError, match="eval"):
+        run_dir.open({"eval": EvalConfig().manifest()}, ("eval",))  # the default, per prompt
+    batch = EvalConfig(knowedit_sampling="batch").manifest()
+    assert run_dir.open({"eval": batch}, ("eval",))["eval"]["knowedit_sampling"] == "batch"
+    run_dir.close()
+
+
 def test_run_dir_records_repair_only_when_asked(tmp_path):
     run_dir = RunDir(tmp_path)
     run_dir.open({"seed": 0}, ())

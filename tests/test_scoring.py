@@ -64,6 +64,56 @@ def test_generation_is_greedy_and_batched(tiny: ModelBundle):
     assert sampled == generate(tiny.model, tiny.tokenizer, prompts, max_new_tokens=5, top_k=5, seed=3)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_per_prompt_sampling_is_the_same_in_any_batch(tiny_tokenizer, family):
+    from conftest import make_tiny
+
+    bundle = make_tiny(family, tiny_tokenizer)
+    prompts = ["The Eiffel Tower is", "What does Freddy Cole play? They play", "Paris is the capital of"]
+
+    def sample(ps, seed=3, **kw):
+        return generate(
+            bundle.model,
+            bundle.tokenizer,
+            ps,
+            max_new_tokens=8,
+            top_k=5,
+            seed=seed,
+            adapter=bundle.adapter,
+            sampling="prompt",
+            **kw,
+        )
+
+    alone = [sample([p])[0] for p in prompts]
+    assert sample(prompts) == alone
+    assert sample(prompts[::-1]) == alone[::-1]  # another place in the batch
+    assert sample(prompts, batch_size=2) == alone  # other batch-mates
+    # the same prompt twice draws the same sample; another seed draws others
+    assert sample([prompts[0], prompts[0]]) == [alone[0], alone[0]]
+    assert sample(prompts, seed=4) != alone
+    # one stream per batch (the default, model.generate): the same prompt twice in a batch draws two samples
+    twice = generate(bundle.model, bundle.tokenizer, [prompts[0]] * 2, max_new_tokens=8, top_k=5, seed=3)
+    assert twice[0] != twice[1]
+    with pytest.raises(ValueError, match="sampling"):
+        generate(bundle.model, bundle.tokenizer, prompts, top_k=5, sampling="case")
+
+
+def test_top_k_sampler_draws_from_the_top_k_with_each_rows_generator():
+    from attnedit.core.scoring import TopKSampler, prompt_generator
+
+    logits = torch.tensor([[0.0, 5.0, 4.9, -1.0, 4.8], [3.0, 0.0, 0.0, 0.0, 0.0]])
+    top2 = [set(row.tolist()) for row in logits.topk(2).indices]
+    sampler = TopKSampler(2, [prompt_generator(0, "a"), prompt_generator(0, "b")])
+    draws = [sampler(logits).tolist() for _ in range(200)]
+    for r in (0, 1):
+        assert {d[r] for d in draws} == top2[r]  # both of its top 2, nothing else
+    assert TopKSampler(1, [prompt_generator(0, "a"), prompt_generator(0, "b")])(logits).tolist() == [1, 0]
+    # row 0's draws do not depend on row 1 (nor on its generator)
+    solo = TopKSampler(2, [prompt_generator(0, "a")])
+    pair = TopKSampler(2, [prompt_generator(0, "a"), prompt_generator(9, "z")])
+    assert [int(solo(logits[:1])[0]) for _ in range(30)] == [int(pair(logits)[0]) for _ in range(30)]
+
+
 def _hf_greedy(bundle: ModelBundle, prompts, n):
     return generate(bundle.model, bundle.tokenizer, prompts, max_new_tokens=n)  # no adapter: HF generate
 

@@ -92,10 +92,17 @@ def eval_command(
     generation_cases: Annotated[
         int,
         typer.Option(
-            help="fluency: cases generated in one decoding batch (speed only for FL; KE_FLU's samples "
-            "depend on it, docs/reliability.md)"
+            help="fluency: cases generated in one decoding batch (speed only, but for KE_FLU with "
+            "--knowedit-sampling batch, docs/reliability.md)"
         ),
     ] = 16,
+    knowedit_sampling: Annotated[
+        str,
+        typer.Option(
+            help="KE_FLU's top-k samples: 'prompt' (a generator per prompt, the same in any batch) or "
+            "'batch' (one stream per decoding batch, as runs made before this option; to continue those)"
+        ),
+    ] = "prompt",
     targets_cache: Annotated[
         Path | None,
         typer.Option(
@@ -117,9 +124,6 @@ def eval_command(
     With --backend ray the units (a case, a fluency batch of cases, a batch edit) run on Ray actors."""
     check_limit(limit, first)
     check_model_flags(device, dtype)
-    check_writable_dir(out)
-    if targets_cache is not None:
-        check_writable_dir(targets_cache, "--targets-cache")
     if ray is not None and mode == "sequential":
         raise typer.BadParameter(
             "sequential mode runs locally only (its edits build on each other): drop --backend ray",
@@ -165,11 +169,16 @@ def eval_command(
         eval=EvalConfig(
             fluency=fluency,
             fluency_prompts=fluency_prompts,
+            knowedit_sampling=knowedit_sampling,
             max_new_tokens=max_new_tokens,
             max_generation_prompts=generation_prompts,
             seed=seed,
         ),
     )
+    # every flag is checked (the configs above) before anything is created
+    check_writable_dir(out)
+    if targets_cache is not None:
+        check_writable_dir(targets_cache, "--targets-cache")
     run(config) if ray is None else run(config, ray=ray)  # the local call as it always was
     rows = collect([out])
     typer.echo(markdown_table(rows, columns(magnitudes=True, rows=rows)))

@@ -8,8 +8,9 @@ projects to the vocabulary only at the positions that predict target tokens.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -327,8 +328,14 @@ def generate(
     adapter: ModelAdapter | None = None,
     row_edits: tuple[Sequence[Mapping[str, torch.Tensor]], Sequence[int]] | None = None,
     max_length: int | None = None,
+    sampling: str = "batch",
 ) -> list[str]:
     """Continuations of ``prompts`` (greedy, or top-k sampling with a fixed seed), batched and left-padded.
+
+    ``sampling`` (top-k only): ``"batch"``, one random stream per decoding batch, seeded with ``seed``
+    (``model.generate``'s sampling; a prompt's sample depends on its batch-mates and on its place in the
+    batch); ``"prompt"``, a generator per prompt seeded from ``seed`` and the prompt's text
+    (``prompt_generator``; needs ``adapter``), so a prompt's sample is the same in any batch.
 
     ``row_edits = (deltas, owner)``: prompt ``i`` is continued by the model plus the weight deltas
     ``deltas[owner[i]]`` (``interventions.row_deltas``), so the prompts of many edited cases share one
@@ -338,6 +345,10 @@ def generate(
     """
     if not prompts:
         return []
+    if sampling not in SAMPLING:
+        raise ValueError(f"sampling must be one of {', '.join(SAMPLING)}, not {sampling!r}")
+    if top_k is not None and sampling == "prompt" and adapter is None:
+        raise ValueError("sampling='prompt' needs the model's adapter")
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     generator_state = torch.random.get_rng_state()
@@ -364,8 +375,19 @@ def generate(
                 else contextlib.nullcontext()
             )
             with edits:
-                if top_k is None and adapter is not None:
-                    new = greedy_decode(model, adapter, ids, mask, steps, _eos_ids(model, tokenizer), pad_id)
+                per_prompt = top_k is not None and sampling == "prompt"
+                if adapter is not None and (top_k is None or per_prompt):
+                    choose = (
+                        TopKSampler(
+                            top_k,
+                            [prompt_generator(seed, p, device) for p in prompts[start : start + batch_size]],
+                        )
+                        if per_prompt
+                        else None
+                    )
+                    new = greedy_decode(
+                        model, adapter, ids, mask, steps, _eos_ids(model, tokenizer), pad_id, choose
+                    )
                     texts.extend(
                         tokenizer.decode(row[:budget], skip_special_tokens=True)
                         for row, budget in zip(new, budgets, strict=True)
@@ -390,6 +412,35 @@ def generate(
     return texts
 
 
+SAMPLING = ("batch", "prompt")
+
+
+def prompt_generator(seed: int, prompt: str, device: torch.device | str = "cpu") -> torch.Generator:
+    """A random generator of one prompt's own, seeded from ``seed`` and the prompt's text (sha256)."""
+    digest = hashlib.sha256(f"{seed}\x00{prompt}".encode()).digest()
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int.from_bytes(digest[:8], "little") >> 1)  # a non-negative 63-bit seed
+    return generator
+
+
+@dataclass
+class TopKSampler:
+    """Top-k sampling at temperature 1 with one generator per row: row ``r`` draws its next token from
+    the softmax of its ``k`` largest logits with ``generators[r]``, one draw per step whatever the other
+    rows do, so its tokens depend on its own logits and generator only (``greedy_decode``'s ``choose``)."""
+
+    k: int
+    generators: Sequence[torch.Generator]
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        values, indices = logits.float().topk(min(self.k, logits.shape[-1]), dim=-1)
+        probs = values.softmax(dim=-1)
+        picks = torch.stack(
+            [torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(self.generators)]
+        )
+        return indices.gather(-1, picks).squeeze(-1)
+
+
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """End-of-sequence ids as ``generate`` uses them (the generation config's, else the tokenizer's)."""
     config = getattr(model, "generation_config", None)
@@ -410,11 +461,13 @@ def greedy_decode(
     max_new_tokens: int,
     eos_ids: Sequence[int],
     pad_id: int,
+    choose: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[list[int]]:
     """Greedy continuation of a left-padded batch with a KV cache: the new ids of each row.
 
     Same tokens as ``model.generate(do_sample=False)`` without its per-step overhead (logits only for
-    the last position, no processors); a row stops at its first end-of-sequence token.
+    the last position, no processors); a row stops at its first end-of-sequence token. ``choose``: the
+    next token of each row from its logits ``[rows, vocab]`` instead of the argmax (``TopKSampler``).
     """
     base, head = _base_and_head(model, adapter)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -425,7 +478,8 @@ def greedy_decode(
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     new: list[torch.Tensor] = []
     for step in range(max_new_tokens):
-        token = head(last).argmax(dim=-1)
+        logits = head(last)
+        token = logits.argmax(dim=-1) if choose is None else choose(logits)
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         new.append(token)
         finished |= torch.isin(token, eos)

@@ -11,7 +11,7 @@ import torch
 
 from attnedit.core.data import EditCase
 from attnedit.core.models import ModelBundle
-from attnedit.core.scoring import generate, score_targets, text_nll
+from attnedit.core.scoring import SAMPLING, generate, score_targets, text_nll
 from attnedit.evaluation.metrics import (
     KNOWEDIT_FLUENCY_MAX_LENGTH,
     KNOWEDIT_FLUENCY_TOP_K,
@@ -37,11 +37,19 @@ class EvalConfig:
     ppl_texts: list[str] = field(default_factory=list)
     max_batch_tokens: int = 2048
     seed: int = 0
+    # KnowEdit's sampled fluency (KE_FLU): "prompt", a generator per prompt seeded from the seed and the
+    # prompt (a case's samples are the same in any decoding batch); "batch", one stream per decoding batch
+    # (runs made before this setting existed, whose manifests imply it: ``rundir.ADDED_LATER_PARTS``)
+    knowedit_sampling: str = "prompt"
 
     def __post_init__(self) -> None:
         if self.fluency_prompts not in ("generation", "rewrite"):
             raise ValueError(
                 f"fluency prompts must be 'generation' or 'rewrite', not {self.fluency_prompts!r}"
+            )
+        if self.knowedit_sampling not in SAMPLING:
+            raise ValueError(
+                f"--knowedit-sampling must be one of {', '.join(SAMPLING)}, not {self.knowedit_sampling!r}"
             )
 
     def manifest(self) -> dict:
@@ -199,16 +207,22 @@ class Evaluator:
     ) -> None:
         """KnowEdit's fluency as EasyEdit computes it, for the cases with KnowEdit probes (portability or
         locality): from each rewrite prompt, top-k (5) sampling to 100 tokens including the prompt's,
-        seeded (``EvalConfig.seed``); per text (prompt + continuation) ``ngram_entropy``. One decoding
-        batch for all the cases (``deltas`` as in ``add_fluency``); its time is added to
-        ``seconds_generation``. Other data keep their cost: KE_FLU decodes as much again as FL.
+        seeded (``EvalConfig.seed``, per prompt or per batch: ``EvalConfig.knowedit_sampling``); per text
+        (prompt + continuation) ``ngram_entropy``. One decoding batch for all the cases (``deltas`` as in
+        ``add_fluency``); its time is added to ``seconds_generation``. Other data keep their cost: KE_FLU
+        decodes as much again as FL.
         """
 
         def prompts_of(case: EditCase) -> list[str]:
             return [p.prompt for p in case.rewrite] if case.portability or case.locality else []
 
         texts, seconds = self._decode(
-            cases, prompts_of, deltas, top_k=KNOWEDIT_FLUENCY_TOP_K, max_length=KNOWEDIT_FLUENCY_MAX_LENGTH
+            cases,
+            prompts_of,
+            deltas,
+            top_k=KNOWEDIT_FLUENCY_TOP_K,
+            max_length=KNOWEDIT_FLUENCY_MAX_LENGTH,
+            sampling=self.config.knowedit_sampling,
         )
         owners = sum(1 for full in texts if full)
         for record, full in zip(records, texts, strict=True):

@@ -48,6 +48,8 @@ LOCK = ".lock"
 
 # identity fields newer than some run directories, with the value an older manifest implies
 ADDED_LATER: dict[str, Any] = {"first": 0}
+# keys of an identity field's mapping that are newer than some run directories, likewise
+ADDED_LATER_PARTS: dict[str, dict[str, Any]] = {"eval": {"knowedit_sampling": "batch"}}
 # parts of an identity field that do not identify a run: the data are known by their sha256 and the
 # model by its fingerprint (of its weights; a local model's name is its path), so the same file or
 # weights reached by another path (moved, copied, relative or absolute, another $ATTNEDIT_CACHE)
@@ -327,6 +329,8 @@ class RunDir(Generic[R]):
             return
         for key in identity:
             before = _identity_value(key, old.get(key, ADDED_LATER.get(key)))
+            if isinstance(before, Mapping) and key in ADDED_LATER_PARTS:
+                before = {**ADDED_LATER_PARTS[key], **before}
             if before != _identity_value(key, manifest.get(key)):
                 raise error(
                     f"{self.path} holds a run with different {key!r}: {old.get(key)!r} != "
