@@ -27,7 +27,10 @@ runs=()
 for label in ${METHODS:-ft memit pmet intattn intattn-trace intattn+sadr}; do
   method=${label%-trace}
   P=()
-  if [[ $method != ft ]]; then P=(-p "stats_corpus=$W" -p stats_samples=5000); fi
+  # FT has neither statistics nor a target optimisation (so no target cache either)
+  if [[ $method != ft ]]; then
+    P=(-p "stats_corpus=$W" -p stats_samples=5000 --targets-cache "${TARGETS_CACHE:-runs/targets-$DATASET}")
+  fi
   if [[ $label == *-trace ]]; then P+=(-p alpha=trace); fi
   read -r -a EXTRA <<< "${FT_PARAMS:-}"
   if [[ $method == ft ]]; then for x in "${EXTRA[@]}"; do P+=(-p "$x"); done; fi
@@ -38,8 +41,7 @@ for label in ${METHODS:-ft memit pmet intattn intattn-trace intattn+sadr}; do
   # KE_FLU drawn per decoding batch, as every row of these tables was (docs/reliability.md)
   attnedit eval "$DATA" --skip-invalid --method "$method" --label "$label" --mode batch --batch-size "$B" \
     --first "$FIRST" --limit "$B" --fluency-prompts rewrite --ppl-corpus none "${P[@]}" --out "$out" \
-    --knowedit-sampling batch \
-    --targets-cache "${TARGETS_CACHE:-runs/targets-$DATASET}" --threads "${THREADS:-2}"
+    --knowedit-sampling batch --threads "${THREADS:-2}"
   runs+=("$out")
 done
 # REPORT=0: no report (bench/table_knowedit_large.sh reports the rows of a batch together)
