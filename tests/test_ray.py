@@ -131,16 +131,23 @@ class PrivateDiskCache:
         return self.inner(device)
 
 
-def test_one_time_work_is_done_by_one_worker_only(tmp_path, tiny_dir, corpus_file, cluster, monkeypatch):
+def _run_with_wrapped_workers(tmp_path, tiny_dir, corpus_file, monkeypatch, wrap, cases: int) -> Path:
+    """A batch run (groups of 2) of ``cases`` cases on 2 actors whose worker factory is
+    ``wrap(factory, root)``; every case written; returns ``root``, a directory for the wrapper's files."""
     from attnedit.runs import runner
 
-    root = tmp_path / "actors"
+    root = tmp_path / "workers"
     root.mkdir()
     made = runner.EvalWorkerFactory
-    monkeypatch.setattr(runner, "EvalWorkerFactory", lambda *a: PrivateDiskCache(made(*a), str(root)))
-    config = _memit(tmp_path / "ray", tiny_dir, corpus_file, limit=6, mode="batch", batch_size=2)
+    monkeypatch.setattr(runner, "EvalWorkerFactory", lambda *a: wrap(made(*a), str(root)))
+    config = _memit(tmp_path / "ray", tiny_dir, corpus_file, limit=cases, mode="batch", batch_size=2)
     run(config, progress=False, ray=RayOptions(workers=2))
-    assert len(_records(tmp_path / "ray")) == 6
+    assert len(_records(tmp_path / "ray")) == cases
+    return root
+
+
+def test_one_time_work_is_done_by_one_worker_only(tmp_path, tiny_dir, corpus_file, cluster, monkeypatch):
+    root = _run_with_wrapped_workers(tmp_path, tiny_dir, corpus_file, monkeypatch, PrivateDiskCache, 6)
     actors = sorted(root.iterdir())
     assert len(actors) == 2  # three units on two actors: both computed edits
     # the kinds of cache file each actor wrote (stats/..., templates/...)
@@ -193,15 +200,7 @@ class _WaitingUnits:
 def test_every_worker_starts_at_once_after_the_one_time_work(
     tmp_path, tiny_dir, corpus_file, cluster, monkeypatch
 ):
-    from attnedit.runs import runner
-
-    root = tmp_path / "units"
-    root.mkdir()
-    made = runner.EvalWorkerFactory
-    monkeypatch.setattr(runner, "EvalWorkerFactory", lambda *a: FirstUnitWaits(made(*a), str(root)))
-    config = _memit(tmp_path / "ray", tiny_dir, corpus_file, limit=4, mode="batch", batch_size=2)
-    run(config, progress=False, ray=RayOptions(workers=2))
-    assert len(_records(tmp_path / "ray")) == 4
+    root = _run_with_wrapped_workers(tmp_path, tiny_dir, corpus_file, monkeypatch, FirstUnitWaits, 4)
     (saw,) = [p.name for p in root.glob("saw-*")]
     assert saw != "saw-1", "the first unit ran alone: no other actor started a unit while it waited"
 
