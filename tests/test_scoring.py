@@ -217,3 +217,34 @@ def test_row_deltas_refuse_what_they_cannot_add(tiny: ModelBundle):
     with pytest.raises(KeyError, match="no parameter"):
         with row_deltas(tiny.model, [{"nope.weight": torch.zeros(1)}], [0]):
             pass
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.6, 1.0), (0.7, 0.9), (1.3, 0.5)])
+def test_the_per_prompt_sampler_draws_from_generates_distribution(temperature, top_p):
+    """The distribution a row is drawn from equals the one ``model.generate`` samples from with top-k 5
+    and the generation config's temperature and top-p (its warpers, in its order)."""
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    from attnedit.core.scoring import TopKSampler
+
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
+    warped = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    warped = TopKLogitsWarper(5)(None, warped)
+    if top_p < 1.0:
+        warped = TopPLogitsWarper(top_p)(None, warped)
+    expected = warped.softmax(-1)
+    indices, probs = TopKSampler(5, [], temperature, top_p).distribution(logits)
+    ours = torch.zeros_like(expected).scatter(-1, indices, probs / probs.sum(-1, keepdim=True))
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_sampler_takes_temperature_and_top_p_from_the_generation_config(tiny: ModelBundle):
+    from attnedit.core.scoring import _sampling_config
+
+    assert _sampling_config(tiny.model) == {"temperature": 1.0, "top_p": 1.0}
+    tiny.model.generation_config.temperature, tiny.model.generation_config.top_p = 0.6, 0.9
+    assert _sampling_config(tiny.model) == {"temperature": 0.6, "top_p": 0.9}

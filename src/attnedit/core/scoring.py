@@ -381,6 +381,7 @@ def generate(
                         TopKSampler(
                             top_k,
                             [prompt_generator(seed, p, device) for p in prompts[start : start + batch_size]],
+                            **_sampling_config(model),
                         )
                         if per_prompt
                         else None
@@ -425,20 +426,41 @@ def prompt_generator(seed: int, prompt: str, device: torch.device | str = "cpu")
 
 @dataclass
 class TopKSampler:
-    """Top-k sampling at temperature 1 with one generator per row: row ``r`` draws its next token from
-    the softmax of its ``k`` largest logits with ``generators[r]``, one draw per step whatever the other
-    rows do, so its tokens depend on its own logits and generator only (``greedy_decode``'s ``choose``)."""
+    """Top-k sampling with one generator per row: row ``r`` draws its next token from the softmax of its
+    ``k`` largest logits (divided by ``temperature``; then only the smallest set of them whose probability
+    reaches ``top_p``, as ``model.generate`` warps them) with ``generators[r]``, one draw per step
+    whatever the other rows do, so its tokens depend on its own logits and generator only
+    (``greedy_decode``'s ``choose``)."""
 
     k: int
     generators: Sequence[torch.Generator]
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def distribution(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's candidate token ids ``[rows, k]`` and their (unnormalised) probabilities."""
+        values, indices = (logits.float() / self.temperature).topk(min(self.k, logits.shape[-1]), dim=-1)
+        probs = values.softmax(dim=-1)
+        if self.top_p < 1.0:  # values are sorted: keep a token while the mass before it is below top_p
+            before = probs.cumsum(dim=-1) - probs
+            probs = torch.where(before < self.top_p, probs, torch.zeros_like(probs))
+        return indices, probs
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        values, indices = logits.float().topk(min(self.k, logits.shape[-1]), dim=-1)
-        probs = values.softmax(dim=-1)
+        indices, probs = self.distribution(logits)
         picks = torch.stack(
             [torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(self.generators)]
         )
         return indices.gather(-1, picks).squeeze(-1)
+
+
+def _sampling_config(model: PreTrainedModel) -> dict[str, float]:
+    """The temperature and top-p of the model's generation config, which ``model.generate`` applies to a
+    top-k draw when they are set (1.0, none, when they are not)."""
+    config = getattr(model, "generation_config", None)
+    temperature = getattr(config, "temperature", None)
+    top_p = getattr(config, "top_p", None)
+    return {"temperature": float(temperature or 1.0), "top_p": float(1.0 if top_p is None else top_p)}
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
