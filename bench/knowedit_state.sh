@@ -2,7 +2,8 @@
 # Carry the large KnowEdit tables' runs (bench/table_knowedit_large.sh) across sessions whose machines
 # do not keep runs/: `save` copies each run's manifest, records and COMPLETE mark, and the target caches
 # that an unfinished run still needs, into bench/state/knowedit/ (committed); `restore` copies them back
-# where runs/ lacks them. A restored run resumes: its finished cases are kept, and a batch edit that was
+# where runs/ lacks them (a run directory already there is kept; a target cache gets the groups it
+# lacks). A restored run resumes: its finished cases are kept, and a batch edit that was
 # not saved with it is recomputed (from the restored targets, so only its closed-form solve runs again).
 #   bash bench/knowedit_state.sh save|restore
 set -euo pipefail
@@ -32,7 +33,11 @@ case ${1:-} in
     mkdir -p runs
     for saved in "$STATE"/*/; do
       name=$(basename "$saved")
-      if [ -e "runs/$name" ]; then echo "kept runs/$name (already there)"; else cp -r "$saved" "runs/$name"; echo "restored runs/$name"; fi
+      if [[ $name == targets-* ]]; then  # target groups are named by their content: add the missing ones
+        mkdir -p "runs/$name"; cp -n "$saved"/*.safetensors "runs/$name/" 2>/dev/null || true
+        echo "restored runs/$name ($(ls "runs/$name" | wc -l) groups)"
+      elif [ -e "runs/$name" ]; then echo "kept runs/$name (already there)"
+      else cp -r "$saved" "runs/$name"; echo "restored runs/$name"; fi
     done ;;
   *) echo "usage: bash bench/knowedit_state.sh save|restore" >&2; exit 2 ;;
 esac
