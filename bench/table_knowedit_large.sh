@@ -7,6 +7,7 @@
 # step of the same batch, whose targets it takes (--targets-cache runs/targets-DATASET-METHOD-bB).
 # alpha=trace is not run: it traces the batch's first 10 requests, those of the batch of 100 (alpha 0).
 #   bash bench/table_knowedit_large.sh            (one worker; start two for both cores)
+#   bash bench/table_knowedit_large.sh status     (where each step stands)
 #   bash bench/knowedit_state.sh save|restore     (carry unfinished runs across sessions in git)
 # After each step, the finished rows of its batch are reported (bench/results/intattn/knowedit/
 # DATASET-bB-bf16[-rest]/: paired against MEMIT when MEMIT's run of that batch is there, "-rest" else).
@@ -34,6 +35,18 @@ report() {  # the finished rows of one dataset and batch
   if is_done "$dataset" memit "$b"; then against=(--against memit); else out="$out-rest"; fi
   attnedit report "${runs[@]}" "${against[@]}" --out "$out"
 }
+
+if [ "${1:-}" = status ]; then  # where each step stands
+  for step in "${STEPS[@]}"; do
+    read -r dataset label b <<< "$step"
+    state="$(done_cases "$dataset" "$label" "$b") of $b cases"
+    is_done "$dataset" "$label" "$b" && state="complete"
+    lock="runs/locks/$dataset-${label/+/-}-b$b.lock"
+    if [ -f "$lock" ] && ! flock -n "$lock" true; then state="$state, running"; fi
+    printf '%-8s %-13s %4s  %s\n' "$dataset" "$label" "$b" "$state"
+  done
+  exit 0
+fi
 
 status=0 failed=" "
 while :; do
