@@ -3,8 +3,10 @@
 # resumable steps that two 1-thread workers share (two 1-thread jobs do not slow each other on the
 # 2-core machine: bench/target_cost.py), bfloat16 target products (TAG=bf16; FT has none), each step
 # one `bench/table_knowedit.sh DATASET B` row. A step is done when its run finished (the file COMPLETE in
-# its run directory); a step that failed is not tried again by the same worker; a step being run by the other worker (its lock file held) is passed over; IntAttn-Edit waits for MEMIT's
-# step of the same batch, whose targets it takes (--targets-cache runs/targets-DATASET-METHOD-bB).
+# its run directory); a step that failed is not tried again by the same worker; a step being run by the
+# other worker (its lock file held) is passed over; IntAttn-Edit waits for MEMIT's step of the same
+# batch, whose targets it takes (--targets-cache runs/targets-DATASET-METHOD-bB).
+# FT at 500 runs alone on both cores (its batch edit needs about 20 of the 24 GB).
 # alpha=trace is not run: it traces the batch's first 10 requests, those of the batch of 100 (alpha 0).
 #   bash bench/table_knowedit_large.sh            (one worker; start two for both cores)
 #   bash bench/table_knowedit_large.sh status     (where each step stands)
@@ -61,14 +63,20 @@ while :; do
     if ! flock -n 9; then exec 9>&-; continue; fi  # the other worker has it
     echo "=== $(date -u +%FT%TZ) $dataset batch $b: $label ($(done_cases "$dataset" "$label" "$b") of $b done)"
     family=$label; [[ $label == intattn ]] && family=memit  # IntAttn-Edit's targets are MEMIT's
-    if REPORT=0 METHODS="$label" TARGETS_CACHE="runs/targets-$dataset-${family/+/-}-b$b" \
+    # FT's edit of a whole batch holds every prompt's activations (12 GB at 300, about 20 at 500, of the
+    # machine's 24): a batch of 500 runs alone, on both cores; every other step holds the machine shared
+    threads=$THREADS share=-s
+    if [[ $label == ft && $b -ge 500 ]]; then threads=2 share=-x; fi
+    exec 8> runs/locks/machine.lock
+    flock "$share" 8
+    if THREADS=$threads REPORT=0 METHODS="$label" TARGETS_CACHE="runs/targets-$dataset-${family/+/-}-b$b" \
         bash bench/table_knowedit.sh "$dataset" "$b"; then
       date -u +%FT%TZ > "$(run_dir "$dataset" "$label" "$b")/COMPLETE"
       report "$dataset" "$b" || status=1
     else
       status=1 failed="$failed$step "; echo "FAILED: $dataset $b $label"
     fi
-    exec 9>&-
+    exec 8>&- 9>&-
     ran=1
     break  # back to the top: earlier steps may have become runnable
   done
