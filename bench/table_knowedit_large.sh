@@ -6,7 +6,8 @@
 # its run directory); a step that failed is not tried again by the same worker; a step being run by the
 # other worker (its lock file held) is passed over; IntAttn-Edit waits for MEMIT's step of the same
 # batch, whose targets it takes (--targets-cache runs/targets-DATASET-METHOD-bB).
-# FT at 500 runs alone on both cores (its batch edit needs about 20 of the 24 GB).
+# FT at 500 runs alone on both cores (its batch edit needs about 20 of the 24 GB), so it comes last: a
+# worker waiting for the whole machine would leave a core idle while the other runs a 1-thread step.
 # alpha=trace is not run: it traces the batch's first 10 requests, those of the batch of 100 (alpha 0).
 #   bash bench/table_knowedit_large.sh            (one worker; start two for both cores)
 #   bash bench/table_knowedit_large.sh status     (where each step stands)
@@ -18,8 +19,8 @@ cd "$(dirname "$0")/.."
 export THREADS=${THREADS:-1} FT_PARAMS="norm_constraint=1 lr=1e-2" ALL_PARAMS="target_matmul=bfloat16" TAG=bf16
 STEPS=(
   "wiki_cf memit 500" "zsre ft 300" "zsre pmet 300" "wiki_cf intattn 500" "wiki_cf ft 300" "wiki_cf pmet 300"
-  "zsre intattn+sadr 300" "wiki_cf intattn+sadr 300" "zsre ft 500" "wiki_cf ft 500" "zsre pmet 500"
-  "wiki_cf pmet 500" "zsre intattn+sadr 500" "wiki_cf intattn+sadr 500"
+  "zsre intattn+sadr 300" "wiki_cf intattn+sadr 300" "zsre pmet 500" "wiki_cf pmet 500"
+  "zsre intattn+sadr 500" "wiki_cf intattn+sadr 500" "zsre ft 500" "wiki_cf ft 500"
 )
 mkdir -p runs/locks
 run_dir() { echo "runs/ke-$1-${2/+/-}-b$3-$TAG"; }
