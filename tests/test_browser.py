@@ -14,9 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 import uvicorn
-from conftest import make_tiny
+from conftest import make_tiny, torch_threads
 from fastapi import FastAPI
 from playwright.sync_api import expect, sync_playwright
 from test_serve import make_eval_runs, write_tiny_presets
@@ -59,13 +58,11 @@ def server(tmp_path, monkeypatch, tiny_tokenizer):
     write_tiny_presets(tmp_path / "presets", corpus)
     monkeypatch.setenv("ATTNEDIT_PRESETS", str(tmp_path / "presets"))
     monkeypatch.setenv("ATTNEDIT_CACHE", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    bundle = make_tiny("llama", tiny_tokenizer)
-    app = create_app(bundle, None)
-    with _serving(app) as url:
-        yield url, app, bundle
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        bundle = make_tiny("llama", tiny_tokenizer)
+        app = create_app(bundle, None)
+        with _serving(app) as url:
+            yield url, app, bundle
 
 
 def _chromium() -> str:
@@ -131,23 +128,21 @@ def offline_file(tmp_path, monkeypatch, tiny_tokenizer) -> Path:
     write_tiny_presets(tmp_path / "presets", corpus)
     monkeypatch.setenv("ATTNEDIT_PRESETS", str(tmp_path / "presets"))
     monkeypatch.setenv("ATTNEDIT_CACHE", str(tmp_path / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    bundle = make_tiny("llama", tiny_tokenizer)
-    case, probes = build_case(
-        bundle,
-        "{} is located in the city of",
-        "Eiffel Tower",
-        "Rome",
-        "Paris",
-        {"neighbors": ["The Louvre is located in the city of"]},
-    )
-    inspector = Inspector(bundle)
-    try:
-        view = offline_view(inspector, "rome", case, probes, build_editor(bundle, "rome", {}))
-    finally:
-        inspector.close()
-        torch.set_num_threads(threads)
+    with torch_threads(1):
+        bundle = make_tiny("llama", tiny_tokenizer)
+        case, probes = build_case(
+            bundle,
+            "{} is located in the city of",
+            "Eiffel Tower",
+            "Rome",
+            "Paris",
+            {"neighbors": ["The Louvre is located in the city of"]},
+        )
+        inspector = Inspector(bundle)
+        try:
+            view = offline_view(inspector, "rome", case, probes, build_editor(bundle, "rome", {}))
+        finally:
+            inspector.close()
     return write_html(view, tmp_path / "view.html")
 
 
@@ -193,13 +188,9 @@ def test_offline_file_shows_grid_and_head_rows_without_requests(offline_file, tm
 
 def test_runs_tab_reports_ticked_runs(tmp_path, tiny_dir, tiny_tokenizer):
     """The Runs tab: tick two runs, see their report, then their paired differences against one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         root = make_eval_runs(tmp_path, tiny_dir)
         app = create_app(make_tiny("llama", tiny_tokenizer), root)
-    finally:
-        torch.set_num_threads(threads)
     with _serving(app) as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=_chromium(), headless=True, args=["--no-sandbox"])
         try:

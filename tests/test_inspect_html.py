@@ -9,8 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import make_tiny
+from conftest import make_tiny, torch_threads
 from fastapi.testclient import TestClient
 from test_serve import EDIT, write_tiny_presets
 from typer.testing import CliRunner
@@ -43,10 +42,8 @@ def setup(tmp_path_factory, tiny_tokenizer):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ATTNEDIT_PRESETS", str(tmp / "presets"))
         mp.setenv("ATTNEDIT_CACHE", str(tmp / "cache"))
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        yield tmp, model_dir
-        torch.set_num_threads(threads)
+        with torch_threads(1):
+            yield tmp, model_dir
 
 
 def inspect_args(model_dir: Path, html: Path) -> list[str]:

@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from conftest import kill_after_records
+from conftest import kill_after_records, torch_threads
 
 from attnedit.evaluation.evaluator import EvalConfig
 from attnedit.runs.executors import RayOptions
@@ -81,12 +80,8 @@ def _records(out: Path) -> dict[str, dict]:
 def test_ray_records_equal_local_records(tmp_path, tiny_dir, corpus_file, cluster, mode, batch_size, fluency):
     kw = dict(limit=5, mode=mode, batch_size=batch_size, generation_cases=2)
     options = RayOptions(workers=2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(options.threads)  # the actors' thread count: float sums split alike
-    try:
+    with torch_threads(options.threads):  # the actors' thread count: float sums split alike
         local = run(_memit(tmp_path / "local", tiny_dir, corpus_file, fluency, **kw), progress=False)
-    finally:
-        torch.set_num_threads(threads)
     remote = run(_memit(tmp_path / "ray", tiny_dir, corpus_file, fluency, **kw), progress=False, ray=options)
     a, b = _records(tmp_path / "local"), _records(tmp_path / "ray")
     assert sorted(a) == sorted(b) and len(a) == 5

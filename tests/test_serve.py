@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import make_tiny
+from conftest import make_tiny, torch_threads
 from fastapi.testclient import TestClient
 
 from attnedit.analysis.drift import attention_drift, record_last_token_attention
@@ -70,15 +69,13 @@ def served(tmp_path_factory, tiny_tokenizer):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ATTNEDIT_PRESETS", str(tmp / "presets"))
         mp.setenv("ATTNEDIT_CACHE", str(tmp / "cache"))
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        bundle = make_tiny("llama", tiny_tokenizer)
-        # float64: the grid's one-pass edited row (x W + x D) then equals a pass with W + D to ~1e-12
-        bundle.model.double()
-        with TestClient(create_app(bundle, runs)) as client:
-            client.bundle = bundle  # type: ignore[attr-defined]
-            yield client
-        torch.set_num_threads(threads)
+        with torch_threads(1):
+            bundle = make_tiny("llama", tiny_tokenizer)
+            # float64: the grid's one-pass edited row (x W + x D) then equals a pass with W + D to ~1e-12
+            bundle.model.double()
+            with TestClient(create_app(bundle, runs)) as client:
+                client.bundle = bundle  # type: ignore[attr-defined]
+                yield client
 
 
 @pytest.fixture(scope="module")
