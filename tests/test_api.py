@@ -103,8 +103,9 @@ def test_settings_are_routed_and_checked(tiny_tokenizer, tiny_presets):
     hyper = editor.hyperparameters()
     assert hyper["steps"] == 3 and hyper["terms"][0]["gamma"] == 0.2
     assert attnedit.editor(bundle, "rome", layers=[2]).hyperparameters()["layers"] == [2]  # the edit layer
-    sadr_layers = attnedit.editor(bundle, "rome+sadr", layers=(1, 2)).hyperparameters()["terms"][0]["layers"]
-    assert sadr_layers == [1, 2]  # for +sadr methods, layers= is SADR's layer range
+    hyper = attnedit.editor(bundle, "rome+sadr", layers=[2], sadr_layers=(1, 2)).hyperparameters()
+    assert hyper["terms"][0]["layers"] == [1, 2]  # sadr_KEY is SADR's setting
+    assert hyper["layers"] == [2]  # layers= stays the method's field, +sadr or not
     with pytest.raises(ValueError, match="rome\\+sadr"):
         attnedit.editor(bundle, "rome", gamma=0.2)  # a SADR setting needs the +sadr method
     with pytest.raises(PresetError, match="no_such_field"):

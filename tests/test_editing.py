@@ -23,8 +23,8 @@ from attnedit.core.sites import Site
 from attnedit.editing.base import EditRequestError
 from attnedit.editing.covariance import StatsSpec, second_moments
 from attnedit.editing.covariance import cache_entries as moment_entries
-from attnedit.editing.ft import FineTune
-from attnedit.editing.memit import Memit
+from attnedit.editing.methods.ft import FineTune
+from attnedit.editing.methods.memit import Memit
 from attnedit.editing.optimise import (
     FrozenBelow,
     NonFiniteLossError,
@@ -34,17 +34,14 @@ from attnedit.editing.optimise import (
     optimise_targets,
     split_rows,
 )
-from attnedit.editing.pmet import Pmet
-from attnedit.editing.presets import (
-    FTParams,
-    MemitParams,
-    PmetParams,
-    PresetError,
-    RomeParams,
-    load_preset,
-    make_params,
-)
-from attnedit.editing.rome import Rome
+from attnedit.editing.methods.pmet import Pmet
+from attnedit.editing.methods.ft import FTParams
+from attnedit.editing.methods.memit import MemitParams
+from attnedit.editing.methods.pmet import PmetParams
+from attnedit.editing.methods.rome import RomeParams
+from attnedit.editing.presets import PresetError
+from attnedit.editing.registry import load_preset, make_params
+from attnedit.editing.methods.rome import Rome
 from attnedit.editing.solvers import least_squares_update, rank_one_update, solve_spd
 from attnedit.editing.templates import cache_entries as template_entries
 
@@ -396,16 +393,18 @@ def test_presets_and_overrides():
         make_params("rome", preset, {"steps": "many"})
 
 
-def test_every_params_field_has_a_rule_and_bad_values_name_field_and_value():
-    """make_params checks types and ranges from one table (presets.RULES), for presets and overrides."""
-    from dataclasses import fields
+def test_every_params_field_is_typed_and_bad_values_name_field_and_value():
+    """Each method's parameter model checks types and ranges, for presets and overrides alike; every field
+    has a type, a default or is required, and help text."""
+    from attnedit.editing.spec import registered
 
-    from attnedit.editing.presets import PARAMS, RULES, available_presets
-
-    for method, cls in PARAMS.items():
-        assert {f.name for f in fields(cls)} <= RULES.keys(), method
-        for name in available_presets(method):  # every shipped preset passes
-            make_params(method, load_preset(method, "any", name))
+    for spec in registered():
+        if spec.params is None:
+            continue
+        for name, info in spec.params.model_fields.items():
+            assert info.description, (spec.name, name)  # help for the CLI, the API and the inspector
+        for name in spec.available_presets():  # every shipped preset passes
+            spec.make_params(spec.load_preset("any", name))
     rome = load_preset("rome", "smollm2-135m")
     refused = {  # override -> what the error says (steps=0 was a KeyError, lr=inf a NonFiniteLossError)
         "steps=0": "steps=0 (--param): must be >= 1",

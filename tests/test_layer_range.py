@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from attnedit.core.layer_range import parse_layers
-from attnedit.editing.presets import PresetError, load_preset, make_params
+from attnedit.editing.presets import PresetError
+from attnedit.editing.registry import load_preset, make_params
 from attnedit.editing.sadr import sadr_settings
 
 

@@ -13,9 +13,10 @@ from attnedit.cli.main import app
 from attnedit.core.data import load_cases
 from attnedit.core.models import ModelLoadError, load_model, resolve_device, resolve_dtype
 from attnedit.core.sites import Site
-from attnedit.editing.memit import Memit
-from attnedit.editing.presets import MemitParams, RomeParams
-from attnedit.editing.rome import Rome
+from attnedit.editing.methods.memit import Memit
+from attnedit.editing.methods.memit import MemitParams
+from attnedit.editing.methods.rome import RomeParams
+from attnedit.editing.methods.rome import Rome
 from attnedit.evaluation.evaluator import EvalConfig, Evaluator
 
 COMMON = dict(steps=10, templates=[[4, 2]], weight_decay=1e-3, clamp_norm_factor=50.0, stats_samples=30)
@@ -188,7 +189,8 @@ def test_bfloat16_target_products_keep_the_initial_outputs_and_nearly_the_target
 
 
 def test_target_matmul_is_checked_and_recorded_only_when_set():
-    from attnedit.editing.presets import PresetError, make_params, params_dict
+    from attnedit.editing.presets import PresetError, params_dict
+    from attnedit.editing.registry import make_params
 
     with pytest.raises(PresetError, match="target_matmul"):
         make_params("rome", {"params": {"layers": [1]}}, {"target_matmul": "fp8"})

@@ -13,11 +13,13 @@ from attnedit.core.data import EditCase, EditRequest, Probe
 from attnedit.core.interventions import Trace, attention_implementation
 from attnedit.core.sites import Site
 from attnedit.core.tokens import encode_target, locate_subject
-from attnedit.editing.ft import FineTune
+from attnedit.editing.methods.ft import FineTune
 from attnedit.editing.optimise import Row, TargetSettings, build_rows, optimise_targets
-from attnedit.editing.presets import FTParams, PresetError, RomeParams
+from attnedit.editing.methods.ft import FTParams
+from attnedit.editing.methods.rome import RomeParams
+from attnedit.editing.presets import PresetError
 from attnedit.editing.registry import make_editor
-from attnedit.editing.rome import Rome
+from attnedit.editing.methods.rome import Rome
 from attnedit.editing.sadr import SadrSettings, SadrTerm, sadr_settings
 
 TEMPLATES = ["{}", "The city. {}", "You know that. {}"]
@@ -114,7 +116,7 @@ OTHER_RULES = ("selective", "increased")
 def test_term_matches_direct_computation_for_other_injections(tiny_tokenizer, component, heads, family):
     bundle = make_tiny(family, tiny_tokenizer)
     inj = Site(component, 0)
-    term = SadrTerm(SadrSettings(0.5, heads=heads))
+    term = SadrTerm(SadrSettings(gamma=0.5, heads=heads))
     result = optimise_targets(bundle, REQUESTS[:1], TEMPLATES, [inj], SETTINGS, [term])
     rows = [(row, row.fact) for row in build_rows(bundle, REQUESTS[:1], TEMPLATES) if not row.kl]
     edited = _injected(bundle, component, 0, result.delta[inj][0])

@@ -92,7 +92,7 @@ def test_health_methods_and_sample(served):
     assert {"none", "rome", "rome+sadr", "memit+sadr", "ft"} <= set(methods)
     assert "none+sadr" not in methods
     assert methods["rome"]["settings"]["layers"] == [1]
-    assert methods["rome+sadr"]["settings"]["gamma"] == 0.05
+    assert methods["rome+sadr"]["settings"]["sadr_gamma"] == 0.05
     assert methods["memit"]["preset"] is None  # no MEMIT preset for the tiny model
     cases = served.get("/api/sample").json()["cases"]
     assert cases[0]["subject"] in cases[0]["prompt"] or "{}" in cases[0]["prompt"]

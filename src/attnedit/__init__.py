@@ -29,8 +29,13 @@ _API = (
     "from_model",
     "load_cases",
     "load_model",
+    "method_choices",
+    "method_specs",
     "methods",
+    "parse_method",
     "reference",
+    "register_method",
+    "statistics",
     "target_cache",
 )
 
@@ -49,8 +54,13 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
         from_model,
         load_cases,
         load_model,
+        method_choices,
+        method_specs,
         methods,
+        parse_method,
         reference,
+        register_method,
+        statistics,
         target_cache,
     )
 

@@ -33,10 +33,12 @@ from attnedit.core.deltas import AppliedEdit
 from attnedit.core.models import ModelBundle, bundle_from_model
 from attnedit.core.models import load_model as _load_model
 from attnedit.core.scoring import generate
+from attnedit.editing.base import LocateThenEdit, stats_spec
+from attnedit.editing.covariance import second_moments_of
 from attnedit.editing.optimise import target_cache  # noqa: F401 (public: attnedit.target_cache)
-from attnedit.editing.presets import PARAMS
-from attnedit.editing.registry import METHODS, Editor, make_editor
-from attnedit.editing.sadr import SETTING_KEYS as SADR_KEYS
+from attnedit.editing.registry import make_editor
+from attnedit.editing.spec import Editor, Method, MethodSpec, method_names, register, registered
+from attnedit.editing.spec import parse_method as _parse_method
 from attnedit.evaluation.evaluator import EvalConfig, Evaluator
 
 # the public names are listed once, in the package root (attnedit._API), which imports them lazily
@@ -72,7 +74,43 @@ def from_model(model: Any, tokenizer: Any, *, name: str | None = None) -> ModelB
 
 def methods() -> list[str]:
     """The editing methods by name (each but ``none`` also as ``NAME+sadr``)."""
-    return sorted(METHODS)
+    return [spec.name for spec in registered()]
+
+
+def method_specs() -> list[MethodSpec]:
+    """Every registered method's spec: name, one-line summary, parameter model (types, ranges, defaults,
+    help: ``spec.params.model_json_schema()``), preset directory, whether it takes ``+sadr``."""
+    return registered()
+
+
+def method_choices() -> list[str]:
+    """Every name ``method`` accepts: each method, then each ``NAME+sadr`` variant."""
+    return method_names()
+
+
+def parse_method(method: str | Method) -> Method:
+    """A method choice (``"rome+sadr"``) parsed against the registry; an unknown one is a ``ValueError``
+    listing the available ones. ``Method.split(settings)`` splits keyword settings between the method's
+    fields and SADR's, ``Method.schema()`` is the JSON schema of all of them."""
+    return _parse_method(method)
+
+
+def statistics(
+    bundle: ModelBundle, method: str | Method, *, preset: str | None = None, **settings: Any
+) -> dict[str, dict[int, Any]]:
+    """Compute (or read from the cache) the key second moments ``method``'s edits read, as
+    ``{component: {layer: E[k k^T]}}``; the statistics' settings are in the editor's
+    ``hyperparameters()["stats"]``. Methods without statistics (``ft``, ``none``) are a ``ValueError``."""
+    built = editor(bundle, method, preset=preset, **settings)
+    if not isinstance(built, LocateThenEdit):
+        raise ValueError(f"method {built.name!r} uses no covariance statistics")
+    return second_moments_of(bundle, built.statistics(), stats_spec(built.params))
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    """Add a method of your own: it is then usable by name everywhere (``edit``, ``attnedit eval
+    --method``, the inspector). See ``attnedit.editing.spec``."""
+    return register(spec)
 
 
 def load_cases(
@@ -91,27 +129,17 @@ def load_cases(
     return _load_dataset(source, data_format, language=language, question_template=question_template).cases
 
 
-def _split_settings(method: str, settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Keyword settings -> (the method's preset overrides, SADR overrides). For ``X+sadr`` methods the SADR
-    fields (``gamma``, ``heads``, ``layers``, ``prompt_reduction``) go to SADR; for the others every keyword
-    is a field of the method (``layers=[4]`` is the edit layer), and a SADR-only keyword is an error."""
-    base, _, extra = method.partition("+")
-    if extra:
-        sadr = {k: settings[k] for k in settings if k in SADR_KEYS}
-        return {k: v for k, v in settings.items() if k not in SADR_KEYS}, sadr
-    own = {f.name for f in dataclasses.fields(PARAMS[base])} if base in PARAMS else set()
-    sadr_only = sorted(k for k in settings if k in SADR_KEYS and k not in own)
-    if sadr_only:
-        raise ValueError(f"{sadr_only} are SADR settings: use method {base}+sadr")
-    return dict(settings), {}
-
-
-def editor(bundle: ModelBundle, method: str, *, preset: str | None = None, **settings: Any) -> Editor:
+def editor(
+    bundle: ModelBundle, method: str | Method, *, preset: str | None = None, **settings: Any
+) -> Editor:
     """The editor for ``method`` with the preset of the bundle's model (or ``preset``: a name or a JSON
-    file) and keyword overrides of its fields (``steps=40``, ``layers=[4]``; ``gamma=0.1`` etc. for
-    ``+sadr`` methods). Reuse it for many edits; ``edit`` builds one per call."""
-    params, sadr = _split_settings(method, settings)
-    return make_editor(method, bundle, preset, params, sadr=sadr)
+    file) and keyword overrides of its fields (``steps=40``, ``layers=[4]``); for ``+sadr`` methods SADR's
+    settings as ``sadr_KEY`` (``sadr_layers=(20, 29)``), or by their own name where the method has no field
+    of that name (``gamma=0.1``, ``prompt_reduction="sum"``). Reuse it for many edits; ``edit`` builds
+    one per call."""
+    choice = _parse_method(method)
+    params, sadr = choice.split(settings)
+    return make_editor(choice, bundle, preset, params, sadr=sadr)
 
 
 def _as_cases(requests: EditRequest | EditCase | Sequence[EditRequest | EditCase]) -> list[EditCase]:

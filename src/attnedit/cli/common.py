@@ -156,28 +156,41 @@ def method_choice(
     sadr_layers: str | None,
     sadr_reduction: str | None,
 ) -> MethodChoice:
-    """The ``MethodChoice`` of the flags (``method_flags``)."""
+    """The ``MethodChoice`` of the flags (``method_flags``): the method parsed once, here, and the
+    ``--param`` pairs split between its fields and SADR's (``api.parse_method``, ``Method.split``)."""
+    from attnedit.api import parse_method
+
     if sadr and not method.endswith("+sadr"):
         method = f"{method}+sadr"
-    params, settings = split_sadr(parse_overrides(param))
+    try:
+        choice = parse_method(method)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--method") from None
+    params, settings = choice.split(parse_overrides(param))
     flags = {"gamma": gamma, "heads": sadr_heads, "layers": sadr_layers, "prompt_reduction": sadr_reduction}
     for key, value in flags.items():
         if value is None:
             continue
         if key in settings:
-            raise typer.BadParameter(f"SADR {key} is given twice: by its option and by --param sadr_{key}")
+            raise typer.BadParameter(f"SADR {key} is given twice: by its option and by --param")
         settings[key] = value
-    return MethodChoice(method, preset, params, settings)
+    return MethodChoice(choice.name, preset, params, settings)
 
 
-METHODS_HELP = "rome | memit | pmet | ft | memat | intattn, optionally +sadr (rome+sadr)"
+def methods_help(with_none: bool = False) -> str:
+    """The ``--method`` help, from the method registry."""
+    from attnedit.api import methods
+
+    names = [m for m in methods() if m != "none"]
+    listed = " | ".join((["none (unedited)"] if with_none else []) + names)
+    return f"{listed}, optionally +sadr (rome+sadr)"
 
 
-def method_flags(default: str = "rome", help: str = METHODS_HELP) -> tuple[inspect.Parameter, ...]:
+def method_flags(default: str = "rome", help: str | None = None) -> tuple[inspect.Parameter, ...]:
     """The flags of ``method_choice``: ``--method`` (with this default and help), ``--preset``,
     ``--param/-p``, ``--sadr``, ``--gamma``, ``--sadr-heads``, ``--sadr-layers``, ``--sadr-reduction``."""
     return (
-        flag("method", Annotated[str, typer.Option(help=help)], default),
+        flag("method", Annotated[str, typer.Option(help=help or methods_help(default == "none"))], default),
         flag("preset", Preset, None),
         flag("param", Param, None),
         flag("sadr", SadrFlag, False),
@@ -188,7 +201,7 @@ def method_flags(default: str = "rome", help: str = METHODS_HELP) -> tuple[inspe
     )
 
 
-def edit_method(default: str = "rome", help: str = METHODS_HELP) -> OptionGroup:
+def edit_method(default: str = "rome", help: str | None = None) -> OptionGroup:
     """``@edit_method()``: the command takes the method flags and receives ``choice: MethodChoice``."""
     return OptionGroup("choice", method_choice, head=method_flags(default, help))
 
@@ -355,9 +368,6 @@ def setup_logging(verbose: bool, threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-SADR_PREFIX = "sadr_"  # --param sadr_gamma=0.1: a setting of the SADR term, not of the method
-
-
 def parse_overrides(pairs: list[str] | None) -> dict[str, str]:
     """``KEY=VALUE`` pairs as a dict (the values still text)."""
     out = {}
@@ -367,11 +377,3 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, str]:
             raise typer.BadParameter(f"--param expects KEY=VALUE, got {pair!r}")
         out[key.strip()] = value
     return out
-
-
-def split_sadr(overrides: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
-    """Parsed ``--param`` overrides -> (the method's fields, the SADR settings): ``sadr_KEY=VALUE`` is
-    the SADR setting KEY, handed to ``make_editor(..., sadr=...)`` like ``--gamma``/``--sadr-*``."""
-    params = {k: v for k, v in overrides.items() if not k.startswith(SADR_PREFIX)}
-    sadr = {k.removeprefix(SADR_PREFIX): v for k, v in overrides.items() if k.startswith(SADR_PREFIX)}
-    return params, sadr

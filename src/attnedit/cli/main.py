@@ -11,7 +11,6 @@ import typer
 
 from attnedit.cli.analyze import app as analyze_app
 from attnedit.cli.common import (
-    METHODS_HELP,
     Data,
     Device,
     Dtype,
@@ -48,7 +47,7 @@ app.add_typer(analyze_app, name="analyze")
 @app.command("eval")
 @error_boundary
 @ray_backend
-@edit_method("none", f"none (unedited) | {METHODS_HELP}")
+@edit_method("none")
 def eval_command(
     choice: MethodChoice,
     ray: RayOptions | None,
@@ -332,26 +331,18 @@ def stats_command(
     setup_logging(verbose, threads)
     import time
 
-    from attnedit.core.models import load_model
-    from attnedit.editing.base import stats_spec
-    from attnedit.editing.covariance import second_moments_of
-    from attnedit.editing.presets import load_preset, make_params
+    from attnedit.api import editor, load_model, parse_method, statistics
 
     bundle = load_model(model)
-    base = method.removesuffix("+sadr")  # SADR needs no statistics of its own
-    params = make_params(base, load_preset(base, bundle.name, preset), parse_overrides(param))
-    if not hasattr(params, "stats_corpus"):
-        raise ValueError(f"method {method!r} uses no covariance statistics")
-    spec = stats_spec(params)
+    base = parse_method(method).spec.name  # SADR needs no statistics of its own
+    settings = parse_overrides(param)
+    stats = editor(bundle, base, preset=preset, **settings).hyperparameters().get("stats")
     t0 = time.perf_counter()
-    wanted = {"mlp_down": params.layers}
-    if getattr(params, "attn_layers", None):  # IntAttn-Edit also rewrites W_o: one corpus pass for both
-        wanted["attn_o"] = params.attn_layers
-    for component, moments in second_moments_of(bundle, wanted, spec).items():
+    for component, moments in statistics(bundle, base, preset=preset, **settings).items():
         for layer, mom2 in moments.items():
             where = f"layer {layer}" if component == "mlp_down" else f"{component} layer {layer}"
             typer.echo(f"{where}: E[kk^T] {tuple(mom2.shape)}, trace {float(mom2.trace()):.4g}")
-    typer.echo(f"{spec.describe()} in {time.perf_counter() - t0:.1f} s")
+    typer.echo(f"{stats} in {time.perf_counter() - t0:.1f} s")
 
 
 @app.command("report")

@@ -20,15 +20,44 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import Field
 
 from attnedit.core.data import EditCase, EditRequest
 from attnedit.core.models import ModelBundle
 from attnedit.core.tokens import SubjectNotFoundError, locate_subject
 from attnedit.editing.covariance import StatsSpec, second_moments_of
 from attnedit.editing.optimise import LossTerm, TargetResult, TargetSettings
-from attnedit.editing.presets import LocateParams, params_dict
+from attnedit.editing.presets import Layers, Params, Templates, Text, params_dict
 from attnedit.editing.templates import TemplateSpec, context_templates, language
+
+
+class LocateParams(Params):
+    """Shared by ROME, MEMIT and PMET (names as in the reference hparams files)."""
+
+    layers: Layers = Field(description="edited layers (ROME: one); the target is read at the last one")
+    lr: float = Field(0.5, gt=0, description="learning rate of the target optimisation (v_lr)")
+    steps: int = Field(20, ge=1, description="steps of the target optimisation (v_num_grad_steps)")
+    kl_factor: float = Field(0.0625, ge=0, description="weight of the KL term on the 'is a' prompts")
+    weight_decay: float = Field(0.5, ge=0, description="weight decay of the optimised delta (v_weight_decay)")
+    clamp_norm_factor: float = Field(4.0, gt=0, description="the delta's norm clamp, times the target's norm")
+    early_stop_loss: float = Field(0.05, ge=0, description="stop once the new target's NLL is below this")
+    templates: Templates = Field(
+        default_factory=lambda: [[5, 10], [10, 10]], description="context templates: [[length, count], ...]"
+    )
+    template_seed: int = Field(0, description="seed of the context-template sampling")
+    stats_corpus: Text = Field(
+        "model", description="second-moment corpus: a text file, hf:NAME, or 'model' (sampled from the model)"
+    )
+    stats_samples: int = Field(1000, ge=1, description="texts in the second-moment statistics")
+    stats_max_tokens: int = Field(128, ge=1, description="tokens per statistics text")
+    max_rows: int = Field(256, ge=1, description="optimisation rows per group (a memory bound)")
+    target_matmul: Literal["model", "bfloat16"] = Field(
+        "model",
+        description="the target optimisation's matrix products: in the model's dtype, or bfloat16 (weights "
+        "cast once; norms, attention, losses and the delta keep their precision)",
+    )
 
 
 class EditRequestError(ValueError):

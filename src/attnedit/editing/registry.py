@@ -1,94 +1,53 @@
-"""The editor interface the runner drives: edit the model for some cases, then revert exactly.
+"""Build an editor from a method choice: the registry of ``MethodSpec``s (``spec.py``), filled by the
+method modules (``methods/``), plus the preset of the model and overrides.
 
-``make_editor`` builds a method from the preset of the model it is given (``presets.py``) plus
-overrides. ``none`` leaves the model untouched (an empty edit: the unedited baseline row of the
-paper's tables); ``rome``, ``memit``, ``pmet``, ``memat``, ``intattn`` and ``ft`` have a module each
-(``rome.py``, ...; MEMAT's head blocks are ``heads.py``). MEMAT takes MEMIT's presets
-(``presets.PRESET_METHOD``); IntAttn-Edit has its own.
+``make_editor("rome+sadr", bundle, overrides={"steps": 40}, sadr={"gamma": 0.1})``: the method is parsed
+(``spec.parse_method``), its preset found by the bundle's model (or named), its parameters checked, SADR's
+term added for ``+sadr`` choices.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Mapping
+from typing import Any
 
-from attnedit.core.data import EditCase
-from attnedit.core.deltas import AppliedEdit, WeightEdit
 from attnedit.core.models import ModelBundle
-from attnedit.editing.ft import FineTune
-from attnedit.editing.intattn import IntAttn
-from attnedit.editing.memat import Memat
-from attnedit.editing.memit import Memit
-from attnedit.editing.pmet import Pmet
-from attnedit.editing.presets import load_preset, make_params
-from attnedit.editing.rome import Rome
+from attnedit.editing import methods as _methods  # noqa: F401 (registers every method)
+from attnedit.editing.presets import Params, PresetError
 from attnedit.editing.sadr import SadrSettings, SadrTerm, sadr_settings
+from attnedit.editing.spec import Editor, Method, MethodSpec, parse_method
 
 logger = logging.getLogger(__name__)
 
 
-class Editor(Protocol):
-    name: str
-
-    def hyperparameters(self) -> dict:
-        """Everything that determines the edit (written to the run manifest)."""
-
-    def apply(self, bundle: ModelBundle, cases: list[EditCase]) -> AppliedEdit:
-        """Edit the model in place for these cases (one for single mode, many for batch mode)."""
-
-    def prepare(self, bundle: ModelBundle, cases: list[EditCase]) -> None:
-        """The one-time work of ``apply`` for such cases (context templates, second moments), done ahead
-        into ``bundle``'s caches without editing (a Ray run shares it with every worker)."""
+def method_spec(method: str | Method) -> MethodSpec:
+    """The spec of a method choice (``rome`` and ``rome+sadr`` both give ROME's)."""
+    return parse_method(method).spec
 
 
-@dataclass
-class NoEdit:
-    """Method ``none``: evaluates the unedited model."""
-
-    name: str = "none"
-    params: dict = field(default_factory=dict)
-
-    def hyperparameters(self) -> dict:
-        return {}
-
-    def prepare(self, bundle: ModelBundle, cases: list[EditCase]) -> None:
-        """Nothing to prepare."""
-
-    def apply(self, bundle: ModelBundle, cases: list[EditCase]) -> AppliedEdit:
-        """An empty edit (no deltas): the model is untouched, and the result is handled like any edit."""
-        edit = WeightEdit(
-            deltas={},
-            method=self.name,
-            hyperparameters={},
-            requests=[case.request for case in cases],
-            base_hashes={},
-            model_fingerprint=bundle.fingerprint,
-        )
-        return edit.apply(bundle.model)
+def load_preset(method: str | Method, model_name: str, preset: str | None = None) -> dict:
+    """The preset of ``method`` for ``model_name`` (or the named / JSON-file ``preset``)."""
+    return method_spec(method).load_preset(model_name, preset)
 
 
-METHODS: dict[str, Callable[..., Editor]] = {
-    "none": NoEdit,
-    "rome": Rome,
-    "memit": Memit,
-    "pmet": Pmet,
-    "memat": Memat,
-    "intattn": IntAttn,
-    "ft": FineTune,
-}
+def make_params(
+    method: str | Method, preset: Mapping[str, Any], overrides: Mapping[str, Any] | None = None
+) -> Params:
+    """The checked parameters of ``method`` from a preset dict plus overrides (text values parsed)."""
+    return method_spec(method).make_params(preset, overrides)
 
 
 def make_editor(
-    method: str,
+    method: str | Method,
     model: ModelBundle | str,
     preset: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     *,
     sadr: Mapping[str, Any] | SadrSettings | None = None,
 ) -> Editor:
-    """The editor for ``method`` (``rome``, ``rome+sadr``...) with its preset and overrides.
+    """The editor for ``method`` (``rome``, ``rome+sadr``... or a parsed ``Method``) with its preset and
+    overrides.
 
     ``model``: the loaded ``ModelBundle`` (or its name): the preset is the one matching that model, unless
     ``preset`` names another (a preset name or a JSON file); a model without a preset is a
@@ -105,24 +64,20 @@ def make_editor(
         raise TypeError(
             f"make_editor needs the model (a ModelBundle or its name) to choose a preset, not {model!r}"
         )
-    base, _, extra = method.partition("+")
-    if base not in METHODS or extra not in ("", "sadr") or (extra and base == "none"):
-        raise ValueError(
-            f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}, "
-            "and any of them but none with '+sadr' (e.g. rome+sadr)"
-        )
+    choice = parse_method(method)
+    spec = choice.spec
     params = dict(overrides or {})
-    if sadr and not extra:
+    if sadr and not choice.sadr:
         named = sorted(sadr) if isinstance(sadr, Mapping) else ["SadrSettings"]
-        example = "rome+sadr" if base == "none" else f"{base}+sadr"
-        raise ValueError(f"SADR settings {named} need a '+sadr' method (e.g. {example})")
-    if base == "none":
+        example = f"{spec.name}+sadr" if spec.sadr else "rome+sadr"
+        raise PresetError(f"SADR settings {named} need a '+sadr' method (e.g. {example})")
+    if spec.params is None:
         if params or preset:
-            raise ValueError("method 'none' takes no preset or parameters")
-        return NoEdit()
-    data = load_preset(base, model_name, preset)
+            raise PresetError(f"method {spec.name!r} takes no preset or parameters")
+        return spec.build(None, [])
+    data = spec.load_preset(model_name, preset)
     terms = []
-    if extra:
+    if choice.sadr:
         block = data.get("sadr")
         if block is None:
             logger.warning(
@@ -134,7 +89,7 @@ def make_editor(
         # the SADR block may change the base method's parameters (the paper runs ROME for 80 steps)
         params = {**block.get("params", {}), **params}
         terms.append(SadrTerm(sadr_settings(block, sadr)))
-    editor = METHODS[base](make_params(base, data, params), terms=terms)
-    editor.name = method
+    editor = spec.build(spec.make_params(data, params), terms)
+    editor.name = choice.name
     editor.preset = data["model"]
     return editor

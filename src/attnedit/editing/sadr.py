@@ -24,15 +24,17 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import AfterValidator, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from attnedit.analysis.drift import drift_kl
 from attnedit.core.layer_range import parse_layers
 from attnedit.editing.optimise import SplitBatch, StepState, per_request_mean
-from attnedit.editing.presets import PresetError
+from attnedit.editing.presets import Params, PresetError, build_params
 
 logger = logging.getLogger(__name__)
 
@@ -40,39 +42,43 @@ HEAD_RULES = ("selective", "increased", "all")
 PROMPT_REDUCTIONS = ("mean", "sum")
 
 
-@dataclass
-class SadrSettings:
+def _layer_range(value: tuple[int, int] | None) -> tuple[int, int] | None:
+    if value is not None and (value[0] < 0 or value[1] < value[0]):
+        raise PydanticCustomError("layer_range", "expected a layer range with 0 <= first <= last")
+    return value
+
+
+class SadrSettings(Params):
     """The regulariser's settings (recorded in the run manifest)."""
 
-    gamma: float = 0.01
-    # selective: the paper's rule; increased: every head whose weight on the subject's last token rose
-    # above its own reference weight (a looser rule, ours); all: every head (figure 6 ablation)
-    heads: str = "selective"
-    layers: tuple[int, int] | None = None  # inclusive layer range; None = every layer
-    prompt_reduction: str = "mean"  # mean over prompts (the paper); sum
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
-    def __post_init__(self) -> None:
-        if self.heads not in HEAD_RULES:
-            raise ValueError(f"SADR heads must be one of {HEAD_RULES}, not {self.heads!r}")
-        if self.prompt_reduction not in PROMPT_REDUCTIONS:
-            raise ValueError(
-                f"SADR prompt reduction must be one of {PROMPT_REDUCTIONS}, not {self.prompt_reduction!r}"
-            )
-        if not (self.gamma >= 0 and self.gamma < float("inf")):
-            raise ValueError(f"SADR gamma must be finite and >= 0, not {self.gamma}")
-        if self.layers is not None:
-            lo, hi = self.layers
-            if lo < 0 or hi < lo:
-                raise ValueError(f"SADR layer range must be 0 <= first <= last, not {self.layers}")
+    gamma: float = Field(0.01, ge=0, description="weight of the term (the official code's --gamma / 10000)")
+    heads: Literal["selective", "increased", "all"] = Field(
+        "selective",
+        description="selective: the paper's rule; increased: every head whose weight on the subject's last "
+        "token rose above its own reference weight (looser, ours); all: every head (figure 6 ablation)",
+    )
+    layers: Annotated[tuple[int, int] | None, AfterValidator(_layer_range)] = Field(
+        None, description="inclusive layer range [first, last]; null: every layer"
+    )
+    prompt_reduction: Literal["mean", "sum"] = Field(
+        "mean", description="over the optimisation prompts: mean (the paper) or sum"
+    )
+
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _pair(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value  # a preset's JSON [first, last]
 
     def describe(self) -> dict:
         """JSON-ready (the layer range as a list, as a manifest read back holds it)."""
-        out = asdict(self)
+        out = self.model_dump()
         out["layers"] = list(self.layers) if self.layers is not None else None
         return out
 
 
-SETTING_KEYS = ("gamma", "heads", "layers", "prompt_reduction")
+SETTING_KEYS = tuple(SadrSettings.model_fields)
 BLOCK_KEYS = ("params", "source")  # a preset's sadr block may also change the base method's parameters
 
 
@@ -94,14 +100,13 @@ def sadr_settings(
     if isinstance(overrides, SadrSettings):
         return overrides
     values = {k: v for k, v in block.items() if k in SETTING_KEYS}
+    origin = {k: "preset sadr block" for k in values}
     for key, value in (overrides or {}).items():
         if key not in SETTING_KEYS:
             raise PresetError(f"SADR has no setting {key!r}; known: {', '.join(SETTING_KEYS)}")
         values[key] = _parse(key, value) if isinstance(value, str) else value
-    if isinstance(values.get("layers"), list):  # a preset's JSON [first, last]
-        values["layers"] = tuple(values["layers"])
-    return SadrSettings(**values)
-
+        origin[key] = "override"
+    return build_params(SadrSettings, "SADR", values, origin)
 
 def _parse(key: str, text: str) -> Any:
     """A setting given as text (``--sadr-layers 6-29``, ``-p sadr_gamma=0.1``)."""

@@ -26,7 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
 from attnedit.analysis.engine import json_ready
-from attnedit.api import load_cases
+from attnedit.api import load_cases, method_choices
 from attnedit.core.models import ModelBundle
 from attnedit.serve.inspector import (
     MAX_PROBES,
@@ -35,7 +35,6 @@ from attnedit.serve.inspector import (
     WeightsChangedError,
     build_case,
     build_editor,
-    method_names,
     method_settings,
 )
 from attnedit.serve.offline import STATIC
@@ -145,7 +144,7 @@ def create_app(bundle: ModelBundle, runs_root: Path | None = None, data: str = "
     @app.get("/api/methods")
     def methods() -> dict:
         """Every registry method (``+sadr`` variants too) with its main settings from the model's preset."""
-        return {"model": bundle.name, "methods": [method_settings(bundle, m) for m in method_names()]}
+        return {"model": bundle.name, "methods": [method_settings(bundle, m) for m in method_choices()]}
 
     @app.get("/api/sample")
     def sample() -> dict:

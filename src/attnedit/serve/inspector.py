@@ -28,15 +28,14 @@ import torch
 
 from attnedit.analysis.drift import LastTokenAttention, drift_kl, record_last_token_attention
 from attnedit.analysis.patching import patch_attention, record_attention
+from attnedit.api import Editor, method_choices, parse_method
+from attnedit.api import editor as method_editor
 from attnedit.core.data import EditCase, EditRequest, Probe
 from attnedit.core.deltas import WeightEdit, model_hash
 from attnedit.core.interventions import row_deltas
 from attnedit.core.models import ModelBundle
 from attnedit.core.tokens import SubjectNotFoundError, encode_prompt, fill_prompt, locate_subject
 from attnedit.editing.optimise import on_step
-from attnedit.editing.presets import PARAMS, PRESET_METHOD, PresetError, load_preset
-from attnedit.editing.registry import METHODS, Editor, make_editor
-from attnedit.editing.sadr import SETTING_KEYS as SADR_KEYS
 from attnedit.editing.sadr import SadrTerm, select_heads
 from attnedit.evaluation.metrics import distracted
 from attnedit.runs.single import probe_answers
@@ -68,31 +67,30 @@ class WeightsChangedError(RuntimeError):
     """The model's weights differ from those at start after a task: the inspector stops editing."""
 
 
-def method_names() -> list[str]:
-    """Every registry method, and every one but ``none`` with ``+sadr``."""
-    return sorted(METHODS) + sorted(f"{m}+sadr" for m in METHODS if m != "none")
-
-
 def method_settings(bundle: ModelBundle, method: str) -> dict[str, Any]:
     """The main settings of ``method`` from the bundle model's preset (``preset`` None: the model has
-    no preset for it, and an edit must give the settings, e.g. ``layers``)."""
-    base, _, extra = method.partition("+")
-    info: dict[str, Any] = {"name": method, "base": base, "sadr": bool(extra)}
-    if base == "none":
+    no preset for it, and an edit must give the settings, e.g. ``layers``), every setting it takes
+    (``fields``; SADR's as ``sadr_KEY``) and their JSON schema (types, ranges, defaults, help)."""
+    choice = parse_method(method)
+    spec = choice.spec
+    info: dict[str, Any] = {
+        "name": choice.name,
+        "base": spec.name,
+        "sadr": choice.sadr,
+        "summary": spec.summary,
+        "fields": [f for f in choice.fields() if f not in SERVER_ONLY_PARAMS],
+        "schema": choice.schema(),
+    }
+    if spec.params is None:
         return {**info, "preset": "none", "settings": {}}
     try:
-        data = load_preset(PRESET_METHOD.get(base, base), bundle.name)
-    except PresetError:
-        fields = [f.name for f in dataclasses.fields(PARAMS[base])]
-        return {**info, "preset": None, "settings": {}, "fields": fields}
-    params = data.get("params", {})
-    settings = {k: params[k] for k in MAIN_SETTINGS if k in params}
-    if extra:
-        block = data.get("sadr") or {}
-        settings.update({k: block[k] for k in SADR_KEYS if k in block})
-        settings.update({k: v for k, v in block.get("params", {}).items() if k in MAIN_SETTINGS})
-    fields = [f.name for f in dataclasses.fields(PARAMS[base])] + (list(SADR_KEYS) if extra else [])
-    return {**info, "preset": data.get("model"), "settings": settings, "fields": fields}
+        data = spec.load_preset(bundle.name)
+    except ValueError:  # no preset for this model
+        return {**info, "preset": None, "settings": {}}
+    own = spec.params.model_fields
+    view = choice.preset_view(data)  # the main settings, and SADR's
+    settings = {k: v for k, v in view.items() if k in MAIN_SETTINGS or k not in own}
+    return {**info, "preset": data.get("model"), "settings": settings}
 
 
 def _check_setting(key: str, value: Any) -> None:
@@ -112,18 +110,17 @@ def _check_setting(key: str, value: Any) -> None:
 
 def build_editor(bundle: ModelBundle, method: str, params: dict[str, Any]) -> Editor:
     """The editor for ``method`` with the preset of the bundle's model and ``params`` (its fields; for
-    ``+sadr`` methods also gamma, heads, layers, prompt_reduction). Bad input is an ``InputError``."""
-    if method not in method_names():
-        raise InputError("method", f"unknown method {method!r}; available: {', '.join(method_names())}")
+    ``+sadr`` methods also SADR's, as ``sadr_KEY`` or, where the method has no such field, by name: see
+    ``Method.split``). Bad input is an ``InputError``."""
+    try:
+        choice = parse_method(method)
+    except ValueError:
+        available = ", ".join(method_choices())
+        raise InputError("method", f"unknown method {method!r}; available: {available}") from None
     for key, value in params.items():
         _check_setting(key, value)
-    if method.endswith("+sadr"):
-        sadr = {k: v for k, v in params.items() if k in SADR_KEYS}
-        own = {k: v for k, v in params.items() if k not in SADR_KEYS}
-    else:
-        sadr, own = {}, dict(params)
     try:
-        return make_editor(method, bundle, None, own, sadr=sadr)
+        return method_editor(bundle, choice, **params)
     except (ValueError, TypeError) as err:  # PresetError is a ValueError: a bad field or no preset
         raise InputError("params", str(err)) from None
 

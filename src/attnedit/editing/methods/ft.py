@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from pydantic import Field
 
 from attnedit.core.data import EditCase, EditRequest
 from attnedit.core.deltas import AppliedEdit, EditBuilder
@@ -26,7 +27,18 @@ from attnedit.editing.optimise import (
     term_attention,
     term_kernel,
 )
-from attnedit.editing.presets import FTParams, params_dict
+from attnedit.editing.presets import Layers, Params, params_dict
+from attnedit.editing.spec import MethodSpec, register
+
+
+class FTParams(Params):
+    """Constrained fine-tuning of one MLP down-projection (FT-L, the standard baseline)."""
+
+    layers: Layers = Field(description="the layer whose MLP down-projection is fine-tuned")
+    lr: float = Field(5e-4, gt=0, description="Adam's learning rate")
+    steps: int = Field(25, ge=1, description="Adam steps")
+    norm_constraint: float = Field(5e-4, gt=0, description="L-infinity bound on the weight change")
+    early_stop_loss: float = Field(0.01, ge=0, description="stop once the new target's NLL is below this")
 
 
 @dataclass
@@ -136,3 +148,13 @@ class FineTune:
             "loss_parts": [request_parts(parts, i) for i in range(n)],
         }
         return builder.finish(edit_metadata(self, bundle, requests, info))
+
+
+SPEC = register(
+    MethodSpec(
+        name="ft",
+        summary="FT-L: constrained fine-tuning of one MLP down-projection (the standard baseline)",
+        params=FTParams,
+        build=lambda params, terms: FineTune(params, terms=terms),
+    )
+)

@@ -22,9 +22,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from attnedit.core.data import EditCase, EditRequest
 from attnedit.core.deltas import AppliedEdit, EditBuilder
@@ -42,9 +44,10 @@ from attnedit.editing.heads import (
     sentence_ids,
     train_corrections,
 )
-from attnedit.editing.memit import Memit
+from attnedit.editing.methods.memit import Memit, MemitParams
 from attnedit.editing.optimise import LossTerm
-from attnedit.editing.presets import MematParams
+from attnedit.editing.presets import Text
+from attnedit.editing.spec import MethodSpec, register
 from attnedit.editing.templates import language
 
 logger = logging.getLogger(__name__)
@@ -63,6 +66,39 @@ def prompt_text(case: EditCase) -> str:
         if not case.rewrite:
             raise
         return case.rewrite[0].prompt
+
+
+class MematParams(MemitParams):
+    """MEMIT's parameters (step 1, from the MEMIT preset) plus the attention-head steps (MEMAT's official
+    defaults; ``correction_min_steps`` is ours: one epoch of a small batch is only a few steps)."""
+
+    heads: int = Field(16, ge=1, description="K: the heads of best classifier accuracy get a correction")
+    head_language: Text = Field(
+        "edit", description="the language of the classifiers and corrections; 'edit': the edit's own"
+    )
+    classifier_records: Literal["succeeded", "all"] = Field(
+        "succeeded", description="records whose edit already succeeds in the head language, or all"
+    )
+    classifier_split: float = Field(
+        0.7, gt=0, lt=1, description="share of the records that train the classifiers (the rest validate)"
+    )
+    classifier_seed: int = Field(123, description="seed of the classifiers' train/validation split")
+    correction_lr: float = Field(0.2, gt=0, description="learning rate of the head corrections")
+    correction_batch: int = Field(32, ge=1, description="requests per minibatch (one Adam step each)")
+    correction_epochs: int = Field(1, ge=1, description="epochs over the batch's requests")
+    correction_min_steps: int = Field(
+        10, ge=1, description="at least this many steps (ours, chosen on merged CounterFact dev cases 0-99)"
+    )
+    correction_kl_factor: float = Field(0.0625, ge=0, description="weight of the corrections' KL term")
+    correction_weight_decay: float = Field(
+        0.001, ge=0, description="weight decay, relative to each head's norm"
+    )
+    correction_clamp: float = Field(
+        0.75, gt=0, description="norm clamp, times each head's mean activation norm"
+    )
+    bias_fold: Literal["sum", "overwrite"] = Field(
+        "sum", description="heads of one layer add up; overwrite: the official code's last-head-wins bias"
+    )
 
 
 @dataclass
@@ -219,3 +255,14 @@ class Memat(Memit):
         scores = score_targets(bundle.model, bundle.tokenizer, bundle.adapter, pairs)
         n = len(requests)
         return [scores[i].nll < scores[n + i].nll for i in range(n)]
+
+
+SPEC = register(
+    MethodSpec(
+        name="memat",
+        summary="MEMAT: MEMIT plus attention-head classifiers and per-head corrections (cross-lingual)",
+        params=MematParams,
+        build=lambda params, terms: Memat(params, terms=terms),
+        presets="memit",
+    )
+)

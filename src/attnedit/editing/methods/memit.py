@@ -6,12 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from pydantic import Field
 
 from attnedit.core.data import EditCase, EditRequest
 from attnedit.core.deltas import AppliedEdit, EditBuilder
 from attnedit.core.models import ModelBundle
 from attnedit.core.sites import Site
 from attnedit.editing.base import (
+    LocateParams,
     LocateThenEdit,
     cases_language,
     check_layers,
@@ -24,8 +26,22 @@ from attnedit.editing.base import (
 )
 from attnedit.editing.covariance import second_moments
 from attnedit.editing.optimise import LossTerm, TargetResult, optimise_targets
-from attnedit.editing.presets import MemitParams
+from attnedit.editing.presets import Templates
 from attnedit.editing.solvers import least_squares_update, read_at_fact_token
+from attnedit.editing.spec import MethodSpec, register
+
+
+class MemitParams(LocateParams):
+    """MEMIT's parameters: the locate-then-edit ones, the defaults of MEMIT's reference hparams, and the
+    weight of the statistics in the least squares."""
+
+    clamp_norm_factor: float = Field(0.75, gt=0, description="the delta's norm bound, times the target's")
+    templates: Templates = Field(
+        default_factory=lambda: [[10, 5]], description="context templates: [[length, count], ...]"
+    )
+    mom2_update_weight: float = Field(
+        15000.0, ge=0, description="lambda in Delta = R K^T (lambda C + K K^T)^-1"
+    )
 
 
 @dataclass
@@ -122,3 +138,13 @@ class Memit(LocateThenEdit):
             deltas[name] = bundle.adapter.to_weight_layout(delta)
             builder.add(name, deltas[name])
         return deltas
+
+
+SPEC = register(
+    MethodSpec(
+        name="memit",
+        summary="MEMIT: many facts at once, least squares over several layers' MLP down-projections",
+        params=MemitParams,
+        build=lambda params, terms: Memit(params, terms=terms),
+    )
+)

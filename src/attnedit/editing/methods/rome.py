@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
+from pydantic import Field
 
 from attnedit.core.data import EditCase, EditRequest
 from attnedit.core.deltas import AppliedEdit, EditBuilder
@@ -12,6 +14,7 @@ from attnedit.core.models import ModelBundle
 from attnedit.core.sites import Site
 from attnedit.editing.base import (
     EditRequestError,
+    LocateParams,
     LocateThenEdit,
     cases_language,
     check_layers,
@@ -24,8 +27,18 @@ from attnedit.editing.base import (
 )
 from attnedit.editing.covariance import second_moments
 from attnedit.editing.optimise import LossTerm, optimise_targets
-from attnedit.editing.presets import RomeParams
 from attnedit.editing.solvers import rank_one_update, read_at_fact_token
+from attnedit.editing.spec import MethodSpec, register
+
+
+class RomeParams(LocateParams):
+    """ROME's parameters: the locate-then-edit ones, with one edit layer."""
+
+    key_mode: Literal["templates", "prompt"] = Field(
+        "templates",
+        description="templates: k* averaged over the context templates (ROME paper, eq. 2); prompt: the key "
+        "of the plain prompt (the official ROME/EasyEdit code)",
+    )
 
 
 @dataclass
@@ -91,3 +104,13 @@ class Rome(LocateThenEdit):
         with EditBuilder(bundle.model) as builder:
             builder.add(bundle.adapter.weight_name("mlp_down", layer), bundle.adapter.to_weight_layout(delta))
         return builder.finish(edit_metadata(self, bundle, [target.request], target.info))
+
+
+SPEC = register(
+    MethodSpec(
+        name="rome",
+        summary="ROME: one fact, a rank-one update of one layer's MLP down-projection",
+        params=RomeParams,
+        build=lambda params, terms: Rome(params, terms=terms),
+    )
+)

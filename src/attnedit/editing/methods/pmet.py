@@ -7,7 +7,12 @@ import math
 from dataclasses import dataclass
 
 from attnedit.core.sites import Site
-from attnedit.editing.memit import Memit
+from attnedit.editing.methods.memit import Memit, MemitParams
+from attnedit.editing.spec import MethodSpec, register
+
+
+class PmetParams(MemitParams):
+    """PMET's parameters: MEMIT's."""
 
 
 @dataclass
@@ -25,3 +30,13 @@ class Pmet(Memit):
 
     def _spread(self, remaining: int) -> float:
         return 1.0 / math.sqrt(remaining)
+
+
+SPEC = register(
+    MethodSpec(
+        name="pmet",
+        summary="PMET: MEMIT with attention and MLP outputs optimised together, only the MLP part written",
+        params=PmetParams,
+        build=lambda params, terms: Pmet(params, terms=terms),
+    )
+)

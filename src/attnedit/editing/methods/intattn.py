@@ -29,9 +29,12 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import numpy as np
 import torch
+from pydantic import AfterValidator, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from attnedit.analysis.tracing import subject_last_effects
 from attnedit.core.data import EditCase, EditRequest
@@ -48,13 +51,50 @@ from attnedit.editing.base import (
     validate_request,
 )
 from attnedit.editing.covariance import second_moments_of
-from attnedit.editing.memit import Memit
+from attnedit.editing.methods.memit import Memit, MemitParams
 from attnedit.editing.optimise import LossTerm
-from attnedit.editing.presets import IntAttnParams
+from attnedit.editing.presets import Layers
+from attnedit.editing.spec import MethodSpec, register
 
 logger = logging.getLogger(__name__)
 
 TRACE_MEASURE = "logit"  # the paper's "logit difference": restored minus corrupted logit of the target
+
+
+def _share(value: float | str) -> float | str:
+    if isinstance(value, str):
+        if value != "trace":
+            raise PydanticCustomError("share", "expected a number in [0, 1] or one of ('trace',)")
+        return value
+    if not 0 <= value <= 1:
+        raise PydanticCustomError("share", "must be >= 0" if value < 0 else "must be <= 1")
+    return value
+
+
+class IntAttnParams(MemitParams):
+    """MEMIT's parameters (``layers``: the MLP edit layers; the target z is read after the last one) plus
+    the attention output projections IntAttn-Edit also rewrites and the share ``alpha`` they get."""
+
+    attn_layers: Layers = Field(
+        default_factory=lambda: [2, 3, 4],
+        description="the attention output projections W_o rewritten (the paper's 2-4), none above the last "
+        "MLP layer",
+    )
+    alpha: Annotated[float | str, AfterValidator(_share)] = Field(
+        0.3, description="in [0, 1]: W_o gets alpha of its update, the MLPs 1 - alpha; or 'trace'"
+    )
+    attn_mom2_update_weight: float | None = Field(
+        None, ge=0, description="lambda of the W_o least squares; null: mom2_update_weight"
+    )
+    trace_cases: int = Field(
+        10, ge=1, description="alpha='trace': the first this many requests of a batch are causally traced"
+    )
+
+    @model_validator(mode="after")
+    def _attn_lambda(self) -> IntAttnParams:
+        if self.attn_mom2_update_weight is None:
+            self.attn_mom2_update_weight = self.mom2_update_weight
+        return self
 
 
 @dataclass
@@ -246,3 +286,14 @@ def mix(builder: EditBuilder, updates: dict[str, dict[str, torch.Tensor]], alpha
         for name, delta in updates[component].items():
             # float64 before the cast to the weights' dtype; a share of 1.0 is exact (MEMIT)
             builder.add(name, delta * share)
+
+
+SPEC = register(
+    MethodSpec(
+        name="intattn",
+        summary="IntAttn-Edit: MEMIT's least squares on the MLPs and on the attention output projections "
+        "together, mixed by alpha",
+        params=IntAttnParams,
+        build=lambda params, terms: IntAttn(params, terms=terms),
+    )
+)
