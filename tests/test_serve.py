@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from attnedit.analysis.drift import attention_drift, record_last_token_attention
 from attnedit.core.deltas import WeightEdit, model_hash
-from attnedit.runs.single import probe_answers
+from attnedit.evaluation.answers import probe_answers
 from attnedit.serve.app import create_app
 
 EDIT = {

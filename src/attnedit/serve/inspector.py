@@ -38,8 +38,8 @@ from attnedit.editing.presets import PARAMS, PRESET_METHOD, PresetError, load_pr
 from attnedit.editing.registry import METHODS, Editor, make_editor
 from attnedit.editing.sadr import SETTING_KEYS as SADR_KEYS
 from attnedit.editing.sadr import SadrTerm, select_heads
+from attnedit.evaluation.answers import probe_answers
 from attnedit.evaluation.metrics import distracted
-from attnedit.runs.single import probe_answers
 
 logger = logging.getLogger(__name__)
 
