@@ -131,8 +131,9 @@ def eval_command(
         )
     setup_logging(verbose, threads)
     from attnedit.evaluation.evaluator import EvalConfig
+    from attnedit.runs.config import RunConfig, Shard
     from attnedit.runs.report import collect, columns, markdown_table
-    from attnedit.runs.runner import RunConfig, Shard, run
+    from attnedit.runs.runner import run
 
     corpus = None if ppl_corpus in (None, "none") else ppl_corpus
     if corpus == SAMPLE_DATA:  # other paths stay as given: the manifest records them as typed
