@@ -117,8 +117,8 @@ def main() -> None:
     import ray
 
     from attnedit.evaluation.evaluator import EvalConfig
+    from attnedit.runs.config import RunConfig
     from attnedit.runs.executors import RayOptions
-    from attnedit.runs.runner import RunConfig
 
     root = Path(tempfile.mkdtemp(prefix="ray-overhead-"))
     model = _tiny_model(root) if args.model == "tiny" else args.model

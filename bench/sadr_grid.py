@@ -29,8 +29,9 @@ import torch
 from attnedit.core.models import load_model
 from attnedit.evaluation.evaluator import EvalConfig
 from attnedit.evaluation.metrics import summarize
+from attnedit.runs.config import RunConfig
 from attnedit.runs.rundir import selected_records
-from attnedit.runs.runner import RunConfig, run
+from attnedit.runs.runner import run
 
 DATA = "../shared/data/sadr_merged_counterfact.json"
 WIKITEXT = "../shared/data/wikitext2_test.txt,../shared/data/wikitext2_valid.txt"

@@ -19,7 +19,7 @@ from attnedit.core.models import load_model
 from attnedit.editing.registry import make_editor
 from attnedit.evaluation.evaluator import EvalConfig, Evaluator
 from attnedit.evaluation.metrics import summarize
-from attnedit.runs.runner import edit_each
+from attnedit.runs.units import edit_each
 
 WIKITEXT = "../shared/data/wikitext2_test.txt,../shared/data/wikitext2_valid.txt"
 

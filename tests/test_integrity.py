@@ -7,8 +7,10 @@ import logging
 from pathlib import Path
 
 from attnedit.evaluation.evaluator import EvalConfig
+from attnedit.runs.config import RunConfig
 from attnedit.runs.rundir import RESULTS, read_results
-from attnedit.runs.runner import RunConfig, group_edit_path, run
+from attnedit.runs.runner import run
+from attnedit.runs.saved_edits import group_edit_path
 
 PRESET = Path(__file__).parents[1] / "src/attnedit/resources/presets/memit/smollm2-135m.json"
 
@@ -44,7 +46,7 @@ def test_an_extended_save_edits_run_never_reapplies_another_cases_edit(
     assert sorted((out / "edits").iterdir()) == [first]
     # the same run extended to case 1 (position 0 of the new range): case 1 gets its own edit, and case
     # 0's saved edit is kept beside it (files are named by their requests, not by position)
-    with caplog.at_level(logging.WARNING, logger="attnedit.runs.runner"):
+    with caplog.at_level(logging.WARNING, logger="attnedit.runs.saved_edits"):
         run(_memit(out, tiny_dir, corpus_file, first=1, limit=1, save_edits=True), progress=False)
     assert "other requests" not in caplog.text
     second = group_edit_path(out, [cases[1]])
@@ -60,7 +62,7 @@ def test_an_extended_save_edits_run_never_reapplies_another_cases_edit(
     (out / "results.jsonl").write_text("")
     first_bytes = first.read_bytes()
     second.write_bytes(first_bytes)
-    with caplog.at_level(logging.WARNING, logger="attnedit.runs.runner"):
+    with caplog.at_level(logging.WARNING, logger="attnedit.runs.saved_edits"):
         run(_memit(out, tiny_dir, corpus_file, first=1, limit=1, save_edits=True), progress=False)
     assert "other requests" in caplog.text and second.name in caplog.text
     aside = second.with_name(second.name + ".bad")

@@ -311,8 +311,9 @@ def test_sequential_memat_edits_stack_and_resume(tmp_path, tiny_dir, corpus, mon
     """Sequential mode: the second edit adds to the bias the first one created; an interrupted run
     re-applies both saved edits (the second's base is the first's bias) and scores the same."""
     from attnedit.evaluation.evaluator import EvalConfig
+    from attnedit.runs.config import RunConfig
     from attnedit.runs.rundir import RESULTS, read_results
-    from attnedit.runs.runner import RunConfig, run
+    from attnedit.runs.runner import run
 
     preset = load_preset("memit", "smollm2-135m")
     preset = {**preset, "params": {**preset["params"], "layers": [0, 1]}}

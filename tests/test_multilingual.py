@@ -18,9 +18,10 @@ from attnedit.core.data import (
 )
 from attnedit.evaluation.evaluator import EvalConfig, Evaluator
 from attnedit.evaluation.metrics import COMPARISON_METRICS, KNOWEDIT_METRICS, summarize
+from attnedit.runs.config import RunConfig
 from attnedit.runs.report import TABLE_COLUMNS, collect, columns, markdown_table
 from attnedit.runs.rundir import RESULTS, read_results
-from attnedit.runs.runner import RunConfig, run
+from attnedit.runs.runner import run
 
 LANGUAGES = ("ca", "fr", "es", "de")
 

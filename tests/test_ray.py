@@ -14,9 +14,10 @@ import pytest
 from conftest import kill_after_records, torch_threads
 
 from attnedit.evaluation.evaluator import EvalConfig
+from attnedit.runs.config import RunConfig
 from attnedit.runs.executors import RayOptions
 from attnedit.runs.rundir import MANIFEST, RESULTS, read_results
-from attnedit.runs.runner import RunConfig, run
+from attnedit.runs.runner import run
 
 pytestmark = pytest.mark.ray
 
@@ -132,12 +133,12 @@ class PrivateDiskCache:
 def _run_with_wrapped_workers(tmp_path, tiny_dir, corpus_file, monkeypatch, wrap, cases: int) -> Path:
     """A batch run (groups of 2) of ``cases`` cases on 2 actors whose worker factory is
     ``wrap(factory, root)``; every case written; returns ``root``, a directory for the wrapper's files."""
-    from attnedit.runs import runner
+    from attnedit.runs import ray_eval
 
     root = tmp_path / "workers"
     root.mkdir()
-    made = runner.EvalWorkerFactory
-    monkeypatch.setattr(runner, "EvalWorkerFactory", lambda *a: wrap(made(*a), str(root)))
+    made = ray_eval.EvalWorkerFactory
+    monkeypatch.setattr(ray_eval, "EvalWorkerFactory", lambda *a: wrap(made(*a), str(root)))
     config = _memit(tmp_path / "ray", tiny_dir, corpus_file, limit=cases, mode="batch", batch_size=2)
     run(config, progress=False, ray=RayOptions(workers=2))
     assert len(_records(tmp_path / "ray")) == cases

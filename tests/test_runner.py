@@ -10,6 +10,7 @@ from conftest import kill_after_records
 
 from attnedit.core.data import load_cases
 from attnedit.evaluation.evaluator import EvalConfig
+from attnedit.runs.config import RunConfig, Shard
 from attnedit.runs.report import collect
 from attnedit.runs.rundir import (
     LOCK,
@@ -24,7 +25,8 @@ from attnedit.runs.rundir import (
     read_results,
     selected_records,
 )
-from attnedit.runs.runner import RunConfig, Shard, group_edit_path, run
+from attnedit.runs.runner import run
+from attnedit.runs.saved_edits import group_edit_path
 
 
 def _config(out: Path, model: Path, **kw) -> RunConfig:

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from attnedit.analysis.drift import attention_drift, record_last_token_attention
 from attnedit.core.deltas import WeightEdit, model_hash
-from attnedit.runs.single import probe_answers
+from attnedit.evaluation.answers import probe_answers
 from attnedit.serve.app import create_app
 
 EDIT = {
@@ -321,7 +321,8 @@ def make_eval_runs(tmp: Path, model_dir: Path) -> Path:
     unedited, ``evals/ft``: FT), a run that is no evaluation (``analysis``) and ``escape``: a symbolic
     link to a real run outside the root (``tmp/outside/secret``)."""
     from attnedit.evaluation.evaluator import EvalConfig
-    from attnedit.runs.runner import RunConfig, run
+    from attnedit.runs.config import RunConfig
+    from attnedit.runs.runner import run
 
     root = tmp / "runs"
     ft_preset = tmp / "ft.json"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from attnedit.core.version import __version__
 
 # the public names, all defined in attnedit.api (imported lazily by __getattr__)
 _API = (

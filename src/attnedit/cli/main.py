@@ -130,8 +130,9 @@ def eval_command(
         )
     setup_logging(verbose, threads)
     from attnedit.evaluation.evaluator import EvalConfig
+    from attnedit.runs.config import RunConfig, Shard
     from attnedit.runs.report import collect, columns, markdown_table
-    from attnedit.runs.runner import RunConfig, Shard, run
+    from attnedit.runs.runner import run
 
     corpus = None if ppl_corpus in (None, "none") else ppl_corpus
     if corpus == SAMPLE_DATA:  # other paths stay as given: the manifest records them as typed
@@ -218,7 +219,8 @@ def edit_command(
     check_model_flags(device, dtype)
     check_writable_file(save, "--save")  # before the edit is computed, not after
     setup_logging(verbose, threads)
-    from attnedit.runs.single import answers_table, edit_case_from_args, run_single_edit
+    from attnedit.evaluation.answers import answers_table
+    from attnedit.runs.single import edit_case_from_args, run_single_edit
 
     case, probes = edit_case_from_args(
         model, subject, prompt, target_new, target_true, paraphrase, neighbor, request_file, index

@@ -1,1 +1,2 @@
-"""The evaluation layer: the metric table (``metrics``) and the per-case evaluator (``evaluator``)."""
+"""The evaluation layer: the metric table (``metrics``), the per-case evaluator (``evaluator``) and the
+answers to probe prompts shown before and after an edit (``answers``)."""

@@ -26,6 +26,7 @@ from typing import Any
 
 from attnedit.analysis.aggregate import POSITIONS
 from attnedit.analysis.engine import json_ready
+from attnedit.core.version import __version__
 from attnedit.runs.executors import RayOptions
 from attnedit.runs.rundir import (
     MANIFEST,
@@ -89,8 +90,6 @@ class Session:
 
 
 def _manifest(analysis: str, setting: Setting, options: dict, bundle: Any, dataset: Any, editor: Any) -> dict:
-    from attnedit import __version__
-
     return {
         "attnedit_version": __version__,
         "analysis": analysis,

@@ -1,23 +1,17 @@
-"""The work behind ``attnedit edit``: build a request, edit, show answers before and after."""
+"""The work behind ``attnedit edit``: build a request, edit, the answers before and after
+(``evaluation.answers``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from attnedit.core.data import EditCase, EditRequest, Probe, load_cases
 from attnedit.core.deltas import WeightEdit
-from attnedit.core.models import ModelBundle, load_model
-from attnedit.core.scoring import generate, score_targets
+from attnedit.core.models import load_model
+from attnedit.core.scoring import generate
 from attnedit.core.tokens import fill_prompt
 from attnedit.editing.registry import make_editor
-
-
-@dataclass(frozen=True)
-class Answer:
-    generated: str  # greedy continuation (a few tokens)
-    p_new: float
-    p_true: float
+from attnedit.evaluation.answers import Answer, probe_answers
 
 
 def edit_case_from_args(
@@ -61,15 +55,6 @@ def edit_case_from_args(
     return case, probes
 
 
-def probe_answers(bundle: ModelBundle, probes: list[tuple[str, str]], request: EditRequest) -> list[Answer]:
-    """Greedy continuation, P(o_new) and P(o_true) of each (label, prompt) probe on the model as it is now."""
-    prompts = [p for _, p in probes]
-    generated = generate(bundle.model, bundle.tokenizer, prompts, max_new_tokens=8, adapter=bundle.adapter)
-    pairs = [(p, t) for p in prompts for t in (request.target_new, request.target_true)]
-    scores = score_targets(bundle.model, bundle.tokenizer, bundle.adapter, pairs)
-    return [Answer(g.strip(), scores[2 * i].prob, scores[2 * i + 1].prob) for i, g in enumerate(generated)]
-
-
 def run_single_edit(
     case: EditCase,
     probes: list[tuple[str, str]],
@@ -97,16 +82,3 @@ def run_single_edit(
     applied = editor.apply(bundle, [case])
     after = probe_answers(bundle, probes, case.request)
     return before, after, applied.edit
-
-
-def answers_table(probes: list[tuple[str, str]], before: list[Answer], after: list[Answer]) -> str:
-    lines = [
-        "| probe | prompt | before | after | P(new) before -> after | P(true) before -> after |",
-        "|---|---|---|---|---|---|",
-    ]
-    for (label, prompt), b, a in zip(probes, before, after, strict=True):
-        lines.append(
-            f"| {label} | {prompt} | {b.generated} | {a.generated} | "
-            f"{b.p_new:.3f} -> {a.p_new:.3f} | {b.p_true:.3f} -> {a.p_true:.3f} |"
-        )
-    return "\n".join(lines)

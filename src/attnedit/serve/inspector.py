@@ -37,8 +37,8 @@ from attnedit.core.models import ModelBundle
 from attnedit.core.tokens import SubjectNotFoundError, encode_prompt, fill_prompt, locate_subject
 from attnedit.editing.optimise import on_step
 from attnedit.editing.sadr import SadrTerm, select_heads
+from attnedit.evaluation.answers import probe_answers
 from attnedit.evaluation.metrics import distracted
-from attnedit.runs.single import probe_answers
 
 logger = logging.getLogger(__name__)
 
