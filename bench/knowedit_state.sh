@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Carry the large KnowEdit tables' runs (bench/table_knowedit_large.sh) across sessions whose machines
-# do not keep runs/: `save` copies each run's manifest, records and COMPLETE mark, and the target caches
-# that an unfinished run still needs, into bench/state/knowedit/ (committed); `restore` copies them back
+# Carry the large KnowEdit tables' runs (bench/table_knowedit_large.sh) across checkouts that do not keep
+# runs/ (a fresh clone or worktree, a cleaned tree): `save` copies each run's manifest, records and COMPLETE
+# mark, and the target caches that an unfinished run still needs, into the run-state directory outside
+# the repository, $ATTNEDIT_CACHE/state/knowedit (default ~/.cache/attnedit/state/knowedit; never
+# committed: copy that directory along to carry the runs to another machine); `restore` copies them back
 # where runs/ lacks them (a run directory already there is kept; a target cache gets the groups it
 # lacks). A restored run resumes: its finished cases are kept, and a batch edit that was
 # not saved with it is recomputed (from the restored targets, so only its closed-form solve runs again).
 #   bash bench/knowedit_state.sh save|restore
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STATE=bench/state/knowedit
+STATE=${ATTNEDIT_CACHE:-$HOME/.cache/attnedit}/state/knowedit
 case ${1:-} in
   save)
     mkdir -p "$STATE"

@@ -11,7 +11,7 @@
 # alpha=trace is not run: it traces the batch's first 10 requests, those of the batch of 100 (alpha 0).
 #   bash bench/table_knowedit_large.sh            (one worker; start two for both cores)
 #   bash bench/table_knowedit_large.sh status     (where each step stands)
-#   bash bench/knowedit_state.sh save|restore     (carry unfinished runs across sessions in git)
+#   bash bench/knowedit_state.sh save|restore     (carry unfinished runs across checkouts: ~/.cache/attnedit/state)
 # After each step, the finished rows of its batch are reported (bench/results/intattn/knowedit/
 # DATASET-bB-bf16[-rest]/: paired against MEMIT when MEMIT's run of that batch is there, "-rest" else).
 set -uo pipefail
