@@ -30,7 +30,7 @@ from attnedit.analysis.plots import save_figure
 from attnedit.core.data import file_sha256, load_cases
 from attnedit.core.deltas import EditBuilder
 from attnedit.core.models import load_model
-from attnedit.editing.intattn import mix
+from attnedit.editing.methods.intattn import mix
 from attnedit.editing.registry import make_editor
 from attnedit.evaluation.evaluator import EvalConfig, Evaluator
 from attnedit.evaluation.metrics import summarize

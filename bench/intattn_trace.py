@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 from attnedit.analysis.plots import save_figure
 from attnedit.core.data import EditRequest, file_sha256
 from attnedit.core.models import load_model
-from attnedit.editing.intattn import TRACE_MEASURE, traced_alpha
-from attnedit.editing.presets import load_preset
+from attnedit.editing.methods.intattn import TRACE_MEASURE, traced_alpha
+from attnedit.editing.registry import load_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("intattn_trace")

@@ -48,7 +48,7 @@ PHASES = [
     ("attnedit.editing.optimise.FrozenBelow", "forward", "  optimisation forwards"),
     ("attnedit.editing.solvers", "read_at_fact_token", "keys at the fact token"),
     ("attnedit.editing.solvers", "rank_one_update", "rank-one solve"),
-    ("attnedit.editing.memit.Memit", "update_layers", "least-squares layer loop"),
+    ("attnedit.editing.methods.memit.Memit", "update_layers", "least-squares layer loop"),
     ("attnedit.evaluation.evaluator.Evaluator", "score", "scoring (score_targets)"),
     ("attnedit.evaluation.evaluator.Evaluator", "add_fluency", "fluency decoding"),
     ("attnedit.evaluation.evaluator.Evaluator", "_perplexity", "corpus perplexity"),

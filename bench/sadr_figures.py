@@ -20,7 +20,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from attnedit.analysis.plots import save_figure
-from attnedit.editing.presets import load_preset
+from attnedit.editing.registry import load_preset
 
 
 def _plain(p: dict, layers: str | None = None) -> bool:

@@ -23,8 +23,10 @@ from attnedit.core.sites import Site
 from attnedit.editing.base import EditRequestError
 from attnedit.editing.covariance import StatsSpec, second_moments
 from attnedit.editing.covariance import cache_entries as moment_entries
-from attnedit.editing.methods.ft import FineTune
-from attnedit.editing.methods.memit import Memit
+from attnedit.editing.methods.ft import FineTune, FTParams
+from attnedit.editing.methods.memit import Memit, MemitParams
+from attnedit.editing.methods.pmet import Pmet, PmetParams
+from attnedit.editing.methods.rome import Rome, RomeParams
 from attnedit.editing.optimise import (
     FrozenBelow,
     NonFiniteLossError,
@@ -34,14 +36,8 @@ from attnedit.editing.optimise import (
     optimise_targets,
     split_rows,
 )
-from attnedit.editing.methods.pmet import Pmet
-from attnedit.editing.methods.ft import FTParams
-from attnedit.editing.methods.memit import MemitParams
-from attnedit.editing.methods.pmet import PmetParams
-from attnedit.editing.methods.rome import RomeParams
 from attnedit.editing.presets import PresetError
 from attnedit.editing.registry import load_preset, make_params
-from attnedit.editing.methods.rome import Rome
 from attnedit.editing.solvers import least_squares_update, rank_one_update, solve_spd
 from attnedit.editing.templates import cache_entries as template_entries
 

@@ -22,13 +22,10 @@ from attnedit.core.sites import Site
 from attnedit.editing import covariance
 from attnedit.editing.base import EditRequestError
 from attnedit.editing.covariance import StatsSpec, second_moments, second_moments_of
-from attnedit.editing.methods.intattn import IntAttn
-from attnedit.editing.methods.memit import Memit
-from attnedit.editing.methods.intattn import IntAttnParams
-from attnedit.editing.methods.memit import MemitParams
+from attnedit.editing.methods.intattn import IntAttn, IntAttnParams
+from attnedit.editing.methods.memit import Memit, MemitParams
 from attnedit.editing.presets import PresetError
-from attnedit.editing.registry import load_preset, make_params
-from attnedit.editing.registry import make_editor
+from attnedit.editing.registry import load_preset, make_editor, make_params
 from attnedit.editing.sadr import SadrSettings, SadrTerm
 from attnedit.editing.solvers import read_at_fact_token
 

@@ -19,11 +19,9 @@ from attnedit.core.data import EditCase, EditRequest, Probe, load_cases
 from attnedit.core.deltas import EditBuilder, WeightEdit, model_hash
 from attnedit.core.interventions import attention_probabilities, head_outputs, qkv_heads
 from attnedit.editing.heads import fold_corrections, head_features, rank_heads, sentence_ids, split_records
-from attnedit.editing.methods.memat import Memat
-from attnedit.editing.methods.memat import MematParams
+from attnedit.editing.methods.memat import Memat, MematParams
 from attnedit.editing.presets import PresetError
-from attnedit.editing.registry import load_preset, make_params
-from attnedit.editing.registry import make_editor
+from attnedit.editing.registry import load_preset, make_editor, make_params
 from attnedit.editing.sadr import SadrSettings, SadrTerm
 from attnedit.editing.templates import LANGUAGES
 

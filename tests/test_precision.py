@@ -13,10 +13,8 @@ from attnedit.cli.main import app
 from attnedit.core.data import load_cases
 from attnedit.core.models import ModelLoadError, load_model, resolve_device, resolve_dtype
 from attnedit.core.sites import Site
-from attnedit.editing.methods.memit import Memit
-from attnedit.editing.methods.memit import MemitParams
-from attnedit.editing.methods.rome import RomeParams
-from attnedit.editing.methods.rome import Rome
+from attnedit.editing.methods.memit import Memit, MemitParams
+from attnedit.editing.methods.rome import Rome, RomeParams
 from attnedit.evaluation.evaluator import EvalConfig, Evaluator
 
 COMMON = dict(steps=10, templates=[[4, 2]], weight_decay=1e-3, clamp_norm_factor=50.0, stats_samples=30)

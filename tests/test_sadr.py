@@ -13,13 +13,11 @@ from attnedit.core.data import EditCase, EditRequest, Probe
 from attnedit.core.interventions import Trace, attention_implementation
 from attnedit.core.sites import Site
 from attnedit.core.tokens import encode_target, locate_subject
-from attnedit.editing.methods.ft import FineTune
+from attnedit.editing.methods.ft import FineTune, FTParams
+from attnedit.editing.methods.rome import Rome, RomeParams
 from attnedit.editing.optimise import Row, TargetSettings, build_rows, optimise_targets
-from attnedit.editing.methods.ft import FTParams
-from attnedit.editing.methods.rome import RomeParams
 from attnedit.editing.presets import PresetError
 from attnedit.editing.registry import make_editor
-from attnedit.editing.methods.rome import Rome
 from attnedit.editing.sadr import SadrSettings, SadrTerm, sadr_settings
 
 TEMPLATES = ["{}", "The city. {}", "You know that. {}"]
