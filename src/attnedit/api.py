@@ -22,7 +22,7 @@ IntAttn-Edit after MEMIT on the same requests), around the unedited model.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,16 +130,24 @@ def load_cases(
 
 
 def editor(
-    bundle: ModelBundle, method: str | Method, *, preset: str | None = None, **settings: Any
+    bundle: ModelBundle,
+    method: str | Method,
+    *,
+    preset: str | None = None,
+    sadr: Mapping[str, Any] | None = None,
+    **settings: Any,
 ) -> Editor:
     """The editor for ``method`` with the preset of the bundle's model (or ``preset``: a name or a JSON
     file) and keyword overrides of its fields (``steps=40``, ``layers=[4]``); for ``+sadr`` methods SADR's
     settings as ``sadr_KEY`` (``sadr_layers=(20, 29)``), or by their own name where the method has no field
-    of that name (``gamma=0.1``, ``prompt_reduction="sum"``). Reuse it for many edits; ``edit`` builds
-    one per call."""
+    of that name (``gamma=0.1``, ``prompt_reduction="sum"``), or all together as ``sadr={...}``. Reuse it
+    for many edits; ``edit`` builds one per call."""
     choice = _parse_method(method)
-    params, sadr = choice.split(settings)
-    return make_editor(choice, bundle, preset, params, sadr=sadr)
+    params, split = choice.split(settings)
+    both = sorted(set(split) & set(sadr or {}))
+    if both:
+        raise ValueError(f"SADR setting(s) {both} given twice: as keywords and in sadr=")
+    return make_editor(choice, bundle, preset, params, sadr={**(sadr or {}), **split})
 
 
 def _as_cases(requests: EditRequest | EditCase | Sequence[EditRequest | EditCase]) -> list[EditCase]:

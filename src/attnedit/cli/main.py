@@ -272,8 +272,7 @@ def inspect_command(
     if window < 1:
         raise ValueError(f"--window must be at least 1 (got {window})")
     setup_logging(verbose, threads)
-    from attnedit.api import load_cases, load_model
-    from attnedit.editing.registry import make_editor
+    from attnedit.api import editor, load_cases, load_model
     from attnedit.serve.inspector import MAX_PROBES, InputError, Inspector, build_case
     from attnedit.serve.offline import offline_view, write_html
 
@@ -309,10 +308,10 @@ def inspect_command(
     except InputError as err:
         flag = {"neighbors": "neighbor"}.get(err.field.split("[")[0], err.field.split("[")[0])
         raise ValueError(f"--{flag.replace('_', '-')}: {err.message}") from None
-    editor = make_editor(method, bundle, choice.preset, choice.params, sadr=choice.sadr)
+    built = editor(bundle, method, preset=choice.preset, sadr=choice.sadr, **choice.params)
     inspector = Inspector(bundle)
     try:
-        view = offline_view(inspector, method, case, shown, editor, window)
+        view = offline_view(inspector, method, case, shown, built, window)
     finally:
         inspector.close()
     path = write_html(view, html)

@@ -26,8 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
 from attnedit.analysis.engine import json_ready
-from attnedit.api import load_cases, method_choices
-from attnedit.core.models import ModelBundle
+from attnedit.api import ModelBundle, load_cases, method_choices
 from attnedit.serve.inspector import (
     MAX_PROBES,
     InputError,

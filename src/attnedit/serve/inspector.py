@@ -28,12 +28,11 @@ import torch
 
 from attnedit.analysis.drift import LastTokenAttention, drift_kl, record_last_token_attention
 from attnedit.analysis.patching import patch_attention, record_attention
-from attnedit.api import Editor, method_choices, parse_method
+from attnedit.api import EditCase, Editor, EditRequest, ModelBundle, WeightEdit, method_choices, parse_method
 from attnedit.api import editor as method_editor
-from attnedit.core.data import EditCase, EditRequest, Probe
-from attnedit.core.deltas import WeightEdit, model_hash
+from attnedit.core.data import Probe
+from attnedit.core.deltas import model_hash
 from attnedit.core.interventions import row_deltas
-from attnedit.core.models import ModelBundle
 from attnedit.core.tokens import SubjectNotFoundError, encode_prompt, fill_prompt, locate_subject
 from attnedit.editing.optimise import on_step
 from attnedit.editing.sadr import SadrTerm, select_heads

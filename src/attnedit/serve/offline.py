@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from attnedit.analysis.engine import json_ready
+from attnedit.api import Editor
 from attnedit.core.data import EditCase
-from attnedit.editing.registry import Editor
 from attnedit.serve.inspector import Inspector, Recording
 
 logger = logging.getLogger(__name__)

@@ -77,9 +77,18 @@ function describeMethod() {
     const m = METHODS[select.value];
     if (!m) continue;
     const preset = m.preset === null ? "no preset for this model: give its settings, e.g. {\"layers\": [1]}" : `preset ${m.preset}`;
-    parts.push(`${m.name}: ${preset} ${JSON.stringify(m.settings)}`);
+    parts.push(`${m.name} (${m.summary}): ${preset} ${JSON.stringify(m.settings)}`);
   }
   $("#method-settings").textContent = parts.join(" | ");
+  // every setting the first method takes, with its type, range, default and help, as a tooltip
+  const m = METHODS[$("#method-a").value];
+  const props = (m && m.schema && m.schema.properties) || {};
+  $("#method-settings").title = Object.entries(props).map(([name, p]) => {
+    const range = ["minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"]
+      .filter((k) => k in p).map((k) => `${k} ${p[k]}`).join(", ");
+    const dflt = "default" in p ? ` = ${JSON.stringify(p.default)}` : "";
+    return `${name}${dflt}${range ? ` (${range})` : ""}: ${p.description || ""}`;
+  }).join("\n");
 }
 
 async function loadMethods() {
