@@ -104,10 +104,15 @@ def test_sadr_options_become_typed_settings():
     assert (settings.gamma, settings.heads, settings.layers) == (0.5, "all", (6, 29))
     with pytest.raises(typer.BadParameter, match="gamma is given twice"):
         method_choice("rome+sadr", None, ["sadr_gamma=0.1"], False, 0.5, None, None, None)
-    # without +sadr, the settings are refused by make_editor
-    choice = method_choice("rome", None, ["sadr_gamma=0.1"], False, None, None, None, None)
+    # without +sadr, the settings are refused as they are split, before any work; and by make_editor
+    with pytest.raises(ValueError, match="need a '\\+sadr' method"):
+        method_choice("rome", None, ["sadr_gamma=0.1"], False, None, None, None, None)
+    choice = method_choice("rome", None, [], False, 0.1, None, None, None)
     with pytest.raises(ValueError, match="need a '\\+sadr' method"):
         make_editor(choice.method, "smollm2-135m", overrides=choice.params, sadr=choice.sadr)
+    # a plain -p key goes to SADR on a +sadr method when the method has no such field
+    plain = method_choice("rome+sadr", None, ["gamma=0.2", "layers=4"], False, None, None, None, None)
+    assert (plain.params, plain.sadr) == ({"layers": "4"}, {"gamma": "0.2"})
 
 
 def test_every_command_takes_the_shared_method_flags():
@@ -120,7 +125,8 @@ def test_every_command_takes_the_shared_method_flags():
     commands = (["eval", "sample"], ["edit", "--subject", "X"], ["inspect", "--html", "x.html"])
     commands += (["analyze", "drift"], ["analyze", "patch"], ["analyze", "substitute"])
     for command in commands:
-        result = CliRunner().invoke(app, [*command, "--method", "rome", "--gamma", "1", "-p", "sadr_gamma=2"])
+        flags = ["--method", "rome+sadr", "--gamma", "1", "-p", "sadr_gamma=2"]
+        result = CliRunner().invoke(app, [*command, *flags])
         assert result.exit_code == 2, (command, result.output)
         assert "gamma is given twice" in result.output, command
     trace = CliRunner().invoke(app, ["analyze", "trace", "--method", "rome"])

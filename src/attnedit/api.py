@@ -29,7 +29,7 @@ from typing import Any
 from attnedit.core.data import SAMPLE_DATA, EditCase, EditRequest, corpus_path
 from attnedit.core.data import load_cases as _load_dataset
 from attnedit.core.data import load_texts as _load_texts
-from attnedit.core.deltas import AppliedEdit
+from attnedit.core.deltas import AppliedEdit, WeightEdit  # noqa: F401 (public: attnedit.WeightEdit)
 from attnedit.core.models import ModelBundle, bundle_from_model
 from attnedit.core.models import load_model as _load_model
 from attnedit.core.scoring import generate
