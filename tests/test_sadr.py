@@ -14,10 +14,11 @@ from attnedit.core.interventions import Trace, attention_implementation
 from attnedit.core.sites import Site
 from attnedit.core.tokens import encode_target, locate_subject
 from attnedit.editing.ft import FineTune
-from attnedit.editing.optimise import Row, TargetSettings, build_rows, optimise_targets
+from attnedit.editing.optimise import TargetSettings, optimise_targets
 from attnedit.editing.presets import FTParams, PresetError, RomeParams
 from attnedit.editing.registry import make_editor
 from attnedit.editing.rome import Rome
+from attnedit.editing.rows import Row, build_rows
 from attnedit.editing.sadr import SadrSettings, SadrTerm, sadr_settings
 
 TEMPLATES = ["{}", "The city. {}", "You know that. {}"]

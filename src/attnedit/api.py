@@ -33,10 +33,10 @@ from attnedit.core.deltas import AppliedEdit
 from attnedit.core.models import ModelBundle, bundle_from_model
 from attnedit.core.models import load_model as _load_model
 from attnedit.core.scoring import generate
-from attnedit.editing.optimise import target_cache  # noqa: F401 (public: attnedit.target_cache)
 from attnedit.editing.presets import PARAMS
 from attnedit.editing.registry import METHODS, Editor, make_editor
 from attnedit.editing.sadr import SETTING_KEYS as SADR_KEYS
+from attnedit.editing.target_cache import target_cache  # noqa: F401 (public: attnedit.target_cache)
 from attnedit.evaluation.evaluator import EvalConfig, Evaluator
 
 # the public names are listed once, in the package root (attnedit._API), which imports them lazily

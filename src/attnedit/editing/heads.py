@@ -37,21 +37,19 @@ from attnedit.core.tokens import (
     locate_subject,
     padding_id,
 )
-from attnedit.editing.optimise import (
-    FrozenBelow,
+from attnedit.editing.adam import adam_loop
+from attnedit.editing.frozen_below import FrozenBelow
+from attnedit.editing.losses import (
     LossTerm,
-    Row,
-    SplitBatch,
     StepState,
     TargetReads,
-    adam_loop,
     add_terms,
     request_parts,
-    split_rows,
     target_reads,
     term_attention,
     term_kernel,
 )
+from attnedit.editing.rows import Row, SplitBatch, split_rows
 from attnedit.editing.templates import template_prefix
 
 logger = logging.getLogger(__name__)

@@ -48,8 +48,8 @@ from attnedit.editing.base import (
     validate_request,
 )
 from attnedit.editing.covariance import second_moments_of
+from attnedit.editing.losses import LossTerm
 from attnedit.editing.memit import Memit
-from attnedit.editing.optimise import LossTerm
 from attnedit.editing.presets import IntAttnParams
 
 logger = logging.getLogger(__name__)

@@ -42,8 +42,8 @@ from attnedit.editing.heads import (
     sentence_ids,
     train_corrections,
 )
+from attnedit.editing.losses import LossTerm
 from attnedit.editing.memit import Memit
-from attnedit.editing.optimise import LossTerm
 from attnedit.editing.presets import MematParams
 from attnedit.editing.templates import language
 

@@ -30,8 +30,8 @@ from attnedit import __version__
 from attnedit.core.data import Dataset, EditCase, load_cases, load_texts
 from attnedit.core.deltas import AppliedEdit, EditIntegrityError, WeightEdit
 from attnedit.core.models import ModelBundle, load_model
-from attnedit.editing.optimise import target_cache
 from attnedit.editing.registry import Editor, make_editor
+from attnedit.editing.target_cache import target_cache
 from attnedit.evaluation.evaluator import EvalConfig, Evaluator
 from attnedit.evaluation.metrics import summarize
 from attnedit.evaluation.records import CaseRecord, Reference, Summary

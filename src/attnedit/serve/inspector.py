@@ -33,7 +33,7 @@ from attnedit.core.deltas import WeightEdit, model_hash
 from attnedit.core.interventions import row_deltas
 from attnedit.core.models import ModelBundle
 from attnedit.core.tokens import SubjectNotFoundError, encode_prompt, fill_prompt, locate_subject
-from attnedit.editing.optimise import on_step
+from attnedit.editing.adam import on_step
 from attnedit.editing.presets import PARAMS, PRESET_METHOD, PresetError, load_preset
 from attnedit.editing.registry import METHODS, Editor, make_editor
 from attnedit.editing.sadr import SETTING_KEYS as SADR_KEYS
