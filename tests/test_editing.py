@@ -20,24 +20,19 @@ from attnedit.core.deltas import EditMismatchError, WeightEdit, model_hash
 from attnedit.core.interventions import Trace
 from attnedit.core.scoring import score_targets
 from attnedit.core.sites import Site
+from attnedit.editing.adam import NonFiniteLossError, adam_loop
 from attnedit.editing.base import EditRequestError
 from attnedit.editing.covariance import StatsSpec, second_moments
 from attnedit.editing.covariance import cache_entries as moment_entries
+from attnedit.editing.frozen_below import FrozenBelow
 from attnedit.editing.methods.ft import FineTune, FTParams
 from attnedit.editing.methods.memit import Memit, MemitParams
 from attnedit.editing.methods.pmet import Pmet, PmetParams
 from attnedit.editing.methods.rome import Rome, RomeParams
-from attnedit.editing.optimise import (
-    FrozenBelow,
-    NonFiniteLossError,
-    TargetSettings,
-    adam_loop,
-    build_rows,
-    optimise_targets,
-    split_rows,
-)
+from attnedit.editing.optimise import TargetSettings, optimise_targets
 from attnedit.editing.presets import PresetError
 from attnedit.editing.registry import load_preset, make_params
+from attnedit.editing.rows import build_rows, split_rows
 from attnedit.editing.solvers import least_squares_update, rank_one_update, solve_spd
 from attnedit.editing.templates import cache_entries as template_entries
 
@@ -128,7 +123,8 @@ def test_an_interrupted_batch_optimisation_resumes_its_finished_groups(tiny_toke
     second group resumes with the first group's targets from the cache (not optimised again) and ends
     with the targets of an uninterrupted run. Other settings do not reuse them; a damaged file is not
     trusted; a second optimisation of the same requests optimises nothing."""
-    from attnedit.editing.optimise import on_step, target_cache
+    from attnedit.editing.adam import on_step
+    from attnedit.editing.target_cache import target_cache
 
     bundle = make_tiny("llama", tiny_tokenizer)
     reqs = [

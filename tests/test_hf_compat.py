@@ -21,7 +21,8 @@ from attnedit.core.hf_compat import (
     slice_cache,
 )
 from attnedit.core.scoring import generate, pad_batch, score_targets, score_targets_reference
-from attnedit.editing.optimise import FrozenBelow, build_rows, split_rows
+from attnedit.editing.frozen_below import FrozenBelow
+from attnedit.editing.rows import build_rows, split_rows
 
 PROMPTS = ["The Eiffel Tower is in", "Danielle Darrieux speaks"]
 

@@ -360,7 +360,7 @@ def test_a_batch_run_stopped_in_its_target_optimisation_resumes_the_finished_gro
     is saved: a run stopped during the third group optimises only the last two when resumed, and its
     records equal an uninterrupted run's."""
     from attnedit.core.models import load_model
-    from attnedit.editing.optimise import on_step
+    from attnedit.editing.adam import on_step
 
     bundle = load_model(str(tiny_dir))
 
@@ -397,7 +397,7 @@ def test_runs_sharing_a_targets_cache_reuse_identical_targets(tmp_path, tiny_dir
     directory (no optimisation step runs) and writes the records of an IntAttn-Edit run without it; the
     cache is kept, recorded in the manifest, and not part of the run's identity."""
     from attnedit.core.models import load_model
-    from attnedit.editing.optimise import on_step
+    from attnedit.editing.adam import on_step
 
     bundle = load_model(str(tiny_dir))
     presets = Path(__file__).parents[1] / "src/attnedit/resources/presets"

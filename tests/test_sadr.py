@@ -15,9 +15,10 @@ from attnedit.core.sites import Site
 from attnedit.core.tokens import encode_target, locate_subject
 from attnedit.editing.methods.ft import FineTune, FTParams
 from attnedit.editing.methods.rome import Rome, RomeParams
-from attnedit.editing.optimise import Row, TargetSettings, build_rows, optimise_targets
+from attnedit.editing.optimise import TargetSettings, optimise_targets
 from attnedit.editing.presets import PresetError
 from attnedit.editing.registry import make_editor
+from attnedit.editing.rows import Row, build_rows
 from attnedit.editing.sadr import SadrSettings, SadrTerm, sadr_settings
 
 TEMPLATES = ["{}", "The city. {}", "You know that. {}"]

@@ -14,7 +14,7 @@ An edit is an ``AppliedEdit``: its ``.edit`` is the saveable ``WeightEdit``; ``r
 weights bit for bit; as a context manager it reverts on exit (exceptions included) unless ``keep()`` was
 called (or ``keep=True`` given), which is how edits accumulate in sequential editing.
 
-``with target_cache(DIR):`` (``editing.optimise.target_cache``) keeps every finished group of a target
+``with target_cache(DIR):`` (``editing.target_cache.target_cache``) keeps every finished group of a target
 optimisation in DIR and reuses it for edits with the same targets (an interrupted batch edit again,
 IntAttn-Edit after MEMIT on the same requests), around the unedited model.
 """
@@ -35,10 +35,10 @@ from attnedit.core.models import load_model as _load_model
 from attnedit.core.scoring import generate
 from attnedit.editing.base import LocateThenEdit, stats_spec
 from attnedit.editing.covariance import second_moments_of
-from attnedit.editing.optimise import target_cache  # noqa: F401 (public: attnedit.target_cache)
 from attnedit.editing.registry import make_editor
 from attnedit.editing.spec import Editor, Method, MethodSpec, method_names, register, registered
 from attnedit.editing.spec import parse_method as _parse_method
+from attnedit.editing.target_cache import target_cache  # noqa: F401 (public: attnedit.target_cache)
 from attnedit.evaluation.evaluator import EvalConfig, Evaluator
 
 # the public names are listed once, in the package root (attnedit._API), which imports them lazily

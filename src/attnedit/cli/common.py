@@ -257,7 +257,7 @@ def _is_user_error(err: BaseException) -> bool:
         return True
     # these live in layers that import torch: import them only once such an error is in hand
     from attnedit.core.models import ModelLoadError
-    from attnedit.editing.optimise import NonFiniteLossError
+    from attnedit.editing.adam import NonFiniteLossError
     from attnedit.runs.rundir import RunConflictError
 
     return isinstance(err, ModelLoadError | NonFiniteLossError | RunConflictError)

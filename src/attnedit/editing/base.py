@@ -28,7 +28,8 @@ from attnedit.core.data import EditCase, EditRequest
 from attnedit.core.models import ModelBundle
 from attnedit.core.tokens import SubjectNotFoundError, locate_subject
 from attnedit.editing.covariance import StatsSpec, second_moments_of
-from attnedit.editing.optimise import LossTerm, TargetResult, TargetSettings
+from attnedit.editing.losses import LossTerm
+from attnedit.editing.optimise import TargetResult, TargetSettings
 from attnedit.editing.presets import Layers, Params, Templates, Text, params_dict
 from attnedit.editing.templates import TemplateSpec, context_templates, language
 

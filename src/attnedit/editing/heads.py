@@ -37,21 +37,24 @@ from attnedit.core.tokens import (
     locate_subject,
     padding_id,
 )
-from attnedit.editing.optimise import (
-    FrozenBelow,
+from attnedit.editing.adam import adam_loop
+from attnedit.editing.frozen_below import FrozenBelow
+from attnedit.editing.losses import (
     LossTerm,
-    Row,
-    SplitBatch,
+    RequestMean,
     StepState,
     TargetReads,
-    adam_loop,
     add_terms,
+    clamp_norms_,
+    kl_to_reference,
+    log_probs,
     request_parts,
-    split_rows,
     target_reads,
     term_attention,
     term_kernel,
+    weight_decay,
 )
+from attnedit.editing.rows import Row, SplitBatch, split_rows
 from attnedit.editing.templates import template_prefix
 
 logger = logging.getLogger(__name__)
@@ -291,7 +294,7 @@ def train_corrections(
             with torch.no_grad():
                 logits = model(input_ids=kl_ids, attention_mask=kl_mask).logits
             last = logits[torch.arange(len(kl_rows), device=device), kl_mask.sum(1) - 1]
-            reference = torch.log_softmax(last.float(), dim=-1)
+            reference = log_probs(last)
         return _Chunk(
             batch=batch,
             frozen=FrozenBelow(bundle, batch, first_layer),
@@ -321,12 +324,7 @@ def train_corrections(
         """The loss of minibatch ``m`` (default: the step's) with the current corrections."""
         m = step % len(minibatches) if m is None else m
         chunks, n = prepared[m], len(minibatches[m])
-        sums = {k: torch.zeros(n, device=device) for k in ("nll", "nll_n", "kl", "kl_n")}
-
-        def add(key: str, index: torch.Tensor, values: torch.Tensor) -> None:
-            sums[key] = sums[key].index_add(0, index, values)
-            sums[f"{key}_n"] = sums[f"{key}_n"].index_add(0, index, torch.ones_like(values))
-
+        nll_means, kl_means = RequestMean(n, device), RequestMean(n, device)
         per_request = torch.zeros(n, device=device)
         parts.clear()
         with head_outputs(model, adapter, layers, replace=add_corrections, detach=False):
@@ -335,32 +333,27 @@ def train_corrections(
                     hidden = c.frozen.forward()
                     index = c.batch.request_index
                     if len(c.template_rows):
-                        add("nll", index[c.template_rows], c.reads.row_nll(head, hidden)[c.template_rows])
+                        nll_means.add(index[c.template_rows], c.reads.row_nll(head, hidden)[c.template_rows])
                     if c.kl_reference is not None:
                         at = c.batch.last_prompt[c.kl_rows]
-                        logp = torch.log_softmax(head(hidden[c.kl_rows, at]).float(), dim=-1)
-                        init = c.kl_reference
-                        add("kl", index[c.kl_rows], (init.exp() * (init - logp)).sum(-1))
+                        logp = log_probs(head(hidden[c.kl_rows, at]))
+                        kl_means.add(index[c.kl_rows], kl_to_reference(c.kl_reference, logp))
                     if terms:  # one chunk: the whole minibatch
                         state = StepState(step, c.batch, n, attention, c.facts, c.prompt_rows)
                         per_request = add_terms(terms, state, per_request, parts)
-        nll = sums["nll"] / sums["nll_n"].clamp_min(1)
-        kl = sums["kl"] / sums["kl_n"].clamp_min(1)
+        nll, kl = nll_means.mean(), kl_means.mean()
         per_request = per_request + nll + settings.kl_factor * kl
         # the reported parts: means over the minibatch's requests
         for key in list(parts):
             if parts[key].dim() and parts[key].shape[0] == n:
                 parts[key] = parts[key].mean(0)[None]
         parts.update({"nll": nll.detach().mean()[None], "kl": kl.detach().mean()[None]})
-        decay = settings.weight_decay * (delta.norm(dim=-1) / ref**2).sum()
+        decay = settings.weight_decay * weight_decay(delta, ref).sum()  # the weight after the sum over heads
         parts["weight_decay"] = decay.detach()[None]
         return (per_request.mean() + decay)[None]
 
     def clamp() -> None:
-        limit = settings.clamp_norm_factor * ref
-        norms = delta.norm(dim=-1)
-        scale = torch.where(norms > limit, limit / norms.clamp_min(1e-12), torch.ones_like(norms))
-        delta.mul_(scale[:, None])
+        clamp_norms_(delta, settings.clamp_norm_factor * ref)
 
     steps = settings.steps(len(requests))
     # one attention kernel for the whole optimisation, the prepared lower blocks included

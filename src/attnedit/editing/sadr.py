@@ -33,8 +33,9 @@ from pydantic_core import PydanticCustomError
 
 from attnedit.analysis.drift import drift_kl
 from attnedit.core.layer_range import parse_layers
-from attnedit.editing.optimise import SplitBatch, StepState, per_request_mean
+from attnedit.editing.losses import StepState, per_request_mean
 from attnedit.editing.presets import Params, PresetError, build_params
+from attnedit.editing.rows import SplitBatch
 
 logger = logging.getLogger(__name__)
 

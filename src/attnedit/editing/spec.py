@@ -32,7 +32,7 @@ from attnedit.editing.presets import (
 from attnedit.editing.sadr import SadrSettings
 
 if TYPE_CHECKING:
-    from attnedit.editing.optimise import LossTerm
+    from attnedit.editing.losses import LossTerm
 
 SADR_SUFFIX = "+sadr"
 SADR_PREFIX = "sadr_"  # sadr_layers=20-29: a setting of the SADR term, never of the method

@@ -80,7 +80,7 @@ class RunConfig:
     # fluency generation: cases decoded in one batch (a speed setting: not part of a run's identity; the
     # greedy FL does not depend on it, KnowEdit's sampled KE_FLU does: docs/reliability.md)
     generation_cases: int = 16
-    # a directory of target-optimisation groups shared by runs (``editing.optimise.target_cache``): a run
+    # a directory of target-optimisation groups shared by runs (``editing.target_cache.target_cache``): a run
     # whose groups are there (the same model, settings and rows, e.g. IntAttn-Edit after MEMIT on the same
     # batch) takes their targets instead of optimising them. A speed setting: not part of a run's identity
     targets_cache: str | None = None

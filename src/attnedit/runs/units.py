@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 from attnedit.core.data import EditCase
 from attnedit.core.deltas import AppliedEdit, WeightEdit
 from attnedit.core.models import ModelBundle
-from attnedit.editing.optimise import target_cache
 from attnedit.editing.registry import Editor
+from attnedit.editing.target_cache import target_cache
 from attnedit.evaluation.evaluator import Evaluator
 from attnedit.evaluation.records import CaseRecord, Reference
 from attnedit.runs.config import RunConfig

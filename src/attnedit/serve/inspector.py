@@ -34,7 +34,7 @@ from attnedit.core.data import Probe
 from attnedit.core.deltas import model_hash
 from attnedit.core.interventions import row_deltas
 from attnedit.core.tokens import SubjectNotFoundError, encode_prompt, fill_prompt, locate_subject
-from attnedit.editing.optimise import on_step
+from attnedit.editing.adam import on_step
 from attnedit.editing.sadr import SadrTerm, select_heads
 from attnedit.evaluation.answers import probe_answers
 from attnedit.evaluation.metrics import distracted

@@ -12,22 +12,20 @@ from attnedit.core.deltas import AppliedEdit, EditBuilder
 from attnedit.core.interventions import Trace
 from attnedit.core.models import ModelBundle
 from attnedit.core.tokens import encode_target, locate_subject, padding_id
+from attnedit.editing.adam import adam_loop
 from attnedit.editing.base import check_layers, edit_metadata, validate_request
-from attnedit.editing.optimise import (
-    FrozenBelow,
+from attnedit.editing.frozen_below import FrozenBelow
+from attnedit.editing.losses import (
     LossTerm,
-    Row,
-    SplitBatch,
     StepState,
-    adam_loop,
     add_terms,
     request_parts,
-    split_rows,
     target_reads,
     term_attention,
     term_kernel,
 )
 from attnedit.editing.presets import Layers, Params, params_dict
+from attnedit.editing.rows import Row, SplitBatch, split_rows
 from attnedit.editing.spec import MethodSpec, register
 
 

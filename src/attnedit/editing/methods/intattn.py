@@ -51,8 +51,8 @@ from attnedit.editing.base import (
     validate_request,
 )
 from attnedit.editing.covariance import second_moments_of
+from attnedit.editing.losses import LossTerm
 from attnedit.editing.methods.memit import Memit, MemitParams
-from attnedit.editing.optimise import LossTerm
 from attnedit.editing.presets import Layers
 from attnedit.editing.spec import MethodSpec, register
 

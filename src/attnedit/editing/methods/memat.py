@@ -44,8 +44,8 @@ from attnedit.editing.heads import (
     sentence_ids,
     train_corrections,
 )
+from attnedit.editing.losses import LossTerm
 from attnedit.editing.methods.memit import Memit, MemitParams
-from attnedit.editing.optimise import LossTerm
 from attnedit.editing.presets import Text
 from attnedit.editing.spec import MethodSpec, register
 from attnedit.editing.templates import language

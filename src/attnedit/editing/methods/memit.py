@@ -25,7 +25,8 @@ from attnedit.editing.base import (
     validate_request,
 )
 from attnedit.editing.covariance import second_moments
-from attnedit.editing.optimise import LossTerm, TargetResult, optimise_targets
+from attnedit.editing.losses import LossTerm
+from attnedit.editing.optimise import TargetResult, optimise_targets
 from attnedit.editing.presets import Templates
 from attnedit.editing.solvers import least_squares_update, read_at_fact_token
 from attnedit.editing.spec import MethodSpec, register

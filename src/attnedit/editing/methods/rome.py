@@ -26,7 +26,8 @@ from attnedit.editing.base import (
     validate_request,
 )
 from attnedit.editing.covariance import second_moments
-from attnedit.editing.optimise import LossTerm, optimise_targets
+from attnedit.editing.losses import LossTerm
+from attnedit.editing.optimise import optimise_targets
 from attnedit.editing.solvers import rank_one_update, read_at_fact_token
 from attnedit.editing.spec import MethodSpec, register
 
