@@ -1,7 +1,7 @@
 """The evaluation suite: which prompts each metric compares, pooled summaries of per-case records
 (``records.CaseRecord``), paired differences of two runs.
 
-Definitions follow the SADR paper (section 2.1, appendix E) as fixed in ``guides/methods.md``:
+Definitions follow the SADR paper (section 2.1, appendix E) (the user page: docs/metrics.md):
 every score is the share of PROMPTS, pooled over all cases, whose right answer has the lower mean
 NLL; every magnitude is the mean probability of the right answer; 95% CIs are normal intervals with
 the standard error of the mean. Tables print percentages.

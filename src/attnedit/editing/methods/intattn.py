@@ -1,7 +1,7 @@
 """IntAttn-Edit: MEMIT's least squares applied to the MLP down-projections AND to the attention output
 projections W_o, the two families of updates weighted (1 - alpha) and alpha.
 
-Our reading of the paper (no code was released; guides/methods.md, "IntAttn-Edit"):
+Our reading of the paper (no code was released; docs/methods.md, "IntAttn-Edit", lists our choices):
 
 1. One target z per request at the residual output of the last MLP edit layer (MEMIT's target and
    injection; ``+sadr`` adds SADR's term to this optimisation).
