@@ -7,6 +7,7 @@ bash scripts/setup.sh
 . .venv/bin/activate
 ruff check src tests bench
 lint-imports
+mypy  # config: [tool.mypy] in pyproject.toml (strict for attnedit.core)
 python -m pytest -q -p no:cacheprovider "$@"
 deactivate
 
