@@ -131,7 +131,7 @@ def attention_kernel(model: nn.Module) -> str | None:
 def set_attention_kernel(model: nn.Module, kernel: str | None) -> None:
     """Switch ``model`` (all its sub-models) to the attention implementation ``kernel``."""
     # transformers annotates str | dict, but takes None too: its own default choice, what loading picks
-    causal_lm(model).set_attn_implementation(kernel)  # type: ignore[arg-type]
+    causal_lm(model).set_attn_implementation(kernel)  # type: ignore[arg-type]  # None: see above
 
 
 def uses_attention_interface(model: nn.Module) -> bool:
@@ -207,7 +207,7 @@ def drop_quantizer(model: nn.Module) -> None:
     """Forget how the weights were quantised on disk (GGUF dequantised to plain floats on load), so that
     ``save_pretrained`` writes them as ordinary tensors."""
     # from_pretrained sets hf_quantizer on the instance; PreTrainedModel declares no such attribute
-    causal_lm(model).hf_quantizer = None  # type: ignore[assignment]
+    causal_lm(model).hf_quantizer = None  # type: ignore[assignment]  # undeclared attribute: see above
     config = model_config(model)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
