@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from attnedit.core.hf_compat import model_config, output_embeddings
+
 
 class UnsupportedModelError(ValueError):
     """Raised for a model class no adapter knows."""
@@ -169,11 +171,11 @@ class QKVProjection:
 
         A view: writing into it writes into ``features``."""
         if self.layout == "per_head":
-            grouped = features.unflatten(-1, (self.n_heads, len(QKV), self.head_dim))
+            grouped = torch.unflatten(features, -1, (self.n_heads, len(QKV), self.head_dim))
             return grouped[..., QKV.index(self.component), :]
         if self.layout == "blocks":
             features = features[..., self.offset : self.offset + self.width]
-        return features.unflatten(-1, (self.n_heads, self.head_dim))
+        return torch.unflatten(features, -1, (self.n_heads, self.head_dim))
 
     def rows(self) -> torch.Tensor:
         """Indices of this projection's output features in the module's output, head-major (the order of
@@ -211,7 +213,7 @@ class ModelAdapter:
             return f"{self.table.layers}.{layer}"
         if component not in COMPONENTS and component not in ("embed", "final_norm"):
             raise KeyError(f"unknown component {component!r}; known: {COMPONENTS}")
-        path = getattr(self.table, component)
+        path: str | None = getattr(self.table, component)
         if path is None and component in QKV:  # fused: the module whose output holds it (see ``qkv``)
             path = self.table.attn_qkv
         if path is None:
@@ -229,7 +231,7 @@ class ModelAdapter:
 
     def unembedding(self, model: nn.Module) -> nn.Module:
         """The output projection to the vocabulary (``lm_head``/``embed_out``, tied or not)."""
-        return model.get_output_embeddings()
+        return output_embeddings(model)
 
     def mlp_down_weight(self, model: nn.Module, layer: int) -> torch.Tensor:
         """The MLP down-projection as an [out_features, in_features] view (Conv1D transposed)."""
@@ -246,7 +248,7 @@ class ModelAdapter:
                 f"{component} of family {self.family!r} is part of a fused projection: "
                 f"use qkv_weight (per head) or weight_view('attn_qkv')"
             )
-        weight = self.module(model, component, layer).weight
+        weight = module_weight(self.module(model, component, layer))
         return weight.T if self.table.conv1d else weight
 
     def to_weight_layout(self, delta: torch.Tensor) -> torch.Tensor:
@@ -288,7 +290,7 @@ class ModelAdapter:
         """The q, k or v projection's weight as an ``[n_heads, head_dim, in_features]`` view (in-place edits
         reach the model), whatever the family's storage (fused, Conv1D-transposed)."""
         projection = self.qkv(component, layer)
-        weight = model.get_submodule(projection.module).weight
+        weight = module_weight(model.get_submodule(projection.module))
         by_input = weight if self.table.conv1d else weight.T  # [in, out]
         return projection.heads(by_input).permute(1, 2, 0)
 
@@ -297,6 +299,13 @@ class ModelAdapter:
         projection = self.qkv(component, layer)
         bias = getattr(model.get_submodule(projection.module), "bias", None)
         return None if bias is None else projection.heads(bias)
+
+
+def module_weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight``, the parameter of a linear component (``nn.Linear`` or GPT-2's ``Conv1D``)."""
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor), f"{type(module).__name__} has no weight parameter"
+    return weight
 
 
 def _config_value(config: object, *names: str) -> int | None:
@@ -309,7 +318,7 @@ def _config_value(config: object, *names: str) -> int | None:
 
 def get_adapter(model: nn.Module) -> ModelAdapter:
     """Resolve the adapter for a loaded Hugging Face causal LM (by ``config.model_type``)."""
-    config = model.config
+    config = model_config(model)
     model_type = getattr(config, "model_type", None)
     table = next((t for t in FAMILIES if model_type in t.model_types), None)
     if table is None:

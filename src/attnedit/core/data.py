@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any  # parsed JSON (what json.loads returns): each reader checks the shape it needs
 
 from attnedit.core.tokens import SubjectNotFoundError, fill_prompt
 
@@ -130,7 +130,7 @@ class Dataset:
 class _Record:
     """Field access on one raw record that names file, index and field in every error."""
 
-    def __init__(self, raw: Any, where: str):
+    def __init__(self, raw: object, where: str):
         if not isinstance(raw, dict):
             raise DataFormatError(f"{where}: record is {type(raw).__name__}, expected an object")
         self.raw, self.where = raw, where
@@ -175,7 +175,7 @@ class _Record:
             raise self.fail(f"{key}.targets", f"{len(targets)} targets for {len(prompts)} prompts")
         return tuple(Probe(p, t) for p, t in zip(prompts, targets, strict=True))
 
-    def answers(self, dotted: str, value: Any) -> tuple[str, ...]:
+    def answers(self, dotted: str, value: object) -> tuple[str, ...]:
         """KnowEdit answers: a string, a list of strings, or a list of alias lists (first answer kept)."""
         if isinstance(value, str) and value.strip():
             return (value,)
@@ -311,7 +311,7 @@ DEFAULT_QUESTION_TEMPLATE = "Question: {} Answer:"
 _LANGUAGE_CODE = re.compile(r"[a-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})?")
 
 
-def _is_bilingual(record: Any) -> bool:
+def _is_bilingual(record: object) -> bool:
     """A BMIKE-53 record: exactly two keys, both language codes, each an object with a question
     (``src``) and its two answers (``alt``, ``old``)."""
     return (
@@ -410,7 +410,7 @@ def sample_path() -> Path:
     return Path(str(resources.files("attnedit") / "resources" / "sample_counterfact.json"))
 
 
-def detect_format(record: Any, where: str) -> str:
+def detect_format(record: object, where: str) -> str:
     """The format of a data file from its first record (``where``: that record, for the error)."""
     if _is_bilingual(record):
         return BMIKE53
@@ -418,9 +418,9 @@ def detect_format(record: Any, where: str) -> str:
         for name, (keys, _) in FORMATS.items():
             if keys and keys <= record.keys():
                 return name
-    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+    found = sorted(record) if isinstance(record, dict) else type(record).__name__
     raise DataFormatError(
-        f"{where}: cannot tell the format from keys {keys}; known formats: {', '.join(FORMATS)}"
+        f"{where}: cannot tell the format from keys {found}; known formats: {', '.join(FORMATS)}"
     )
 
 
@@ -496,7 +496,7 @@ def load_cases(
     if name not in FORMATS:
         raise DataFormatError(f"{file}: unknown format {name!r}; known formats: {', '.join(FORMATS)}")
     parse = FORMATS[name][1]
-    multilingual: dict[str, Any] = {}
+    multilingual: dict[str, str] = {}
     if name == BMIKE53:
         language = language or BMIKE53_LANGUAGE
         question_template = DEFAULT_QUESTION_TEMPLATE if question_template is None else question_template
@@ -579,7 +579,7 @@ def load_texts(path: str | Path, limit: int | None = None) -> list[str]:
     if not file.is_file():
         raise FileNotFoundError(f"text corpus {file} does not exist")
 
-    def text_of(record: Any, where: str) -> str:
+    def text_of(record: object, where: str) -> str:
         if isinstance(record, dict):
             record = record.get("text", record.get("Text"))
         if not isinstance(record, str) or not record.strip():

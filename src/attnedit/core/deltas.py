@@ -27,6 +27,8 @@ import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import TracebackType
+from typing import Any, NotRequired, TypedDict
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -83,18 +85,32 @@ def model_hash(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+# JSON objects (hyperparameters, info): written with json.dumps, read back with json.loads
+JSONObject = dict[str, Any]
+
+
+class EditMeta(TypedDict):
+    """What a ``WeightEdit`` records besides its deltas and base hashes (``EditBuilder.finish`` takes it)."""
+
+    method: str
+    hyperparameters: JSONObject
+    requests: list[EditRequest]
+    model_fingerprint: NotRequired[str]
+    info: NotRequired[JSONObject]
+
+
 @dataclass
 class WeightEdit:
     """The weight changes of one edit (one request, or a batch of them); no deltas for method ``none``."""
 
     deltas: dict[str, torch.Tensor]  # parameter name -> delta (parameter layout and dtype)
     method: str
-    hyperparameters: dict
+    hyperparameters: JSONObject
     requests: list[EditRequest]
     # parameter name -> sha256 of the weights the delta was computed on (ABSENT: the edit creates it)
     base_hashes: dict[str, str]
     model_fingerprint: str = ""
-    info: dict = field(default_factory=dict)  # optimisation steps, losses...
+    info: JSONObject = field(default_factory=dict)  # optimisation steps, losses...
 
     @property
     def created(self) -> list[str]:
@@ -111,6 +127,7 @@ class WeightEdit:
             raise EditMismatchError(f"the model has no parameter(s) {missing}")
         new: dict[str, nn.Linear] = {}  # the parameters to create, by their owning module
         for name, delta in self.deltas.items():
+            shape: tuple[int, ...]
             if name in creates and name not in params:
                 new[name] = bias_owner(model, name)
                 shape = (new[name].out_features,)
@@ -265,7 +282,8 @@ class AppliedEdit:
             for name, original in self.originals.items():
                 self._params[name].copy_(original)
         for module in self._created.values():
-            module.bias = None  # unregisters it: Linear(bias=False) holds a None bias the same way
+            # unregisters it (what ``module.bias = None`` calls): Linear(bias=False) holds a None bias so too
+            module.register_parameter("bias", None)
         self.reverted = True
 
     def keep(self) -> AppliedEdit:
@@ -276,7 +294,9 @@ class AppliedEdit:
     def __enter__(self) -> AppliedEdit:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if not self.kept:
             self.revert()
 
@@ -319,11 +339,13 @@ class EditBuilder:
     def __enter__(self) -> EditBuilder:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if exc_type is not None:
             self.applied.revert()
 
-    def finish(self, edit_meta: dict) -> AppliedEdit:
+    def finish(self, edit_meta: EditMeta) -> AppliedEdit:
         """The edit made so far, in place, with ``edit_meta`` (method, hyperparameters, requests...)."""
         self.applied.edit = WeightEdit(deltas=self.deltas, base_hashes=self.base_hashes, **edit_meta)
         return self.applied

@@ -19,23 +19,29 @@ import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
+
+# ``Any`` below: KV caches (``DynamicCache`` and its layers) and model outputs are transformers objects whose
+# classes and attributes change between the supported versions; this module is where they are read.
 
 # --- the KV cache as a forward argument and output ---
 
 
 @functools.cache
-def _cache_keyword(module_type: type) -> str:
-    """The name under which ``module_type.forward`` takes the KV cache.
+def _cache_keyword(forward: Callable[..., object]) -> str:
+    """The name under which a module class's ``forward`` takes the KV cache.
 
     transformers 5.x renamed ``past_key_values`` to ``cache`` (the old name still works there, with a
     ``FutureWarning``, until its removal). Read from the signature rather than the version number, so a
     family that is renamed later, or never, is called the way its own ``forward`` declares.
     """
-    parameters = inspect.signature(module_type.forward).parameters
+    parameters = inspect.signature(forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
 
@@ -44,12 +50,13 @@ def forward_with_cache(module: nn.Module, cache: Any | None, use_cache: bool = T
 
     ``use_cache`` as in transformers: whether the output carries the (updated) cache, see ``output_cache``.
     """
-    return module(**inputs, **{_cache_keyword(type(module)): cache}, use_cache=use_cache)
+    return module(**inputs, **{_cache_keyword(type(module).forward): cache}, use_cache=use_cache)
 
 
 def output_cache(output: Any) -> Any:
     """The KV cache a forward pass returned (``output.cache``, formerly ``output.past_key_values``)."""
-    if dataclasses.is_dataclass(output) and any(f.name == "cache" for f in dataclasses.fields(output)):
+    fields = dataclasses.fields(output) if dataclasses.is_dataclass(output) else ()
+    if any(f.name == "cache" for f in fields):
         return output.cache
     return output.past_key_values
 
@@ -61,7 +68,7 @@ def new_cache(model: nn.Module) -> Any:
     """An empty ``DynamicCache`` laid out for ``model`` (per-layer types such as sliding windows)."""
     from transformers import DynamicCache
 
-    return DynamicCache(config=model.config)
+    return DynamicCache(config=model_config(model))
 
 
 def cache_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -117,12 +124,14 @@ class CacheCheckpoint:
 
 def attention_kernel(model: nn.Module) -> str | None:
     """The attention implementation ``model`` runs now (``eager``, ``sdpa``, ``flash_attention_2``, ...)."""
-    return model.config._attn_implementation
+    kernel: str | None = model_config(model)._attn_implementation
+    return kernel
 
 
 def set_attention_kernel(model: nn.Module, kernel: str | None) -> None:
     """Switch ``model`` (all its sub-models) to the attention implementation ``kernel``."""
-    model.set_attn_implementation(kernel)
+    # transformers annotates str | dict, but takes None too: its own default choice, what loading picks
+    causal_lm(model).set_attn_implementation(kernel)  # type: ignore[arg-type]  # None: see above
 
 
 def uses_attention_interface(model: nn.Module) -> bool:
@@ -171,17 +180,37 @@ def own_attn_method(attend: AttendFn) -> Callable[..., tuple[torch.Tensor, torch
 # --- loaded models ---
 
 
+def causal_lm(model: nn.Module) -> PreTrainedModel:
+    """``model`` as the transformers model it is: attnedit passes models around as ``nn.Module`` (tests build
+    them directly), and every one it edits is a ``PreTrainedModel``; typing only, nothing is checked."""
+    return cast("PreTrainedModel", model)
+
+
+def model_config(model: nn.Module) -> PretrainedConfig:
+    """``model.config``, the model's transformers configuration."""
+    return causal_lm(model).config
+
+
+def output_embeddings(model: nn.Module) -> nn.Module:
+    """``model.get_output_embeddings()``: the projection to the vocabulary (``lm_head``/``embed_out``)."""
+    head: nn.Module = causal_lm(model).get_output_embeddings()
+    return head
+
+
 def commit_hash(model: nn.Module) -> str | None:
     """The hub commit a model was downloaded at (None or '' where transformers knows none)."""
-    return getattr(model.config, "_commit_hash", "")
+    commit: str | None = getattr(model_config(model), "_commit_hash", "")
+    return commit
 
 
 def drop_quantizer(model: nn.Module) -> None:
     """Forget how the weights were quantised on disk (GGUF dequantised to plain floats on load), so that
     ``save_pretrained`` writes them as ordinary tensors."""
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    # from_pretrained sets hf_quantizer on the instance; PreTrainedModel declares no such attribute
+    causal_lm(model).hf_quantizer = None  # type: ignore[assignment]  # undeclared attribute: see above
+    config = model_config(model)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
 
 
 @contextlib.contextmanager
@@ -195,10 +224,19 @@ def gguf_parsed_once() -> Iterator[None]:
     map), and the same files come out (tested)."""
     import gguf
 
-    reader, names = gguf.GGUFReader, gguf.get_tensor_name_map
-    gguf.GGUFReader = functools.lru_cache(maxsize=2)(reader)
-    gguf.get_tensor_name_map = functools.lru_cache(maxsize=8)(names)
+    with (
+        _replaced(gguf, "GGUFReader", functools.lru_cache(maxsize=2)(gguf.GGUFReader)),
+        _replaced(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=8)(gguf.get_tensor_name_map)),
+    ):
+        yield
+
+
+@contextlib.contextmanager
+def _replaced(owner: object, name: str, value: object) -> Iterator[None]:
+    """Inside the block, ``owner.name`` is ``value``; restored on exit."""
+    previous = getattr(owner, name)
+    setattr(owner, name, value)
     try:
         yield
     finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = reader, names
+        setattr(owner, name, previous)

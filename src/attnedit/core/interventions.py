@@ -10,9 +10,12 @@ import contextlib
 import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, cast
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from attnedit.core.adapters import ModelAdapter
 from attnedit.core.hf_compat import (
@@ -24,6 +27,12 @@ from attnedit.core.hf_compat import (
 )
 
 EditFn = Callable[[torch.Tensor, str], torch.Tensor]
+# torch's forward hooks: a module's positional and keyword arguments are whatever its ``forward`` takes (Any
+# in torch's own hook signatures); an output is read through ``main_tensor``
+Args = tuple[Any, ...]
+Kwargs = dict[str, Any]
+PreHook = Callable[[nn.Module, Args, Kwargs], tuple[Args, Kwargs] | None]
+PostHook = Callable[[nn.Module, Args, object], object]
 
 
 class StopForward(Exception):
@@ -42,7 +51,8 @@ def main_tensor(value: object) -> torch.Tensor:
 def _with_main(value: object, tensor: torch.Tensor) -> object:
     if isinstance(value, torch.Tensor):
         return tensor
-    return (tensor, *value[1:])  # type: ignore[index]
+    assert isinstance(value, tuple | list)  # main_tensor(value) found the tensor this replaces
+    return (tensor, *value[1:])
 
 
 @dataclass
@@ -59,7 +69,7 @@ class Retained:
 
 
 @dataclass
-class Trace(contextlib.AbstractContextManager):
+class Trace(contextlib.AbstractContextManager["Trace", bool]):
     """Retain and/or edit the inputs and outputs of named modules (after ROME's ``nethook.TraceDict``).
 
     ``edit_input(x, name)`` / ``edit_output(y, name)`` return the replacement tensor; gradients flow
@@ -77,7 +87,7 @@ class Trace(contextlib.AbstractContextManager):
     stop: bool = False
     reduce_output: Callable[[object, str], object] | None = None  # what to keep of an output
     retained: dict[str, Retained] = field(default_factory=dict, init=False)
-    _handles: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list, init=False)
+    _handles: list[RemovableHandle] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         self.names = list(dict.fromkeys(self.names))
@@ -106,8 +116,8 @@ class Trace(contextlib.AbstractContextManager):
             raise
         return self
 
-    def _pre_hook(self, name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    def _pre_hook(self, name: str) -> PreHook:
+        def hook(module: nn.Module, args: Args, kwargs: Kwargs) -> tuple[Args, Kwargs] | None:
             if args:
                 x, rest, in_kwargs = args[0], args[1:], False
             else:  # some blocks receive hidden_states by keyword
@@ -124,8 +134,8 @@ class Trace(contextlib.AbstractContextManager):
 
         return hook
 
-    def _post_hook(self, name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: object) -> object:
+    def _post_hook(self, name: str) -> PostHook:
+        def hook(module: nn.Module, args: Args, output: object) -> object:
             if self.edit_output is not None:
                 output = _with_main(output, self.edit_output(main_tensor(output), name))
             if self.retain_output:
@@ -133,9 +143,9 @@ class Trace(contextlib.AbstractContextManager):
                 if isinstance(kept, torch.Tensor):
                     self.retained[name].output = self._keep(kept)
                 else:
+                    assert isinstance(kept, Iterable)  # a module's tuple of outputs, or reduce_output's
                     self.retained[name].output = tuple(
-                        self._keep(o) if isinstance(o, torch.Tensor) else o
-                        for o in kept  # type: ignore[union-attr]
+                        self._keep(o) if isinstance(o, torch.Tensor) else o for o in kept
                     )
             self._fired.add(name)
             if self.stop and len(self._fired) == len(self._modules):
@@ -150,7 +160,9 @@ class Trace(contextlib.AbstractContextManager):
             handle.remove()
         self._handles.clear()
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
         self.remove()
         return exc_type is StopForward
 
@@ -228,7 +240,7 @@ def _attention_weights(retained: Retained, name: str) -> torch.Tensor | None:
     out = retained.output
     if out is None:
         return None
-    weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+    weights: torch.Tensor | None = out[1] if isinstance(out, tuple) and len(out) > 1 else None
     if weights is None:
         raise RuntimeError(f"attention module {name} returned no probabilities (is attention eager?)")
     return weights
@@ -254,9 +266,10 @@ def attention_probabilities(
     if query is not None:
         rows = torch.arange(query.shape[0], device=query.device)
 
-        def reduce(output: object, name: str) -> tuple:
+        def reduce(output: object, name: str) -> tuple[None, torch.Tensor]:
             weights = _attention_weights(Retained(output=output), name)
-            return None, weights[rows, :, query]  # type: ignore[index]
+            assert weights is not None  # None only for a module that has not run
+            return None, weights[rows, :, query]
 
     with (
         attention_implementation(model, "eager"),
@@ -286,7 +299,8 @@ def head_outputs(
     names = {adapter.module_name("attn_o", layer): layer for layer in layers}
 
     def edit(x: torch.Tensor, name: str) -> torch.Tensor:
-        return replace(split_heads(x, adapter), names[name]).reshape(x.shape)  # type: ignore[misc]
+        assert replace is not None  # installed only with a replace
+        return replace(split_heads(x, adapter), names[name]).reshape(x.shape)
 
     def read(retained: Retained, name: str) -> torch.Tensor | None:
         return None if retained.input is None else split_heads(retained.input, adapter)
@@ -324,8 +338,9 @@ def qkv_heads(
 
     def edit(y: torch.Tensor, name: str) -> torch.Tensor:
         projection, layer = projections[names[name]], names[name]
+        assert replace is not None  # installed only with a replace
         out = y.clone()  # the other parts of a fused output pass through unchanged
-        projection.heads(out).copy_(replace(projection.heads(y), layer))  # type: ignore[misc]
+        projection.heads(out).copy_(replace(projection.heads(y), layer))
         return out
 
     def read(retained: Retained, name: str) -> torch.Tensor | None:
@@ -356,7 +371,7 @@ def start_at_layer(
 
     try:
         for block in blocks:
-            block.forward = skipped  # type: ignore[method-assign]
+            block.forward = skipped
         yield
     finally:
         for block in blocks:
@@ -395,7 +410,7 @@ def linear_precision(
         for m in modules:
             weight = m.weight.detach().to(dtype)
             bias = None if m.bias is None else m.bias.detach().to(dtype)
-            m.forward = functools.partial(_linear_in, weight, bias)  # type: ignore[method-assign]
+            m.__dict__["forward"] = functools.partial(_linear_in, weight, bias)  # as ``m.forward = ...`` does
         yield len(modules)
     finally:
         for m in modules:
@@ -475,7 +490,7 @@ def _patchable_attention(
         from attnedit.core.adapters import UnsupportedModelError
 
         raise UnsupportedModelError(f"attention_softmax does not implement {unsupported} attention")
-    hook = module.__dict__.get(_SOFTMAX_HOOK) or _SoftmaxHook(layer=-1)
+    hook: _SoftmaxHook = module.__dict__.get(_SOFTMAX_HOOK) or _SoftmaxHook(layer=-1)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     out, probs = hook.attend(query, key, value, attention_mask, scale, upcast=False)
     return out.transpose(1, 2).contiguous(), probs
@@ -520,17 +535,23 @@ def attention_softmax(
     }
     if uses_attention_interface(model):
         _register_patchable_attention()
-        switch: contextlib.AbstractContextManager = attention_implementation(model, PATCHABLE_ATTENTION)
+        switch: contextlib.AbstractContextManager[None] = attention_implementation(model, PATCHABLE_ATTENTION)
         attribute = _SOFTMAX_HOOK
-        installed = dict(hooks)
+        installed: dict[int, object] = dict(hooks)
     elif "flash" not in str(attention_kernel(model)) and all(
         callable(getattr(m, "_attn", None)) for m in modules.values()
     ):
         switch, attribute = contextlib.nullcontext(), "_attn"
 
-        def own_attn(module: nn.Module, hook: _SoftmaxHook) -> Callable:
-            def attn(query, key, value, attention_mask):  # GPT-J divides the scores by scale_attn
-                return hook.attend(query, key, value, attention_mask, 1.0 / float(module.scale_attn), True)
+        def own_attn(
+            module: nn.Module, hook: _SoftmaxHook
+        ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+            scale_attn = cast("torch.Tensor | float", module.scale_attn)  # GPT-J: a plain attribute
+
+            def attn(  # GPT-J divides the scores by scale_attn
+                query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+                return hook.attend(query, key, value, mask, 1.0 / float(scale_attn), True)
 
             return own_attn_method(attn)
 
@@ -577,6 +598,7 @@ def row_deltas(
             continue
         for name, delta in edit.items():
             module_name, _, kind = name.rpartition(".")
+            like: torch.Tensor
             if name in params:
                 like = params[name]
             else:
@@ -586,18 +608,20 @@ def row_deltas(
                     raise KeyError(f"the model has no parameter {name!r}") from None
             if kind not in ("weight", "bias"):
                 raise ValueError(f"per-row deltas support weights and biases, not {name!r}")
-            cast = delta.to(like.device, like.dtype)
-            by_module.setdefault(module_name, {}).setdefault(kind, []).append((members, cast))
+            moved = delta.to(like.device, like.dtype)
+            by_module.setdefault(module_name, {}).setdefault(kind, []).append((members, moved))
     modules = dict(model.named_modules())
-    handles = []
+    handles: list[RemovableHandle] = []
 
-    def hook_for(module: nn.Module, parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]):
+    def hook_for(
+        module: nn.Module, parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
+    ) -> Callable[[nn.Module, Args, torch.Tensor], torch.Tensor]:
         transposed = type(module).__name__ == "Conv1D"  # GPT-2: weight [in, out], y = x @ W + b
         if "weight" in parts and not (isinstance(module, nn.Linear) or transposed):
             kind = type(module).__name__
             raise TypeError(f"per-row weight deltas need a Linear or Conv1D module, not {kind}")
 
-        def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        def hook(_module: nn.Module, args: Args, output: torch.Tensor) -> torch.Tensor:
             x = args[0]
             extra = torch.zeros_like(output)
             for members, delta in parts.get("weight", []):

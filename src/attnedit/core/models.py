@@ -13,8 +13,10 @@ import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from attnedit.core.adapters import ModelAdapter, get_adapter
@@ -60,8 +62,9 @@ class ModelBundle:
     name: str
     source: str  # path the weights were read from
     fingerprint: str  # hash identifying the weights
-    # per-model caches (context templates, covariance statistics): they live and die with the model
-    cache: dict = field(default_factory=dict, repr=False, compare=False)
+    # per-model caches (context templates, covariance statistics): they live and die with the model; one memo
+    # per name, its keys and values typed by the module that owns it (editing.templates, editing.covariance)
+    cache: dict[str, dict[Any, Any]] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:
@@ -167,7 +170,8 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
         name = dtype
     if name not in DTYPES:
         raise ModelLoadError(f"unsupported dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    return getattr(torch, name)
+    resolved: torch.dtype = getattr(torch, name)
+    return resolved
 
 
 FINGERPRINT_SAMPLE = 4096  # bytes hashed at each end of every tensor (of every .bin file)
@@ -279,7 +283,10 @@ def load_model(
             f"could not load {name_or_path!r} as a {where}: {str(err).splitlines()[0]}. "
             f"Embedded models: {', '.join(EMBEDDED_MODELS)}; or pass a local model directory."
         ) from None
-    model.to(resolved)
+    # as an nn.Module: PreTrainedModel.to is wrapped in functools.wraps(nn.Module.to), whose type mypy reads
+    # as the unbound method (self first); the call is the same
+    module: nn.Module = model
+    module.to(resolved)
     logger.debug("loaded %s with %s attention", name_or_path, attention_kernel(model))
     _prepare_for_inference(model, tokenizer)
     fingerprint = (

@@ -12,6 +12,7 @@ import hashlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from attnedit.core.adapters import ModelAdapter
 from attnedit.core.hf_compat import forward_with_cache, output_cache, select_cache_rows
 from attnedit.core.interventions import row_deltas
 from attnedit.core.tokens import encode_prompt, encode_target, padding_id
+
+if TYPE_CHECKING:
+    from transformers import GenerationMixin
 
 
 @dataclass(frozen=True)
@@ -167,10 +171,10 @@ def score_targets(
     # distinct targets per prompt; identical pairs are scored once
     flags = [False] * len(pairs) if joined is None else [bool(j) for j in joined]
     encoded: dict[tuple[str, str, bool], tuple[int, ...]] = {}
-    for (p, t), j in zip(pairs, flags, strict=True):
-        if (p, t, j) not in encoded:
-            encode = joined_target if j else encode_target
-            encoded[p, t, j] = tuple(encode(tokenizer, p, t, prompt_ids[prompt_index[p]]))
+    for (p, t), flag in zip(pairs, flags, strict=True):
+        if (p, t, flag) not in encoded:
+            encode = joined_target if flag else encode_target
+            encoded[p, t, flag] = tuple(encode(tokenizer, p, t, prompt_ids[prompt_index[p]]))
     # a pair is its text and its ids: a joined pair whose ids equal encode_target's is the same pair
     keys = [(p, t, encoded[p, t, j]) for (p, t), j in zip(pairs, flags, strict=True)]
     unique_keys = list(dict.fromkeys(keys))
@@ -189,7 +193,9 @@ def score_targets(
     for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress, leave=False):
         _score_prompt_batch(base, head, batch, prompt_ids, by_prompt, pair_targets, results, pad_id, device)
     index = {key: j for j, key in enumerate(unique_keys)}
-    return [results[index[key]] for key in keys]  # type: ignore[misc]
+    scored = [score for score in results if score is not None]
+    assert len(scored) == len(results)  # every distinct pair was scored
+    return [scored[index[key]] for key in keys]
 
 
 def _score_prompt_batch(
@@ -383,18 +389,17 @@ def generate(
                             [prompt_generator(seed, p, device) for p in prompts[start : start + batch_size]],
                             **_sampling_config(model),
                         )
-                        if per_prompt
+                        if per_prompt and top_k is not None  # (per_prompt implies top_k)
                         else None
                     )
                     new = greedy_decode(
                         model, adapter, ids, mask, steps, _eos_ids(model, tokenizer), pad_id, choose
                     )
-                    texts.extend(
-                        tokenizer.decode(row[:budget], skip_special_tokens=True)
-                        for row, budget in zip(new, budgets, strict=True)
-                    )
+                    texts.extend(_decode(tokenizer, row[:b]) for row, b in zip(new, budgets, strict=True))
                     continue
-                out = model.generate(
+                # the generated ids (return_dict_in_generate is not asked for); transformers' causal LMs are
+                # GenerationMixins, PreTrainedModel alone is not
+                out: torch.Tensor = cast("GenerationMixin", model).generate(
                     input_ids=ids,
                     attention_mask=mask,
                     max_new_tokens=steps,
@@ -405,8 +410,7 @@ def generate(
                     pad_token_id=pad_id,
                 )
             texts.extend(
-                tokenizer.decode(row[width : width + budget], skip_special_tokens=True)
-                for row, budget in zip(out, budgets, strict=True)
+                _decode(tokenizer, row[width : width + b]) for row, b in zip(out, budgets, strict=True)
             )
     finally:
         torch.random.set_rng_state(generator_state)
@@ -414,6 +418,13 @@ def generate(
 
 
 SAMPLING = ("batch", "prompt")
+
+
+def _decode(tokenizer: PreTrainedTokenizerBase, ids: list[int] | torch.Tensor) -> str:
+    """The text of one sequence of ids, special tokens skipped."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    assert isinstance(text, str)  # a list of texts only for a batch of sequences
+    return text
 
 
 def prompt_generator(seed: int, prompt: str, device: torch.device | str = "cpu") -> torch.Generator:
