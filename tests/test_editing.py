@@ -335,7 +335,8 @@ def test_bad_requests_are_refused_with_the_model_untouched(tiny_tokenizer, corpu
             bundle, [_case()]
         )
     with pytest.raises(NonFiniteLossError):
-        FineTune(FTParams(layers=[1], lr=math.inf, norm_constraint=math.inf, steps=4)).apply(
+        # built without validation: the parameter model refuses these (a non-finite loss is forced)
+        FineTune(FTParams.model_construct(layers=[1], lr=math.inf, norm_constraint=math.inf, steps=4)).apply(
             bundle, [_case()]
         )
     with pytest.raises(ValueError, match="injection sites must be outputs of"):

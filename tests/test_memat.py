@@ -197,7 +197,8 @@ def test_memat_with_sadr_over_several_correction_minibatches(tiny_tokenizer, cor
     SADR term stays exactly 0 at every step of every minibatch."""
     bundle = make_tiny("llama", tiny_tokenizer)
     term = SadrTerm(SadrSettings(gamma=0.5, heads="all"))
-    params = _params(corpus, correction_batch=2, correction_lr=0.0, correction_min_steps=4)
+    params = _params(corpus, correction_batch=2, correction_min_steps=4)
+    params = params.model_copy(update={"correction_lr": 0.0})  # below the model's range, on purpose
     applied = Memat(params, terms=[term]).apply(bundle, load_cases("sample").cases[:4])
     memat = applied.edit.info["memat"]
     assert memat["correction_steps"] >= 4
