@@ -18,7 +18,7 @@ from attnedit.runs.analyses import CASES, Setting
 from attnedit.runs.analysis_runs import PatchOptions, TraceOptions, run_trace
 
 PRESET = str(Path(__file__).parents[1] / "src/attnedit/resources/presets/rome/smollm2-135m.json")
-N_LAYERS = 3  # conftest.tiny_config
+N_LAYERS = 3  # helpers.tiny_config
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -28,7 +28,7 @@ def _one_thread(one_thread):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    from conftest import CORPUS
+    from helpers import CORPUS
 
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text("\n".join(CORPUS))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny
+from helpers import make_tiny
 
 import attnedit
 import attnedit.api

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from conftest import make_tiny
+from helpers import make_tiny
 
 from attnedit.editing import covariance
 from attnedit.editing.covariance import StatsSpec, model_texts, second_moments

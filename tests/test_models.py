@@ -8,7 +8,7 @@ from attnedit.core.models import DEFAULT_MODEL, ModelLoadError, cache_dir, load_
 
 
 def test_local_directory_loads_with_adapter(tmp_path, tiny_tokenizer):
-    from conftest import make_tiny
+    from helpers import make_tiny
 
     bundle = make_tiny("gpt_neox", tiny_tokenizer)
     bundle.model.save_pretrained(tmp_path)

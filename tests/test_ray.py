@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import kill_after_records, torch_threads
+from helpers import kill_after_records, torch_threads
 
 from attnedit.evaluation.evaluator import EvalConfig
 from attnedit.runs.executors import RayOptions

@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import kill_after_records
+from helpers import kill_after_records
 
 from attnedit.core.data import load_cases
 from attnedit.evaluation.evaluator import EvalConfig

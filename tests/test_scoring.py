@@ -29,7 +29,7 @@ def test_engine_matches_one_forward_per_pair(tiny: ModelBundle):
 
 
 def test_engine_with_bos_tokenizer(tiny_bos_tokenizer):
-    from conftest import make_tiny
+    from helpers import make_tiny
 
     bundle = make_tiny("llama", tiny_bos_tokenizer)
     fast = score_targets(bundle.model, bundle.tokenizer, bundle.adapter, PAIRS)
@@ -66,7 +66,7 @@ def test_generation_is_greedy_and_batched(tiny: ModelBundle):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_per_prompt_sampling_is_the_same_in_any_batch(tiny_tokenizer, family):
-    from conftest import make_tiny
+    from helpers import make_tiny
 
     bundle = make_tiny(family, tiny_tokenizer)
     prompts = ["The Eiffel Tower is", "What does Freddy Cole play? They play", "Paris is the capital of"]
@@ -120,7 +120,7 @@ def _hf_greedy(bundle: ModelBundle, prompts, n):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "gptj"])
 def test_fast_greedy_decoding_equals_hf_generate(tiny_tokenizer, family):
-    from conftest import make_tiny
+    from helpers import make_tiny
 
     bundle = make_tiny(family, tiny_tokenizer)
     prompts = ["The Eiffel Tower is", "What does Freddy Cole play? They play", "Rome"]
@@ -148,7 +148,7 @@ def test_engine_matches_reference_on_smollm2(smollm2: ModelBundle):
 
 
 def test_too_long_sequence_is_a_clear_error(tiny_tokenizer):
-    from conftest import make_tiny
+    from helpers import make_tiny
 
     bundle = make_tiny("gpt2", tiny_tokenizer)
     long_prompt = "The Eiffel Tower is in Paris. " * 60
