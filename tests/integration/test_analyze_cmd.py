@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT
 from typer.testing import CliRunner
 
 from attnedit.analysis import drift, tracing
@@ -17,7 +18,7 @@ from attnedit.cli.main import app
 from attnedit.runs.analyses import CASES, Setting
 from attnedit.runs.analysis_runs import PatchOptions, TraceOptions, run_trace
 
-PRESET = str(Path(__file__).parents[1] / "src/attnedit/resources/presets/rome/smollm2-135m.json")
+PRESET = str(ROOT / "src/attnedit/resources/presets/rome/smollm2-135m.json")
 N_LAYERS = 3  # helpers.tiny_config
 
 
@@ -177,9 +178,7 @@ def _squeezed(output: str) -> str:
 
 
 def test_errors_name_the_case_or_record(tmp_path, tiny_dir, corpus, monkeypatch):
-    record = json.loads(
-        (Path(__file__).parents[1] / "src/attnedit/resources/sample_counterfact.json").read_text()
-    )[0]
+    record = json.loads((ROOT / "src/attnedit/resources/sample_counterfact.json").read_text())[0]
     record["l-neighbor"]["targets"][0] = " "
     data = tmp_path / "bad.json"
     data.write_text(json.dumps([record]))

@@ -6,11 +6,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from helpers import ROOT
+
 from attnedit.evaluation.evaluator import EvalConfig
 from attnedit.runs.rundir import RESULTS, read_results
 from attnedit.runs.runner import RunConfig, group_edit_path, run
 
-PRESET = Path(__file__).parents[1] / "src/attnedit/resources/presets/memit/smollm2-135m.json"
+PRESET = ROOT / "src/attnedit/resources/presets/memit/smollm2-135m.json"
 
 
 def _memit(out: Path, model: Path, corpus: Path, **kw) -> RunConfig:
