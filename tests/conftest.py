@@ -1,13 +1,12 @@
-"""Shared fixtures: tiny randomly initialised models of every family, built offline in the test (the
-builders and constants are in ``helpers``)."""
+"""Fixtures of more than one test group (unit, integration, browser): tiny randomly initialised models of
+every family, built offline in the test (the builders and constants are in ``helpers``). A fixture of one
+group lives in that group's ``conftest.py``."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-import torch
 import transformers as T
 from helpers import CORPUS, FAMILIES, SHARED_DATA, make_tiny, make_tokenizer, torch_threads
 
@@ -19,23 +18,9 @@ def tiny_tokenizer() -> T.PreTrainedTokenizerFast:
     return make_tokenizer(bos=False)
 
 
-@pytest.fixture(scope="session")
-def tiny_bos_tokenizer() -> T.PreTrainedTokenizerFast:
-    return make_tokenizer(bos=True)
-
-
 @pytest.fixture(params=FAMILIES)
 def tiny(request, tiny_tokenizer) -> ModelBundle:
     return make_tiny(request.param, tiny_tokenizer)
-
-
-@pytest.fixture(scope="session")
-def smollm2() -> ModelBundle:
-    """The real SmolLM2-135M (dequantised once into the attnedit cache)."""
-    from attnedit.core.models import load_model
-
-    torch.set_num_threads(int(os.environ.get("ATTNEDIT_TEST_THREADS", "2")))
-    return load_model("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
@@ -68,14 +53,6 @@ def isolated_cache(tmp_path, monkeypatch) -> Path:
     cache = tmp_path / "cache"
     monkeypatch.setenv("ATTNEDIT_CACHE", str(cache))
     return cache
-
-
-@pytest.fixture
-def corpus_file(tmp_path, isolated_cache) -> Path:
-    """A small text corpus for statistics, with the attnedit cache in the test's own directory."""
-    path = tmp_path / "corpus.txt"
-    path.write_text("\n".join(CORPUS))
-    return path
 
 
 @pytest.fixture
