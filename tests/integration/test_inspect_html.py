@@ -1,6 +1,6 @@
 """``attnedit inspect ... --html FILE`` on a tiny Llama: one self-contained offline file whose embedded view
 is what the inspector's API answers for the same request (the page itself is opened in Chromium by
-``test_browser.py``)."""
+``tests/browser/test_browser.py``)."""
 
 from __future__ import annotations
 
