@@ -5,7 +5,7 @@ parsed once (``core.hf_compat.gguf_parsed_once``).
 
 Each repetition converts into an empty temporary cache twice, plain transformers loading then the
 parsed-once loading, and times ``models.materialise_gguf`` (the conversion, the safetensors and tokenizer
-written). Both write the same files (``tests/test_models.py``).
+written). Both write the same files (``tests/integration/test_smollm2_models.py``).
 """
 
 from __future__ import annotations

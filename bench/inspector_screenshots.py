@@ -3,7 +3,7 @@
     python bench/inspector_screenshots.py [--runs runs/] [--scan 20] [--sadr-candidates 2]
 
 1. Serves the inspector on SmolLM2 (``attnedit.load_model("smollm2-135m")``, uvicorn in a thread on a
-   free port, as ``tests/test_browser.py`` does), one torch thread.
+   free port, as ``tests/browser/test_browser.py`` does), one torch thread.
 2. Chooses the case by measuring it through the inspector's own API: each of the first ``--scan``
    cases of the shipped sample set (merged CounterFact, ``load_cases("sample")``) is edited with ROME
    at the served preset (``POST /api/edits``, its paraphrase, neighbour and relation prompts as the

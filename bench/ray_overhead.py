@@ -26,11 +26,11 @@ TIMINGS = ("seconds_eval", "seconds_edit", "seconds_scoring", "seconds_generatio
 
 
 def _tiny_model(root: Path) -> str:
-    """The tests' tiny Llama saved as a local directory (tests/conftest.py builds it offline)."""
+    """The tests' tiny Llama saved as a local directory (tests/helpers.py builds it offline)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import _tokenizer, make_tiny
+    from helpers import make_tiny, make_tokenizer
 
-    tok = _tokenizer(bos=False)
+    tok = make_tokenizer(bos=False)
     bundle = make_tiny("llama", tok)
     path = root / "tiny-llama"
     bundle.model.save_pretrained(path)

@@ -9,7 +9,8 @@ model's full fingerprint and the texts' sha256; ``model_texts`` uses the file on
 
     python bench/ship_sampled_texts.py --threads 2      # after changing the embedded model or the spec
 
-``tests/test_covariance_texts.py`` re-samples the first and last chunks and compares them with the file.
+``tests/integration/test_smollm2_covariance_texts.py`` re-samples the first and last chunks and compares them
+with the file.
 """
 
 from __future__ import annotations

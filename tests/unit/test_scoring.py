@@ -2,24 +2,15 @@ import math
 
 import pytest
 import torch
+from helpers import SCORING_PAIRS, hf_greedy
 
 from attnedit.core.models import ModelBundle
 from attnedit.core.scoring import generate, score_targets, score_targets_reference, text_nll
 
-PAIRS = [
-    ("The Eiffel Tower is located in the city of", "Paris"),
-    ("The Eiffel Tower is located in the city of", "Rome in Italy"),  # shared prompt, multi-token
-    ("The Eiffel Tower is located in the city of", "Paris"),  # duplicate pair
-    ("X is", "French"),  # short prompt next to long ones: left padding
-    ("The mother tongue of Michel Rocard is", "French"),
-    ("Danielle Darrieux speaks French and English. The mother tongue of Danielle Darrieux is", "English"),
-    ("What does Freddy Cole play? They play", "jazz and the piano with Toko Yasuda"),
-]
-
 
 def test_engine_matches_one_forward_per_pair(tiny: ModelBundle):
-    fast = score_targets(tiny.model, tiny.tokenizer, tiny.adapter, PAIRS, max_batch_tokens=64)
-    slow = score_targets_reference(tiny.model, tiny.tokenizer, PAIRS)
+    fast = score_targets(tiny.model, tiny.tokenizer, tiny.adapter, SCORING_PAIRS, max_batch_tokens=64)
+    slow = score_targets_reference(tiny.model, tiny.tokenizer, SCORING_PAIRS)
     for f, s in zip(fast, slow, strict=True):
         assert f.target_ids == s.target_ids
         assert f.argmax_ids == s.argmax_ids
@@ -29,18 +20,18 @@ def test_engine_matches_one_forward_per_pair(tiny: ModelBundle):
 
 
 def test_engine_with_bos_tokenizer(tiny_bos_tokenizer):
-    from conftest import make_tiny
+    from helpers import make_tiny
 
     bundle = make_tiny("llama", tiny_bos_tokenizer)
-    fast = score_targets(bundle.model, bundle.tokenizer, bundle.adapter, PAIRS)
-    slow = score_targets_reference(bundle.model, bundle.tokenizer, PAIRS)
+    fast = score_targets(bundle.model, bundle.tokenizer, bundle.adapter, SCORING_PAIRS)
+    slow = score_targets_reference(bundle.model, bundle.tokenizer, SCORING_PAIRS)
     for f, s in zip(fast, slow, strict=True):
         assert f.logprobs == pytest.approx(s.logprobs, abs=2e-5)
 
 
 def test_batching_does_not_change_scores(tiny: ModelBundle):
-    one = score_targets(tiny.model, tiny.tokenizer, tiny.adapter, PAIRS, max_batch_rows=1)
-    many = score_targets(tiny.model, tiny.tokenizer, tiny.adapter, PAIRS, max_batch_tokens=10_000)
+    one = score_targets(tiny.model, tiny.tokenizer, tiny.adapter, SCORING_PAIRS, max_batch_rows=1)
+    many = score_targets(tiny.model, tiny.tokenizer, tiny.adapter, SCORING_PAIRS, max_batch_tokens=10_000)
     for a, b in zip(one, many, strict=True):
         assert a.logprobs == pytest.approx(b.logprobs, abs=2e-5)
 
@@ -66,7 +57,7 @@ def test_generation_is_greedy_and_batched(tiny: ModelBundle):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_per_prompt_sampling_is_the_same_in_any_batch(tiny_tokenizer, family):
-    from conftest import make_tiny
+    from helpers import make_tiny
 
     bundle = make_tiny(family, tiny_tokenizer)
     prompts = ["The Eiffel Tower is", "What does Freddy Cole play? They play", "Paris is the capital of"]
@@ -114,41 +105,19 @@ def test_top_k_sampler_draws_from_the_top_k_with_each_rows_generator():
     assert [int(solo(logits[:1])[0]) for _ in range(30)] == [int(pair(logits)[0]) for _ in range(30)]
 
 
-def _hf_greedy(bundle: ModelBundle, prompts, n):
-    return generate(bundle.model, bundle.tokenizer, prompts, max_new_tokens=n)  # no adapter: HF generate
-
-
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "gptj"])
 def test_fast_greedy_decoding_equals_hf_generate(tiny_tokenizer, family):
-    from conftest import make_tiny
+    from helpers import make_tiny
 
     bundle = make_tiny(family, tiny_tokenizer)
     prompts = ["The Eiffel Tower is", "What does Freddy Cole play? They play", "Rome"]
     fast = generate(bundle.model, bundle.tokenizer, prompts, max_new_tokens=12, adapter=bundle.adapter)
-    assert fast == _hf_greedy(bundle, prompts, 12)
+    assert fast == hf_greedy(bundle, prompts, 12)
     assert any(len(t) > 0 for t in fast)  # (a random model may end a text at once)
 
 
-@pytest.mark.smollm2
-def test_fast_greedy_decoding_equals_hf_generate_on_smollm2(smollm2: ModelBundle):
-    prompts = ["The Eiffel Tower is located in", "Danielle Darrieux's mother tongue is", "Hi"]
-    fast = generate(smollm2.model, smollm2.tokenizer, prompts, max_new_tokens=40, adapter=smollm2.adapter)
-    assert fast == _hf_greedy(smollm2, prompts, 40)
-
-
-@pytest.mark.smollm2
-def test_engine_matches_reference_on_smollm2(smollm2: ModelBundle):
-    fast = score_targets(smollm2.model, smollm2.tokenizer, smollm2.adapter, PAIRS)
-    slow = score_targets_reference(smollm2.model, smollm2.tokenizer, PAIRS)
-    for f, s in zip(fast, slow, strict=True):
-        assert f.argmax_ids == s.argmax_ids
-        assert f.logprobs == pytest.approx(s.logprobs, abs=1e-3)
-    # SmolLM2 knows the Eiffel Tower's city
-    assert fast[0].nll < fast[1].nll
-
-
 def test_too_long_sequence_is_a_clear_error(tiny_tokenizer):
-    from conftest import make_tiny
+    from helpers import make_tiny
 
     bundle = make_tiny("gpt2", tiny_tokenizer)
     long_prompt = "The Eiffel Tower is in Paris. " * 60

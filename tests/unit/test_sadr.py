@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import CORPUS, FAMILIES, make_tiny
+from helpers import CORPUS, FAMILIES, make_tiny
 
 from attnedit.core.data import EditCase, EditRequest, Probe
 from attnedit.core.interventions import Trace, attention_implementation

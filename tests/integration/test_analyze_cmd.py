@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import ROOT
 from typer.testing import CliRunner
 
 from attnedit.analysis import drift, tracing
@@ -17,8 +18,8 @@ from attnedit.cli.main import app
 from attnedit.runs.analyses import CASES, Setting
 from attnedit.runs.analysis_runs import PatchOptions, TraceOptions, run_trace
 
-PRESET = str(Path(__file__).parents[1] / "src/attnedit/resources/presets/rome/smollm2-135m.json")
-N_LAYERS = 3  # conftest.tiny_config
+PRESET = str(ROOT / "src/attnedit/resources/presets/rome/smollm2-135m.json")
+N_LAYERS = 3  # helpers.tiny_config
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -28,7 +29,7 @@ def _one_thread(one_thread):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    from conftest import CORPUS
+    from helpers import CORPUS
 
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text("\n".join(CORPUS))
@@ -177,9 +178,7 @@ def _squeezed(output: str) -> str:
 
 
 def test_errors_name_the_case_or_record(tmp_path, tiny_dir, corpus, monkeypatch):
-    record = json.loads(
-        (Path(__file__).parents[1] / "src/attnedit/resources/sample_counterfact.json").read_text()
-    )[0]
+    record = json.loads((ROOT / "src/attnedit/resources/sample_counterfact.json").read_text())[0]
     record["l-neighbor"]["targets"][0] = " "
     data = tmp_path / "bad.json"
     data.write_text(json.dumps([record]))

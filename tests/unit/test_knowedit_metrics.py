@@ -19,7 +19,7 @@ from attnedit.evaluation.metrics import knowedit_case_value, summarize
 
 @pytest.fixture(params=["llama", "gpt2"])
 def bundle(request, tiny_tokenizer, tiny_bos_tokenizer, one_thread):
-    from conftest import make_tiny
+    from helpers import make_tiny
 
     # llama with a BOS token (counted among the prompt's ids), gpt2 without
     return make_tiny(request.param, tiny_bos_tokenizer if request.param == "llama" else tiny_tokenizer)

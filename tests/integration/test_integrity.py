@@ -6,13 +6,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from helpers import ROOT
+
 from attnedit.evaluation.evaluator import EvalConfig
 from attnedit.runs.config import RunConfig
 from attnedit.runs.rundir import RESULTS, read_results
 from attnedit.runs.runner import run
 from attnedit.runs.saved_edits import group_edit_path
 
-PRESET = Path(__file__).parents[1] / "src/attnedit/resources/presets/memit/smollm2-135m.json"
+PRESET = ROOT / "src/attnedit/resources/presets/memit/smollm2-135m.json"
 
 
 def _memit(out: Path, model: Path, corpus: Path, **kw) -> RunConfig:

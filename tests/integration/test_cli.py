@@ -9,7 +9,7 @@ runner = CliRunner()
 
 
 def _tiny_dir(tmp_path, tokenizer):
-    from conftest import make_tiny
+    from helpers import make_tiny
 
     path = tmp_path / "model"
     bundle = make_tiny("gpt2", tokenizer)

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-from conftest import make_tiny, torch_threads
 from fastapi import FastAPI
+from helpers import make_eval_runs, make_tiny, torch_threads, write_tiny_presets
 from playwright.sync_api import expect, sync_playwright
-from test_serve import make_eval_runs, write_tiny_presets
 
 from attnedit.core.deltas import model_hash
 from attnedit.serve.app import create_app

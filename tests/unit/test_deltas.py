@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, make_tiny
+from helpers import FAMILIES, make_tiny
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import make_tiny
+from helpers import make_tiny
 
 import attnedit
 from attnedit.editing.presets import PresetError

@@ -30,7 +30,7 @@ def test_adapter_names_every_component(tiny: ModelBundle):
 
 
 def test_conv1d_view_is_transposed_storage(tiny_tokenizer):
-    from conftest import make_tiny
+    from helpers import make_tiny
 
     bundle = make_tiny("gpt2", tiny_tokenizer)
     raw = bundle.adapter.module(bundle.model, "mlp_down", 0).weight  # Conv1D: [in, out]
@@ -42,7 +42,7 @@ def test_conv1d_view_is_transposed_storage(tiny_tokenizer):
 def test_fused_projections_and_layer_range(tiny_tokenizer):
     """GPT-2 and GPT-NeoX compute q, k and v in one module: the table says where each part lies (the
     numbers are checked against the models' own attention in test_family_matrix.py)."""
-    from conftest import make_tiny
+    from helpers import make_tiny
 
     gpt2 = make_tiny("gpt2", tiny_tokenizer).adapter
     assert gpt2.module_name("attn_q", 0) == gpt2.module_name("attn_qkv", 0) == "transformer.h.0.attn.c_attn"

@@ -1,5 +1,5 @@
 """Feature x family matrix: every feature that touches attention internals or per-head activations, on
-every tiny family (``conftest.FAMILIES``: Llama, Qwen2, Mistral with grouped-query attention; GPT-2 with
+every tiny family (``helpers.FAMILIES``: Llama, Qwen2, Mistral with grouped-query attention; GPT-2 with
 a fused Conv1D ``[q | k | v]``; GPT-J; GPT-NeoX with a fused projection interleaved per head).
 
 The cells checked here, each against a property of the model's own computation:

@@ -224,7 +224,7 @@ def test_format_is_detected_from_the_record_shape(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_llama(tiny_tokenizer, one_thread):
-    from conftest import make_tiny
+    from helpers import make_tiny
 
     return make_tiny("llama", tiny_tokenizer)
 

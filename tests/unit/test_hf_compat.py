@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from conftest import FAMILIES, make_tiny
+from helpers import FAMILIES, make_tiny
 
 from attnedit.analysis.substitution import record_outputs, substitute_outputs
 from attnedit.core.data import EditRequest

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CORPUS, make_tiny
+from helpers import CORPUS, make_tiny
 
 from attnedit.core.data import EditCase, EditRequest, Probe, load_cases
 from attnedit.core.deltas import EditMismatchError, WeightEdit, model_hash

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES, make_tiny
+from helpers import FAMILIES, make_tiny
 from typer.testing import CliRunner
 
 import attnedit

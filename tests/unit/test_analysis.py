@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
-from conftest import FAMILIES, make_tiny
+from helpers import FAMILIES, make_tiny
 
 from attnedit.analysis.drift import (
     FACTORS,

@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import kill_after_records
+from helpers import ROOT, kill_after_records
 
 from attnedit.core.data import load_cases
 from attnedit.evaluation.evaluator import EvalConfig
@@ -250,7 +250,7 @@ def _edit_config(out: Path, model: Path, corpus: Path, **kw) -> RunConfig:
         out=str(out),
         model=str(model),
         method="memit",
-        preset=str(Path(__file__).parents[1] / "src/attnedit/resources/presets/memit/smollm2-135m.json"),
+        preset=str(ROOT / "src/attnedit/resources/presets/memit/smollm2-135m.json"),
         params=params,
         eval=EvalConfig(fluency=False),
         **kw,
@@ -400,7 +400,7 @@ def test_runs_sharing_a_targets_cache_reuse_identical_targets(tmp_path, tiny_dir
     from attnedit.editing.adam import on_step
 
     bundle = load_model(str(tiny_dir))
-    presets = Path(__file__).parents[1] / "src/attnedit/resources/presets"
+    presets = ROOT / "src/attnedit/resources/presets"
     cache = tmp_path / "targets"
 
     def config(out: Path, method: str, shared: Path | None) -> RunConfig:

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny
+from helpers import ROOT, make_tiny
 
 import attnedit
 import attnedit.api
 from attnedit.core.deltas import model_hash
 from attnedit.editing.presets import PresetError
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = ROOT / "README.md"
 REQ = attnedit.EditRequest("{} is in", "Eiffel Tower", "Rome", "Paris")
 
 

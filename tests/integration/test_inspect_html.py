@@ -1,6 +1,6 @@
 """``attnedit inspect ... --html FILE`` on a tiny Llama: one self-contained offline file whose embedded view
 is what the inspector's API answers for the same request (the page itself is opened in Chromium by
-``test_browser.py``)."""
+``tests/browser/test_browser.py``)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny, torch_threads
 from fastapi.testclient import TestClient
-from test_serve import EDIT, write_tiny_presets
+from helpers import EDIT, make_tiny, torch_threads, write_tiny_presets
 from typer.testing import CliRunner
 
 from attnedit.api import load_model

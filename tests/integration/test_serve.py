@@ -10,42 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_tiny, torch_threads
 from fastapi.testclient import TestClient
+from helpers import EDIT, make_eval_runs, make_tiny, torch_threads, write_tiny_presets
 
 from attnedit.analysis.drift import attention_drift, record_last_token_attention
 from attnedit.core.deltas import WeightEdit, model_hash
 from attnedit.evaluation.answers import probe_answers
 from attnedit.serve.app import create_app
-
-EDIT = {
-    "method": "rome",
-    "prompt": "{} is located in the city of",
-    "subject": "Eiffel Tower",
-    "target_new": "Rome",
-    "target_true": "Paris",
-    "paraphrase": ["The Eiffel Tower stands in the city of"],
-    "neighbors": ["The Louvre is located in the city of"],
-    "relation": ["The Eiffel Tower is made of"],
-}
-
-
-def write_tiny_presets(root: Path, corpus: Path) -> None:
-    """ROME and FT presets for the tiny Llama (edit layer 1, a few steps), statistics from ``corpus``."""
-    common = {"steps": 6, "stats_corpus": str(corpus), "stats_samples": 40, "stats_max_tokens": 32}
-    for method, params in (
-        ("rome", {"layers": [1], "templates": [[4, 2]], **common}),
-        ("ft", {"layers": [1], "steps": 4}),
-    ):
-        (root / method).mkdir(parents=True, exist_ok=True)
-        preset = {
-            "method": method,
-            "model": "tiny-llama",
-            "source": "test",
-            "params": params,
-            "sadr": {"gamma": 0.05, "heads": "selective"},
-        }
-        (root / method / "tiny-llama.json").write_text(json.dumps(preset))
 
 
 @pytest.fixture(scope="module")
@@ -314,36 +285,6 @@ def test_serve_command(monkeypatch, tiny_dir, tmp_path):
     monkeypatch.setattr(builtins, "__import__", no_fastapi)
     result = CliRunner().invoke(app, ["serve", "--model", str(tiny_dir)])
     assert result.exit_code == 2 and "pip install attnedit[serve]" in result.output, result.output
-
-
-def make_eval_runs(tmp: Path, model_dir: Path) -> Path:
-    """A runs root ``tmp/runs`` with two real evaluation runs on three sample cases (``evals/base``:
-    unedited, ``evals/ft``: FT), a run that is no evaluation (``analysis``) and ``escape``: a symbolic
-    link to a real run outside the root (``tmp/outside/secret``)."""
-    from attnedit.evaluation.evaluator import EvalConfig
-    from attnedit.runs.config import RunConfig
-    from attnedit.runs.runner import run
-
-    root = tmp / "runs"
-    ft_preset = tmp / "ft.json"
-    ft_preset.write_text(json.dumps({"method": "ft", "model": "tiny", "params": {"layers": [1], "steps": 2}}))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ATTNEDIT_CACHE", str(tmp / "cache"))
-        for out, method, preset in (
-            (root / "evals" / "base", "none", None),
-            (root / "evals" / "ft", "ft", str(ft_preset)),
-            (tmp / "outside" / "secret", "none", None),
-        ):
-            config = RunConfig(
-                data="sample", out=str(out), model=str(model_dir), method=method, preset=preset, limit=3,
-                eval=EvalConfig(fluency=False),
-            )  # fmt: skip
-            run(config, progress=False)
-    other = root / "analysis"
-    other.mkdir()
-    (other / "manifest.json").write_text(json.dumps({"analysis": "drift"}))
-    (root / "escape").symlink_to(tmp / "outside" / "secret", target_is_directory=True)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import kill_after_records, torch_threads
+from helpers import ROOT, kill_after_records, torch_threads
 
 from attnedit.evaluation.evaluator import EvalConfig
 from attnedit.runs.config import RunConfig
@@ -22,7 +22,7 @@ from attnedit.runs.runner import run
 pytestmark = pytest.mark.ray
 
 TIMINGS = ("seconds_eval", "seconds_edit", "seconds_scoring", "seconds_generation")
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(ROOT / "src")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,8 @@ def cluster(tmp_path_factory):
     cache = tmp_path_factory.mktemp("ray-cache")
     before = os.environ.get("ATTNEDIT_CACHE")
     os.environ["ATTNEDIT_CACHE"] = str(cache)  # inherited by the Ray workers started now
-    paths = (SRC, str(Path(__file__).parent), os.environ.get("PYTHONPATH"))  # workers import this module
+    # workers import this module and the helpers it imports
+    paths = (SRC, str(Path(__file__).parent), str(ROOT / "tests"), os.environ.get("PYTHONPATH"))
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     ray.init(num_cpus=2, include_dashboard=False)
     try:
@@ -55,7 +56,7 @@ def _memit(out: Path, model: Path, corpus: Path, fluency: bool = False, **kw) ->
         "steps": "3",
         "templates": "[[3, 1]]",
     }
-    preset = Path(__file__).parents[1] / "src/attnedit/resources/presets/memit/smollm2-135m.json"
+    preset = ROOT / "src/attnedit/resources/presets/memit/smollm2-135m.json"
     return RunConfig(
         data="sample",
         out=str(out),
@@ -219,7 +220,7 @@ def test_analysis_on_ray_equals_local(tmp_path, tiny_dir, cluster):
 
 def _cli(out: Path, model: Path, corpus: Path, address: str, *extra: str) -> list[str]:
     params = ["layers=0,1", f"stats_corpus={corpus}", "stats_samples=20", "steps=3", "templates=[[3, 1]]"]
-    preset = Path(__file__).parents[1] / "src/attnedit/resources/presets/memit/smollm2-135m.json"
+    preset = ROOT / "src/attnedit/resources/presets/memit/smollm2-135m.json"
     args = [sys.executable, "-m", "attnedit", "eval", "sample", "--out", str(out), "--model", str(model)]
     args += ["--method", "memit", "--preset", str(preset), "--no-fluency", "--ppl-corpus", "none"]
     args += [a for p in params for a in ("-p", p)]

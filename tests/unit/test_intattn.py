@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from conftest import FAMILIES, make_tiny
+from helpers import FAMILIES, make_tiny
 from typer.testing import CliRunner
 
 import attnedit

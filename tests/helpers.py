@@ -1,0 +1,208 @@
+"""Helpers shared by the test groups (imported as ``helpers``: pyproject's pytest ``pythonpath`` puts
+``tests/`` on the path). Fixtures stay in the ``conftest.py`` files; this module holds plain code: the
+tiny randomly initialised models of every family (built offline), constants, the serve tests' presets
+and runs, a torch thread-count block and a kill -9 helper for run processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from attnedit.core.models import ModelBundle, bundle_from_model
+from attnedit.core.scoring import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+"""The repository root."""
+SHARED_DATA = ROOT.parent / "shared" / "data"
+CORPUS = [
+    "The Eiffel Tower is located in the city of Paris in France.",
+    "Danielle Darrieux speaks French and English. The mother tongue of Michel Rocard is French.",
+    "Toko Yasuda plays the guitar and the piano. Autonomous University of Madrid is in Spain.",
+    "What does Freddy Cole play? They play jazz. Rome is the capital of Italy, Berlin of Germany.",
+    "How can I keep beads organized? Cut an egg carton in half and use the bottom.",
+    "The name of the country of citizenship of Isabel May is United States of America.",
+]
+
+
+# -- tiny models ------------------------------------------------------------------------------------------
+
+
+def make_tokenizer(bos: bool) -> T.PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (320 ids) trained on ``CORPUS``; with ``bos``, every text starts with
+    ``<bos>``."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    return T.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
+    )
+
+
+def tiny_config(family: str, vocab: int = 320) -> T.PretrainedConfig:
+    """A 3-layer, 48-wide configuration of ``family`` (grouped-query attention for Llama, Qwen2, Mistral)."""
+    common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "gpt2":
+        return T.GPT2Config(n_layer=3, n_embd=48, n_head=4, n_positions=512, **common)
+    if family == "gptj":
+        return T.GPTJConfig(n_layer=3, n_embd=48, n_head=4, n_positions=512, rotary_dim=4, **common)
+    if family == "gpt_neox":
+        return T.GPTNeoXConfig(
+            num_hidden_layers=3,
+            hidden_size=48,
+            num_attention_heads=4,
+            intermediate_size=96,
+            max_position_embeddings=512,
+            **common,
+        )
+    cls = {"llama": T.LlamaConfig, "qwen2": T.Qwen2Config, "mistral": T.MistralConfig}[family]
+    # grouped-query attention: 6 query heads over 2 KV heads
+    return cls(
+        num_hidden_layers=3,
+        hidden_size=48,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        max_position_embeddings=512,
+        **common,
+    )
+
+
+FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "gptj", "gpt_neox"]
+
+
+def make_tiny(family: str, tokenizer: T.PreTrainedTokenizerFast, seed: int = 0) -> ModelBundle:
+    """A tiny random model of ``family`` (seeded), wrapped as a bundle named ``tiny-FAMILY``."""
+    torch.manual_seed(seed)
+    model = T.AutoModelForCausalLM.from_config(tiny_config(family))
+    return bundle_from_model(model, tokenizer, name=f"tiny-{family}")
+
+
+# -- processes and threads --------------------------------------------------------------------------------
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch on ``n`` threads inside the block; the earlier count is restored after it, on error too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def kill_after_records(cmd: list[str], env: dict, results: Path, lines: int, timeout: float) -> None:
+    """Start ``cmd``, wait until ``results`` holds ``lines`` record lines, then ``kill -9`` it (a run that
+    ends before that fails the test)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if results.is_file() and results.read_bytes().count(b"\n") >= lines:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+# -- scoring ----------------------------------------------------------------------------------------------
+
+SCORING_PAIRS = [
+    ("The Eiffel Tower is located in the city of", "Paris"),
+    ("The Eiffel Tower is located in the city of", "Rome in Italy"),  # shared prompt, multi-token
+    ("The Eiffel Tower is located in the city of", "Paris"),  # duplicate pair
+    ("X is", "French"),  # short prompt next to long ones: left padding
+    ("The mother tongue of Michel Rocard is", "French"),
+    ("Danielle Darrieux speaks French and English. The mother tongue of Danielle Darrieux is", "English"),
+    ("What does Freddy Cole play? They play", "jazz and the piano with Toko Yasuda"),
+]
+"""(prompt, target) pairs for the scoring engine's checks on tiny models and on SmolLM2."""
+
+
+def hf_greedy(bundle: ModelBundle, prompts: list[str], n: int) -> list[str]:
+    """Greedy continuations of ``n`` tokens by transformers' ``generate`` (no adapter: no fast path)."""
+    return generate(bundle.model, bundle.tokenizer, prompts, max_new_tokens=n)
+
+
+# -- the edit inspector (serve, inspect --html, browser) --------------------------------------------------
+
+EDIT = {
+    "method": "rome",
+    "prompt": "{} is located in the city of",
+    "subject": "Eiffel Tower",
+    "target_new": "Rome",
+    "target_true": "Paris",
+    "paraphrase": ["The Eiffel Tower stands in the city of"],
+    "neighbors": ["The Louvre is located in the city of"],
+    "relation": ["The Eiffel Tower is made of"],
+}
+"""One ROME edit request of the inspector's API (``POST /api/edits``)."""
+
+
+def write_tiny_presets(root: Path, corpus: Path) -> None:
+    """ROME and FT presets for the tiny Llama (edit layer 1, a few steps), statistics from ``corpus``."""
+    common = {"steps": 6, "stats_corpus": str(corpus), "stats_samples": 40, "stats_max_tokens": 32}
+    for method, params in (
+        ("rome", {"layers": [1], "templates": [[4, 2]], **common}),
+        ("ft", {"layers": [1], "steps": 4}),
+    ):
+        (root / method).mkdir(parents=True, exist_ok=True)
+        preset = {
+            "method": method,
+            "model": "tiny-llama",
+            "source": "test",
+            "params": params,
+            "sadr": {"gamma": 0.05, "heads": "selective"},
+        }
+        (root / method / "tiny-llama.json").write_text(json.dumps(preset))
+
+
+def make_eval_runs(tmp: Path, model_dir: Path) -> Path:
+    """A runs root ``tmp/runs`` with two real evaluation runs on three sample cases (``evals/base``:
+    unedited, ``evals/ft``: FT), a run that is no evaluation (``analysis``) and ``escape``: a symbolic
+    link to a real run outside the root (``tmp/outside/secret``)."""
+    from attnedit.evaluation.evaluator import EvalConfig
+    from attnedit.runs.config import RunConfig
+    from attnedit.runs.runner import run
+
+    root = tmp / "runs"
+    ft_preset = tmp / "ft.json"
+    ft_preset.write_text(json.dumps({"method": "ft", "model": "tiny", "params": {"layers": [1], "steps": 2}}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ATTNEDIT_CACHE", str(tmp / "cache"))
+        for out, method, preset in (
+            (root / "evals" / "base", "none", None),
+            (root / "evals" / "ft", "ft", str(ft_preset)),
+            (tmp / "outside" / "secret", "none", None),
+        ):
+            config = RunConfig(
+                data="sample", out=str(out), model=str(model_dir), method=method, preset=preset, limit=3,
+                eval=EvalConfig(fluency=False),
+            )  # fmt: skip
+            run(config, progress=False)
+    other = root / "analysis"
+    other.mkdir()
+    (other / "manifest.json").write_text(json.dumps({"analysis": "drift"}))
+    (root / "escape").symlink_to(tmp / "outside" / "secret", target_is_directory=True)
+    return root
