@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,7 +140,7 @@ def build_case(
     subject: str,
     target_new: str,
     target_true: str,
-    probes: dict[str, Sequence[str]],
+    probes: Mapping[str, Sequence[str]],
 ) -> tuple[EditCase, list[tuple[str, str]]]:
     """The case to edit and the (kind, prompt) probes whose answers are shown, checked field by field."""
     prompt = _clean("prompt", prompt)
