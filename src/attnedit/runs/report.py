@@ -54,7 +54,7 @@ def _shard_key(manifest: Mapping[str, Any]) -> tuple[Any, ...]:
     )
 
 
-def collect(run_dirs: list[str | Path]) -> list[ReportRow]:
+def collect(run_dirs: Sequence[str | Path]) -> list[ReportRow]:
     """One row per distinct run; shards of the same run (same settings) are merged, duplicates refused."""
     groups: dict[tuple[Any, ...], list[tuple[RunDir[CaseRecord], dict[str, Any]]]] = {}
     for d in map(RunDir[CaseRecord], run_dirs):

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from attnedit.analysis.drift import LastTokenAttention, drift_kl, record_last_token_attention
+from attnedit.analysis.engine import token_texts
 from attnedit.analysis.patching import patch_attention, record_attention
 from attnedit.api import EditCase, Editor, EditRequest, ModelBundle, WeightEdit, method_choices, parse_method
 from attnedit.api import editor as method_editor
@@ -400,7 +401,7 @@ class Inspector:
         unedited, edited = torch.from_numpy(both.attention[0]), torch.from_numpy(both.attention[1])
         kl = drift_kl(unedited, edited).numpy()
         ids = encode_prompt(bundle.tokenizer, prompt)
-        tokens = [bundle.tokenizer.decode([i]) for i in ids]
+        tokens = token_texts(bundle, ids)
         n_layers, n_heads = kl.shape
         selected = np.zeros((n_layers, n_heads), dtype=bool)
         span = None
