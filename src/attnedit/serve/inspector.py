@@ -21,7 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -41,6 +41,8 @@ from attnedit.evaluation.answers import probe_answers
 from attnedit.evaluation.metrics import distracted
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")  # what a queued task returns
 
 MAX_PROMPT_CHARS = 400  # a request's prompts (and probe prompts) are refused above this length
 MAX_PROBES = 8  # paraphrase / neighbour / relation prompts per kind
@@ -278,7 +280,7 @@ class Inspector:
         with self._lock:
             return self._pending.index(job_id) if job_id in self._pending else -1
 
-    def submit(self, job: Job, task: Callable[[], Any], changes_weights: bool) -> Future:
+    def submit(self, job: Job, task: Callable[[], T], changes_weights: bool) -> Future[T]:
         """Queue ``task``; its weights are checked against the start hash after it, failures included."""
         if self.broken:
             raise WeightsChangedError(self.broken)
@@ -287,7 +289,7 @@ class Inspector:
             ahead = len(self._pending) - 1
         job.emit("queued", position=ahead)
 
-        def run() -> Any:
+        def run() -> T:
             job.state = "running"
             job.emit("running")
             try:
@@ -331,7 +333,7 @@ class Inspector:
 
     def start_edit(
         self, job: Job, method: str, case: EditCase, probes: list[tuple[str, str]], editor: Editor
-    ) -> Future:
+    ) -> Future[EditSession]:
         """Queue the edit of ``case``: answers before, the edit (steps streamed), answers after, revert."""
         session = EditSession(job.id, method, case, probes, editor)
         return self.submit(job, lambda: self._run_edit(job, session), changes_weights=True)
@@ -341,7 +343,7 @@ class Inspector:
         start = time.perf_counter()
         before = probe_answers(bundle, session.probes, request)
 
-        def step(what: str, step: int, losses: list[float], parts: dict[str, list]) -> None:
+        def step(what: str, step: int, losses: list[float], parts: dict[str, list[float]]) -> None:
             job.emit(
                 "step",
                 what=what,
