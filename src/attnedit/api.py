@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attnedit.core.data import SAMPLE_DATA, EditCase, EditRequest, corpus_path
 from attnedit.core.data import load_cases as _load_dataset
@@ -40,6 +40,11 @@ from attnedit.editing.spec import Editor, Method, MethodSpec, method_names, regi
 from attnedit.editing.spec import parse_method as _parse_method
 from attnedit.editing.target_cache import target_cache  # noqa: F401 (public: attnedit.target_cache)
 from attnedit.evaluation.evaluator import EvalConfig, Evaluator
+from attnedit.evaluation.records import CaseRecord, Reference
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 # the public names are listed once, in the package root (attnedit._API), which imports them lazily
 
@@ -61,7 +66,9 @@ def load_model(
     return _load_model(name, **kwargs)
 
 
-def from_model(model: Any, tokenizer: Any, *, name: str | None = None) -> ModelBundle:
+def from_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, name: str | None = None
+) -> ModelBundle:
     """Wrap a transformers causal LM and its tokenizer that you built yourself.
 
     ``name`` selects the editing presets (as a hub id or a preset's model name would); by default the
@@ -97,7 +104,7 @@ def parse_method(method: str | Method) -> Method:
 
 def statistics(
     bundle: ModelBundle, method: str | Method, *, preset: str | None = None, **settings: Any
-) -> dict[str, dict[int, Any]]:
+) -> dict[str, dict[int, torch.Tensor]]:
     """Compute (or read from the cache) the key second moments ``method``'s edits read, as
     ``{component: {layer: E[k k^T]}}``; the statistics' settings are in the editor's
     ``hyperparameters()["stats"]``. Methods without statistics (``ft``, ``none``) are a ``ValueError``."""
@@ -194,7 +201,7 @@ def answers(bundle: ModelBundle, prompts: str | Sequence[str], *, max_new_tokens
     )
 
 
-def reference(bundle: ModelBundle, case: EditCase) -> dict:
+def reference(bundle: ModelBundle, case: EditCase) -> Reference:
     """What KnowEdit locality compares against: call on the UNEDITED model, pass to ``evaluate``."""
     return Evaluator(bundle).reference(case)
 
@@ -203,11 +210,11 @@ def evaluate(
     bundle: ModelBundle,
     case: EditCase,
     *,
-    reference: dict | None = None,
+    reference: Reference | None = None,
     fluency: bool = True,
     ppl_corpus: str | Path | None = "sample",
     **config: Any,
-) -> dict:
+) -> CaseRecord:
     """The full metric suite of one case on the model as it is now: the record ``attnedit eval`` writes
     (per-prompt NLLs of every comparison, KnowEdit probes, fluency, perplexity).
 

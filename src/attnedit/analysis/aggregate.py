@@ -21,6 +21,9 @@ POSITIONS = ("first subject", "middle subject", "last subject", "first subsequen
 TASKS = {"DNS": "Distract-Neighborhood", "RS": "Relation"}
 TARGETS = ("o_true", "o_edit")
 
+# one case's record of an analysis run as read back from ``cases.jsonl`` (parsed JSON)
+AnalysisRecord = dict[str, Any]
+
 
 def token_positions(n_tokens: int, first: int, last: int) -> list[list[int]]:
     """Token indices of each of ``POSITIONS`` for a prompt of ``n_tokens`` whose subject spans tokens
@@ -62,7 +65,7 @@ def as_array(value: Any) -> np.ndarray:
     return np.array(value, dtype=float)
 
 
-def correlation_table(correlations: dict[str, dict[str, dict]]) -> str:
+def correlation_table(correlations: dict[str, dict[str, dict[str, Any]]]) -> str:
     """Markdown table: one row per factor, Pearson r and p with P(o_edit) per task."""
     from attnedit.analysis.drift import FACTORS
 
@@ -88,12 +91,12 @@ def correlation_table(correlations: dict[str, dict[str, dict]]) -> str:
 # of finished cases can be re-aggregated without the model.
 
 
-def task_prompts(records: Sequence[dict], task: str) -> list[tuple[dict, int]]:
+def task_prompts(records: Sequence[AnalysisRecord], task: str) -> list[tuple[AnalysisRecord, int]]:
     """(record, prompt index) of every prompt of ``task`` (a key of ``TASKS``) in ``records``."""
     return [(r, i) for r in records for i, m in enumerate(r["metrics"]) if m == task]
 
 
-def trace_aggregate(records: Sequence[dict], kinds: Sequence[str], n_layers: int) -> dict[str, Any]:
+def trace_aggregate(records: Sequence[AnalysisRecord], kinds: Sequence[str], n_layers: int) -> dict[str, Any]:
     """Causal tracing: mean clean and corrupted P(o_true); per module kind the aligned restored P and
     indirect effect (``[len(POSITIONS), n_layers]``) and the per-layer effect at the subject's last token."""
     aggregate: dict[str, Any] = {
@@ -119,7 +122,9 @@ def trace_aggregate(records: Sequence[dict], kinds: Sequence[str], n_layers: int
     return aggregate
 
 
-def substitute_aggregate(records: Sequence[dict], kinds: Sequence[str], n_layers: int) -> dict[str, Any]:
+def substitute_aggregate(
+    records: Sequence[AnalysisRecord], kinds: Sequence[str], n_layers: int
+) -> dict[str, Any]:
     """Contaminating substitution: per task the prompt count and mean unedited [P(o_true), P(o_edit)];
     per module kind, task and target the aligned mean effect of the substitution (substituted - unedited)."""
     used = [r for r in records if "skipped" not in r]
@@ -142,7 +147,7 @@ def substitute_aggregate(records: Sequence[dict], kinds: Sequence[str], n_layers
     return aggregate
 
 
-def drift_aggregate(records: Sequence[dict]) -> tuple[dict[str, Any], dict[str, tuple[Any, Any]]]:
+def drift_aggregate(records: Sequence[AnalysisRecord]) -> tuple[dict[str, Any], dict[str, tuple[Any, Any]]]:
     """Attention drift: per task the Pearson correlation of each drift factor with the edited P(o_edit)
     and the means; plus, per task name, the (KL drift, edited P(o_edit)) points of the scatter figure."""
     from attnedit.analysis.drift import FACTORS, pearson
@@ -167,7 +172,7 @@ def drift_aggregate(records: Sequence[dict]) -> tuple[dict[str, Any], dict[str, 
     return aggregate, points
 
 
-def patch_aggregate(records: Sequence[dict], n_layers: int, scores: bool) -> dict[str, Any]:
+def patch_aggregate(records: Sequence[AnalysisRecord], n_layers: int, scores: bool) -> dict[str, Any]:
     """Attention patching: per task the prompt count, the mean patched curves per target
     (``[n_layers]``, by window centre) and the mean edited and unedited levels; with ``scores`` the
     aligned mean effect of the single-entry variant (patched - edited) per task and target."""

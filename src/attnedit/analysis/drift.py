@@ -8,6 +8,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.stats
@@ -92,11 +93,11 @@ def record_last_token_attention(
     batch = encode_prompts(bundle, prompts)
     adapter, width = bundle.adapter, batch.width
     layer_names = [adapter.module_name("layer", layer) for layer in range(adapter.n_layers)]
-    entered: list[tuple] = []
+    entered: list[tuple[Any, ...]] = []
 
     def intervene(
         rows: torch.Tensor, prompt: torch.Tensor, offset: int = 0
-    ) -> contextlib.AbstractContextManager:
+    ) -> contextlib.AbstractContextManager[None]:
         query = torch.full((len(rows),), width - 1, device=prompt.device)
         last = Trace(bundle.model, layer_names, detach=True, reduce_output=lambda y, n: main_tensor(y)[:, -1])
         return together(attention_probabilities(bundle.model, adapter, query=query), last, entered=entered)

@@ -31,8 +31,8 @@ import contextlib
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -57,7 +57,7 @@ NOISE_FACTOR = 3.0  # ROME: noise std = 3 x the std of the embeddings
 
 # the intervention of one chunk of rows: (global row indices, their prompts, batch column of the first
 # position fed: > 0 when the positions before it come from a KV cache) -> context manager
-Intervene = Callable[[torch.Tensor, torch.Tensor, int], contextlib.AbstractContextManager]
+Intervene = Callable[[torch.Tensor, torch.Tensor, int], contextlib.AbstractContextManager[object]]
 
 
 def json_ready(value: Any) -> Any:
@@ -79,7 +79,8 @@ class JsonResult:
     """Mixin of the result dataclasses: ``to_json()`` gives plain lists, numbers and strings."""
 
     def to_json(self) -> dict[str, Any]:
-        return {f.name: json_ready(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
+        assert is_dataclass(self)  # every result class is a dataclass
+        return {f.name: json_ready(getattr(self, f.name)) for f in fields(self)}
 
 
 def window_layers(layer: int, window: int, n_layers: int) -> tuple[int, ...]:
@@ -108,16 +109,25 @@ class PromptBatch:
         return self.width - self.lengths[prompt] + token
 
     def tokens(self, bundle: ModelBundle, prompt: int) -> list[str]:
-        ids = self.ids[prompt, self.width - self.lengths[prompt] :].tolist()
-        return [bundle.tokenizer.decode([i]) for i in ids]
+        return token_texts(bundle, self.ids[prompt, self.width - self.lengths[prompt] :].tolist())
+
+
+def token_texts(bundle: ModelBundle, ids: Sequence[int]) -> list[str]:
+    """The text of each token of ``ids`` on its own."""
+    texts = []
+    for i in ids:
+        text = bundle.tokenizer.decode([i])
+        assert isinstance(text, str)  # a list of texts only for a batch of sequences
+        texts.append(text)
+    return texts
 
 
 def encode_prompts(bundle: ModelBundle, prompts: Sequence[str]) -> PromptBatch:
     if not prompts:
         raise ValueError("no prompts")
     encoded = [encode_prompt(bundle.tokenizer, p) for p in prompts]
-    for p, ids in zip(prompts, encoded, strict=True):
-        if not ids:
+    for p, prompt_ids in zip(prompts, encoded, strict=True):
+        if not prompt_ids:
             raise ValueError(f"prompt {p!r} tokenises to nothing")
     pad = padding_id(bundle.tokenizer)
     ids, mask = pad_batch(encoded, pad, left=True, device=bundle.device)
@@ -138,6 +148,32 @@ def first_target_ids(
         prompt_ids = batch.ids[p, batch.width - batch.lengths[p] :].tolist()
         rows.append([encode_target(bundle.tokenizer, prompt, t, prompt_ids)[0] for t in wanted])
     return torch.tensor(rows, device=bundle.device)
+
+
+@overload
+def measure_rows(
+    bundle: ModelBundle,
+    batch: PromptBatch,
+    row_prompt: torch.Tensor,
+    intervene: Intervene | None,
+    targets: torch.Tensor,
+    measure: str = ...,
+    batch_rows: int = ...,
+    specs: Sequence[Restoration] | None = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def measure_rows(
+    bundle: ModelBundle,
+    batch: PromptBatch,
+    row_prompt: torch.Tensor,
+    intervene: Intervene | None,
+    targets: None,
+    measure: str = ...,
+    batch_rows: int = ...,
+    specs: Sequence[Restoration] | None = ...,
+) -> None: ...
 
 
 def measure_rows(
@@ -190,7 +226,7 @@ def measure_rows(
         recording = plain and k == 0  # the plain rows: record block outputs and the KV cache
         rows = torch.tensor(chunk)
         prompt = row_prompt[rows].to(batch.ids.device)
-        contexts: list[contextlib.AbstractContextManager] = []
+        contexts: list[contextlib.AbstractContextManager[object]] = []
         if intervene is not None:
             contexts.append(intervene(rows, prompt, column))
         if recording:
@@ -198,7 +234,7 @@ def measure_rows(
         elif start > 0:
             below = _rows_of(lower[blocks[start - 1]], prompt, n, column)
             contexts.append(start_at_layer(bundle.model, bundle.adapter, start, below))
-        entered: list[tuple] = []
+        entered: list[tuple[Any, ...]] = []
         with together(*contexts, entered=entered):
             out = forward_with_cache(
                 base,
@@ -235,7 +271,8 @@ def _rows_of(output: object, prompt: torch.Tensor, n: int, column: int = 0) -> o
     and the columns ``column..`` (the hidden states; other per-prompt tensors only by row)."""
     if isinstance(output, torch.Tensor):
         return output[prompt, column:]
-    main, *rest = output  # type: ignore[misc]
+    assert isinstance(output, tuple | list)  # a block returns its hidden states, or a tuple led by them
+    main, *rest = output
     return (
         main[prompt, column:],
         *(x[prompt] if isinstance(x, torch.Tensor) and x.shape[0] == n else x for x in rest),
@@ -328,8 +365,11 @@ def restorer(
 
 
 @contextlib.contextmanager
-def together(*contexts: contextlib.AbstractContextManager, entered: list | None = None) -> Iterator[None]:
-    """Several context managers as one; ``entered`` collects what they returned (one tuple per chunk)."""
+def together(
+    *contexts: contextlib.AbstractContextManager[object], entered: list[tuple[Any, ...]] | None = None
+) -> Iterator[None]:
+    """Several context managers as one; ``entered`` collects what they returned (one tuple per chunk, of
+    whatever each context gives: a ``Trace``, a ``LayerView``...)."""
     with contextlib.ExitStack() as stack:
         values = tuple(stack.enter_context(context) for context in contexts)
         if entered is not None:
@@ -358,7 +398,8 @@ def split_grid(
     """Inverse of ``token_grid``: base ``[n, K]`` and per kind, per prompt ``[n_layers, n_tokens, K]``."""
     array = values.double().cpu().numpy()
     n = len(batch.prompts)
-    base, at, per_kind = array[:n], n, {}
+    base, at = array[:n], n
+    per_kind: dict[str, list[np.ndarray]] = {}
     for kind in kinds:
         per_kind[kind] = []
         for length in batch.lengths:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -48,11 +49,11 @@ class RecordedAttention:
 def record_attention(bundle: ModelBundle, prompts: Sequence[str], batch_rows: int = 64) -> RecordedAttention:
     """Record every layer's attention scores and probabilities (run it on the unedited model)."""
     batch = encode_prompts(bundle, prompts)
-    entered: list[tuple] = []
+    entered: list[tuple[Any, ...]] = []
 
     def intervene(
         rows: torch.Tensor, prompt: torch.Tensor, offset: int = 0
-    ) -> contextlib.AbstractContextManager:
+    ) -> contextlib.AbstractContextManager[object]:
         return together(attention_softmax(bundle.model, bundle.adapter), entered=entered)
 
     measure_rows(bundle, batch, torch.arange(len(prompts)), intervene, None, "prob", batch_rows)
@@ -89,7 +90,7 @@ def _patch(
 
     def intervene(
         rows: torch.Tensor, prompt: torch.Tensor, offset: int = 0
-    ) -> contextlib.AbstractContextManager:
+    ) -> contextlib.AbstractContextManager[object]:
         where = {layer: at for (_, layer), at in restoration_sites(specs, rows, prompt, batch).items()}
 
         def replace(x: torch.Tensor, layer: int) -> torch.Tensor:
@@ -110,7 +111,7 @@ def _patch(
         return attention_softmax(bundle.model, bundle.adapter, edit_probabilities=replace, retain=False)
 
     target_ids = first_target_ids(bundle, batch, targets)
-    return measure_rows(bundle, batch, row_prompt, intervene, target_ids, "prob", batch_rows, specs)  # type: ignore[return-value]
+    return measure_rows(bundle, batch, row_prompt, intervene, target_ids, "prob", batch_rows, specs)
 
 
 @torch.inference_mode()

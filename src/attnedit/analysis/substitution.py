@@ -98,7 +98,7 @@ def substitute_outputs(
         batch_rows,
         specs,
     )
-    base, per_kind = split_grid(values, batch, n_layers, kinds)  # type: ignore[arg-type]
+    base, per_kind = split_grid(values, batch, n_layers, kinds)
     tokens = [batch.tokens(bundle, p) for p in range(len(batch.prompts))]
     return {
         kind: InterventionEffects(

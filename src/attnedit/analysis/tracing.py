@@ -3,6 +3,7 @@ window of layers at one token, measure P(target) (``causal_trace``, ``layer_effe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -26,9 +27,8 @@ from attnedit.analysis.engine import (
     token_grid,
     window_layers,
 )
-from attnedit.core.interventions import (
-    Trace,
-)
+from attnedit.core.adapters import module_weight
+from attnedit.core.interventions import EditFn, Trace
 from attnedit.core.models import ModelBundle
 from attnedit.core.tokens import locate_subject
 
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 def embedding_noise_scale(bundle: ModelBundle, factor: float = NOISE_FACTOR) -> float:
     """ROME's noise level: ``factor`` x the standard deviation of the token embedding matrix's entries."""
-    weight = bundle.adapter.module(bundle.model, "embed").weight
+    weight = module_weight(bundle.adapter.module(bundle.model, "embed"))
     return factor * float(weight.detach().float().std())
 
 
@@ -110,6 +110,7 @@ def trace_restorations(
     clean_outputs, clean = record_module_outputs(
         bundle, batch, check_kinds(kinds) if kinds else (), target_ids, measure
     )
+    assert clean is not None  # measured: there are targets
     restore = restorer(bundle, batch, clean_outputs, restorations)
     scale = embedding_noise_scale(bundle) if noise is None else float(noise)
     subject_cols = torch.arange(span.first_token, span.last_token + 1, device=bundle.device)
@@ -119,13 +120,16 @@ def trace_restorations(
     for draw in subject_noise(bundle, len(subject_cols), samples, scale, seed):
 
         def intervene(
-            rows: torch.Tensor, prompt: torch.Tensor, offset: int = 0, noised=_noised(subject_cols, draw)
-        ):
+            rows: torch.Tensor,
+            prompt: torch.Tensor,
+            offset: int = 0,
+            noised: EditFn = _noised(subject_cols, draw),
+        ) -> contextlib.AbstractContextManager[None]:
             corrupt = Trace(bundle.model, [embed], retain_output=False, edit_output=noised)
-            return together(corrupt, restore(rows, prompt))
+            return together(corrupt, restore(rows, prompt, offset))  # offset: 0 (no specs: every row is fed)
 
         values = measure_rows(bundle, batch, row_prompt, intervene, target_ids, measure, batch_rows)
-        total += values[:, 0].double()  # type: ignore[index]
+        total += values[:, 0].double()
     return RestorationRun(
         prompt=span.text,
         subject=subject,
@@ -136,7 +140,7 @@ def trace_restorations(
         noise=scale,
         samples=samples,
         measure=measure,
-        clean=float(clean[0, 0]),  # type: ignore[index]
+        clean=float(clean[0, 0]),
         values=(total / samples).cpu().numpy(),
     )
 

@@ -114,11 +114,6 @@ def _setting(
     check_writable_dir(out)
     ray = ray_options(**ray_flags)
     setup_logging(verbose, threads)
-    edit = (
-        {}
-        if choice is None
-        else {"method": choice.method, "preset": choice.preset, "params": choice.params, "sadr": choice.sadr}
-    )
     return Setting(
         data,
         model,
@@ -126,11 +121,14 @@ def _setting(
         first,
         limit,
         seed,
+        method=choice.method if choice is not None else None,
+        preset=choice.preset if choice is not None else None,
+        params=choice.params if choice is not None else {},
+        sadr=choice.sadr if choice is not None else {},
         repair=repair,
         language=language,
         question_template=question_template,
         ray=ray,
-        **edit,
     )
 
 

@@ -129,7 +129,8 @@ class OptionGroup:
             return command(**kwargs, **{self.provides: self.build(**values)})
 
         params = [*self.head, *(p for p in own if p.name != self.provides), *self.tail]
-        grouped.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        # typer reads the signature inspect.signature finds there; functions do not declare the attribute
+        grouped.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]  # see above
         grouped.__annotations__ = {p.name: p.annotation for p in params}
         return grouped
 

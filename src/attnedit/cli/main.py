@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -294,17 +294,17 @@ def inspect_command(
             "neighbors": [p.prompt for p in case.neighborhood],
             "relation": [p.prompt for p in case.relation],
         }
-    given = {"subject": subject, "prompt": prompt, "target-new": target_new, "target-true": target_true}
-    missing = [f"--{name}" for name, value in given.items() if not value]
-    if missing:
+    if not (subject and prompt and target_new and target_true):
+        given = {"subject": subject, "prompt": prompt, "target-new": target_new, "target-true": target_true}
+        missing = [f"--{name}" for name, value in given.items() if not value]
         raise ValueError(f"give {', '.join(missing)} (or --file DATA --index N)")
-    for kind, given in probes.items():
-        if len(given) > MAX_PROBES:  # the page's limit: a data file's case keeps its first ones
-            logger.warning("%s: the first %d of %d prompts are inspected", kind, MAX_PROBES, len(given))
-            probes[kind] = given[:MAX_PROBES]
+    for kind, prompts in probes.items():
+        if len(prompts) > MAX_PROBES:  # the page's limit: a data file's case keeps its first ones
+            logger.warning("%s: the first %d of %d prompts are inspected", kind, MAX_PROBES, len(prompts))
+            probes[kind] = prompts[:MAX_PROBES]
     bundle = load_model(model)
     try:
-        case, shown = build_case(bundle, prompt, subject, target_new, target_true, probes)  # type: ignore[arg-type]
+        case, shown = build_case(bundle, prompt, subject, target_new, target_true, probes)
     except InputError as err:
         flag = {"neighbors": "neighbor"}.get(err.field.split("[")[0], err.field.split("[")[0])
         raise ValueError(f"--{flag.replace('_', '-')}: {err.message}") from None
@@ -336,7 +336,7 @@ def stats_command(
 
     bundle = load_model(model)
     base = parse_method(method).spec.name  # SADR needs no statistics of its own
-    settings = parse_overrides(param)
+    settings: dict[str, Any] = parse_overrides(param)  # keyword settings of the method (text values)
     stats = editor(bundle, base, preset=preset, **settings).hyperparameters().get("stats")
     t0 = time.perf_counter()
     for component, moments in statistics(bundle, base, preset=preset, **settings).items():

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` on a fresh temporary path next to ``path`` (unique to this call, so two
     processes writing the same file never write into one temporary file), then rename it over
     ``path``. On any error the temporary file is removed and ``path`` is left as it was."""

@@ -22,7 +22,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # who hears of every step of ``adam_loop`` (the edit inspector streams the steps); set by ``on_step``
-StepListener = Callable[[str, int, list[float], dict[str, list]], None]
+StepListener = Callable[[str, int, list[float], dict[str, list[float]]], None]
 _step_listener: contextvars.ContextVar[StepListener | None] = contextvars.ContextVar(
     "attnedit_step_listener", default=None
 )
@@ -79,7 +79,7 @@ def adam_loop(
     with each step to the listener of ``on_step`` (if any).
     """
     names = None if isinstance(units, int) else list(units)
-    n = len(names) if names is not None else int(units)  # type: ignore[arg-type]
+    n = int(units) if isinstance(units, int) else len(units)
     optimiser = torch.optim.Adam(list(parameters), lr=lr)
     active: torch.Tensor | None = None
     last_step, last_loss = [0] * n, [math.nan] * n
@@ -107,7 +107,7 @@ def adam_loop(
         # finished units keep the values that met the stop rule (nothing to restore while all are active)
         kept = None if bool(active.all()) else [p.detach().clone() for p in parameters]
         optimiser.zero_grad(set_to_none=True)
-        loss[active].sum().backward()
+        torch.autograd.backward(loss[active].sum())  # what Tensor.backward calls (which is unannotated)
         optimiser.step()
         with torch.no_grad():
             if kept is not None:

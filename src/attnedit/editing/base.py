@@ -25,12 +25,14 @@ from typing import Any, Literal
 from pydantic import Field
 
 from attnedit.core.data import EditCase, EditRequest
+from attnedit.core.deltas import EditMeta
 from attnedit.core.models import ModelBundle
 from attnedit.core.tokens import SubjectNotFoundError, locate_subject
 from attnedit.editing.covariance import StatsSpec, second_moments_of
 from attnedit.editing.losses import LossTerm
 from attnedit.editing.optimise import TargetResult, TargetSettings
 from attnedit.editing.presets import Layers, Params, Templates, Text, params_dict
+from attnedit.editing.spec import Editor
 from attnedit.editing.templates import TemplateSpec, context_templates, language
 
 
@@ -136,7 +138,9 @@ def target_info(result: TargetResult) -> dict[str, Any]:
     return {"steps": result.steps, "final_loss": result.final_loss, "loss_parts": result.loss_parts}
 
 
-def edit_metadata(editor: Any, bundle: ModelBundle, requests: list[EditRequest], info: dict) -> dict:
+def edit_metadata(
+    editor: Editor, bundle: ModelBundle, requests: list[EditRequest], info: dict[str, Any]
+) -> EditMeta:
     """Everything a ``WeightEdit`` records besides its deltas (``EditBuilder.finish``'s argument)."""
     return {
         "method": editor.name,
@@ -168,7 +172,7 @@ class LocateThenEdit:
         method_templates(bundle, self.params, cases_language(cases))
         second_moments_of(bundle, self.statistics(), stats_spec(self.params))
 
-    def hyperparameters(self) -> dict:
+    def hyperparameters(self) -> dict[str, Any]:
         """Everything that determines the edit (written to the run manifest)."""
         return {
             "preset": self.preset,

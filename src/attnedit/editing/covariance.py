@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -51,7 +52,7 @@ class StatsSpec:
     sample_length: int = 64  # tokens per text when sampling from the model
     seed: int = 0
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         """What the manifest records about the statistics."""
         kind = (
             "model-sampled text"
@@ -60,6 +61,9 @@ class StatsSpec:
         )
         return {**asdict(self), "source": kind}
 
+
+# the memory cache's key of one module's second moments: (component, layer, corpus key, spec)
+MomentsKey = tuple[str, int, str, StatsSpec]
 
 SAMPLING_CHUNK = 64  # prompts per sampling batch; each chunk has its own seed (spec.seed + its start)
 
@@ -123,7 +127,7 @@ def _read_shipped(path: Path, bundle: ModelBundle, spec: StatsSpec) -> list[str]
         raise ValueError(
             f"the shipped sampled texts {path} do not verify against their digest; reinstall attnedit"
         )
-    return texts
+    return cast("list[str]", texts)  # the texts written with that digest
 
 
 def model_texts(bundle: ModelBundle, spec: StatsSpec, progress: bool = True) -> list[str]:
@@ -131,7 +135,7 @@ def model_texts(bundle: ModelBundle, spec: StatsSpec, progress: bool = True) -> 
     memory and under ``$ATTNEDIT_CACHE/texts`` (statistics of other layers reuse them). For the embedded
     SmolLM2 the package ships the texts of its preset's spec, sampled on our machine with this same
     function; they are used only when the model's full fingerprint and the spec match."""
-    memo = bundle.cache.setdefault("sampled_texts", {})
+    memo: dict[tuple[int, int, int], list[str]] = bundle.cache.setdefault("sampled_texts", {})
     key = (spec.seed, spec.sample_length, spec.samples)
     if key in memo:
         return memo[key]
@@ -180,7 +184,7 @@ def _read_stats(path: Path) -> torch.Tensor | None:
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
-            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+            tensors: dict[str, torch.Tensor] = {name: fh.get_tensor(name) for name in fh.keys()}
     except (SafetensorError, OSError) as err:
         set_aside(path, f"does not load ({err})")
         return None
@@ -197,7 +201,7 @@ def _read_stats(path: Path) -> torch.Tensor | None:
     return mom2
 
 
-def _corpus_key(spec: StatsSpec) -> str | None:
+def _corpus_key(spec: StatsSpec) -> str:
     """The cache key of a corpus known without loading it (files hashed; sampled text by its settings)."""
     if spec.corpus == "model":
         return f"model-{spec.seed}-{spec.sample_length}"
@@ -224,7 +228,7 @@ def second_moments_of(
 ) -> dict[str, dict[int, torch.Tensor]]:
     """``{component: {layer: E[k k^T]}}`` for several components: whatever is neither in memory nor on
     disk is computed in ONE pass over the corpus (one forward per batch traces every missing module)."""
-    memo = bundle.cache.setdefault("second_moments", {})
+    memo: dict[MomentsKey, torch.Tensor] = bundle.cache.setdefault("second_moments", {})
     key = _corpus_key(spec)
     result: dict[str, dict[int, torch.Tensor]] = {component: {} for component in wanted}
     missing: dict[str, list[int]] = {}
@@ -244,23 +248,28 @@ def second_moments_of(
         computed = _accumulate(bundle, missing, texts, spec, progress)
         for (component, layer), (mom2, count) in computed.items():
             path = _cache_path(bundle, component, layer, key, spec)
-            tensors = {"mom2": mom2, "count": torch.tensor([count])}
-            meta = {"sha256": tensors_digest(tensors)}
-            atomic_write(path, lambda tmp, t=tensors, m=meta: save_file(t, str(tmp), m))
+            _write_stats(path, mom2, count)
             result[component][layer] = memo[(component, layer, key, spec)] = mom2
         done = ", ".join(f"{component} at layers {layers}" for component, layers in missing.items())
         logger.info("statistics of %s cached under %s", done, path.parent)
     return result
 
 
-def cache_entries(bundle: ModelBundle) -> dict[tuple, torch.Tensor]:
+def _write_stats(path: Path, mom2: torch.Tensor, count: int) -> None:
+    """Cache one module's second moments at ``path`` with their token count and digest (atomically)."""
+    tensors = {"mom2": mom2, "count": torch.tensor([count])}
+    meta = {"sha256": tensors_digest(tensors)}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), meta))
+
+
+def cache_entries(bundle: ModelBundle) -> dict[MomentsKey, torch.Tensor]:
     """The second moments in ``bundle``'s memory cache, under the keys ``second_moments_of`` uses
     (component, layer, corpus key, spec): what an executor ships to other workers
     (``install_cache_entries``) so that none recomputes them."""
     return dict(bundle.cache.get("second_moments", {}))
 
 
-def install_cache_entries(bundle: ModelBundle, entries: dict[tuple, torch.Tensor]) -> None:
+def install_cache_entries(bundle: ModelBundle, entries: dict[MomentsKey, torch.Tensor]) -> None:
     """Put second moments computed elsewhere (``cache_entries`` of the same model) in ``bundle``'s memory
     cache."""
     bundle.cache.setdefault("second_moments", {}).update(entries)
@@ -297,7 +306,9 @@ def _accumulate(
         keep = mask.bool()
         count += int(keep.sum())
         for name, site in names.items():
-            keys = trace[name].input[keep].float()
+            inputs = trace[name].input
+            assert inputs is not None  # retain_input=True
+            keys = inputs[keep].float()
             part = (keys.T @ keys).double()
             sums[site] = part if site not in sums else sums[site] + part
     return {site: ((total / count).float().cpu(), count) for site, total in sums.items()}

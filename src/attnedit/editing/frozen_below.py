@@ -70,7 +70,8 @@ class FrozenBelow:
                 attention_mask=b.attention_mask,
                 position_ids=b.positions,
             )
-            return out.last_hidden_state
+            hidden: torch.Tensor | None = out.last_hidden_state
+            return hidden
         finally:
             self.prefix.reset()
 

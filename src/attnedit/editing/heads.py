@@ -40,6 +40,7 @@ from attnedit.core.tokens import (
 from attnedit.editing.adam import adam_loop
 from attnedit.editing.frozen_below import FrozenBelow
 from attnedit.editing.losses import (
+    LossParts,
     LossTerm,
     RequestMean,
     StepState,
@@ -218,7 +219,7 @@ class CorrectionResult:
     reference_norm: torch.Tensor  # [n_chosen]: each head's mean activation norm (decay and clamp scale)
     steps: int
     final_loss: float
-    loss_parts: dict[str, float | list[float]]
+    loss_parts: LossParts
 
 
 def _rows(

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -47,7 +47,8 @@ def weight_decay(delta: torch.Tensor, scale: torch.Tensor, weight: float | None 
     norm, kept away from zero by the caller). ``weight`` None: the unweighted ratio, for a caller that
     weights a sum of rows (MEMAT: ``weight * sum_i``; the two orders round differently)."""
     norms = delta.norm(dim=-1)
-    return (norms if weight is None else weight * norms) / scale**2
+    weighted: torch.Tensor = norms if weight is None else weight * norms
+    return weighted / scale**2
 
 
 def clamp_norms_(delta: torch.Tensor, limit: torch.Tensor) -> None:
@@ -152,7 +153,7 @@ class LossTerm(Protocol):
 
     name: str
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         """Name and settings, for the run manifest."""
 
     def attention_layers(self, n_layers: int) -> Sequence[int]:
@@ -171,7 +172,7 @@ def _term_layers(bundle: ModelBundle, terms: Sequence[LossTerm], first_changed: 
 
 def term_kernel(
     bundle: ModelBundle, terms: Sequence[LossTerm], first_changed: int
-) -> contextlib.AbstractContextManager:
+) -> contextlib.AbstractContextManager[None]:
     """Eager attention for a whole optimisation when its terms read attention probabilities (so the
     cached prefix and lower blocks come from the same kernel as the steps); otherwise no change."""
     if _term_layers(bundle, terms, first_changed):
@@ -208,6 +209,10 @@ def add_terms(
     return loss
 
 
-def request_parts(parts: Mapping[str, torch.Tensor], i: int) -> dict[str, float | list[float]]:
+# one request's loss parts and diagnostics as plain numbers (``request_parts``), kept with its edit
+LossParts = dict[str, float | list[float]]
+
+
+def request_parts(parts: Mapping[str, torch.Tensor], i: int) -> LossParts:
     """Request ``i``'s loss parts and diagnostics as plain numbers (vectors as lists)."""
     return {k: float(v[i]) if v[i].dim() == 0 else v[i].tolist() for k, v in parts.items()}

@@ -39,6 +39,7 @@ from attnedit.core.tokens import padding_id
 from attnedit.editing.adam import adam_loop
 from attnedit.editing.frozen_below import FrozenBelow
 from attnedit.editing.losses import (
+    LossParts,
     LossTerm,
     StepState,
     add_terms,
@@ -96,7 +97,7 @@ class TargetResult:
     delta: dict[Site, torch.Tensor]  # [N, H]
     steps: list[int]  # optimisation steps run per request
     final_loss: list[float]
-    loss_parts: list[dict[str, float]] = field(default_factory=list)
+    loss_parts: list[LossParts] = field(default_factory=list)
 
     def target(self, injection: Site) -> torch.Tensor:
         """The optimised value at an injection site (initial output + delta), ``[N, H]``."""
@@ -250,7 +251,7 @@ def _optimise_group(
                 clamp_norms_(d, settings.clamp_norm_factor * init[inj].norm(dim=-1))
 
         matmul = MATMUL_DTYPES.get(settings.matmul, model.dtype)
-        precision: contextlib.AbstractContextManager = contextlib.nullcontext()
+        precision: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
         if matmul != model.dtype:
             # the initial module outputs (what the targets are relative to) in the model's own precision
             with torch.no_grad(), Trace(model, list(names), retain_output=False, edit_output=inject):

@@ -120,8 +120,8 @@ def build_params(cls: type[P], method: str, values: Mapping[str, Any], origin: M
         name = str(first["loc"][0]) if first["loc"] else ""
         if first["type"] == "missing":
             raise PresetError(f"{method}: the preset or --param must give {name!r}") from None
-        where = origin.get(name, "default")
-        raise PresetError(f"{method}: {name}={values.get(name)!r} ({where}): {_problem(first)}") from None
+        source = origin.get(name, "default")
+        raise PresetError(f"{method}: {name}={values.get(name)!r} ({source}): {_problem(first)}") from None
 
 
 def _is_layers(hint: Any) -> bool:
@@ -182,16 +182,17 @@ def preset_files(directory: str) -> list[Path]:
     return [p for root in roots if root.is_dir() for p in sorted(root.glob("*.json"))]
 
 
-def _matches(preset: dict, model_name: str) -> bool:
+def _matches(preset: Mapping[str, Any], model_name: str) -> bool:
     name = model_name.lower().rstrip("/")
     candidates = {preset["model"].lower(), *(m.lower() for m in preset.get("matches", []))}
     return name in candidates or Path(name).name in candidates
 
 
-def find_preset(method: str, directory: str, model_name: str, preset: str | None = None) -> dict:
+def find_preset(method: str, directory: str, model_name: str, preset: str | None = None) -> dict[str, Any]:
     """The preset dict of ``method`` (whose presets are in ``directory``): the named or JSON-file
     ``preset`` if given, else the one matching the model. A preset must be for ``method`` or for the
     method that owns the directory (MEMAT reads MEMIT's)."""
+    data: dict[str, Any]
     if preset and Path(preset).is_file():
         data = json.loads(Path(preset).read_text())
     else:
@@ -220,7 +221,7 @@ def find_preset(method: str, directory: str, model_name: str, preset: str | None
 ADDED_LATER: dict[str, Any] = {"target_matmul": "model"}
 
 
-def params_dict(params: BaseModel) -> dict:
+def params_dict(params: BaseModel) -> dict[str, Any]:
     """The parameters as the run manifest records them (``ADDED_LATER`` fields only when not at their
     old value)."""
     return {k: v for k, v in params.model_dump().items() if k not in ADDED_LATER or ADDED_LATER[k] != v}

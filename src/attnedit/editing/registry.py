@@ -14,6 +14,7 @@ from typing import Any
 
 from attnedit.core.models import ModelBundle
 from attnedit.editing import methods as _methods  # noqa: F401 (registers every method)
+from attnedit.editing.losses import LossTerm
 from attnedit.editing.presets import Params, PresetError
 from attnedit.editing.sadr import SadrSettings, SadrTerm, sadr_settings
 from attnedit.editing.spec import Editor, Method, MethodSpec, parse_method
@@ -26,7 +27,7 @@ def method_spec(method: str | Method) -> MethodSpec:
     return parse_method(method).spec
 
 
-def load_preset(method: str | Method, model_name: str, preset: str | None = None) -> dict:
+def load_preset(method: str | Method, model_name: str, preset: str | None = None) -> dict[str, Any]:
     """The preset of ``method`` for ``model_name`` (or the named / JSON-file ``preset``)."""
     return method_spec(method).load_preset(model_name, preset)
 
@@ -76,7 +77,7 @@ def make_editor(
             raise PresetError(f"method {spec.name!r} takes no preset or parameters")
         return spec.build(None, [])
     data = spec.load_preset(model_name, preset)
-    terms = []
+    terms: list[LossTerm] = []
     if choice.sadr:
         block = data.get("sadr")
         if block is None:

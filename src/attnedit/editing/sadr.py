@@ -72,7 +72,7 @@ class SadrSettings(Params):
     def _pair(cls, value: Any) -> Any:
         return tuple(value) if isinstance(value, list) else value  # a preset's JSON [first, last]
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         """JSON-ready (the layer range as a list, as a manifest read back holds it)."""
         out = self.model_dump()
         out["layers"] = list(self.layers) if self.layers is not None else None
@@ -162,7 +162,7 @@ class SadrTerm:
     last_reference: torch.Tensor | None = field(default=None, init=False, repr=False)  # the latest recorded
     _n_layers: int = field(default=0, init=False, repr=False)
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {"name": self.name, **self.settings.describe()}
 
     def attention_layers(self, n_layers: int) -> Sequence[int]:

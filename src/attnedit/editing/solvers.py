@@ -60,6 +60,7 @@ def read_at_fact_token(
             model.base_model(input_ids=ids, attention_mask=mask)
         for read, name in names.items():
             value = trace[name].input if read.side == "input" else trace[name].hidden
+            assert value is not None  # inputs are retained when a read is on the input side
             found[read].append(value[rows, last].float())
     n, t = len(requests), len(templates)
     return {read: torch.cat(parts).view(n, t, -1).cpu() for read, parts in found.items()}

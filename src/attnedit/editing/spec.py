@@ -44,7 +44,7 @@ class Editor(Protocol):
     name: str
     preset: str
 
-    def hyperparameters(self) -> dict:
+    def hyperparameters(self) -> dict[str, Any]:
         """Everything that determines the edit (written to the run manifest)."""
         ...
 
@@ -75,7 +75,7 @@ class MethodSpec:
     def preset_directory(self) -> str:
         return self.presets or self.name
 
-    def load_preset(self, model_name: str, preset: str | None = None) -> dict:
+    def load_preset(self, model_name: str, preset: str | None = None) -> dict[str, Any]:
         """The preset for ``model_name`` (or the named / JSON-file ``preset``); ``PresetError`` if none."""
         if self.params is None:
             raise PresetError(f"method {self.name!r} has no presets")

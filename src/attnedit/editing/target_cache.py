@@ -24,7 +24,7 @@ from attnedit.core.deltas import tensors_digest
 from attnedit.core.files import atomic_write
 from attnedit.core.models import ModelBundle
 from attnedit.core.sites import Site
-from attnedit.editing.losses import LossTerm
+from attnedit.editing.losses import LossParts, LossTerm
 from attnedit.editing.rows import Row
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class CachedGroup:
     delta: list[torch.Tensor]
     steps: list[int]
     final_loss: list[float]
-    loss_parts: list[dict]
+    loss_parts: list[LossParts]
 
 
 @dataclass

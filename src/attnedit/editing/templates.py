@@ -121,7 +121,7 @@ def _sanitise(text: str) -> str:
 
 def context_templates(bundle: ModelBundle, spec: TemplateSpec) -> list[str]:
     """``["{}", "<sampled prefix>. {}", ...]`` for this model and spec (sampled once, then cached)."""
-    memo = bundle.cache.setdefault("context_templates", {})
+    memo: dict[TemplateSpec, list[str]] = bundle.cache.setdefault("context_templates", {})
     if spec in memo:
         return memo[spec]
     path = cache_dir() / "templates" / f"{bundle.fingerprint[:16]}-{spec.key()}.json"

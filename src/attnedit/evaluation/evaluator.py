@@ -11,7 +11,7 @@ import torch
 
 from attnedit.core.data import EditCase
 from attnedit.core.models import ModelBundle
-from attnedit.core.scoring import SAMPLING, generate, score_targets, text_nll
+from attnedit.core.scoring import SAMPLING, TargetScore, generate, score_targets, text_nll
 from attnedit.evaluation.metrics import (
     KNOWEDIT_FLUENCY_MAX_LENGTH,
     KNOWEDIT_FLUENCY_TOP_K,
@@ -52,7 +52,7 @@ class EvalConfig:
                 f"--knowedit-sampling must be one of {', '.join(SAMPLING)}, not {self.knowedit_sampling!r}"
             )
 
-    def manifest(self) -> dict:
+    def manifest(self) -> dict[str, Any]:
         data = asdict(self)
         data["ppl_texts"] = len(self.ppl_texts)
         return data
@@ -70,7 +70,7 @@ class Evaluator:
         self.config = config or EvalConfig()
         self._ppl_cache: tuple[tuple[tuple[int, int], ...], Perplexity] | None = None
 
-    def _score(self, pairs: list[tuple[str, str]], joined: list[bool] | None = None):
+    def _score(self, pairs: list[tuple[str, str]], joined: list[bool] | None = None) -> list[TargetScore]:
         b = self.bundle
         return score_targets(
             b.model,
@@ -139,6 +139,7 @@ class Evaluator:
                 if not got or (name == "KE_LOC" and reference is None):
                     continue
                 if name == "KE_LOC":
+                    assert reference is not None  # skipped above without one
                     # EasyEdit's locality: the share of target positions where the edited model's argmax
                     # is the unedited model's
                     values = [

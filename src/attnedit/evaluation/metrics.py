@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from attnedit.core.data import EditCase, Probe
-from attnedit.evaluation.records import CaseRecord, MetricEntry, PairedDifference, Summary
+from attnedit.evaluation.records import CaseRecord, ComparisonNLLs, MetricEntry, PairedDifference, Summary
 
 
 @dataclass(frozen=True)
@@ -200,12 +200,19 @@ def _knowedit_entry(records: Sequence[CaseRecord], key: str) -> MetricEntry:
     for r in records:
         values = r.get("knowedit", {}).get(key, [])
         if values:
-            per_case.append(knowedit_case_value(values, r.get("knowedit_keys", {}).get(key)))
+            value = knowedit_case_value(values, r.get("knowedit_keys", {}).get(key))
+            assert value is not None  # the case has probes of it
+            per_case.append(value)
             # records scored before the EasyEdit protocol (another split of prompt and target, no probe
             # keys) carry no protocol mark: their entry says so instead of claiming the protocol
             legacy |= r.get("knowedit_protocol") != KNOWEDIT_PROTOCOL
     protocol = KNOWEDIT_LEGACY if legacy else KNOWEDIT_PROTOCOL
     return {**_entry(*mean_ci(per_case), scale=100), "protocol": protocol}
+
+
+def _comparison(record: CaseRecord, key: str) -> ComparisonNLLs:
+    """The record's NLLs of comparison metric ``key`` (no prompts when it has none)."""
+    return record["comparisons"].get(key, ComparisonNLLs(right_nll=[], wrong_nll=[]))
 
 
 def _language_summary(records: Sequence[CaseRecord], suffix: str, bootstrap: int, seed: int) -> Summary:
@@ -215,8 +222,8 @@ def _language_summary(records: Sequence[CaseRecord], suffix: str, bootstrap: int
     per_case_counts: dict[str, np.ndarray] = {}
     for spec in COMPARISON_METRICS:
         key = spec.score + suffix
-        right = [np.asarray(r["comparisons"].get(key, {}).get("right_nll", [])) for r in records]
-        wrong = [np.asarray(r["comparisons"].get(key, {}).get("wrong_nll", [])) for r in records]
+        right = [np.asarray(_comparison(r, key).get("right_nll", [])) for r in records]
+        wrong = [np.asarray(_comparison(r, key).get("wrong_nll", [])) for r in records]
         all_right = np.concatenate(right) if right else np.array([])
         all_wrong = np.concatenate(wrong) if wrong else np.array([])
         summary[key] = _entry(*mean_ci((all_right < all_wrong).astype(float)), scale=100)
@@ -227,11 +234,12 @@ def _language_summary(records: Sequence[CaseRecord], suffix: str, bootstrap: int
         per_case_counts[spec.score] = _counts(right, wrong)  # for the Avg S bootstrap
 
     parts = [summary[m + suffix]["mean"] for m in AVG_S_COMPONENTS]
-    if any(p is None for p in parts):
+    means = [p for p in parts if p is not None]
+    if len(means) < len(parts):
         summary["AvgS" + suffix] = _entry(None, None, 0)
     else:
         summary["AvgS" + suffix] = {
-            "mean": harmonic_mean(parts),  # type: ignore[arg-type]
+            "mean": harmonic_mean(means),
             "ci95": _bootstrap_avg_s(per_case_counts, bootstrap, seed),
             "n": len(records),
         }
@@ -270,7 +278,7 @@ def case_counts(records: Sequence[CaseRecord], score: str) -> np.ndarray:
             break
     else:
         raise KeyError(f"unknown metric {score!r}")
-    sides = [r["comparisons"].get(spec.score + at + lang, {}) for r in records]
+    sides = [_comparison(r, spec.score + at + lang) for r in records]
     right = [np.asarray(c.get("right_nll", [])) for c in sides]
     wrong = [np.asarray(c.get("wrong_nll", [])) for c in sides]
     if name == spec.score:

@@ -30,7 +30,7 @@ class EditInfo(TypedDict, total=False):
 
     steps: int
     final_loss: float
-    loss_parts: dict[str, float]
+    loss_parts: dict[str, float | list[float]]  # a loss term's diagnostics may be vectors
 
 
 class Reference(TypedDict):

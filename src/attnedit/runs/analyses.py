@@ -22,9 +22,9 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
-from attnedit.analysis.aggregate import POSITIONS
+from attnedit.analysis.aggregate import POSITIONS, AnalysisRecord
 from attnedit.analysis.engine import json_ready
 from attnedit.core.version import __version__
 from attnedit.runs.executors import RayOptions
@@ -37,6 +37,12 @@ from attnedit.runs.rundir import (
     model_manifest,
     provenance,
 )
+
+if TYPE_CHECKING:
+    from attnedit.core.data import Dataset, EditCase
+    from attnedit.core.deltas import AppliedEdit
+    from attnedit.core.models import ModelBundle
+    from attnedit.editing.spec import Editor
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +70,8 @@ class Setting:
     seed: int = 0
     method: str | None = None
     preset: str | None = None
-    params: dict = field(default_factory=dict)  # preset overrides of the method, values as text
-    sadr: dict = field(default_factory=dict)  # SADR settings of X+sadr methods
+    params: dict[str, Any] = field(default_factory=dict)  # preset overrides of the method, values as text
+    sadr: dict[str, Any] = field(default_factory=dict)  # SADR settings of X+sadr methods
     repair: bool = False  # first move unreadable record lines to the quarantine file (--repair)
     language: str | None = None  # multilingual data: the edit language (core.data.load_cases)
     question_template: str | None = None  # multilingual data: the question prompts' wrapper
@@ -80,16 +86,23 @@ class Session:
 
     analysis: str
     setting: Setting
-    options: dict
-    cases: list
-    bundle: Any
-    editor: Any
-    records: dict[str, dict]  # case_id -> record, those already in cases.jsonl
-    run_dir: RunDir[dict]
-    manifest: dict
+    options: dict[str, Any]
+    cases: list[EditCase]
+    bundle: ModelBundle
+    editor: Editor | None  # None: the analyses of the unedited model
+    records: dict[str, AnalysisRecord]  # case_id -> record, those already in cases.jsonl
+    run_dir: RunDir[AnalysisRecord]
+    manifest: dict[str, Any]
 
 
-def _manifest(analysis: str, setting: Setting, options: dict, bundle: Any, dataset: Any, editor: Any) -> dict:
+def _manifest(
+    analysis: str,
+    setting: Setting,
+    options: dict[str, Any],
+    bundle: ModelBundle,
+    dataset: Dataset,
+    editor: Editor | None,
+) -> dict[str, Any]:
     return {
         "attnedit_version": __version__,
         "analysis": analysis,
@@ -105,7 +118,7 @@ def _manifest(analysis: str, setting: Setting, options: dict, bundle: Any, datas
     }
 
 
-def start(analysis: str, setting: Setting, options: dict, *, edit: bool) -> Session:
+def start(analysis: str, setting: Setting, options: dict[str, Any], *, edit: bool) -> Session:
     """Load data, model and (``edit``: the analysis needs one) editor; write (or check) the manifest,
     which records ``analysis`` and its ``options``; read the finished cases."""
     from attnedit.core.data import load_cases
@@ -117,7 +130,7 @@ def start(analysis: str, setting: Setting, options: dict, *, edit: bool) -> Sess
     if setting.limit is not None and setting.limit < 1:
         raise ValueError("--limit must be at least 1")
     # records hold no NaN: the NAME.json they are copied into is strict JSON
-    run_dir = RunDir[dict](setting.out, CASES, allow_nan=False)
+    run_dir = RunDir[AnalysisRecord](setting.out, CASES, allow_nan=False)
     run_dir.seed_everything(setting.seed)
     dataset = load_cases(setting.data, language=setting.language, question_template=setting.question_template)
     cases = dataset.cases[setting.first :]
@@ -125,9 +138,9 @@ def start(analysis: str, setting: Setting, options: dict, *, edit: bool) -> Sess
     if not cases:
         raise ValueError(f"{dataset.path}: no cases from index {setting.first} ({len(dataset)} cases)")
     bundle = load_model(setting.model)
-    editor = None
+    editor: Editor | None = None
     if edit:
-        if setting.method in (None, "none"):
+        if setting.method is None or setting.method == "none":
             raise ValueError(f"analyze {analysis} needs an edit: give --method (e.g. rome)")
         editor = make_editor(setting.method, bundle, setting.preset, setting.params, sadr=setting.sadr)
     elif setting.method is not None:
@@ -151,10 +164,18 @@ def start(analysis: str, setting: Setting, options: dict, *, edit: bool) -> Sess
 
 # one case's record: f(bundle, editor, case) (editor None for the analyses of the unedited model); a
 # module-level function (or a ``functools.partial`` of one), so that it reaches Ray actors by reference
-CaseRecordFn = Callable[[Any, Any, Any], dict]
+CaseRecordFn: TypeAlias = "Callable[[ModelBundle, Editor | None, EditCase], AnalysisRecord]"
 
 
-def compute_case(record: CaseRecordFn, bundle: Any, editor: Any, case: Any) -> dict:
+def edit_case(editor: Editor | None, bundle: ModelBundle, case: EditCase) -> AppliedEdit:
+    """``case``'s edit, for the analyses of an edit (``start(..., edit=True)`` made their editor)."""
+    assert editor is not None, "an analysis of an edit runs with an editor"
+    return editor.apply(bundle, [case])
+
+
+def compute_case(
+    record: CaseRecordFn, bundle: ModelBundle, editor: Editor | None, case: EditCase
+) -> AnalysisRecord:
     """``record`` of one case; a bad input names the case (here and on a Ray actor alike)."""
     try:
         return record(bundle, editor, case)
@@ -162,7 +183,7 @@ def compute_case(record: CaseRecordFn, bundle: Any, editor: Any, case: Any) -> d
         raise ValueError(f"case {case.case_id} ({case.source}): {err}") from err
 
 
-def run_cases(session: Session, record: CaseRecordFn) -> list[dict]:
+def run_cases(session: Session, record: CaseRecordFn) -> list[AnalysisRecord]:
     """``record`` each case not done yet (here, or on Ray actors with ``setting.ray``), appending its
     record; all records in case order."""
     from tqdm.auto import tqdm
@@ -170,7 +191,7 @@ def run_cases(session: Session, record: CaseRecordFn) -> list[dict]:
     done = session.records
     bar = tqdm(total=len(session.cases), initial=len(done), desc=f"analyze {session.analysis}", unit="case")
 
-    def write(case: Any, computed: dict) -> None:
+    def write(case: EditCase, computed: AnalysisRecord) -> None:
         keys = {"case_id": case.case_id, "source": case.source, **provenance(session.manifest, case)}
         finished = json_ready({**keys, **computed})
         session.run_dir.append(finished)
@@ -210,8 +231,8 @@ class AnalysisWorkerFactory:
         bundle = load_model(setting.model, device=device)
         if bundle.fingerprint != self.fingerprint:
             raise ValueError(f"worker: model {setting.model!r} is not the driver's (fingerprint differs)")
-        editor = None
-        if setting.method not in (None, "none"):
+        editor: Editor | None = None
+        if setting.method is not None and setting.method != "none":
             editor = make_editor(setting.method, bundle, setting.preset, setting.params, sadr=setting.sadr)
         return _RemoteCases(bundle, editor, self.record)
 
@@ -220,21 +241,24 @@ class AnalysisWorkerFactory:
 class _RemoteCases:
     """A Ray actor's units: one case each, its record computed by the analysis's per-case function."""
 
-    bundle: Any
-    editor: Any
+    bundle: ModelBundle
+    editor: Editor | None
     record: CaseRecordFn
 
-    def prepare(self, case: Any) -> None:
+    def prepare(self, case: EditCase) -> None:
         """The editor's one-time work for the case (``Editor.prepare``); nothing without an editor."""
         if self.editor is not None:
             self.editor.prepare(self.bundle, [case])
 
-    def __call__(self, case: Any) -> dict:
+    def __call__(self, case: EditCase) -> AnalysisRecord:
         return compute_case(self.record, self.bundle, self.editor, case)
 
 
 def _run_cases_on_ray(
-    session: Session, record: CaseRecordFn, todo: list, write: Callable[[Any, dict], None]
+    session: Session,
+    record: CaseRecordFn,
+    todo: list[EditCase],
+    write: Callable[[EditCase, AnalysisRecord], None],
 ) -> None:
     """The cases on Ray actors, one a unit; this process writes each record once it has returned."""
     from attnedit.runs.executors import UnitsFailedError, fan_out
@@ -254,7 +278,9 @@ def _run_cases_on_ray(
         )
 
 
-def finish(session: Session, records: list[dict], aggregate: dict, figures: Sequence[Path]) -> Path:
+def finish(
+    session: Session, records: list[AnalysisRecord], aggregate: dict[str, Any], figures: Sequence[Path]
+) -> Path:
     """Write NAME.json (atomically); returns its path."""
     name = session.analysis
     result = {
@@ -271,7 +297,7 @@ def finish(session: Session, records: list[dict], aggregate: dict, figures: Sequ
     return path
 
 
-def subject_span(bundle: Any, prompt: str, subject: str, n_tokens: int) -> list[int]:
+def subject_span(bundle: ModelBundle, prompt: str, subject: str, n_tokens: int) -> list[int]:
     """[first, last] token of the subject's first occurrence in ``prompt``; [-1, -1] when absent."""
     from attnedit.core.tokens import SubjectNotFoundError, locate_subject
 

@@ -16,12 +16,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attnedit.analysis.aggregate import (
     POSITIONS,
     TARGETS,
     TASKS,
+    AnalysisRecord,
     correlation_table,
     drift_aggregate,
     patch_aggregate,
@@ -29,7 +30,13 @@ from attnedit.analysis.aggregate import (
     trace_aggregate,
 )
 from attnedit.analysis.engine import json_ready
-from attnedit.runs.analyses import Session, Setting, finish, run_cases, start, subject_span
+from attnedit.runs.analyses import Session, Setting, edit_case, finish, run_cases, start, subject_span
+
+if TYPE_CHECKING:
+    from attnedit.analysis.specificity import SpecificityPrompts
+    from attnedit.core.data import EditCase
+    from attnedit.core.models import ModelBundle
+    from attnedit.editing.spec import Editor
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +57,17 @@ class AnalysisResult:
 
 
 def _result(
-    session: Session, records: list[dict], aggregate: dict, figures: Sequence[Path], table: str | None = None
+    session: Session,
+    records: list[AnalysisRecord],
+    aggregate: dict[str, Any],
+    figures: Sequence[Path],
+    table: str | None = None,
 ) -> AnalysisResult:
     path = finish(session, records, aggregate, figures)
     return AnalysisResult(session.analysis, path, len(records), tuple(figures), table)
 
 
-def _specificity(case: Any) -> Any:
+def _specificity(case: EditCase) -> SpecificityPrompts:
     """The case's Distract-Neighborhood and Relation prompts (a warning when it has none)."""
     from attnedit.analysis.specificity import specificity_prompts
 
@@ -100,7 +111,7 @@ class TraceOptions:
         }
 
 
-def trace_record(bundle: Any, case: Any, options: TraceOptions, seed: int) -> dict:
+def trace_record(bundle: ModelBundle, case: EditCase, options: TraceOptions, seed: int) -> AnalysisRecord:
     """One case's causal trace of the unedited model on its request prompt with o_true (one trace per
     distinct window, the kinds sharing a window restored together)."""
     from attnedit.analysis.tracing import causal_trace, layer_effects
@@ -121,12 +132,14 @@ def trace_record(bundle: Any, case: Any, options: TraceOptions, seed: int) -> di
     return record
 
 
-def _trace_case(bundle: Any, editor: Any, case: Any, options: TraceOptions, seed: int) -> dict:
+def _trace_case(
+    bundle: ModelBundle, editor: Editor | None, case: EditCase, options: TraceOptions, seed: int
+) -> AnalysisRecord:
     """``trace_record`` as ``run_cases`` calls a per-case function (no editor: the unedited model)."""
     return trace_record(bundle, case, options, seed)
 
 
-def trace_figures(aggregate: dict, options: TraceOptions, n_cases: int, out: Path) -> list[Path]:
+def trace_figures(aggregate: dict[str, Any], options: TraceOptions, n_cases: int, out: Path) -> list[Path]:
     """The indirect-effect heatmaps and the per-layer effects at the subject's last token."""
     from attnedit.analysis import plots
 
@@ -179,7 +192,9 @@ class SubstituteOptions:
         return {"kinds": list(self.kinds), "window": self.window}
 
 
-def substitute_record(bundle: Any, editor: Any, case: Any, options: SubstituteOptions) -> dict:
+def substitute_record(
+    bundle: ModelBundle, editor: Editor | None, case: EditCase, options: SubstituteOptions
+) -> AnalysisRecord:
     """One case: edit, record the edited module outputs on its specificity prompts, revert, and run the
     unedited model with them substituted (a record with "skipped" when the case has no such prompts)."""
     from attnedit.analysis.substitution import record_outputs, substitute_outputs
@@ -188,7 +203,7 @@ def substitute_record(bundle: Any, editor: Any, case: Any, options: SubstituteOp
     sp = _specificity(case)
     if not sp.prompts:
         return {"skipped": "no Distract-Neighborhood or Relation prompts"}
-    edit = editor.apply(bundle, [case])
+    edit = edit_case(editor, bundle, case)
     try:
         recorded = record_outputs(bundle, sp.prompts, chosen)
     finally:
@@ -210,7 +225,9 @@ def substitute_record(bundle: Any, editor: Any, case: Any, options: SubstituteOp
     }
 
 
-def substitute_figures(aggregate: dict, options: SubstituteOptions, n_used: int, out: Path) -> list[Path]:
+def substitute_figures(
+    aggregate: dict[str, Any], options: SubstituteOptions, n_used: int, out: Path
+) -> list[Path]:
     """One heatmap figure per module kind: a panel per task and target."""
     from attnedit.analysis import plots
 
@@ -266,7 +283,9 @@ class DriftLayersError(ValueError):
         self.n_layers = n_layers
 
 
-def drift_record(bundle: Any, editor: Any, case: Any, options: DriftOptions) -> dict:
+def drift_record(
+    bundle: ModelBundle, editor: Editor | None, case: EditCase, options: DriftOptions
+) -> AnalysisRecord:
     """One case: the unedited and edited last-token attention on its specificity prompts that contain the
     subject, the drift factors and the KL drift per layer (a record with "skipped" when none is left)."""
     from attnedit.analysis.drift import FACTORS, attention_drift, drift_factors, record_last_token_attention
@@ -281,7 +300,7 @@ def drift_record(bundle: Any, editor: Any, case: Any, options: DriftOptions) -> 
     prompts = [sp.prompts[i] for i in keep]
     targets = [sp.targets[i] for i in keep]
     unedited = record_last_token_attention(bundle, prompts, sp.subject, targets)
-    edit = editor.apply(bundle, [case])
+    edit = edit_case(editor, bundle, case)
     try:
         edited = record_last_token_attention(bundle, prompts, sp.subject, targets)
     finally:
@@ -355,7 +374,9 @@ class PatchOptions:
         return {"window": self.window, "queries": self.queries, "scores": self.scores}
 
 
-def patch_record(bundle: Any, editor: Any, case: Any, options: PatchOptions) -> dict:
+def patch_record(
+    bundle: ModelBundle, editor: Editor | None, case: EditCase, options: PatchOptions
+) -> AnalysisRecord:
     """One case: the unedited attention on its specificity prompts, then the edited model run with it
     patched over each window of layers (a record with "skipped" when the case has no such prompts)."""
     from attnedit.analysis.drift import record_last_token_attention
@@ -366,7 +387,7 @@ def patch_record(bundle: Any, editor: Any, case: Any, options: PatchOptions) -> 
         return {"skipped": "no Distract-Neighborhood or Relation prompts"}
     unedited = record_last_token_attention(bundle, sp.prompts, None, sp.targets).target_probs
     recorded = record_attention(bundle, sp.prompts)
-    edit = editor.apply(bundle, [case])
+    edit = edit_case(editor, bundle, case)
     try:
         curves = patch_attention(bundle, recorded, sp.targets, options.window, options.queries)
         single = (
@@ -374,7 +395,7 @@ def patch_record(bundle: Any, editor: Any, case: Any, options: PatchOptions) -> 
         )
     finally:
         edit.revert()
-    record = {
+    record: AnalysisRecord = {
         "subject": sp.subject,
         "metrics": sp.metrics,
         "prompts": sp.prompts,
@@ -393,7 +414,7 @@ def patch_record(bundle: Any, editor: Any, case: Any, options: PatchOptions) -> 
     return record
 
 
-def patch_figures(aggregate: dict, options: PatchOptions, n_used: int, out: Path) -> list[Path]:
+def patch_figures(aggregate: dict[str, Any], options: PatchOptions, n_used: int, out: Path) -> list[Path]:
     """The patched curves per task (with the edited and unedited levels); with ``scores`` the heatmaps of
     the single-entry variant."""
     from attnedit.analysis import plots

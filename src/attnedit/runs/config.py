@@ -5,13 +5,14 @@ a run directory records (``build_manifest``), the fields a run directory must ma
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
 from attnedit.core.data import Dataset, EditCase
 from attnedit.core.models import ModelBundle
 from attnedit.core.version import __version__
-from attnedit.editing.registry import Editor
+from attnedit.editing.spec import Editor
 from attnedit.evaluation.evaluator import EvalConfig
 from attnedit.evaluation.metrics import summarize
 from attnedit.evaluation.records import CaseRecord, Summary
@@ -72,8 +73,9 @@ class RunConfig:
     # sequential: edits (of batch_size cases each) accumulate, evaluation after the last one
     batch_size: int = 1
     preset: str | None = None
-    params: dict = field(default_factory=dict)  # overrides of preset fields
-    sadr: dict = field(default_factory=dict)  # SADR settings over the preset's sadr block (X+sadr methods)
+    params: dict[str, Any] = field(default_factory=dict)  # overrides of preset fields
+    # SADR settings over the preset's sadr block (X+sadr methods)
+    sadr: dict[str, Any] = field(default_factory=dict)
     # keep every edit as DIR/edits/HASH.safetensors (HASH: of the group's requests); sequential mode always
     # keeps its edits, as DIR/edits/NNNNN.safetensors (NNNNN: the position in the sequence)
     save_edits: bool = False
@@ -106,7 +108,9 @@ class RunConfig:
             )
 
 
-def build_manifest(config: RunConfig, bundle: ModelBundle, dataset: Dataset, editor: Editor) -> dict:
+def build_manifest(
+    config: RunConfig, bundle: ModelBundle, dataset: Dataset, editor: Editor
+) -> dict[str, Any]:
     """The run's manifest: model, method, hyper-parameters, data, range, mode, seed, evaluation
     settings and versions (``run_identity`` names the fields a resumed run must match)."""
     return {

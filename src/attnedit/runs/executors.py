@@ -30,14 +30,26 @@ import os
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypedDict, TypeVar
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    import torch
+
+    from attnedit.core.models import ModelBundle
+    from attnedit.editing.covariance import MomentsKey
+    from attnedit.editing.templates import TemplateSpec
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("local", "ray")
 INSTALL_HINT = "--backend ray needs Ray: pip install attnedit[ray]"
 
-U = TypeVar("U")
+U = TypeVar("U")  # a work unit
+T = TypeVar("T")  # what computing a unit gives the driver
+U_contra = TypeVar("U_contra", contravariant=True)
+T_co = TypeVar("T_co", covariant=True)
 
 
 class RayMissingError(ImportError):
@@ -52,7 +64,7 @@ class PrepareFailedError(UnitsFailedError):
     """Every actor given the run's one-time work died doing it: no unit was started (all failed)."""
 
 
-def require_ray() -> Any:
+def require_ray() -> ModuleType:
     """The ``ray`` module, or ``RayMissingError`` saying how to install it."""
     try:
         import ray
@@ -97,21 +109,30 @@ class RayOptions:
         return "cuda" if self.gpus_per_worker > 0 else "cpu"
 
 
-class UnitRunner(Protocol):
+class UnitRunner(Protocol[U_contra, T_co]):
     """What a worker computes: the loaded model (``bundle``, whose caches are shared) and one unit."""
 
-    bundle: Any
+    @property
+    def bundle(self) -> ModelBundle: ...
 
-    def __call__(self, unit: Any) -> Any: ...
+    def __call__(self, unit: U_contra, /) -> T_co: ...
 
-    def prepare(self, unit: Any) -> None:
+    def prepare(self, unit: U_contra, /) -> None:
         """The one-time work ``unit`` needs (into ``bundle``'s caches), without computing the unit."""
 
 
-class WorkerFactory(Protocol):
+class WorkerFactory(Protocol[U_contra, T_co]):
     """Builds a worker's ``UnitRunner`` inside the actor (loads the model there, once); picklable."""
 
-    def __call__(self, device: str) -> UnitRunner: ...
+    def __call__(self, device: str) -> UnitRunner[U_contra, T_co]: ...
+
+
+class CacheEntries(TypedDict):
+    """An actor's one-time work, as the caches key it (``editing.templates``/``editing.covariance``
+    ``cache_entries``)."""
+
+    templates: dict[TemplateSpec, list[str]]
+    moments: dict[MomentsKey, torch.Tensor]
 
 
 @dataclass
@@ -132,21 +153,23 @@ class FanOutReport:
     actors_lost: int = 0
 
 
-class _Worker:
+class _Worker(Generic[U, T]):
     """The body of a Ray actor: a model loaded once, units computed one after another."""
 
-    def __init__(self, factory: WorkerFactory, threads: int, device: str, crash_once: str | None) -> None:
+    def __init__(
+        self, factory: WorkerFactory[U, T], threads: int, device: str, crash_once: str | None
+    ) -> None:
         import torch
 
         torch.set_num_threads(threads)
         self.crash_once = crash_once
         self.runner = factory(device)
 
-    def prepare(self, unit: Any) -> None:
+    def prepare(self, unit: U) -> None:
         """The one-time work of ``unit`` (``UnitRunner.prepare``)."""
         self.runner.prepare(unit)
 
-    def run(self, unit: Any) -> Any:
+    def run(self, unit: U) -> T:
         if self.crash_once is not None:
             try:
                 os.close(os.open(self.crash_once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
@@ -156,14 +179,14 @@ class _Worker:
                 os._exit(1)  # fault injection (tests): die mid-unit as a killed process does
         return self.runner(unit)
 
-    def cache_entries(self) -> dict[str, dict]:
+    def cache_entries(self) -> CacheEntries:
         """The one-time work done so far (context templates, second moments), keyed as the caches key it."""
         from attnedit.editing import covariance, templates
 
         bundle = self.runner.bundle
         return {"templates": templates.cache_entries(bundle), "moments": covariance.cache_entries(bundle)}
 
-    def install_cache(self, entries: dict[str, dict]) -> None:
+    def install_cache(self, entries: CacheEntries) -> None:
         """Install what another actor computed (``cache_entries``)."""
         from attnedit.editing import covariance, templates
 
@@ -172,7 +195,7 @@ class _Worker:
         covariance.install_cache_entries(bundle, entries["moments"])
 
 
-def _connect(ray: Any, options: RayOptions) -> bool:
+def _connect(ray: ModuleType, options: RayOptions) -> bool:
     """Join or start Ray; True when this call started it (and so shuts it down)."""
     if ray.is_initialized():
         return False
@@ -190,7 +213,7 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _dead_actor_errors(ray: Any) -> tuple[type[BaseException], ...]:
+def _dead_actor_errors(ray: ModuleType) -> tuple[type[BaseException], ...]:
     """The errors by which Ray reports that a unit's actor died (not that the unit's code raised)."""
     exc = ray.exceptions
     names = ("RayActorError", "ActorDiedError", "WorkerCrashedError", "OutOfMemoryError", "NodeDiedError")
@@ -199,8 +222,8 @@ def _dead_actor_errors(ray: Any) -> tuple[type[BaseException], ...]:
 
 def fan_out(
     units: Sequence[U],
-    factory: WorkerFactory,
-    on_result: Callable[[U, Any], None],
+    factory: WorkerFactory[U, T],
+    on_result: Callable[[U, T], None],
     case_ids: Callable[[U], list[str]],
     options: RayOptions,
 ) -> FanOutReport:
@@ -216,15 +239,16 @@ def fan_out(
             ray.shutdown()
 
 
-class _Driver(Generic[U]):
-    """The scheduling loop of ``fan_out``: one unit in flight per actor."""
+class _Driver(Generic[U, T]):
+    """The scheduling loop of ``fan_out``: one unit in flight per actor (Ray's actor handles and object
+    references are untyped: ``Any``)."""
 
     def __init__(
         self,
-        ray: Any,
+        ray: ModuleType,
         units: Sequence[U],
-        factory: WorkerFactory,
-        on_result: Callable[[U, Any], None],
+        factory: WorkerFactory[U, T],
+        on_result: Callable[[U, T], None],
         case_ids: Callable[[U], list[str]],
         options: RayOptions,
     ) -> None:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from attnedit.core.data import EditCase
 from attnedit.core.deltas import WeightEdit
@@ -18,6 +19,9 @@ from attnedit.runs.rundir import MANIFEST, RunDir, seed_everything
 from attnedit.runs.saved_edits import group_edit_path
 from attnedit.runs.units import RunState, Unit, UnitWorker, plan_units, run_unit
 
+# what a Ray actor returns for a unit: its records, and the edits the driver saves (--save-edits)
+UnitResult = tuple[list[CaseRecord], list[tuple[list[EditCase], WeightEdit]]]
+
 
 def check_backend(config: RunConfig, ray: RayOptions | None) -> None:
     """Sequential mode's cases depend on each other (each edit builds on the previous ones): local only."""
@@ -28,7 +32,7 @@ def check_backend(config: RunConfig, ray: RayOptions | None) -> None:
         )
 
 
-def report_failed(run_dir: RunDir, manifest: dict, failed: list[FailedUnit]) -> None:
+def report_failed(run_dir: RunDir[CaseRecord], manifest: dict[str, Any], failed: list[FailedUnit]) -> None:
     """Record the failed units in the manifest (``failed_units``: case ids, error, tries) and raise
     ``UnitsFailedError``; a rerun of the same command computes them again (and rewrites the manifest)."""
     listed = [asdict(f) for f in failed]
@@ -47,7 +51,7 @@ class EvalWorkerFactory:
     editor and evaluator once, seeded as the local run is."""
 
     config: RunConfig
-    manifest: dict
+    manifest: dict[str, Any]
 
     def __call__(self, device: str) -> _RemoteUnits:
         config = self.config
@@ -79,7 +83,7 @@ class _RemoteUnits:
         _, group, _ = unit.groups[0]
         self.worker.editor.prepare(self.worker.bundle, group)
 
-    def __call__(self, unit: Unit) -> tuple[list[CaseRecord], list[tuple[list[EditCase], WeightEdit]]]:
+    def __call__(self, unit: Unit) -> UnitResult:
         records: list[CaseRecord] = []
         kept = run_unit(self.worker, unit, lambda finished, _counted: records.extend(finished))
         return records, kept
@@ -91,7 +95,7 @@ def run_groups_on_ray(state: RunState, groups: list[list[EditCase]], options: Ra
     config, worker = state.config, state.worker
     units = plan_units(groups, state.done, config.generation_cases, worker.evaluator.config.fluency)
 
-    def on_result(unit: Unit, result: tuple[list[CaseRecord], list]) -> None:
+    def on_result(unit: Unit, result: UnitResult) -> None:
         records, kept = result
         for group, edit in kept:
             edit.save(group_edit_path(state.run_dir.path, group))

@@ -6,7 +6,7 @@ import csv
 import io
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,12 +35,12 @@ class ReportRow:
 
     label: str
     run_dirs: list[str]
-    manifest: dict
+    manifest: dict[str, Any]
     summary: dict[str, Any]  # metrics.summarize's entries plus "_cases" and "_complete_shards"
     records: list[CaseRecord] = field(default_factory=list, repr=False)
 
 
-def _shard_key(manifest: dict) -> tuple:
+def _shard_key(manifest: Mapping[str, Any]) -> tuple[Any, ...]:
     return (
         manifest.get("label"),
         manifest["model"]["fingerprint"],
@@ -54,9 +54,9 @@ def _shard_key(manifest: dict) -> tuple:
     )
 
 
-def collect(run_dirs: list[str | Path]) -> list[ReportRow]:
+def collect(run_dirs: Sequence[str | Path]) -> list[ReportRow]:
     """One row per distinct run; shards of the same run (same settings) are merged, duplicates refused."""
-    groups: dict[tuple, list[tuple[RunDir[CaseRecord], dict]]] = {}
+    groups: dict[tuple[Any, ...], list[tuple[RunDir[CaseRecord], dict[str, Any]]]] = {}
     for d in map(RunDir[CaseRecord], run_dirs):
         manifest = d.read_manifest()
         if manifest is None:
@@ -78,17 +78,16 @@ def collect(run_dirs: list[str | Path]) -> list[ReportRow]:
         manifest = members[0][1]
         counts = {c for _, c in shards}
         complete = len(counts) == 1 and len(shards) == counts.pop()
-        expected = [m.get("case_ids") for _, m in members]
-        if all(ids is not None for ids in expected) and len(records) < sum(map(len, expected)):
+        ranges = [m.get("case_ids") for _, m in members]
+        expected = sum(len(ids) for ids in ranges if ids is not None)
+        if all(ids is not None for ids in ranges) and len(records) < expected:
             logger.warning(
                 "%s: unfinished run: %d of the %d cases of its range have a record",
                 ", ".join(str(d.path) for d, _ in members),
                 len(records),
-                sum(map(len, expected)),
+                expected,
             )
-        summary = summarize(records)
-        summary["_cases"] = len(records)
-        summary["_complete_shards"] = complete
+        summary: dict[str, Any] = {**summarize(records), "_cases": len(records), "_complete_shards": complete}
         rows.append(
             ReportRow(
                 manifest.get("label") or manifest["method"],
@@ -125,7 +124,7 @@ def _warn_on_different_data(rows: list[ReportRow]) -> None:
         )
 
 
-def _cell(entry: dict | None, digits: int = 1) -> str:
+def _cell(entry: Mapping[str, Any] | None, digits: int = 1) -> str:
     if not entry or entry.get("mean") is None:
         return "-"
     if entry.get("ci95") is None:

@@ -38,7 +38,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+
+from attnedit.evaluation.records import CaseRecord
+
+if TYPE_CHECKING:
+    from attnedit.core.data import Dataset, EditCase
+    from attnedit.core.models import ModelBundle
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +100,7 @@ def short_hash(value: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def provenance(manifest: Mapping[str, Any], case: Any = None) -> dict[str, str]:
+def provenance(manifest: Mapping[str, Any], case: EditCase | None = None) -> dict[str, str]:
     """What a record is computed with: the method and a hash of the hyper-parameters (from the run's
     manifest) and, given the case (a ``core.data.EditCase``), a hash of its edit request. Added to every
     record an evaluation or an analysis writes and checked on resume (``RunDir.check_provenance``)."""
@@ -129,7 +135,7 @@ def seed_everything(seed: int) -> int:
     return seed
 
 
-def model_manifest(bundle: Any) -> dict:
+def model_manifest(bundle: ModelBundle) -> dict[str, Any]:
     """The model part of every manifest (runs and analyses) of a ``core.models.ModelBundle``."""
     return {
         "name": bundle.name,
@@ -140,11 +146,11 @@ def model_manifest(bundle: Any) -> dict:
     }
 
 
-def data_manifest(dataset: Any) -> dict:
+def data_manifest(dataset: Dataset) -> dict[str, Any]:
     """The data part of every manifest of a ``core.data.Dataset``: path, format, content hash, record
     count, skipped records; for multilingual data also the edit language, the question template and the
     cases whose translated prompt lacks the subject (per language). Part of a run's identity."""
-    data = {
+    data: dict[str, Any] = {
         "path": dataset.path,
         "format": dataset.format,
         "sha256": dataset.sha256,
@@ -160,7 +166,7 @@ def data_manifest(dataset: Any) -> dict:
     return data
 
 
-def environment_manifest() -> dict:
+def environment_manifest() -> dict[str, Any]:
     """Library versions and the torch thread count."""
     import torch
     import transformers
@@ -175,15 +181,15 @@ def environment_manifest() -> dict:
     }
 
 
-def _parse_record(line: bytes) -> dict:
+def _parse_record(line: bytes) -> dict[str, Any]:
     """One record line: a JSON object with a string ``case_id`` (``ValueError`` otherwise)."""
-    record = json.loads(line)  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    record: object = json.loads(line)  # UnicodeDecodeError and JSONDecodeError are ValueErrors
     if not isinstance(record, dict) or not isinstance(record.get("case_id"), str):
         raise ValueError("not a record (a JSON object with a case_id)")
     return record
 
 
-def read_results(path: Path, repair: bool = False) -> list[dict]:
+def read_results(path: Path, repair: bool = False) -> list[dict[str, Any]]:
     """Records of a JSON-lines file in file order.
 
     Only a torn last line (no trailing newline: an interrupted write) is dropped, and cut off the file if
@@ -200,7 +206,7 @@ def read_results(path: Path, repair: bool = False) -> list[dict]:
         data = fh.read()
     lines = data.split(b"\n")
     torn = lines.pop()  # b"" when the file ends with a newline (or is empty)
-    records = []
+    records: list[dict[str, Any]] = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -307,7 +313,7 @@ class RunDir(Generic[R]):
         self.seed = seed_everything(seed)
         return seed
 
-    def read_manifest(self) -> dict | None:
+    def read_manifest(self) -> dict[str, Any] | None:
         """The manifest on disk, or None when there is none yet (a symbolic link is refused)."""
         path = self.manifest_path
         if not path.is_symlink() and not path.is_file():
@@ -316,9 +322,10 @@ class RunDir(Generic[R]):
         with os.fdopen(fd, "rb") as fh:
             data = fh.read()
         try:
-            return json.loads(data)
+            manifest: dict[str, Any] = json.loads(data)
         except ValueError as err:
             raise CorruptRecordsError(f"{path}: not a readable manifest ({err})") from None
+        return manifest
 
     def check(
         self, manifest: Mapping[str, Any], identity: Sequence[str], error: type[Exception] = RunConflictError
@@ -339,7 +346,7 @@ class RunDir(Generic[R]):
 
     def open(
         self, manifest: Mapping[str, Any], identity: Sequence[str], error: type[Exception] = RunConflictError
-    ) -> dict:
+    ) -> dict[str, Any]:
         """Create the directory (or continue in it): take its lock (``lock``), check ``manifest`` against
         the one on disk in the ``identity`` fields, then write it with the directory's first ``created``
         stamp; the record file exists afterwards. Returns the manifest as written. A refusal releases the
@@ -381,13 +388,13 @@ class RunDir(Generic[R]):
         """The records of the cases ``case_ids`` that have one, in the order of ``case_ids`` (a run
         extended to another case range holds others, not necessarily in case order); all records in file
         order without ``case_ids``. ``repair``: cut a torn last line off the file (the writer, resuming)."""
-        found: list[Any] = read_results(self.records_path, repair=repair)
+        found = cast("list[R]", read_results(self.records_path, repair=repair))  # the records append wrote
         if case_ids is None:
             return found
         by_id = {r["case_id"]: r for r in found}
         return [by_id[i] for i in case_ids if i in by_id]
 
-    def check_provenance(self, manifest: Mapping[str, Any], cases: Sequence[Any]) -> None:
+    def check_provenance(self, manifest: Mapping[str, Any], cases: Sequence[EditCase]) -> None:
         """Refuse (``MixedRecordsError`` naming the file, line, case and the difference) a record whose
         provenance keys (``provenance``) differ from this run's: method and hyper-parameter hash for every
         record, the request hash of ``cases`` for the record of that case. A key a record lacks is not
@@ -457,7 +464,8 @@ class RunDir(Generic[R]):
         data = path.read_bytes()
         lines = data.split(b"\n")
         tail = lines.pop()
-        good, bad = [], []
+        good: list[bytes] = []
+        bad: list[bytes] = []
         for line in lines:
             try:
                 _parse_record(line)
@@ -484,6 +492,6 @@ class RunDir(Generic[R]):
         return len(bad)
 
 
-def selected_records(run_dir: str | Path) -> list[dict]:
+def selected_records(run_dir: str | Path) -> list[CaseRecord]:
     """``RunDir(run_dir).selected_records()`` of an evaluation run directory."""
-    return RunDir[dict](run_dir).selected_records()
+    return RunDir[CaseRecord](run_dir).selected_records()

@@ -21,12 +21,14 @@ The run's settings, manifest and identity are ``config``; the unit of single and
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from tqdm.auto import tqdm
 
 from attnedit.core.data import EditCase, load_cases, load_texts
 from attnedit.core.models import ModelBundle, load_model
-from attnedit.editing.registry import Editor, make_editor
+from attnedit.editing.registry import make_editor
+from attnedit.editing.spec import Editor
 from attnedit.evaluation.evaluator import Evaluator
 from attnedit.evaluation.records import CaseRecord, Summary
 from attnedit.runs.config import RunConfig, build_manifest, run_identity, write_summary
@@ -73,7 +75,7 @@ def run(
 
 def _run_locked(
     run_dir: RunDir[CaseRecord],
-    manifest: dict,
+    manifest: dict[str, Any],
     cases: list[EditCase],
     bundle: ModelBundle,
     editor: Editor,

@@ -37,16 +37,18 @@ def edit_case_from_args(
         if case.neighborhood:
             probes.append(("neighbour", case.neighborhood[0].prompt))
         return case, probes
-    missing = [
-        f"--{n}" for n, v in (("subject", subject), ("prompt", prompt), ("target-new", target_new)) if not v
-    ]
-    if missing:
+    if not (subject and prompt and target_new):
+        missing = [
+            f"--{n}"
+            for n, v in (("subject", subject), ("prompt", prompt), ("target-new", target_new))
+            if not v
+        ]
         raise ValueError(f"give {', '.join(missing)} (or --file DATA --index N)")
-    text, _ = fill_prompt(prompt, subject)  # type: ignore[arg-type]
+    text, _ = fill_prompt(prompt, subject)
     request = EditRequest(
         prompt=prompt, subject=subject, target_new=target_new, target_true=target_true or ""
-    )  # type: ignore[arg-type]
-    case = EditCase(case_id="cli", request=request, rewrite=(Probe(text, target_new),))  # type: ignore[arg-type]
+    )
+    case = EditCase(case_id="cli", request=request, rewrite=(Probe(text, target_new),))
     probes = [("edit prompt", text)]
     if paraphrase:
         probes.append(("paraphrase", paraphrase))

@@ -11,16 +11,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Never, cast
 
+import torch
 from tqdm.auto import tqdm
 
 from attnedit.core.data import EditCase
 from attnedit.core.deltas import AppliedEdit, WeightEdit
 from attnedit.core.models import ModelBundle
-from attnedit.editing.registry import Editor
+from attnedit.editing.spec import Editor
 from attnedit.editing.target_cache import target_cache
 from attnedit.evaluation.evaluator import Evaluator
-from attnedit.evaluation.records import CaseRecord, Reference
+from attnedit.evaluation.records import CaseRecord, EditInfo, Reference
 from attnedit.runs.config import RunConfig
 from attnedit.runs.rundir import RunDir, provenance
 from attnedit.runs.saved_edits import group_edit_path, saved_edit
@@ -39,7 +41,7 @@ class UnitWorker:
     editor: Editor
     evaluator: Evaluator
     config: RunConfig
-    manifest: dict
+    manifest: dict[str, Any]
     out: Path | None
 
     def chunks(self, cases: list[EditCase]) -> list[list[EditCase]]:
@@ -48,13 +50,29 @@ class UnitWorker:
         step = self.config.generation_cases if self.evaluator.config.fluency else 1
         return [cases[i : i + step] for i in range(0, len(cases), step)]
 
-    def score(self, case: EditCase, reference: Reference | None, **extra: object) -> CaseRecord:
-        """A case's record without fluency, timed (``seconds_eval``), plus ``extra`` fields."""
+    def score(
+        self,
+        case: EditCase,
+        reference: Reference | None,
+        seconds_edit: float,
+        *,
+        edit: EditInfo | None = None,
+        edits_applied: int | None = None,
+    ) -> CaseRecord:
+        """A case's record without fluency, timed (``seconds_eval``), plus its share of the edit time and
+        the edit's report (single, batch) or the number of edits applied (sequential)."""
         t0 = time.perf_counter()
         record = self.evaluator.score(case, reference)
         record["seconds_eval"] = time.perf_counter() - t0
-        record.update(extra)  # seconds_edit with edit (single, batch) or edits_applied (sequential)
-        record.update(provenance(self.manifest, case))
+        record["seconds_edit"] = seconds_edit
+        if edit is not None:
+            record["edit"] = edit
+        if edits_applied is not None:
+            record["edits_applied"] = edits_applied
+        keys = provenance(self.manifest, case)  # what the record is computed with
+        record["method"] = keys["method"]
+        record["hparams_hash"] = keys["hparams_hash"]
+        record["request_hash"] = keys["request_hash"]
         return record
 
 
@@ -67,7 +85,7 @@ class RunState:
     done: set[str]
     worker: UnitWorker
     records: list[CaseRecord]
-    bar: tqdm
+    bar: tqdm[Never]  # counts cases, iterates nothing
 
     @property
     def config(self) -> RunConfig:
@@ -140,7 +158,7 @@ def run_unit(
     """
     evaluator, config = worker.evaluator, worker.config
     fluency = evaluator.config.fluency
-    pending: list[tuple[EditCase, CaseRecord, dict]] = []
+    pending: list[tuple[EditCase, CaseRecord, dict[str, torch.Tensor]]] = []
     kept: list[tuple[list[EditCase], WeightEdit]] = []
     for k, group, todo in unit.groups:
         references = {c.case_id: evaluator.reference(c) for c in todo if c.locality}
@@ -221,14 +239,15 @@ def _edit_group(
     return applied, seconds, path if saved else None
 
 
-def _edit_info(edit: WeightEdit, index: int) -> dict:
+def _edit_info(edit: WeightEdit, index: int) -> EditInfo:
     """Optimisation steps and final loss of one request of an edit (when the method reports them)."""
     info = edit.info
     picked = {}
     for key in ("steps", "final_loss", "loss_parts"):
         value = info.get(key)
         picked[key] = value[index] if isinstance(value, list) and index < len(value) else value
-    return {k: v for k, v in picked.items() if v is not None}
+    # the method's report (``editing.base.target_info``: per request, or one for all)
+    return cast(EditInfo, {k: v for k, v in picked.items() if v is not None})
 
 
 def edit_each(

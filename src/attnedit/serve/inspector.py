@@ -18,15 +18,16 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from attnedit.analysis.drift import LastTokenAttention, drift_kl, record_last_token_attention
+from attnedit.analysis.engine import token_texts
 from attnedit.analysis.patching import patch_attention, record_attention
 from attnedit.api import EditCase, Editor, EditRequest, ModelBundle, WeightEdit, method_choices, parse_method
 from attnedit.api import editor as method_editor
@@ -40,6 +41,8 @@ from attnedit.evaluation.answers import probe_answers
 from attnedit.evaluation.metrics import distracted
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")  # what a queued task returns
 
 MAX_PROMPT_CHARS = 400  # a request's prompts (and probe prompts) are refused above this length
 MAX_PROBES = 8  # paraphrase / neighbour / relation prompts per kind
@@ -140,7 +143,7 @@ def build_case(
     subject: str,
     target_new: str,
     target_true: str,
-    probes: dict[str, Sequence[str]],
+    probes: Mapping[str, Sequence[str]],
 ) -> tuple[EditCase, list[tuple[str, str]]]:
     """The case to edit and the (kind, prompt) probes whose answers are shown, checked field by field."""
     prompt = _clean("prompt", prompt)
@@ -277,7 +280,7 @@ class Inspector:
         with self._lock:
             return self._pending.index(job_id) if job_id in self._pending else -1
 
-    def submit(self, job: Job, task: Callable[[], Any], changes_weights: bool) -> Future:
+    def submit(self, job: Job, task: Callable[[], T], changes_weights: bool) -> Future[T]:
         """Queue ``task``; its weights are checked against the start hash after it, failures included."""
         if self.broken:
             raise WeightsChangedError(self.broken)
@@ -286,7 +289,7 @@ class Inspector:
             ahead = len(self._pending) - 1
         job.emit("queued", position=ahead)
 
-        def run() -> Any:
+        def run() -> T:
             job.state = "running"
             job.emit("running")
             try:
@@ -330,7 +333,7 @@ class Inspector:
 
     def start_edit(
         self, job: Job, method: str, case: EditCase, probes: list[tuple[str, str]], editor: Editor
-    ) -> Future:
+    ) -> Future[EditSession]:
         """Queue the edit of ``case``: answers before, the edit (steps streamed), answers after, revert."""
         session = EditSession(job.id, method, case, probes, editor)
         return self.submit(job, lambda: self._run_edit(job, session), changes_weights=True)
@@ -340,7 +343,7 @@ class Inspector:
         start = time.perf_counter()
         before = probe_answers(bundle, session.probes, request)
 
-        def step(what: str, step: int, losses: list[float], parts: dict[str, list]) -> None:
+        def step(what: str, step: int, losses: list[float], parts: dict[str, list[float]]) -> None:
             job.emit(
                 "step",
                 what=what,
@@ -400,7 +403,7 @@ class Inspector:
         unedited, edited = torch.from_numpy(both.attention[0]), torch.from_numpy(both.attention[1])
         kl = drift_kl(unedited, edited).numpy()
         ids = encode_prompt(bundle.tokenizer, prompt)
-        tokens = [bundle.tokenizer.decode([i]) for i in ids]
+        tokens = token_texts(bundle, ids)
         n_layers, n_heads = kl.shape
         selected = np.zeros((n_layers, n_heads), dtype=bool)
         span = None

@@ -12,10 +12,11 @@ import json
 import logging
 import os
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, cast
 
 from attnedit.analysis.engine import json_ready
 from attnedit.evaluation.metrics import COMPARISON_METRICS, KNOWEDIT_METRICS, case_counts
+from attnedit.evaluation.records import CaseRecord
 from attnedit.runs.report import collect, columns, markdown_table, paired, paired_table
 from attnedit.runs.rundir import MANIFEST, RESULTS, RunConflictError, RunDir, read_results
 
@@ -111,8 +112,7 @@ class RunsBrowser:
     def records(self, relative: str) -> dict:
         """The run's manifest and its records (all of them, in file order; NaN as null)."""
         path = self.resolve(relative)
-        run = RunDir(path)
-        manifest = run.read_manifest()
+        manifest = RunDir[dict[str, Any]](path).read_manifest()
         file = self._record_file(path)
         records = read_results(file) if file is not None else []
         for record in records:
@@ -169,7 +169,7 @@ class RunsBrowser:
         return out
 
 
-def case_scores(record: dict) -> dict[str, float]:
+def case_scores(record: dict[str, Any]) -> dict[str, float]:
     """One evaluation record's own scores as flat fields the page can sort and filter on: per comparison
     score (``ES``, ``DNS``, ``ES@fr``...) the share of its prompts the case gets right, per KnowEdit metric
     the case's value (EasyEdit's averaging); scores without prompts are left out."""
@@ -178,9 +178,10 @@ def case_scores(record: dict) -> dict[str, float]:
         return {}  # an analysis record
     names = [key for key in comparisons if key.partition("@")[0] in {m.score for m in COMPARISON_METRICS}]
     names += [key for key in record.get("knowedit", {}) if key.partition("@")[0] in KNOWEDIT_METRICS]
+    evaluated = cast(CaseRecord, record)  # it has comparisons: an evaluation record, as written
     out = {}
     for name in names:
-        ((value, prompts),) = case_counts([record], name)
+        ((value, prompts),) = case_counts([evaluated], name)
         if prompts:
             out[name] = round(float(value / prompts), 4)
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -48,7 +49,7 @@ class FineTune:
     preset: str = ""
     terms: list[LossTerm] = field(default_factory=list)
 
-    def hyperparameters(self) -> dict:
+    def hyperparameters(self) -> dict[str, Any]:
         """Everything that determines the edit (written to the run manifest)."""
         return {
             "preset": self.preset,
@@ -111,6 +112,7 @@ class FineTune:
 
             def add_update(y: torch.Tensor, name: str) -> torch.Tensor:
                 x = trace[name].input
+                assert x is not None  # retain_input: the input hook ran before this output hook
                 return y + (x.float() @ deltas[names[name]].T).to(y.dtype)
 
             trace.edit_output = add_update

@@ -29,7 +29,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -103,9 +103,9 @@ class AlphaChoice:
 
     alpha: float
     source: str  # "fixed" | "trace"
-    trace: dict | None = None
+    trace: dict[str, Any] | None = None
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         """What the edit's info records."""
         return {"alpha": self.alpha, "alpha_source": self.source, "trace": self.trace}
 
@@ -163,7 +163,7 @@ class FamilyUpdates:
     requests: list[EditRequest]
     updates: dict[str, dict[str, torch.Tensor]]  # "mlp_down" / "attn_o" -> weight name -> delta
     choice: AlphaChoice
-    info: dict  # the target optimisation's record
+    info: dict[str, Any]  # the target optimisation's record
     seconds: dict[str, float]
 
 
@@ -258,7 +258,9 @@ class IntAttn(Memit):
         seconds["targets"] = time.perf_counter() - t0
 
         updates: dict[str, dict[str, torch.Tensor]] = {}
-        weights = {"mlp_down": p.mom2_update_weight, "attn_o": p.attn_mom2_update_weight}
+        attn_weight = p.attn_mom2_update_weight
+        assert attn_weight is not None  # IntAttnParams' validator fills it in
+        weights = {"mlp_down": p.mom2_update_weight, "attn_o": attn_weight}
         for component, layers in wanted.items():
             t0 = time.perf_counter()
             # each family from the unedited model: its loop runs on a scratch edit, reverted at once

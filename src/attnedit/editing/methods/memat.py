@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -162,7 +162,7 @@ class Memat(Memit):
         requests = [case.request for case in targets]
         succeeded = self._succeeded(bundle, prompts, requests)
         chosen_records = list(range(len(targets)))
-        used = p.classifier_records
+        used: str = p.classifier_records
         if p.classifier_records == "succeeded":
             chosen_records = [i for i, ok in enumerate(succeeded) if ok]
             if not chosen_records:
@@ -196,7 +196,7 @@ class Memat(Memit):
         k: int,
         builder: EditBuilder,
         seconds: dict[str, float],
-    ) -> dict:
+    ) -> dict[str, Any]:
         """Step 3: train corrections of the ``k`` best heads and fold them into ``builder``; the record
         kept with the edit (``seconds``: corrections)."""
         p = self.params

@@ -4,6 +4,7 @@ order with least squares, keys recomputed per layer (each layer sees the updates
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -76,7 +77,7 @@ class Memit(LocateThenEdit):
 
     def edit_mlp(
         self, builder: EditBuilder, bundle: ModelBundle, cases: list[EditCase]
-    ) -> tuple[list[EditRequest], dict]:
+    ) -> tuple[list[EditRequest], dict[str, Any]]:
         """MEMIT's MLP updates, added to ``builder`` (in place, layer by layer); the requests and the
         target optimisation's record."""
         p = self.params

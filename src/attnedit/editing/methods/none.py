@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from attnedit.core.data import EditCase
 from attnedit.core.deltas import AppliedEdit, WeightEdit
@@ -16,9 +17,9 @@ class NoEdit:
 
     name: str = "none"
     preset: str = ""
-    params: dict = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
 
-    def hyperparameters(self) -> dict:
+    def hyperparameters(self) -> dict[str, Any]:
         return {}
 
     def prepare(self, bundle: ModelBundle, cases: list[EditCase]) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -50,7 +50,7 @@ class RomeTarget:
     layer: int
     key: torch.Tensor
     value: torch.Tensor
-    info: dict
+    info: dict[str, Any]
 
 
 @dataclass
