@@ -7,7 +7,7 @@ bash scripts/setup.sh
 . .venv/bin/activate
 ruff check src tests bench
 lint-imports
-mypy  # config: [tool.mypy] in pyproject.toml (strict for attnedit.core)
+mypy  # config: [tool.mypy] in pyproject.toml (strict for attnedit.core and attnedit.editing)
 NO_MKDOCS_2_WARNING=1 mkdocs build --strict --quiet --site-dir build/site  # the docs site, warnings as errors, offline
 python -m pytest -q -p no:cacheprovider "$@"
 deactivate

@@ -297,7 +297,7 @@ def test_batch_and_sequential_modes_restore_the_model(tmp_path, tiny_dir, corpus
 def test_interrupted_batch_run_reapplies_its_saved_edit(tmp_path, tiny_dir, corpus_file, monkeypatch):
     from attnedit.core.deltas import model_hash
     from attnedit.core.models import load_model
-    from attnedit.editing import memit
+    from attnedit.editing.methods import memit
     from attnedit.evaluation import evaluator as evaluation
 
     bundle = load_model(str(tiny_dir))

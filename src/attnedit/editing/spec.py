@@ -149,7 +149,10 @@ class Method:
         for key, value in settings.items():
             bare = key.removeprefix(SADR_PREFIX)
             if key.startswith(SADR_PREFIX) and bare in sadr_keys:
-                (sadr.__setitem__(bare, value) if self.sadr else misplaced.append(key))
+                if self.sadr:
+                    sadr[bare] = value
+                else:
+                    misplaced.append(key)
             elif key in own or key not in sadr_keys:
                 params[key] = value
             elif self.sadr:
