@@ -103,12 +103,19 @@ def parse_method(method: str | Method) -> Method:
 
 
 def statistics(
-    bundle: ModelBundle, method: str | Method, *, preset: str | None = None, **settings: Any
+    bundle: ModelBundle, method: str | Method | Editor, *, preset: str | None = None, **settings: Any
 ) -> dict[str, dict[int, torch.Tensor]]:
     """Compute (or read from the cache) the key second moments ``method``'s edits read, as
     ``{component: {layer: E[k k^T]}}``; the statistics' settings are in the editor's
-    ``hyperparameters()["stats"]``. Methods without statistics (``ft``, ``none``) are a ``ValueError``."""
-    built = editor(bundle, method, preset=preset, **settings)
+    ``hyperparameters()["stats"]``. ``method``: a method name (with ``preset`` and ``settings`` as for
+    ``editor``) or an editor already built. Methods without statistics (``ft``, ``none``) are a
+    ``ValueError``."""
+    if isinstance(method, str | Method):
+        built = editor(bundle, method, preset=preset, **settings)
+    elif preset is not None or settings:
+        raise TypeError("statistics: give preset and settings with a method name, not with a built editor")
+    else:
+        built = method
     if not isinstance(built, LocateThenEdit):
         raise ValueError(f"method {built.name!r} uses no covariance statistics")
     return second_moments_of(bundle, built.statistics(), stats_spec(built.params))

@@ -334,16 +334,16 @@ def stats_command(
 
     from attnedit.api import editor, load_model, parse_method, statistics
 
+    base = parse_method(method).spec.name  # SADR needs no statistics of its own; checked before loading
     bundle = load_model(model)
-    base = parse_method(method).spec.name  # SADR needs no statistics of its own
     settings: dict[str, Any] = parse_overrides(param)  # keyword settings of the method (text values)
-    stats = editor(bundle, base, preset=preset, **settings).hyperparameters().get("stats")
+    built = editor(bundle, base, preset=preset, **settings)
     t0 = time.perf_counter()
-    for component, moments in statistics(bundle, base, preset=preset, **settings).items():
+    for component, moments in statistics(bundle, built).items():
         for layer, mom2 in moments.items():
             where = f"layer {layer}" if component == "mlp_down" else f"{component} layer {layer}"
             typer.echo(f"{where}: E[kk^T] {tuple(mom2.shape)}, trace {float(mom2.trace()):.4g}")
-    typer.echo(f"{stats} in {time.perf_counter() - t0:.1f} s")
+    typer.echo(f"{built.hyperparameters().get('stats')} in {time.perf_counter() - t0:.1f} s")
 
 
 @app.command("report")

@@ -69,9 +69,7 @@ def make_editor(
     spec = choice.spec
     params = dict(overrides or {})
     if sadr and not choice.sadr:
-        named = sorted(sadr) if isinstance(sadr, Mapping) else ["SadrSettings"]
-        example = f"{spec.name}+sadr" if spec.sadr else "rome+sadr"
-        raise PresetError(f"SADR settings {named} need a '+sadr' method (e.g. {example})")
+        raise choice.sadr_refused(list(sadr) if isinstance(sadr, Mapping) else ["SadrSettings"])
     if spec.params is None:
         if params or preset:
             raise PresetError(f"method {spec.name!r} takes no preset or parameters")

@@ -62,7 +62,8 @@ class Editor(Protocol):
 class MethodSpec:
     """One editing method: its name, a one-line summary, its parameter model (None: takes none), the
     preset directory it reads (default: its name; MEMAT reads MEMIT's), whether ``NAME+sadr`` exists, and
-    ``build(params, terms)`` -> its editor."""
+    ``build(params, terms)`` -> its editor (an editor dataclass whose first fields are ``params`` and
+    ``terms`` is such a callable itself: ``build=Rome``)."""
 
     name: str
     summary: str
@@ -160,11 +161,13 @@ class Method:
             else:
                 misplaced.append(key)
         if misplaced:
-            example = f"{self.spec.name}{SADR_SUFFIX}" if self.spec.sadr else f"rome{SADR_SUFFIX}"
-            raise PresetError(
-                f"{sorted(misplaced)} are SADR settings: they need a '+sadr' method (e.g. {example})"
-            )
+            raise self.sadr_refused(misplaced)
         return params, sadr
+
+    def sadr_refused(self, names: Sequence[str]) -> PresetError:
+        """The error for SADR settings given to a choice without ``+sadr``."""
+        example = f"{self.spec.name}{SADR_SUFFIX}" if self.spec.sadr else f"rome{SADR_SUFFIX}"
+        return PresetError(f"SADR settings {sorted(names)} need a '+sadr' method (e.g. {example})")
 
     def preset_view(self, preset: Mapping[str, Any]) -> dict[str, Any]:
         """The settings a preset gives this choice, named as ``split`` takes them: the method's fields

@@ -45,9 +45,9 @@ class FineTune:
     """FT-L: Adam on one layer's down-projection, NLL of o_new on the edit prompt, |Delta|_inf <= bound."""
 
     params: FTParams
+    terms: list[LossTerm] = field(default_factory=list)
     name: str = "ft"
     preset: str = ""
-    terms: list[LossTerm] = field(default_factory=list)
 
     def hyperparameters(self) -> dict[str, Any]:
         """Everything that determines the edit (written to the run manifest)."""
@@ -155,6 +155,6 @@ SPEC = register(
         name="ft",
         summary="FT-L: constrained fine-tuning of one MLP down-projection (the standard baseline)",
         params=FTParams,
-        build=lambda params, terms: FineTune(params, terms=terms),
+        build=FineTune,
     )
 )

@@ -296,6 +296,6 @@ SPEC = register(
         summary="IntAttn-Edit: MEMIT's least squares on the MLPs and on the attention output projections "
         "together, mixed by alpha",
         params=IntAttnParams,
-        build=lambda params, terms: IntAttn(params, terms=terms),
+        build=IntAttn,
     )
 )

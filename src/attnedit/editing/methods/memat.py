@@ -262,7 +262,7 @@ SPEC = register(
         name="memat",
         summary="MEMAT: MEMIT plus attention-head classifiers and per-head corrections (cross-lingual)",
         params=MematParams,
-        build=lambda params, terms: Memat(params, terms=terms),
+        build=Memat,
         presets="memit",
     )
 )

@@ -147,6 +147,6 @@ SPEC = register(
         name="memit",
         summary="MEMIT: many facts at once, least squares over several layers' MLP down-projections",
         params=MemitParams,
-        build=lambda params, terms: Memit(params, terms=terms),
+        build=Memit,
     )
 )

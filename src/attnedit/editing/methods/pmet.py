@@ -37,6 +37,6 @@ SPEC = register(
         name="pmet",
         summary="PMET: MEMIT with attention and MLP outputs optimised together, only the MLP part written",
         params=PmetParams,
-        build=lambda params, terms: Pmet(params, terms=terms),
+        build=Pmet,
     )
 )

@@ -112,6 +112,6 @@ SPEC = register(
         name="rome",
         summary="ROME: one fact, a rank-one update of one layer's MLP down-projection",
         params=RomeParams,
-        build=lambda params, terms: Rome(params, terms=terms),
+        build=Rome,
     )
 )
