@@ -35,6 +35,7 @@ from attnedit.core.models import load_model as _load_model
 from attnedit.core.scoring import generate
 from attnedit.editing.base import LocateThenEdit, stats_spec
 from attnedit.editing.covariance import second_moments_of
+from attnedit.editing.presets import PresetError  # noqa: F401 (public: attnedit.PresetError)
 from attnedit.editing.registry import make_editor
 from attnedit.editing.spec import Editor, Method, MethodSpec, method_names, register, registered
 from attnedit.editing.spec import parse_method as _parse_method

@@ -29,7 +29,16 @@ import torch
 from attnedit.analysis.drift import LastTokenAttention, drift_kl, record_last_token_attention
 from attnedit.analysis.engine import token_texts
 from attnedit.analysis.patching import patch_attention, record_attention
-from attnedit.api import EditCase, Editor, EditRequest, ModelBundle, WeightEdit, method_choices, parse_method
+from attnedit.api import (
+    EditCase,
+    Editor,
+    EditRequest,
+    ModelBundle,
+    PresetError,
+    WeightEdit,
+    method_choices,
+    parse_method,
+)
 from attnedit.api import editor as method_editor
 from attnedit.core.data import Probe
 from attnedit.core.deltas import model_hash
@@ -87,7 +96,7 @@ def method_settings(bundle: ModelBundle, method: str) -> dict[str, Any]:
         return {**info, "preset": "none", "settings": {}}
     try:
         data = spec.load_preset(bundle.name)
-    except ValueError:  # no preset for this model
+    except PresetError:  # no preset for this model (a preset file that does not parse is an error)
         return {**info, "preset": None, "settings": {}}
     own = spec.params.model_fields
     view = choice.preset_view(data)  # the main settings, and SADR's
