@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 
-from attnedit.core.models import DEFAULT_MODEL, cache_dir, load_model
+from attnedit.core.files import cache_dir
+from attnedit.core.models import DEFAULT_MODEL, load_model
 
 
 @pytest.mark.smollm2

@@ -46,7 +46,12 @@ QuestionTemplate = Annotated[
 
 # --- flags several commands take -----------------------------------------------------------------------
 
-Data = Annotated[str, typer.Argument(help=f"data file, or '{SAMPLE_DATA}' for the shipped sample set")]
+Data = Annotated[
+    str,
+    typer.Argument(
+        help=f"data file, a data set name (attnedit data list), or '{SAMPLE_DATA}' for the shipped sample set"
+    ),
+]
 Model = Annotated[str, typer.Option(help="embedded name, local HF directory or hub id")]
 Device = Annotated[str, typer.Option(help="where the model runs: cpu, cuda, cuda:N or auto")]
 Dtype = Annotated[

@@ -1,4 +1,5 @@
-"""Command line: ``attnedit eval | report | models | serve | inspect``."""
+"""Command line: ``attnedit eval | edit | inspect | stats | report | serve | models``, and the groups
+``attnedit analyze ...`` and ``attnedit data ...``."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from attnedit.cli.common import (
     ray_backend,
     setup_logging,
 )
+from attnedit.cli.data import app as data_app
 from attnedit.core.data import SAMPLE_DATA
 from attnedit.runs.executors import RayOptions
 
@@ -42,6 +44,7 @@ app = typer.Typer(
 )
 logger = logging.getLogger("attnedit")
 app.add_typer(analyze_app, name="analyze")
+app.add_typer(data_app, name="data")
 
 
 @app.command("eval")
@@ -443,7 +446,8 @@ def serve_command(
 def models_command() -> None:
     """List embedded models and supported families."""
     from attnedit.core.adapters import FAMILIES
-    from attnedit.core.models import EMBEDDED_MODELS, cache_dir
+    from attnedit.core.files import cache_dir
+    from attnedit.core.models import EMBEDDED_MODELS
 
     for spec in EMBEDDED_MODELS.values():
         typer.echo(

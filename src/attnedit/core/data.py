@@ -1,14 +1,14 @@
 """Typed edit cases and the loaders that turn every supported file format into them.
 
-Formats: the SADR merged CounterFact file, KnowEdit (WikiData_counterfact, ZsRE), the MEND-format
-CounterFact, the MEMIT zsRE format and BMIKE-53 CounterFact (bilingual: each case carries its
-translation, ``EditCase.translations``). A malformed record raises ``DataFormatError`` naming the
-file, the record index and the field.
+Formats: ROME/MEMIT CounterFact, the SADR merged CounterFact file, KnowEdit (WikiData_counterfact,
+ZsRE), the MEND-format CounterFact, the MEMIT zsRE format and BMIKE-53 CounterFact (bilingual: each
+case carries its translation, ``EditCase.translations``). A malformed record raises
+``DataFormatError`` naming the file, the record index and the field. Data sets by name:
+``core.datasets``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -19,6 +19,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any  # parsed JSON (what json.loads returns): each reader checks the shape it needs
 
+from attnedit.core.datasets import DATASETS, resolve
+from attnedit.core.download import sha256_of
 from attnedit.core.tokens import SubjectNotFoundError, fill_prompt
 
 logger = logging.getLogger(__name__)
@@ -238,6 +240,26 @@ def _merged(rec: _Record, case_id: str) -> EditCase:
     )
 
 
+def _counterfact(rec: _Record, case_id: str) -> EditCase:
+    """ROME's and MEMIT's CounterFact record: the request (its objects as ``{"str": ...}``), paraphrase
+    prompts (answer o_new), neighbourhood prompts (other subjects, answer o_true) and generation prompts.
+    (Its ``attribute_prompts`` serve ROME's generation consistency, which attnedit does not compute.)"""
+    req = rec.request(
+        "requested_rewrite.prompt",
+        "requested_rewrite.subject",
+        "requested_rewrite.target_new.str",
+        rec.text("requested_rewrite.target_true.str"),
+    )
+    return EditCase(
+        case_id=case_id,
+        request=req,
+        rewrite=(Probe(req.text, req.target_new),),
+        paraphrase=tuple(Probe(p, req.target_new) for p in rec.texts("paraphrase_prompts")),
+        neighborhood=tuple(Probe(p, req.target_true) for p in rec.texts("neighborhood_prompts")),
+        generation=tuple(rec.texts("generation_prompts")) if "generation_prompts" in rec.raw else (),
+    )
+
+
 def _knowedit_probes(rec: _Record, key: str) -> tuple[tuple[str, tuple[Probe, ...]], ...]:
     block = rec.get(key, required=False) or {}
     if not isinstance(block, dict):
@@ -392,6 +414,10 @@ def _bmike53(
 
 # format name -> (keys that identify it, record parser); BMIKE-53 is told by its shape (``_is_bilingual``)
 FORMATS: dict[str, tuple[frozenset[str], Callable[[_Record, str], EditCase]]] = {
+    "counterfact": (
+        frozenset({"requested_rewrite", "paraphrase_prompts", "neighborhood_prompts"}),
+        _counterfact,
+    ),
     "merged": (frozenset({"requested_rewrite"}), _merged),
     "knowedit": (frozenset({"subject", "prompt", "target_new", "ground_truth", "locality"}), _knowedit),
     "mend_counterfact": (
@@ -410,26 +436,60 @@ def sample_path() -> Path:
     return Path(str(resources.files("attnedit") / "resources" / "sample_counterfact.json"))
 
 
+FORMAT_TITLES = {
+    "counterfact": "ROME/MEMIT CounterFact",
+    "merged": "SADR's merged CounterFact",
+    "knowedit": "KnowEdit WikiData_counterfact / ZsRE",
+    "mend_counterfact": "MEND/EasyEdit CounterFact",
+    "memit_zsre": "MEMIT/MEND zsRE",
+    BMIKE53: "BMIKE-53, bilingual",
+}
+"""Each format ``load_cases`` reads, as errors name it."""
+
+
+def _foreign_format(record: object) -> str | None:
+    """What a record of a well-known format that holds no single edit request is, else None."""
+    if isinstance(record, str):
+        return "a text corpus (one text per record)"
+    if not isinstance(record, dict):
+        return None
+    if isinstance(record.get("requested_rewrite"), list):
+        return "MQuAKE-style data (a list of rewrites per record, multi-hop questions)"
+    if {"known_id", "attribute", "template"} <= record.keys():
+        return "ROME's known facts (facts a model knows, for tracing; no edit request)"
+    if {"goal", "sol1", "sol2"} <= record.keys():
+        return "PIQA questions (commonsense; no edit request)"
+    if set(record) <= {"text", "Text", "Corpus", "id", "title"} and ({"text", "Text"} & record.keys()):
+        return "a text corpus (one text per record)"
+    return None
+
+
+def _formats_read() -> str:
+    return "; ".join(f"{name} ({title})" for name, title in FORMAT_TITLES.items())
+
+
 def detect_format(record: object, where: str) -> str:
-    """The format of a data file from its first record (``where``: that record, for the error)."""
+    """The format of a data file from its first record (``where``: that record, for the error). A record
+    of a well-known format we do not read is refused as that format, never as a missing field."""
+    foreign = _foreign_format(record)
+    if foreign is not None:
+        raise DataFormatError(
+            f"{where}: this is {foreign}, which attnedit does not read as edit cases; it reads: "
+            f"{_formats_read()}"
+        )
     if _is_bilingual(record):
         return BMIKE53
     if isinstance(record, dict):
         for name, (keys, _) in FORMATS.items():
             if keys and keys <= record.keys():
                 return name
-    found = sorted(record) if isinstance(record, dict) else type(record).__name__
-    raise DataFormatError(
-        f"{where}: cannot tell the format from keys {found}; known formats: {', '.join(FORMATS)}"
-    )
+    found = f"an object with keys {sorted(record)}" if isinstance(record, dict) else type(record).__name__
+    raise DataFormatError(f"{where}: cannot tell the format of {found}; attnedit reads: {_formats_read()}")
 
 
 def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """The sha256 of a file's bytes."""
+    return sha256_of(Path(path))
 
 
 def _read_text(file: Path) -> str:
@@ -468,7 +528,8 @@ def load_cases(
     language: str | None = None,
     question_template: str | None = None,
 ) -> Dataset:
-    """Load every case of a data file (``"sample"`` names the shipped sample set).
+    """Load every case of a data file: a path, a registered data set's name (``core.datasets``: found
+    in ``$ATTNEDIT_DATA``, the cache, or downloaded), or ``"sample"``, the shipped sample set.
 
     A malformed record raises ``DataFormatError``; with ``skip_invalid`` it is left out, logged, and
     listed in ``Dataset.skipped`` (which the run manifest records).
@@ -479,9 +540,16 @@ def load_cases(
     questions). Cases whose translation's prompt lacks the subject are kept and listed in
     ``Dataset.subject_missing``. Other formats refuse both settings.
     """
-    file = sample_path() if str(path) == SAMPLE_DATA else Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"data file not found: {file}")
+    file = sample_path() if str(path) == SAMPLE_DATA else resolve(path)
+    registered = DATASETS.get(str(path))
+    if registered is not None and file == Path(path):
+        registered = None  # a file of that name: the file
+    if registered is not None and registered.format not in FORMATS:
+        raise DataFormatError(
+            f"data set {registered.name!r} holds {registered.title} (format {registered.format}), not edit "
+            f"cases; edit-case sets: {', '.join(n for n, d in DATASETS.items() if d.format in FORMATS)}"
+        )
+    format = format or (registered.format if registered is not None else None)
     text = _read_text(file)
     if file.suffix == ".jsonl":
         numbered = _json_lines(text, file)
@@ -573,11 +641,10 @@ def corpus_path(name: str | Path) -> Path:
 
 
 def load_texts(path: str | Path, limit: int | None = None) -> list[str]:
-    """Texts of a corpus file: a JSON list (strings or objects with ``text``/``Text``), JSON lines
-    (the same per line), or plain text (one text per non-empty line). Used for PPL and statistics."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"text corpus {file} does not exist")
+    """Texts of a corpus (a file path or a registered data set's name): a JSON list (strings or objects
+    with ``text``/``Text``), JSON lines (the same per line), or plain text (one text per non-empty
+    line). Used for PPL and statistics."""
+    file = resolve(path)
 
     def text_of(record: object, where: str) -> str:
         if isinstance(record, dict):

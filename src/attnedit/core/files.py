@@ -1,6 +1,7 @@
-"""Atomic file replacement for files that several processes may write at once (the shared caches
-under ``$ATTNEDIT_CACHE``, saved edits): each writer writes its own temporary file in the target's
-directory and renames it over the target, so a reader sees one complete file, never a mix."""
+"""The cache's root, and atomic file replacement for files that several processes may write at once
+(the shared caches under ``$ATTNEDIT_CACHE``, saved edits): each writer writes its own temporary file
+in the target's directory and renames it over the target, so a reader sees one complete file, never a
+mix."""
 
 from __future__ import annotations
 
@@ -10,6 +11,15 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Root of attnedit's caches: ``$ATTNEDIT_CACHE`` or ``~/.cache/attnedit``."""
+    root = (
+        os.environ.get("ATTNEDIT_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "attnedit"
+    )
+    return Path(root)
 
 
 def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:

@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import mmap
-import os
 import shutil
 import struct
 import tempfile
@@ -20,7 +19,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from attnedit.core.adapters import ModelAdapter, get_adapter
-from attnedit.core.files import exclusive
+from attnedit.core.files import cache_dir, exclusive
 from attnedit.core.hf_compat import attention_kernel, commit_hash, drop_quantizer, gguf_parsed_once
 
 logger = logging.getLogger(__name__)
@@ -69,15 +68,6 @@ class ModelBundle:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-
-def cache_dir() -> Path:
-    """Root of attnedit's caches: ``$ATTNEDIT_CACHE`` or ``~/.cache/attnedit``."""
-    root = (
-        os.environ.get("ATTNEDIT_CACHE")
-        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "attnedit"
-    )
-    return Path(root)
 
 
 def locate_gguf(spec: GGUFModel) -> Path:

@@ -33,9 +33,9 @@ from tqdm.auto import tqdm
 
 from attnedit.core.data import load_texts
 from attnedit.core.deltas import tensors_digest
-from attnedit.core.files import atomic_write
+from attnedit.core.files import atomic_write, cache_dir
 from attnedit.core.interventions import Trace
-from attnedit.core.models import ModelBundle, cache_dir
+from attnedit.core.models import ModelBundle
 from attnedit.core.scoring import generate, length_batches, pad_batch
 from attnedit.core.tokens import padding_id
 from attnedit.editing.templates import SEED_WORDS, read_texts, set_aside, texts_digest, write_texts

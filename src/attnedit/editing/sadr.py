@@ -109,6 +109,7 @@ def sadr_settings(
         origin[key] = "override"
     return build_params(SadrSettings, "SADR", values, origin)
 
+
 def _parse(key: str, text: str) -> Any:
     """A setting given as text (``--sadr-layers 6-29``, ``-p sadr_gamma=0.1``)."""
     text = text.strip()

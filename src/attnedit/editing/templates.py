@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from attnedit.core.files import atomic_write
-from attnedit.core.models import ModelBundle, cache_dir
+from attnedit.core.files import atomic_write, cache_dir
+from attnedit.core.models import ModelBundle
 from attnedit.core.scoring import generate
 
 logger = logging.getLogger(__name__)
