@@ -4,12 +4,15 @@ group lives in that group's ``conftest.py``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import transformers as T
+from data_sets import DATA_SETS
 from helpers import CORPUS, FAMILIES, SHARED_DATA, make_tiny, make_tokenizer, torch_threads
 
+from attnedit.core.datasets import DataSetError, dataset_path
 from attnedit.core.models import ModelBundle
 
 
@@ -28,6 +31,31 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"../shared/data not found at {SHARED_DATA}: the tests read the shared data sets")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def data_file() -> Callable[[str], Path]:
+    """``data_file(NAME)``: the main file of registered data set NAME (one of ``data_sets.DATA_SETS``),
+    found in ``$ATTNEDIT_DATA`` or the cache, never downloaded by a test. A missing set fails the test
+    with one line saying what to run (``attnedit data fetch NAME``): never a silent skip. Tests using
+    this fixture carry the ``data`` mark (``scripts/test.sh`` leaves them out, loudly, on a machine
+    without the sets)."""
+
+    def find(name: str) -> Path:
+        assert name in DATA_SETS, f"add {name!r} to data_sets.DATA_SETS (scripts/test.sh checks that list)"
+        try:
+            return dataset_path(name, download_missing=False)
+        except DataSetError as err:
+            pytest.fail(str(err), pytrace=False)
+
+    return find
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The ``data`` mark on every test that reads a full data set (uses ``data_file``)."""
+    for item in items:
+        if "data_file" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.data)
 
 
 @pytest.fixture(scope="module")
