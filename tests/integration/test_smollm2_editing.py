@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from helpers import FIXTURES
 from typer.testing import CliRunner
 
 from attnedit.cli.main import app
@@ -15,14 +16,15 @@ pytestmark = pytest.mark.smollm2
 
 
 @pytest.fixture(scope="module")
-def stats_overrides(shared_data) -> dict:
-    # a small WikiText sample keeps the test fast; the benchmarks use 5,000 lines
-    return {"stats_corpus": str(shared_data / "wikitext2_test.txt"), "stats_samples": "300"}
+def stats_overrides() -> dict:
+    # a small WikiText sample keeps the test fast (the fixture holds the file's lines up to its 300th
+    # text); the benchmarks use 5,000 lines
+    return {"stats_corpus": str(FIXTURES / "wikitext2_test.txt"), "stats_samples": "300"}
 
 
 @pytest.fixture(scope="module")
-def dev_cases(shared_data):
-    return load_cases(str(shared_data / "sadr_merged_counterfact.json")).cases[:2]
+def dev_cases():
+    return load_cases(str(FIXTURES / "sadr_merged_counterfact.json")).cases[:2]
 
 
 def _margin(bundle, case) -> float:

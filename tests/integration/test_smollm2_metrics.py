@@ -6,6 +6,7 @@ RS and DNS agree with the official SADR evaluation code run on the same model an
 """
 
 import pytest
+from helpers import FIXTURES
 
 from attnedit.core.data import load_cases
 from attnedit.core.scoring import score_targets_reference
@@ -16,8 +17,8 @@ pytestmark = pytest.mark.smollm2
 
 
 @pytest.fixture(scope="module")
-def first30(shared_data, smollm2):
-    cases = load_cases(shared_data / "sadr_merged_counterfact.json").cases[:30]
+def first30(smollm2):
+    cases = load_cases(FIXTURES / "sadr_merged_counterfact.json").cases[:30]
     evaluator = Evaluator(smollm2, EvalConfig(fluency=False))
     return cases, [evaluator.evaluate(c) for c in cases]
 

@@ -1,14 +1,17 @@
-"""Loaders: every shared file, the shipped sample set, malformed records and the request helpers."""
+"""Loaders: every public data set (a few records of it, and the whole file), the shipped sample set,
+malformed records and the request helpers."""
 
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from helpers import FIXTURES
 
 from attnedit.core.data import (
     FORMATS,
@@ -40,19 +43,22 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-# --------------------------------------------------------------------------- shared data files
+# --------------------------------------------------------------------------- the public data sets, cut
+# tests/fixtures holds a few records of each public file (tests/fixtures/README.md: which ones); the tests
+# of a whole file's records are in the next section
 
 
-def test_sadr_merged(shared_data):
-    path = shared_data / "sadr_merged_counterfact.json"
+def test_sadr_merged():
+    path = FIXTURES / "sadr_merged_counterfact.json"
     ds = load_cases(path)
+    raws = _raw(path)
     assert ds.format == "merged"
-    assert len(ds) == 1112 == len(ds.cases)
+    assert len(ds) == len(raws) == len(ds.cases) == 30
     assert ds.skipped == []
     assert ds.path == str(path)
     assert ds.sha256 == _sha(path)
 
-    raw = _raw(path)[0]
+    raw = raws[0]
     case = ds.cases[0]
     rr = raw["requested_rewrite"]
     assert case.request == EditRequest(rr["prompt"], rr["subject"], rr["target_new"], rr["target_true"])
@@ -77,9 +83,12 @@ def test_sadr_merged(shared_data):
     # absent blocks give empty probe sets, not errors
     assert case.paraphrase == case.neighborhood == case.subject_alias == ()
     assert case.generation == case.portability == case.locality == ()
-    # every case id is unique and every source points at its record
-    assert len({c.case_id for c in ds.cases}) == 1112
-    assert ds.cases[-1].source == "sadr_merged_counterfact.json#1111"
+    # every record's request is read; every case id is unique and every source points at its record
+    for case, raw in zip(ds.cases, raws, strict=True):
+        rr = raw["requested_rewrite"]
+        assert case.request == EditRequest(rr["prompt"], rr["subject"], rr["target_new"], rr["target_true"])
+    assert len({c.case_id for c in ds.cases}) == len(raws)
+    assert [c.source for c in ds.cases] == [f"sadr_merged_counterfact.json#{i}" for i in range(len(raws))]
 
 
 def _knowedit_counts(raw: dict) -> tuple[int, int, int]:
@@ -89,14 +98,19 @@ def _knowedit_counts(raw: dict) -> tuple[int, int, int]:
     return port, loc, alias
 
 
-def test_knowedit_wiki_counterfact(shared_data):
-    path = shared_data / "knowedit_wiki_counterfact_test_cf.json"
+def test_knowedit_wiki_counterfact():
+    path = FIXTURES / "knowedit_wiki_counterfact_test_cf.json"
     ds = load_cases(path)
+    raws = _raw(path)
     assert ds.format == "knowedit"
-    assert len(ds) == 542
+    assert len(ds) == len(raws) == 3
     assert ds.sha256 == _sha(path)
+    # every record's probe sets have the record's sizes
+    for case, raw in zip(ds.cases, raws, strict=True):
+        port, loc, alias = _knowedit_counts(raw)
+        assert (len(case.portability), len(case.locality), len(case.subject_alias)) == (port, loc, alias)
 
-    raw = _raw(path)[0]
+    raw = raws[0]
     case = ds.cases[0]
     assert case.request == EditRequest(
         "The name of the country of citizenship of Leonardo DiCaprio is",
@@ -107,9 +121,7 @@ def test_knowedit_wiki_counterfact(shared_data):
     assert case.request.target_true == raw["ground_truth"]
     assert case.rewrite == (Probe(raw["prompt"], "Syria"),)
     assert case.paraphrase == (Probe(raw["rephrase"], "Syria"),)
-    port, loc, alias = _knowedit_counts(raw)
-    assert (len(case.portability), len(case.locality), len(case.subject_alias)) == (port, loc, alias)
-    assert (port, loc, alias) == (11, 10, 4)
+    assert _knowedit_counts(raw) == (11, 10, 4)
     # a list of alias lists: first alias is the target, the rest are kept as aliases
     first = raw["portability"]["Reasoning"][0]
     assert case.portability[0] == Probe(
@@ -129,18 +141,19 @@ def test_knowedit_wiki_counterfact(shared_data):
     assert case.neighborhood == case.relation == case.commonsense == ()
 
 
-def test_knowedit_zsre(shared_data):
-    path = shared_data / "knowedit_zsre_test_all.json"
-    # 28 of its 896 records ask for the answer the model should already give (target_new ==
-    # ground_truth): record-level errors at load time, left out with skip_invalid
+def test_knowedit_zsre():
+    path = FIXTURES / "knowedit_zsre_test_all.json"
+    # record 7 (the public file's first malformed one) asks for the answer the model should already give
+    # (target_new == ground_truth): a record-level error at load time, left out with skip_invalid
     with pytest.raises(
         DataFormatError, match=r"knowedit_zsre_test_all.json\[7\]: field 'target_new': equals"
     ):
         load_cases(path)
     ds = load_cases(path, skip_invalid=True)
     assert ds.format == "knowedit"
-    assert len(ds) == 868 and len(ds.skipped) == 28
-    assert all("equals target_true" in err for err in ds.skipped)
+    assert len(ds) == 7 and len(ds.skipped) == 1
+    assert "equals target_true" in ds.skipped[0]
+    assert [c.source for c in ds.cases] == [f"knowedit_zsre_test_all.json#{i}" for i in range(7)]
     assert ds.sha256 == _sha(path)
 
     raw = _raw(path)[0]
@@ -160,11 +173,11 @@ def test_knowedit_zsre(shared_data):
     assert case.locality[0] == Probe(loc_prompt, "genus", kind="Relation_Specificity")
 
 
-def test_mend_counterfact(shared_data):
-    path = shared_data / "counterfact_mendfmt_edit.json"
+def test_mend_counterfact():
+    path = FIXTURES / "counterfact_mendfmt_edit.json"
     ds = load_cases(path)
     assert ds.format == "mend_counterfact"
-    assert len(ds) == 9842
+    assert len(ds) == 5
     assert ds.sha256 == _sha(path)
 
     case = ds.cases[0]
@@ -178,37 +191,39 @@ def test_mend_counterfact(shared_data):
     )
     assert case.neighborhood == (Probe("Michel Rocard is a native speaker of", "French"),)
     assert case.locality == case.portability == case.relation == ()
-    # case ids come from the file, not from the position
-    raw = _raw(path)
-    assert [c.case_id for c in ds.cases[:50]] == [str(r["case_id"]) for r in raw[:50]]
+    # case ids come from the file, not from the position (the file skips ids 2 and 3)
+    ids = [str(r["case_id"]) for r in _raw(path)]
+    assert [c.case_id for c in ds.cases] == ids != [str(i) for i in range(len(ids))]
 
 
-def test_memit_zsre_invalid_record_raises(shared_data):
-    path = shared_data / "zsre_memit_format_train_1k.json"
+# the MEMIT-format zsRE cut: records 0, 101, 534, 535 and 723 of the public file, as its records 0-4
+MEMIT_ZSRE = "zsre_memit_format_train_1k.json"
+
+
+def test_memit_zsre_invalid_record_raises():
+    path = FIXTURES / MEMIT_ZSRE
     with pytest.raises(DataFormatError) as info:
         load_cases(path)
     msg = str(info.value)
     assert str(path) in msg
-    # the first bad record: its new answer is the old one
-    assert "[101]" in msg and "'alt'" in msg and "equals target_true" in msg
+    # the first bad record (the public file's first, its record 101): its new answer is the old one
+    assert "[1]" in msg and "'alt'" in msg and "equals target_true" in msg
 
 
-def test_memit_zsre_skip_invalid(shared_data):
-    path = shared_data / "zsre_memit_format_train_1k.json"
+def test_memit_zsre_skip_invalid():
+    path = FIXTURES / MEMIT_ZSRE
     ds = load_cases(path, skip_invalid=True)
     assert ds.format == "memit_zsre"
-    assert len(ds) == 981
-    assert len(ds.skipped) == 19
-    # two records without an 'alt', 17 whose 'alt' is the old answer
+    assert len(ds) == 2
+    assert len(ds.skipped) == 3
+    # two records without an 'alt' (the public file's 534 and 723), one whose 'alt' is the old answer
     missing = [err for err in ds.skipped if "equals target_true" not in err]
     assert len(missing) == 2
-    assert "[534]" in missing[0] and "'alt'" in missing[0]
-    assert "[723]" in missing[1] and "'alt'" in missing[1]
+    assert "[2]" in missing[0] and "'alt'" in missing[0]
+    assert "[4]" in missing[1] and "'alt'" in missing[1]
     assert ds.sha256 == _sha(path)
     # the records around the skipped ones keep their own index as source
-    sources = [c.source for c in ds.cases]
-    assert "zsre_memit_format_train_1k.json#534" not in sources
-    assert "zsre_memit_format_train_1k.json#535" in sources
+    assert [c.source for c in ds.cases] == [f"{MEMIT_ZSRE}#0", f"{MEMIT_ZSRE}#3"]
 
     case = ds.cases[0]
     assert case.request == EditRequest(
@@ -220,10 +235,48 @@ def test_memit_zsre_skip_invalid(shared_data):
     )
 
 
-def test_explicit_format_matches_detection(shared_data):
-    path = shared_data / "knowedit_zsre_test_all.json"
+def test_explicit_format_matches_detection():
+    path = FIXTURES / "knowedit_zsre_test_all.json"
     explicit = load_cases(path, format="knowedit", skip_invalid=True)
     assert explicit.cases == load_cases(path, skip_invalid=True).cases
+
+
+# --------------------------------------------------------------------------- the public data sets, whole
+
+# file, format, records, records left out by skip_invalid because their new target equals the true one,
+# records left out because their new target is missing (indices)
+WHOLE_FILES = [
+    ("sadr_merged_counterfact.json", "merged", 1112, 0, []),
+    ("knowedit_wiki_counterfact_test_cf.json", "knowedit", 542, 0, []),
+    ("knowedit_zsre_test_all.json", "knowedit", 896, 28, []),
+    ("counterfact_mendfmt_edit.json", "mend_counterfact", 9842, 0, []),
+    (MEMIT_ZSRE, "memit_zsre", 1000, 17, [534, 723]),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "records", "equal", "missing"), WHOLE_FILES, ids=[row[0] for row in WHOLE_FILES]
+)
+def test_every_record_of_a_whole_file_loads_or_is_left_out(shared_data, name, fmt, records, equal, missing):
+    path = shared_data / name
+    ds = load_cases(path, skip_invalid=True)
+    assert ds.format == fmt and ds.path == str(path) and ds.sha256 == _sha(path)
+    assert len(_raw(path)) == records
+    assert len(ds) + len(ds.skipped) == records and len(ds.skipped) == equal + len(missing)
+    left_out = [int(re.match(rf"{re.escape(str(path))}\[(\d+)\]: ", err)[1]) for err in ds.skipped]
+    assert sum("equals target_true" in err for err in ds.skipped) == equal
+    assert [
+        i for i, err in zip(left_out, ds.skipped, strict=True) if "equals target_true" not in err
+    ] == missing
+    # every case id is unique and every source points at its record
+    assert len({c.case_id for c in ds.cases}) == len(ds)
+    assert [c.source for c in ds.cases] == [f"{name}#{i}" for i in range(records) if i not in left_out]
+    if ds.skipped:  # without skip_invalid the first malformed record is the error
+        with pytest.raises(DataFormatError) as info:
+            load_cases(path)
+        assert str(info.value) == ds.skipped[0]
+    else:
+        assert load_cases(path).cases == ds.cases
 
 
 def test_missing_file_raises():

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import FAMILIES, make_tiny
+from helpers import FAMILIES, FIXTURES, make_tiny
 from typer.testing import CliRunner
 
 import attnedit
@@ -266,13 +266,13 @@ def test_make_editor_builds_memat_and_memat_sadr():
     assert editor.params.layers == load_preset("memit", "smollm2-135m")["params"]["layers"]
 
 
-def test_cross_lingual_memat_edits_in_one_language_corrects_in_another(tiny_tokenizer, corpus, shared_data):
+def test_cross_lingual_memat_edits_in_one_language_corrects_in_another(tiny_tokenizer, corpus):
     """BMIKE-53 records: MEMIT on the English requests, classifiers and corrections on the French prompts
     (French context-template seeds and KL prompt), the suite scored in both languages."""
     from attnedit.evaluation.evaluator import EvalConfig, Evaluator
 
     bundle = make_tiny("llama", tiny_tokenizer)
-    cases = load_cases(shared_data / "bmike53_counterfact_en_fr.json").cases[:6]
+    cases = load_cases(FIXTURES / "bmike53_counterfact_en_fr.json").cases[:6]
     assert {c.language for c in cases} == {"en"} and all("fr" in c.translations for c in cases)
     applied = Memat(_params(corpus, head_language="fr")).apply(bundle, cases)
     info = applied.edit.info["memat"]
@@ -288,15 +288,13 @@ def test_cross_lingual_memat_edits_in_one_language_corrects_in_another(tiny_toke
         Memat(_params(corpus, head_language="de")).apply(bundle, cases)
 
 
-def test_prepare_makes_the_templates_of_both_languages_and_the_statistics(
-    tiny_tokenizer, corpus, shared_data
-):
+def test_prepare_makes_the_templates_of_both_languages_and_the_statistics(tiny_tokenizer, corpus):
     """A Ray run's one-time work for MEMAT with French heads: English and French templates, MEMIT's
     statistics; the edit then adds nothing to those caches."""
     from attnedit.editing import covariance, templates
 
     bundle = make_tiny("llama", tiny_tokenizer)
-    cases = load_cases(shared_data / "bmike53_counterfact_en_fr.json").cases[:4]
+    cases = load_cases(FIXTURES / "bmike53_counterfact_en_fr.json").cases[:4]
     editor = Memat(_params(corpus, head_language="fr"))
     editor.prepare(bundle, cases)
     done = set(templates.cache_entries(bundle)), set(covariance.cache_entries(bundle))

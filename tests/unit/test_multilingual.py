@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from helpers import FIXTURES
 from typer.testing import CliRunner
 
 from attnedit.cli.main import app
@@ -64,17 +65,20 @@ def _write(tmp_path: Path, records: list[dict], name: str = "bmike.json") -> Pat
     return path
 
 
-# --------------------------------------------------------------------------- the shared files
+# --------------------------------------------------------------------------- the public files
+# tests/fixtures holds records 0-5 and 620 of the English-French file (tests/fixtures/README.md)
+FRENCH = FIXTURES / "bmike53_counterfact_en_fr.json"
 
 
-@pytest.mark.parametrize("lang", LANGUAGES)
-def test_each_shared_file_loads_with_its_translations(shared_data, lang):
-    path = shared_data / f"bmike53_counterfact_en_{lang}.json"
+def _check_translations(path: Path, lang: str) -> tuple[list[dict], list[str]]:
+    """Load ``path`` (English and ``lang``) and check every case against its record; returns the records
+    and a direct recount of the case ids whose translated question does not hold the subject (whatever its
+    case), which the loader's ``subject_missing`` must list."""
     raw = json.loads(path.read_text())
     data = load_cases(path)
     assert data.format == BMIKE53 and data.language == "en" and not data.skipped
     assert data.question_template == DEFAULT_QUESTION_TEMPLATE
-    assert len(data) == len(raw) == 820
+    assert len(data) == len(raw)
     for case, record in zip(data.cases, raw, strict=True):
         assert case.case_id == str(record["en"]["case_id"]) == str(record[lang]["case_id"])
         assert case.language == "en" and case.languages == ("en", lang)
@@ -85,24 +89,36 @@ def test_each_shared_file_loads_with_its_translations(shared_data, lang):
         assert other.request.target_true == record[lang]["old"]
         # the edit language's subject is in its prompt (as the prompt spells it)
         assert case.request.subject in case.request.prompt
-    # a direct recount: the translated question does not hold the subject, whatever its case
     recount = [
         str(r[lang]["case_id"]) for r in raw if r[lang]["subject"].lower() not in r[lang]["src"].lower()
     ]
     assert data.subject_missing == {lang: recount}
+    return raw, recount
+
+
+@pytest.mark.parametrize("lang", LANGUAGES)
+def test_each_whole_file_loads_with_its_translations(shared_data, lang):
+    raw, recount = _check_translations(shared_data / f"bmike53_counterfact_en_{lang}.json", lang)
+    assert len(raw) == 820
     assert 0 < len(recount) < 820 * 0.1
 
 
-def test_a_subject_capitalised_differently_takes_the_prompts_spelling(shared_data):
+def test_the_french_records_load_with_their_translations():
+    raw, recount = _check_translations(FRENCH, "fr")
+    # record 4 only: its French subject is 'Jammu and Kashmir', its French question says 'Jammu et Kashmir'
+    assert recount == [str(raw[4]["fr"]["case_id"])]
+
+
+def test_a_subject_capitalised_differently_takes_the_prompts_spelling():
     """BMIKE-53 writes 'The U-Men' as the subject of 'In which city was the U-Men founded?'."""
-    data = load_cases(shared_data / "bmike53_counterfact_en_fr.json", question_template="{}")
+    data = load_cases(FRENCH, question_template="{}")
     case = next(c for c in data.cases if c.case_id == "3477")
     assert case.request.subject == "the U-Men"
     assert case.request.prompt == "In which city was the U-Men founded?"
 
 
-def test_the_edit_language_setting(shared_data):
-    path = shared_data / "bmike53_counterfact_en_fr.json"
+def test_the_edit_language_setting():
+    path = FRENCH
     with pytest.raises(DataFormatError, match=r"\[4\]: field 'fr\.src'"):
         load_cases(path, language="fr")  # a French question without its subject cannot be edited
     data = load_cases(path, language="fr", skip_invalid=True)
@@ -111,7 +127,7 @@ def test_the_edit_language_setting(shared_data):
     # exactly the records whose French question lacks the subject are left out (and listed)
     assert len(data.skipped) == len(english.subject_missing["fr"]) > 0
     assert all("field 'fr.src'" in err for err in data.skipped)
-    assert len(data) + len(data.skipped) == 820
+    assert len(data) + len(data.skipped) == len(english) == len(json.loads(path.read_text()))
     by_id = {c.case_id: c for c in english.cases}
     for case in data.cases:
         assert case.language == "fr" and case.languages == ("fr", "en")
@@ -121,8 +137,8 @@ def test_the_edit_language_setting(shared_data):
     assert data.subject_missing == {"en": []}
 
 
-def test_bad_settings_are_refused(shared_data, tmp_path):
-    path = shared_data / "bmike53_counterfact_en_fr.json"
+def test_bad_settings_are_refused():
+    path = FRENCH
     with pytest.raises(ValueError, match=r"'de'.*en, fr"):
         load_cases(path, language="de")
     with pytest.raises(ValueError, match=r"exactly one \{\}"):
