@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import transformers as T
 from data_sets import DATA_SETS
-from helpers import CORPUS, FAMILIES, SHARED_DATA, make_tiny, make_tokenizer, torch_threads
+from helpers import CORPUS, FAMILIES, make_tiny, make_tokenizer, torch_threads
 
 from attnedit.core.datasets import DataSetError, dataset_path
 from attnedit.core.models import ModelBundle
@@ -24,13 +24,6 @@ def tiny_tokenizer() -> T.PreTrainedTokenizerFast:
 @pytest.fixture(params=FAMILIES)
 def tiny(request, tiny_tokenizer) -> ModelBundle:
     return make_tiny(request.param, tiny_tokenizer)
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"../shared/data not found at {SHARED_DATA}: the tests read the shared data sets")
-    return SHARED_DATA
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,6 @@ from attnedit.core.scoring import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 """The repository root."""
-SHARED_DATA = ROOT.parent / "shared" / "data"
 FIXTURES = ROOT / "tests" / "fixtures"
 """Small cuts of the public data sets the tests read (``tests/fixtures/README.md`` says what each holds)."""
 CORPUS = [

@@ -243,34 +243,31 @@ def test_explicit_format_matches_detection():
 
 # --------------------------------------------------------------------------- the public data sets, whole
 
-# file, format, records, records left out by skip_invalid because their new target equals the true one,
-# records left out because their new target is missing (indices)
+# registered data set, format (each file's counts are read from the file itself: a local copy in
+# ATTNEDIT_DATA and the upstream file differ in their records)
 WHOLE_FILES = [
-    ("sadr_merged_counterfact.json", "merged", 1112, 0, []),
-    ("knowedit_wiki_counterfact_test_cf.json", "knowedit", 542, 0, []),
-    ("knowedit_zsre_test_all.json", "knowedit", 896, 28, []),
-    ("counterfact_mendfmt_edit.json", "mend_counterfact", 9842, 0, []),
-    (MEMIT_ZSRE, "memit_zsre", 1000, 17, [534, 723]),
+    ("sadr-counterfact", "merged"),
+    ("knowedit-counterfact", "knowedit"),
+    ("knowedit-zsre", "knowedit"),
+    ("counterfact-mend", "mend_counterfact"),
+    ("zsre-train-1k", "memit_zsre"),
 ]
 
 
-@pytest.mark.parametrize(
-    ("name", "fmt", "records", "equal", "missing"), WHOLE_FILES, ids=[row[0] for row in WHOLE_FILES]
-)
-def test_every_record_of_a_whole_file_loads_or_is_left_out(shared_data, name, fmt, records, equal, missing):
-    path = shared_data / name
-    ds = load_cases(path, skip_invalid=True)
+@pytest.mark.parametrize(("name", "fmt"), WHOLE_FILES, ids=[row[0] for row in WHOLE_FILES])
+def test_every_record_of_a_whole_file_loads_or_is_left_out(data_file, name, fmt):
+    path = data_file(name)
+    ds = load_cases(name, skip_invalid=True)  # by name: the same file
     assert ds.format == fmt and ds.path == str(path) and ds.sha256 == _sha(path)
-    assert len(_raw(path)) == records
-    assert len(ds) + len(ds.skipped) == records and len(ds.skipped) == equal + len(missing)
-    left_out = [int(re.match(rf"{re.escape(str(path))}\[(\d+)\]: ", err)[1]) for err in ds.skipped]
-    assert sum("equals target_true" in err for err in ds.skipped) == equal
-    assert [
-        i for i, err in zip(left_out, ds.skipped, strict=True) if "equals target_true" not in err
-    ] == missing
+    records = len(_raw(path))
+    assert len(ds) + len(ds.skipped) == records and len(ds) > 0.9 * records
+    # every record left out names its index and field, and says why
+    left_out = [
+        int(re.match(rf"{re.escape(str(path))}\[(\d+)\]: field '[^']+'", err)[1]) for err in ds.skipped
+    ]
     # every case id is unique and every source points at its record
     assert len({c.case_id for c in ds.cases}) == len(ds)
-    assert [c.source for c in ds.cases] == [f"{name}#{i}" for i in range(records) if i not in left_out]
+    assert [c.source for c in ds.cases] == [f"{path.name}#{i}" for i in range(records) if i not in left_out]
     if ds.skipped:  # without skip_invalid the first malformed record is the error
         with pytest.raises(DataFormatError) as info:
             load_cases(path)
