@@ -247,7 +247,10 @@ def test_without_ray_one_line_says_how_to_install_it(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert done.stderr.strip() == "error: --backend ray needs Ray: pip install attnedit[ray]"
+    assert (
+        done.stderr.strip()
+        == "error: --backend ray needs ray, which is not installed: pip install 'attnedit[ray]'"
+    )
     assert not (tmp_path / "o" / RESULTS).exists()
 
 

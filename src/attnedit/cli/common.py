@@ -20,6 +20,7 @@ import click
 import typer
 
 from attnedit.core.data import DEFAULT_QUESTION_TEMPLATE, SAMPLE_DATA
+from attnedit.core.extras import MissingExtraError, require_extra
 
 if TYPE_CHECKING:
     from attnedit.runs.executors import RayOptions
@@ -94,7 +95,7 @@ SadrReduction = Annotated[
 Backend = Annotated[
     str,
     typer.Option(
-        help="local (this process) | ray (Ray actors; needs the extra: pip install attnedit\\[ray])"
+        help="local (this process) | ray (Ray actors; needs the extra: pip install 'attnedit\\[ray]')"
     ),
 ]
 Workers = Annotated[int, typer.Option(help="--backend ray: actors, each loading the model once")]
@@ -162,8 +163,9 @@ def method_choice(
     sadr_layers: str | None,
     sadr_reduction: str | None,
 ) -> MethodChoice:
-    """The ``MethodChoice`` of the flags (``method_flags``): the method parsed once, here, and the
-    ``--param`` pairs split between its fields and SADR's (``api.parse_method``, ``Method.split``)."""
+    """The ``MethodChoice`` of the flags (``method_flags``): the method parsed once, here, its optional
+    extras checked (``MethodSpec.check_requirements``: a ``MissingExtraError`` before the model loads), and
+    the ``--param`` pairs split between its fields and SADR's (``api.parse_method``, ``Method.split``)."""
     from attnedit.api import parse_method
 
     if sadr and not method.endswith("+sadr"):
@@ -172,6 +174,7 @@ def method_choice(
         choice = parse_method(method)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--method") from None
+    choice.spec.check_requirements()  # a missing extra (memat: scikit-learn): one line, before any model
     params, settings = choice.split(parse_overrides(param))
     flags = {"gamma": gamma, "heads": sadr_heads, "layers": sadr_layers, "prompt_reduction": sadr_reduction}
     for key, value in flags.items():
@@ -221,8 +224,8 @@ def ray_options(
     max_retries: int,
 ) -> RayOptions | None:
     """The Ray settings of ``--backend ray`` (None for ``local``); without Ray installed, one line saying
-    how to install it (exit 2), before any work."""
-    from attnedit.runs.executors import BACKENDS, RayMissingError, RayOptions, require_ray
+    how to install it (``RayMissingError``, a ``MissingExtraError``: exit 2), before any work."""
+    from attnedit.runs.executors import BACKENDS, RayOptions, require_ray
 
     if backend not in BACKENDS:
         raise typer.BadParameter(
@@ -230,11 +233,7 @@ def ray_options(
         )
     if backend == "local":
         return None
-    try:
-        require_ray()
-    except RayMissingError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
+    require_ray()
     return RayOptions(workers, address, cpus_per_worker, gpus_per_worker, max_retries)
 
 
@@ -258,8 +257,9 @@ BUG_REPORT = (
 
 
 def _is_user_error(err: BaseException) -> bool:
-    """Errors of ours that name what the user must fix (bad input, flag, file, preset, model...)."""
-    if isinstance(err, ValueError | OSError):  # PresetError, DataFormatError, EditRequestError, ...
+    """Errors of ours that name what the user must fix (bad input, flag, file, preset, model, a missing
+    optional extra...)."""
+    if isinstance(err, ValueError | OSError | MissingExtraError):  # PresetError, DataFormatError, ...
         return True
     # these live in layers that import torch: import them only once such an error is in hand
     from attnedit.core.models import ModelLoadError
@@ -309,6 +309,12 @@ def error_boundary(command: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(1) from None
 
     return guarded
+
+
+def require_serve() -> None:
+    """``attnedit serve`` needs the ``serve`` extra (FastAPI, uvicorn): without it, one line saying how to
+    install it (``MissingExtraError``, exit 2), before the model loads."""
+    require_extra("serve", "attnedit serve")
 
 
 def check_limit(limit: int | None, first: int = 0) -> None:

@@ -33,6 +33,7 @@ from attnedit.cli.common import (
     error_boundary,
     parse_overrides,
     ray_backend,
+    require_serve,
     setup_logging,
 )
 from attnedit.cli.data import app as data_app
@@ -337,7 +338,9 @@ def stats_command(
 
     from attnedit.api import editor, load_model, parse_method, statistics
 
-    base = parse_method(method).spec.name  # SADR needs no statistics of its own; checked before loading
+    spec = parse_method(method).spec  # checked before loading, its extras too
+    spec.check_requirements()
+    base = spec.name  # SADR needs no statistics of its own
     bundle = load_model(model)
     settings: dict[str, Any] = parse_overrides(param)  # keyword settings of the method (text values)
     built = editor(bundle, base, preset=preset, **settings)
@@ -418,13 +421,11 @@ def serve_command(
     verbose: Verbose = False,
 ) -> None:
     """Serve the edit inspector: edit a fact in the loaded model and see its answers and attention drift."""
-    try:
-        import uvicorn
+    require_serve()  # without the serve extra: one line saying what to install
+    import uvicorn
 
-        from attnedit.serve.app import create_app
-    except ImportError as err:
-        typer.echo(f"error: attnedit serve needs {err.name}: pip install attnedit[serve]", err=True)
-        raise SystemExit(2) from None  # past the error boundary, which would call this a bug
+    from attnedit.serve.app import create_app
+
     if runs is not None and not runs.is_dir():
         raise typer.BadParameter(f"{runs} is not a directory", param_hint="--runs")
     if not _is_loopback(host):

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from attnedit.core.extras import missing_extra_error
 from attnedit.core.interventions import head_outputs
 from attnedit.core.models import ModelBundle
 from attnedit.core.scoring import check_length, length_batches, pad_batch
@@ -128,10 +129,8 @@ def rank_heads(
     try:
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.linear_model import LogisticRegression
-    except ImportError:
-        raise ImportError(
-            "MEMAT's head classifiers need scikit-learn: pip install 'attnedit[memat]'"
-        ) from None
+    except ImportError:  # an editor built without make_editor, which checks MEMAT's extra first
+        raise missing_extra_error("memat", "method 'memat'") from None
 
     unique = np.unique(records)
     train_rec, val_rec = split_records(len(unique), train_share, seed)

@@ -55,7 +55,9 @@ def make_editor(
     ``PresetError``, never another model's preset. ``overrides``: fields of the method's parameters
     (``steps``, ``layers``...; strings are parsed). ``sadr``: for ``X+sadr`` methods, the regulariser's
     settings: a ``SadrSettings``, or some of its fields over the preset's ``sadr`` block
-    (``{"gamma": 0.1, "layers": (20, 29)}``; see ``sadr.sadr_settings``).
+    (``{"gamma": 0.1, "layers": (20, 29)}``; see ``sadr.sadr_settings``). A method whose optional extra
+    is not installed (MEMAT without scikit-learn) is a ``core.extras.MissingExtraError`` naming the
+    ``pip install`` to run.
     """
     if isinstance(model, ModelBundle):
         model_name = model.name
@@ -67,6 +69,7 @@ def make_editor(
         )
     choice = parse_method(method)
     spec = choice.spec
+    spec.check_requirements()  # a missing optional extra: one line saying what to install
     params = dict(overrides or {})
     if sadr and not choice.sadr:
         raise choice.sadr_refused(list(sadr) if isinstance(sadr, Mapping) else ["SadrSettings"])

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from attnedit.core.data import EditCase
 from attnedit.core.deltas import AppliedEdit
+from attnedit.core.extras import EXTRAS, require_extra
 from attnedit.core.models import ModelBundle
 from attnedit.editing.presets import (
     Params,
@@ -61,9 +62,10 @@ class Editor(Protocol):
 @dataclass(frozen=True)
 class MethodSpec:
     """One editing method: its name, a one-line summary, its parameter model (None: takes none), the
-    preset directory it reads (default: its name; MEMAT reads MEMIT's), whether ``NAME+sadr`` exists, and
+    preset directory it reads (default: its name; MEMAT reads MEMIT's), whether ``NAME+sadr`` exists,
     ``build(params, terms)`` -> its editor (an editor dataclass whose first fields are ``params`` and
-    ``terms`` is such a callable itself: ``build=Rome``)."""
+    ``terms`` is such a callable itself: ``build=Rome``), and the optional extras of attnedit it needs
+    (``requires``: names in ``core.extras.EXTRAS``; MEMAT: ``("memat",)``, for scikit-learn)."""
 
     name: str
     summary: str
@@ -71,10 +73,18 @@ class MethodSpec:
     params: type[Params] | None = None
     presets: str | None = None
     sadr: bool = True
+    requires: tuple[str, ...] = ()
 
     @property
     def preset_directory(self) -> str:
         return self.presets or self.name
+
+    def check_requirements(self) -> None:
+        """Raise ``core.extras.MissingExtraError`` (one line: the ``pip install`` to run) when an extra in
+        ``requires`` is not installed. Checked wherever a method is resolved for use: the command line's
+        ``--method`` (before the model loads) and ``make_editor`` (so ``attnedit.editor``/``edit``)."""
+        for extra in self.requires:
+            require_extra(extra, f"method {self.name!r}")
 
     def load_preset(self, model_name: str, preset: str | None = None) -> dict[str, Any]:
         """The preset for ``model_name`` (or the named / JSON-file ``preset``); ``PresetError`` if none."""
@@ -103,6 +113,11 @@ def register(spec: MethodSpec) -> MethodSpec:
     """Add ``spec`` to the registry (a method module calls this once); a name is registered once."""
     if not spec.name or "+" in spec.name or spec.name.startswith(SADR_PREFIX):
         raise ValueError(f"method name {spec.name!r}: expected a plain name (no '+', not 'sadr_...')")
+    unknown = [extra for extra in spec.requires if extra not in EXTRAS]
+    if unknown:
+        raise ValueError(
+            f"method {spec.name!r}: requires={unknown}: not extras of attnedit ({', '.join(EXTRAS)})"
+        )
     known = _REGISTRY.get(spec.name)
     if known is not None and known != spec:
         raise ValueError(f"method {spec.name!r} is registered already")

@@ -20,7 +20,7 @@ Faults: a unit whose actor dies (process killed, out of memory) is given to a ne
 is replaced as often; when every try died, ``PrepareFailedError`` stops the run before any unit. An error
 raised by the unit's own code (bad input, a non-finite loss) stops the run as it would locally.
 
-Ray is optional (``pip install attnedit[ray]``); this module imports it only when a run asks for it.
+Ray is optional (``pip install 'attnedit[ray]'``); this module imports it only when a run asks for it.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypedDict, TypeVar
+
+from attnedit.core.extras import MissingExtraError, missing_extra_error, missing_modules
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -44,7 +46,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("local", "ray")
-INSTALL_HINT = "--backend ray needs Ray: pip install attnedit[ray]"
+RAY_EXTRA = "ray"  # the optional extra of pyproject.toml that installs Ray (core.extras.EXTRAS)
 
 U = TypeVar("U")  # a work unit
 T = TypeVar("T")  # what computing a unit gives the driver
@@ -52,7 +54,7 @@ U_contra = TypeVar("U_contra", contravariant=True)
 T_co = TypeVar("T_co", covariant=True)
 
 
-class RayMissingError(ImportError):
+class RayMissingError(MissingExtraError):
     """``--backend ray`` without Ray installed."""
 
 
@@ -65,11 +67,18 @@ class PrepareFailedError(UnitsFailedError):
 
 
 def require_ray() -> ModuleType:
-    """The ``ray`` module, or ``RayMissingError`` saying how to install it."""
+    """The ``ray`` module, or ``RayMissingError``: one line saying how to install it (the message of every
+    missing extra, ``core.extras``)."""
+    missing = missing_modules(RAY_EXTRA)
+    if missing:
+        raise RayMissingError(str(missing_extra_error(RAY_EXTRA, "--backend ray", missing)))
     try:
         import ray
-    except ImportError:
-        raise RayMissingError(INSTALL_HINT) from None
+    except ImportError as err:  # found, but it does not import: a broken installation
+        raise RayMissingError(
+            f"--backend ray: ray is installed but does not import ({err}); reinstall it: "
+            "pip install --force-reinstall ray"
+        ) from None
     return ray
 
 

@@ -42,6 +42,7 @@ from attnedit.api import (
 from attnedit.api import editor as method_editor
 from attnedit.core.data import Probe
 from attnedit.core.deltas import model_hash
+from attnedit.core.extras import MissingExtraError
 from attnedit.core.interventions import row_deltas
 from attnedit.core.tokens import SubjectNotFoundError, encode_prompt, fill_prompt, locate_subject
 from attnedit.editing.adam import on_step
@@ -134,6 +135,8 @@ def build_editor(bundle: ModelBundle, method: str, params: dict[str, Any]) -> Ed
         return method_editor(bundle, choice, **params)
     except (ValueError, TypeError) as err:  # PresetError is a ValueError: a bad field or no preset
         raise InputError("params", str(err)) from None
+    except MissingExtraError as err:  # MEMAT without scikit-learn on the server: what to install there
+        raise InputError("method", str(err)) from None
 
 
 def _clean(name: str, text: Any, required: bool = True) -> str:

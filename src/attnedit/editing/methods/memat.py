@@ -264,5 +264,6 @@ SPEC = register(
         params=MematParams,
         build=Memat,
         presets="memit",
+        requires=("memat",),  # scikit-learn, for the head classifiers
     )
 )
