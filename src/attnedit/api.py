@@ -14,6 +14,9 @@ An edit is an ``AppliedEdit``: its ``.edit`` is the saveable ``WeightEdit``; ``r
 weights bit for bit; as a context manager it reverts on exit (exceptions included) unless ``keep()`` was
 called (or ``keep=True`` given), which is how edits accumulate in sequential editing.
 
+``export(model, edit_files, DIR)`` writes a model with saved edits applied as a standard Hugging Face
+checkpoint, which plain ``transformers`` loads.
+
 ``with target_cache(DIR):`` (``editing.target_cache.target_cache``) keeps every finished group of a target
 optimisation in DIR and reuses it for edits with the same targets (an interrupted batch edit again,
 IntAttn-Edit after MEMIT on the same requests), around the unedited model.
@@ -42,6 +45,8 @@ from attnedit.editing.spec import parse_method as _parse_method
 from attnedit.editing.target_cache import target_cache  # noqa: F401 (public: attnedit.target_cache)
 from attnedit.evaluation.evaluator import EvalConfig, Evaluator
 from attnedit.evaluation.records import CaseRecord, Reference
+from attnedit.runs.export import Exported
+from attnedit.runs.export import export as _export
 
 if TYPE_CHECKING:
     import torch
@@ -243,3 +248,27 @@ def evaluate(
     if ppl_corpus is not None:
         texts = _load_texts(corpus_path(ppl_corpus))
     return Evaluator(bundle, EvalConfig(fluency=fluency, ppl_texts=texts, **config)).evaluate(case, reference)
+
+
+def export(
+    model: str, edits: str | Path | Sequence[str | Path], out: str | Path, *, overwrite: bool = False
+) -> Exported:
+    """Write ``model`` with the saved ``edits`` applied in order as a standard Hugging Face checkpoint in
+    the directory ``out``, which ``transformers.AutoModelForCausalLM.from_pretrained(out)`` loads.
+
+    ``model``: as ``load_model`` takes it (loaded on the CPU in the dtype the edits were computed in).
+    ``edits``: files saved by ``WeightEdit.save`` (``attnedit edit --save``, ``attnedit eval --save-edits``),
+    applied in this order, each checked against the weights the ones before it left. Written: the
+    weights (safetensors), ``config.json``, ``generation_config.json``, the tokenizer, a model card
+    ``README.md`` (base model and fingerprint, every edit's requests, method, settings, file sha256 and,
+    for an edit kept by an evaluation run, its scores) and ``attnedit_export.json``.
+
+    Biases an edit created (MEMAT) are written where plain transformers loads them: Llama gets
+    ``attention_bias=True`` with zero biases elsewhere; Qwen2 and Mistral are saved as ``LlamaForCausalLM``
+    (exact, but a sliding window is dropped: the card says so); GPT-J's are folded into the MLP output
+    bias (equal up to float rounding). An edit of another model (another fingerprint) is refused, as is an
+    existing non-empty ``out`` unless ``overwrite``; ``out`` is written under a temporary name and renamed,
+    so it is never left half-written. Returns what was written (``runs.export.Exported``).
+    """
+    paths = [edits] if isinstance(edits, str | Path) else list(edits)
+    return _export(model, paths, out, overwrite=overwrite)

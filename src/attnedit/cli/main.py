@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -39,6 +39,9 @@ from attnedit.cli.common import (
 from attnedit.cli.data import app as data_app
 from attnedit.core.data import SAMPLE_DATA
 from attnedit.runs.executors import RayOptions
+
+if TYPE_CHECKING:
+    from attnedit.runs.export import Exported
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Attention-aware knowledge editing of LLMs."
@@ -216,12 +219,22 @@ def edit_command(
     save: Annotated[Path, typer.Option(help="where to save the edit (safetensors)")] = Path(
         "edit.safetensors"
     ),
+    export_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--export",
+            help="also write the edited model as a Hugging Face checkpoint in this new directory "
+            "(as 'attnedit export' does; the card shows the answers printed)",
+        ),
+    ] = None,
     threads: Threads = None,
     verbose: Verbose = False,
 ) -> None:
-    """Edit one fact; print the model's answers before and after; save the edit."""
+    """Edit one fact; print the model's answers before and after; save the edit (and --export the model)."""
     check_model_flags(device, dtype)
     check_writable_file(save, "--save")  # before the edit is computed, not after
+    if export_dir is not None:
+        _check_export_dir(export_dir, "--export", "choose another --export directory or remove it")
     setup_logging(verbose, threads)
     from attnedit.evaluation.answers import answers_table
     from attnedit.runs.single import edit_case_from_args, run_single_edit
@@ -235,6 +248,62 @@ def edit_command(
     typer.echo(answers_table(probes, before, after))
     path = edit.save(save)
     typer.echo(f"\nedit saved to {path} ({', '.join(edit.deltas)})")
+    if export_dir is not None:
+        from attnedit.runs.export import answer_scores, export
+
+        written = export(model, [path], export_dir, scores=[answer_scores(probes, before, after)])
+        typer.echo(_exported_line(written))
+
+
+def _check_export_dir(out: Path, flag: str, remedy: str, overwrite: bool = False) -> None:
+    """The checkpoint directory of ``flag`` can be written (``runs.export.check_output``; its parent made
+    and probed), before the model loads; ``remedy``: what to do about a non-empty one."""
+    from attnedit.runs.export import ExportError, check_output
+
+    try:
+        check_output(out, overwrite, remedy)
+    except ExportError as err:
+        raise ValueError(f"{flag}: {err}") from None
+    check_writable_dir(out.parent, flag)
+
+
+def _exported_line(written: Exported) -> str:
+    """What ``export`` wrote, in one line plus its notes (a ``runs.export.Exported``)."""
+    lines = [
+        f"{written.path}: {written.model} with {len(written.edits)} edit(s) as {written.architecture} "
+        f"(README.md has the model card); load it with "
+        f"transformers.AutoModelForCausalLM.from_pretrained({str(written.path)!r})"
+    ]
+    lines += [f"note: {note}" for note in [*written.notes, *written.caveats]]
+    return "\n".join(lines)
+
+
+@app.command("export")
+@error_boundary
+def export_command(
+    edits: Annotated[
+        list[Path],
+        typer.Argument(help="saved edit files (edit --save, eval --save-edits), applied in this order"),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="the checkpoint directory to write")],
+    model: Model = "smollm2-135m",
+    force: Annotated[
+        bool, typer.Option("--force", help="replace --out when it exists and is not empty")
+    ] = False,
+    threads: Threads = None,
+    verbose: Verbose = False,
+) -> None:
+    """Write MODEL with the saved EDIT files applied in order as a standard Hugging Face checkpoint
+    (safetensors, config, generation config, tokenizer, a model card) that plain transformers loads."""
+    for path in edits:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such edit file")
+    _check_export_dir(out, "--out", "choose another --out or pass --force to replace it", force)
+    setup_logging(verbose, threads)
+    from attnedit.api import export
+
+    # export verifies every edit file before it loads the model
+    typer.echo(_exported_line(export(model, edits, out, overwrite=force)))
 
 
 @app.command("inspect")

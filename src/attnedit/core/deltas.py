@@ -12,6 +12,10 @@ metadata can change (or be swapped between files) unnoticed. ``load`` verifies b
 non-finite deltas (``EditIntegrityError``, naming the file). Files saved before the digests existed
 still load; only their finiteness is checked.
 
+The metadata names the model the edit was computed on: its fingerprint (``ModelBundle.fingerprint``) and,
+in files saved since it was added, its name as it was loaded (``model_name``; empty in older files, whose
+digest does not cover it, so they still verify).
+
 An edit may also CREATE a parameter: the bias of an ``nn.Linear`` module built without one
 (Llama, Qwen2 and GPT-J attention output projections, where MEMAT folds its corrections). Its base hash
 is ``ABSENT``; applying creates it (zeros plus the delta, in the module weight's dtype and device) and
@@ -45,7 +49,12 @@ ABSENT = "absent"  # the base hash of a parameter the edit creates: the model mu
 
 
 class EditMismatchError(ValueError):
-    """The model's weights are not the ones the edit was computed on."""
+    """The model's weights are not the ones the edit was computed on. ``problem`` is the message without
+    the hint that may follow it (``pass check=False ...``), for callers that offer no such choice."""
+
+    def __init__(self, problem: str, hint: str = ""):
+        super().__init__(problem + hint)
+        self.problem = problem
 
 
 class EditIntegrityError(ValueError):
@@ -96,6 +105,7 @@ class EditMeta(TypedDict):
     hyperparameters: JSONObject
     requests: list[EditRequest]
     model_fingerprint: NotRequired[str]
+    model_name: NotRequired[str]
     info: NotRequired[JSONObject]
 
 
@@ -111,6 +121,12 @@ class WeightEdit:
     base_hashes: dict[str, str]
     model_fingerprint: str = ""
     info: JSONObject = field(default_factory=dict)  # optimisation steps, losses...
+    model_name: str = ""  # the model's name as loaded (``ModelBundle.name``); "" in files saved before it
+
+    def model_label(self) -> str:
+        """The model this edit was computed on, for messages: its name and fingerprint as far as known."""
+        name = repr(self.model_name) if self.model_name else "a model"
+        return f"{name} (fingerprint {self.model_fingerprint or 'not recorded'})"
 
     @property
     def created(self) -> list[str]:
@@ -133,8 +149,9 @@ class WeightEdit:
                 shape = (new[name].out_features,)
             elif name in creates and check:
                 raise EditMismatchError(
-                    f"{name} exists in this model, but this edit creates it (model fingerprint "
-                    f"{self.model_fingerprint!r}); pass check=False to add the delta to it"
+                    f"{name} exists in this model, but this edit creates it (the edit of "
+                    f"{self.model_label()})",
+                    "; pass check=False to add the delta to it",
                 )
             else:
                 shape = tuple(params[name].shape)
@@ -142,8 +159,9 @@ class WeightEdit:
                 raise EditMismatchError(f"{name}: delta shape {tuple(delta.shape)} != {shape}")
             if check and name not in creates and tensor_hash(params[name]) != self.base_hashes.get(name):
                 raise EditMismatchError(
-                    f"{name} differs from the weights this edit was computed on "
-                    f"(model fingerprint {self.model_fingerprint!r}); pass check=False to add it anyway"
+                    f"{name} differs from the weights this edit was computed on (those of "
+                    f"{self.model_label()})",
+                    "; pass check=False to add it anyway",
                 )
         applied = AppliedEdit(self)
         with torch.no_grad():
@@ -170,6 +188,8 @@ class WeightEdit:
             "info": json.dumps(self.info),
             "delta_hashes": json.dumps({k: tensor_hash(v) for k, v in tensors.items()}),
         }
+        if self.model_name:  # only then: an edit without a name saves the metadata it always did
+            metadata["model_name"] = self.model_name
         metadata["digest"] = _metadata_digest(metadata)
         return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata))
 
@@ -195,6 +215,7 @@ class WeightEdit:
                 base_hashes=json.loads(meta["base_hashes"]),
                 model_fingerprint=meta.get("model_fingerprint", ""),
                 info=json.loads(meta.get("info", "{}")),
+                model_name=meta.get("model_name", ""),
             )
         except (KeyError, TypeError, ValueError) as err:  # only an old, undigested file gets here
             raise EditIntegrityError(f"{path}: damaged edit metadata ({err!r})") from err

@@ -147,6 +147,7 @@ def edit_metadata(
         "hyperparameters": editor.hyperparameters(),
         "requests": requests,
         "model_fingerprint": bundle.fingerprint,
+        "model_name": bundle.name,
         "info": info,
     }
 

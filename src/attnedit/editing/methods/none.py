@@ -34,6 +34,7 @@ class NoEdit:
             requests=[case.request for case in cases],
             base_hashes={},
             model_fingerprint=bundle.fingerprint,
+            model_name=bundle.name,
         )
         return edit.apply(bundle.model)
 
