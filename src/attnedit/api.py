@@ -17,6 +17,9 @@ called (or ``keep=True`` given), which is how edits accumulate in sequential edi
 ``export(model, edit_files, DIR)`` writes a model with saved edits applied as a standard Hugging Face
 checkpoint, which plain ``transformers`` loads.
 
+``data_sets()`` lists the data sets known by name and ``fetch_data(NAME, ...)`` downloads them ahead of
+use (``load_cases(NAME)`` does too, on first use).
+
 ``with target_cache(DIR):`` (``editing.target_cache.target_cache``) keeps every finished group of a target
 optimisation in DIR and reuses it for edits with the same targets (an interrupted batch edit again,
 IntAttn-Edit after MEMIT on the same requests), around the unedited model.
@@ -32,7 +35,9 @@ from typing import TYPE_CHECKING, Any
 from attnedit.core.data import SAMPLE_DATA, EditCase, EditRequest, corpus_path
 from attnedit.core.data import load_cases as _load_dataset
 from attnedit.core.data import load_texts as _load_texts
+from attnedit.core.datasets import DATASETS, DataSet, dataset_files, get_dataset
 from attnedit.core.deltas import AppliedEdit, WeightEdit  # noqa: F401 (public: attnedit.WeightEdit)
+from attnedit.core.extras import MissingExtraError  # noqa: F401 (public: attnedit.MissingExtraError)
 from attnedit.core.models import ModelBundle, bundle_from_model
 from attnedit.core.models import load_model as _load_model
 from attnedit.core.scoring import generate
@@ -140,13 +145,30 @@ def load_cases(
     language: str | None = None,
     question_template: str | None = None,
 ) -> list[EditCase]:
-    """The edit cases of a data file, each with its probe sets (``"sample"``: the shipped sample set).
+    """The edit cases of a data set, each with its probe sets: a registered name (``"counterfact"``,
+    ``"zsre"``, ...: ``data_sets()``; found in ``$ATTNEDIT_DATA`` folders or the cache, else downloaded),
+    a path to a data file, or ``"sample"``, the shipped sample set.
 
-    Formats are detected: the SADR merged CounterFact file, KnowEdit, MEND-format CounterFact, MEMIT zsRE,
-    BMIKE-53 CounterFact. Multilingual (BMIKE-53) data only: ``language`` is the edit language (default
-    ``"en"``; each case's ``translations`` hold the other), ``question_template`` wraps every prompt.
+    Formats are detected: ROME/MEMIT CounterFact, the SADR merged CounterFact file, KnowEdit, MEND-format
+    CounterFact, MEMIT zsRE, BMIKE-53 CounterFact. Multilingual (BMIKE-53) data only: ``language`` is the
+    edit language (default ``"en"``; each case's ``translations`` hold the other), ``question_template``
+    wraps every prompt.
     """
     return _load_dataset(source, data_format, language=language, question_template=question_template).cases
+
+
+def data_sets() -> list[DataSet]:
+    """Every data set known by name: its source, license, format, records, and pinned files (name, size,
+    sha256, addresses)."""
+    return list(DATASETS.values())
+
+
+def fetch_data(*names: str, progress: bool = True) -> dict[str, list[Path]]:
+    """The files of each named data set on this machine, downloading the missing ones into the cache
+    (resumable, checked against the pinned sha256); an unknown name is an error before any download."""
+    for name in names:
+        get_dataset(name)
+    return {name: dataset_files(name, progress=progress) for name in names}
 
 
 def editor(

@@ -265,7 +265,7 @@ def export(
         caveats=standard.caveats,
     )
     write_atomically(out, lambda tmp: _write_checkpoint(tmp, bundle, standard, result), overwrite)
-    logger.info("wrote %s: %s with %d edit(s) as %s", out, bundle.name, len(items), standard.architecture)
+    logger.debug("wrote %s: %s with %d edit(s) as %s", out, bundle.name, len(items), standard.architecture)
     return result
 
 
@@ -311,6 +311,9 @@ def write_atomically(out: Path, write: Callable[[Path], None], overwrite: bool =
     try:
         tmp.chmod(0o777 & ~_umask())  # mkdtemp's is private (0700): give it a new directory's mode
         write(tmp)
+        for file in tmp.rglob("*"):  # some writers make private files (0600): give each a new file's mode
+            if file.is_file():
+                file.chmod(0o666 & ~_umask())
         _fsync_tree(tmp)
         if out.is_dir():
             aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
