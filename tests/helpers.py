@@ -99,6 +99,41 @@ def make_tiny(family: str, tokenizer: T.PreTrainedTokenizerFast, seed: int = 0) 
     return bundle_from_model(model, tokenizer, name=f"tiny-{family}")
 
 
+# -- editing settings and errors -------------------------------------------------------------------------
+
+
+def tiny_settings(corpus: str, **overrides: object) -> dict:
+    """Settings of a locate-then-edit method for the tiny models, ``overrides`` winning: random tiny models
+    have tiny MLP outputs, so the weight decay and norm clamp that are relative to them are relaxed, and
+    the statistics and optimisation are short."""
+    return {
+        "stats_corpus": corpus,
+        "stats_samples": 40,
+        "steps": 4,
+        "templates": [[4, 2]],
+        "weight_decay": 1e-3,
+        "clamp_norm_factor": 50.0,
+        **overrides,
+    }
+
+
+# MEMAT on the tiny models: two edit layers, three heads, every record for the classifiers
+TINY_MEMAT = {"layers": [0, 1], "heads": 3, "correction_min_steps": 4, "classifier_records": "all"}
+
+
+def one_line_error(result, *needles: str) -> str:
+    """A CLI error of ours (a typer ``CliRunner`` result): exit code 2, no traceback, ONE line on stderr
+    that names what to fix and contains every needle (the model loader's progress bars may share
+    stderr)."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output, result.output
+    lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
 # -- processes and threads --------------------------------------------------------------------------------
 
 

@@ -22,8 +22,10 @@ REQ = attnedit.EditRequest("{} is in", "Eiffel Tower", "Rome", "Paris")
 
 
 def _readme_python_block() -> str:
+    """The README's Python block of the attnedit API (the one that imports attnedit)."""
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert blocks, "README has no python block"
+    blocks = [b for b in blocks if "import attnedit" in b]
+    assert len(blocks) == 1, "README has no (or more than one) python block importing attnedit"
     return blocks[0]
 
 

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from helpers import one_line_error
 from typer.testing import CliRunner
 
 from attnedit.cli.main import app
@@ -136,18 +137,6 @@ def test_every_command_takes_the_shared_method_flags():
 # --- issue 15: flags checked before any work, one error boundary --------------------------------------
 
 
-def _one_line_error(result, *needles: str) -> str:
-    """An error of ours: exit code 2, no traceback, ONE line on stderr that names what to fix (the
-    model loader's progress bars may share stderr)."""
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output, result.output
-    lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
-
-
 def test_bad_flags_fail_before_the_model_loads(tmp_path):
     """A model that does not exist: had the flag check come after loading, the error would name it."""
     nowhere = str(tmp_path / "no-such-model")
@@ -159,27 +148,27 @@ def test_bad_flags_fail_before_the_model_loads(tmp_path):
         out = tmp_path / "o"
         for command in (["eval", "sample"], ["analyze", "trace", "sample"]):
             result = runner.invoke(app, [*command, "--model", nowhere, "--out", str(out), *flags])
-            _one_line_error(result, needle)
+            one_line_error(result, needle)
         assert not out.exists()  # nothing was started
     a_file = tmp_path / "a_file"
     a_file.write_text("not a directory")
     result = runner.invoke(app, ["eval", "sample", "--model", nowhere, "--out", str(a_file)])
-    _one_line_error(result, "--out", "not a directory")
+    one_line_error(result, "--out", "not a directory")
     result = runner.invoke(app, ["eval", "sample", "--model", nowhere, "--out", str(a_file / "run")])
-    _one_line_error(result, "--out", "cannot write there")
+    one_line_error(result, "--out", "cannot write there")
     result = runner.invoke(app, ["analyze", "drift", "sample", "--model", nowhere, "--out", str(a_file)])
-    _one_line_error(result, "--out", "not a directory")
+    one_line_error(result, "--out", "not a directory")
     result = runner.invoke(
         app,
         ["eval", "sample", "--model", nowhere, "--out", str(tmp_path / "o"), "--targets-cache", str(a_file)],
     )
-    _one_line_error(result, "--targets-cache", "not a directory")
+    one_line_error(result, "--targets-cache", "not a directory")
     assert a_file.read_text() == "not a directory"
     result = runner.invoke(
         app,
         ["eval", "sample", "--model", nowhere, "--out", str(tmp_path / "o2"), "--knowedit-sampling", "case"],
     )
-    _one_line_error(result, "--knowedit-sampling must be one of batch, prompt, not 'case'")
+    one_line_error(result, "--knowedit-sampling must be one of batch, prompt, not 'case'")
     assert not (tmp_path / "o2").exists()
 
 
@@ -198,7 +187,7 @@ def test_read_only_out_fails_before_the_model_loads(tmp_path, monkeypatch):
     nowhere = str(tmp_path / "no-such-model")
     for command in (["eval", "sample"], ["analyze", "trace", "sample"]):
         result = runner.invoke(app, [*command, "--model", nowhere, "--out", str(tmp_path / "ro")])
-        _one_line_error(result, "--out", "cannot write there", "Read-only file system")
+        one_line_error(result, "--out", "cannot write there", "Read-only file system")
 
 
 def test_edit_save_checked_before_the_edit(tmp_path):
@@ -208,7 +197,7 @@ def test_edit_save_checked_before_the_edit(tmp_path):
     nowhere = ["--model", str(tmp_path / "no-such-model")]
     for save, needle in ((a_file / "edit.safetensors", "cannot write there"), (tmp_path, "is a directory")):
         result = runner.invoke(app, [*request, *nowhere, "--save", str(save)])
-        _one_line_error(result, "--save", needle)
+        one_line_error(result, "--save", needle)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # no stray temp file
 
 
@@ -229,9 +218,9 @@ def test_preset_and_data_errors_are_one_line(tmp_path, tiny_tokenizer):
         result = runner.invoke(
             app, ["eval", "sample", "--model", model, *rome, "-p", override, "--out", str(tmp_path / "p")]
         )
-        _one_line_error(result, needle, "--param")
+        one_line_error(result, needle, "--param")
     result = runner.invoke(app, ["eval", str(data), "--model", model, "--out", str(tmp_path / "d"), *fast])
-    _one_line_error(result, "same.json[1]", "target_new", "equals target_true")
+    one_line_error(result, "same.json[1]", "target_new", "equals target_true")
     result = runner.invoke(
         app, ["eval", str(data), "--model", model, "--out", str(tmp_path / "d2"), "--skip-invalid", *fast]
     )

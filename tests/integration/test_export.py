@@ -9,17 +9,20 @@ model, bit for bit, except for GPT-J's folded bias (equal up to float rounding, 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import transformers as T
-from helpers import FAMILIES, tiny_config
+from helpers import FAMILIES, ROOT, TINY_MEMAT, one_line_error, tiny_config, tiny_settings
 from safetensors import safe_open
 from typer.testing import CliRunner
 
@@ -83,35 +86,11 @@ def _case(request: EditRequest) -> EditCase:
 
 
 def _rome(corpus: str, layer: int = 1) -> Rome:
-    # random tiny models have tiny MLP outputs: relax the decay and clamp that are relative to them
-    return Rome(
-        RomeParams(
-            layers=[layer],
-            stats_corpus=corpus,
-            stats_samples=40,
-            steps=6,
-            templates=[[4, 2]],
-            weight_decay=1e-3,
-            clamp_norm_factor=50.0,
-        )
-    )
+    return Rome(RomeParams(**tiny_settings(corpus, layers=[layer], steps=6)))
 
 
 def _memat(corpus: str) -> Memat:
-    return Memat(
-        MematParams(
-            layers=[0, 1],
-            stats_corpus=corpus,
-            stats_samples=40,
-            steps=4,
-            templates=[[4, 2]],
-            weight_decay=1e-3,
-            clamp_norm_factor=50.0,
-            heads=3,
-            correction_min_steps=4,
-            classifier_records="all",
-        )
-    )
+    return Memat(MematParams(**tiny_settings(corpus, **TINY_MEMAT)))
 
 
 def _bias_edit(bundle: ModelBundle, layers: tuple[int, ...] = (0, 2)) -> WeightEdit:
@@ -139,17 +118,6 @@ def _bias_edit(bundle: ModelBundle, layers: tuple[int, ...] = (0, 2)) -> WeightE
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _one_line_error(result, *needles: str) -> str:
-    """An error of ours: exit code 2, no traceback, one line on stderr naming what to fix."""
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output, result.output
-    lines = [line for line in result.stderr.splitlines() if "error" in line.lower()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 # --- every family, a ROME edit ------------------------------------------------------------------------------
@@ -448,22 +416,33 @@ def test_edit_export_and_the_export_command(tiny_dir, corpus, tmp_path):
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
     assert "Scores: none recorded" in (second / "README.md").read_text()
 
+    # the README's plain-transformers block, as written, on the exported checkpoint
+    (block,) = [
+        b
+        for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+        if "from transformers import" in b
+    ]
+    shutil.copytree(first, tmp_path / "readme" / "eiffel-model")
+    with contextlib.chdir(tmp_path / "readme"), contextlib.redirect_stdout(io.StringIO()) as printed:
+        exec(compile(block, "README.md", "exec"), {})
+    assert printed.getvalue().strip()  # the model's continuation
+
     again = ["export", str(saved), "--model", str(tiny_dir), "--out", str(second)]
-    _one_line_error(runner.invoke(app, again), "--out", str(second), "not empty", "--force")
+    one_line_error(runner.invoke(app, again), "--out", str(second), "not empty", "--force")
     assert runner.invoke(app, [*again, "--force"]).exit_code == 0
-    _one_line_error(
+    one_line_error(
         runner.invoke(app, ["edit", *request, *rome, "--save", str(saved), "--export", str(first)]),
         "--export",
         "not empty",
     )
     missing = tmp_path / "missing.safetensors"
-    _one_line_error(
+    one_line_error(
         runner.invoke(app, ["export", str(missing), "--model", str(tiny_dir), "--out", str(tmp_path / "x")]),
         str(missing),
         "no such edit file",
     )
     other = _base(tmp_path, "llama", T.AutoTokenizer.from_pretrained(tiny_dir), seed=1)
-    line = _one_line_error(
+    line = one_line_error(
         runner.invoke(app, ["export", str(saved), "--model", str(other), "--out", str(tmp_path / "x")]),
         str(saved),
         "not of the given model",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CORPUS, make_tiny
+from helpers import CORPUS, make_tiny, tiny_settings
 
 from attnedit.core.data import EditCase, EditRequest, Probe, load_cases
 from attnedit.core.deltas import EditMismatchError, WeightEdit, model_hash
@@ -57,14 +57,7 @@ def _p_new(bundle, case) -> float:
 
 def _editors(corpus: str) -> dict:
     # random tiny models have tiny MLP outputs: relax the decay and clamp that are relative to them
-    common = dict(
-        stats_corpus=corpus,
-        stats_samples=50,
-        steps=8,
-        templates=[[4, 2]],
-        weight_decay=1e-3,
-        clamp_norm_factor=50.0,
-    )
+    common = tiny_settings(corpus, stats_samples=50, steps=8)
     return {
         "rome": Rome(RomeParams(layers=[1], **common)),
         "memit": Memit(MemitParams(layers=[0, 1], **common)),

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from helpers import FAMILIES, make_tiny
+from helpers import FAMILIES, make_tiny, tiny_settings
 from typer.testing import CliRunner
 
 import attnedit
@@ -32,20 +32,12 @@ from attnedit.editing.solvers import read_at_fact_token
 pytestmark = pytest.mark.usefixtures("isolated_cache", "one_thread")
 
 
-# random tiny models have tiny MLP outputs: relax MEMIT's decay and clamp that are relative to them
-COMMON = dict(
-    layers=[1, 2],
-    stats_samples=40,
-    steps=4,
-    templates=[[4, 2]],
-    weight_decay=1e-3,
-    clamp_norm_factor=50.0,
-    mom2_update_weight=10.0,
-)
+# MEMIT's settings of these tests (IntAttn-Edit's MLP side is MEMIT's)
+MEMIT_SIDE = {"layers": [1, 2], "mom2_update_weight": 10.0}
 
 
 def _params(corpus: str, **kw) -> IntAttnParams:
-    return IntAttnParams(**{**COMMON, "stats_corpus": corpus, "attn_layers": [0, 1], "alpha": 0.4, **kw})
+    return IntAttnParams(**tiny_settings(corpus, **{**MEMIT_SIDE, "attn_layers": [0, 1], "alpha": 0.4, **kw}))
 
 
 def _logits(bundle, text: str = "The Eiffel Tower is located in the city of") -> torch.Tensor:
@@ -105,7 +97,7 @@ def test_two_missing_components_take_one_corpus_pass_with_the_separate_values(
 @pytest.mark.parametrize("family", FAMILIES)
 def test_alpha_zero_is_memit_bit_for_bit(tiny_tokenizer, corpus, family):
     memit_bundle = make_tiny(family, tiny_tokenizer)
-    memit = Memit(MemitParams(**COMMON, stats_corpus=corpus)).apply(memit_bundle, _cases())
+    memit = Memit(MemitParams(**tiny_settings(corpus, **MEMIT_SIDE))).apply(memit_bundle, _cases())
     bundle = make_tiny(family, tiny_tokenizer)
     applied = IntAttn(_params(corpus, alpha=0.0)).apply(bundle, _cases())
     assert set(applied.edit.deltas) == set(memit.edit.deltas)

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import FAMILIES, FIXTURES, make_tiny
+from helpers import FAMILIES, FIXTURES, TINY_MEMAT, make_tiny, tiny_settings
 from typer.testing import CliRunner
 
 import attnedit
@@ -29,20 +29,7 @@ pytestmark = pytest.mark.usefixtures("isolated_cache", "one_thread")
 
 
 def _params(corpus: str, **kw) -> MematParams:
-    # random tiny models have tiny MLP outputs: relax MEMIT's decay and clamp that are relative to them
-    common = dict(
-        layers=[0, 1],
-        stats_corpus=corpus,
-        stats_samples=40,
-        steps=4,
-        templates=[[4, 2]],
-        weight_decay=1e-3,
-        clamp_norm_factor=50.0,
-        heads=3,
-        correction_min_steps=4,
-        classifier_records="all",
-    )
-    return MematParams(**{**common, **kw})
+    return MematParams(**tiny_settings(corpus, **{**TINY_MEMAT, **kw}))
 
 
 def _logits(bundle, text: str = "The Eiffel Tower is located in the city of") -> torch.Tensor:
