@@ -426,6 +426,87 @@ def test_unknown_format_detected(tmp_path):
         assert name in msg
 
 
+# a record of each well-known format that holds no single edit request (written for these tests, in the
+# shape of MQuAKE, ROME's known facts, PIQA and a text corpus)
+FOREIGN = [
+    (
+        "MQuAKE",
+        {
+            "case_id": 1,
+            "requested_rewrite": [
+                {"prompt": "{} is a citizen of", "subject": "Ellie Kemper", "target_new": {"str": "Croatia"}},
+                {"prompt": "The capital of {} is", "subject": "Croatia", "target_new": {"str": "Kotor"}},
+            ],
+            "questions": ["What is the capital of the country Ellie Kemper is a citizen of?"],
+            "answer": "Washington, D.C.",
+            "new_answer": "Kotor",
+        },
+    ),
+    (
+        "ROME's known facts",
+        {
+            "known_id": 0,
+            "subject": "Vinson Massif",
+            "attribute": "Antarctica",
+            "template": "{} is located in",
+        },
+    ),
+    ("PIQA", {"goal": "Keep beads organized", "sol1": "Use an egg carton.", "sol2": "Use a sieve."}),
+    ("a text corpus", {"Corpus": "C4", "Text": "Some text."}),
+    ("a text corpus", "Some text."),
+]
+
+
+@pytest.mark.parametrize(("kind", "record"), FOREIGN, ids=[f"{k}-{i}" for i, (k, _) in enumerate(FOREIGN)])
+def test_a_foreign_format_is_named_never_a_missing_field(tmp_path, kind, record):
+    path = _write(tmp_path, [record])
+    with pytest.raises(DataFormatError) as info:
+        load_cases(path)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"{path}[0]: this is ") and kind in msg
+    assert "field" not in msg and "does not read" in msg
+    for name in FORMATS:  # the formats it reads
+        assert name in msg
+
+
+def test_rome_counterfact_records(tmp_path):
+    """ROME's and MEMIT's CounterFact format (a record written for this test in that shape)."""
+    record = {
+        "case_id": 7,
+        "pararel_idx": 2796,
+        "requested_rewrite": {
+            "prompt": "The mother tongue of {} is",
+            "relation_id": "P103",
+            "target_new": {"str": "English", "id": "Q1860"},
+            "target_true": {"str": "French", "id": "Q150"},
+            "subject": "Danielle Darrieux",
+        },
+        "paraphrase_prompts": [
+            "Shayna does this. Danielle Darrieux speaks",
+            "Danielle Darrieux's native tongue is",
+        ],
+        "neighborhood_prompts": ["The native language of Montesquieu is", "Michel Rocard, a native"],
+        "attribute_prompts": ["J.R.R. Tolkien is a native speaker of"],
+        "generation_prompts": ["Danielle Darrieux's mother tongue is"],
+    }
+    ds = load_cases(_write(tmp_path, [record]))
+    assert ds.format == "counterfact"
+    (case,) = ds.cases
+    assert case.case_id == "7"
+    assert case.request == EditRequest("The mother tongue of {} is", "Danielle Darrieux", "English", "French")
+    assert case.rewrite == (Probe("The mother tongue of Danielle Darrieux is", "English"),)
+    assert [p.target for p in case.paraphrase] == ["English", "English"]
+    assert case.neighborhood == (
+        Probe("The native language of Montesquieu is", "French"),
+        Probe("Michel Rocard, a native", "French"),
+    )
+    assert case.generation == ("Danielle Darrieux's mother tongue is",)
+    broken = copy.deepcopy(record)
+    broken["requested_rewrite"]["target_new"] = "English"  # a plain string where ROME has {"str": ...}
+    with pytest.raises(DataFormatError, match=r"\[0\]: field 'requested_rewrite\.target_new\.str'"):
+        load_cases(_write(tmp_path, [broken], "broken.json"))
+
+
 def test_unknown_format_requested(tmp_path):
     path = _write(tmp_path, [_merged_record(0)])
     with pytest.raises(DataFormatError) as info:
