@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as T
+from helpers import FIXTURES
 
 import attnedit
 from attnedit.core.data import EditRequest
@@ -18,10 +19,10 @@ def _logits(model, tokenizer, text: str) -> torch.Tensor:
         return model(input_ids=ids).logits[0]
 
 
-def test_a_rome_edit_of_smollm2_exported_answers_the_new_target(smollm2, shared_data, tmp_path):
+def test_a_rome_edit_of_smollm2_exported_answers_the_new_target(smollm2, tmp_path):
     """One ROME edit of SmolLM2-135M exported: plain transformers gives the edited logits and greedy
     decoding from the edit prompt starts with the new target."""
-    overrides = {"stats_corpus": str(shared_data / "wikitext2_test.txt"), "stats_samples": 300}
+    overrides = {"stats_corpus": str(FIXTURES / "wikitext2_test.txt"), "stats_samples": 300}
     request = EditRequest("{} is located in the city of", "Eiffel Tower", "Rome", "Paris")
     before = attnedit.answers(smollm2, [request.text], max_new_tokens=4)[0]
     assert not before.strip().startswith("Rome"), before  # the base model answers otherwise
