@@ -154,16 +154,24 @@ def test_serve_without_the_serve_extra(monkeypatch, loads):
     assert loads == []
 
 
-def test_memat_without_scikit_learn_in_a_fresh_process(tmp_path):
+@pytest.mark.parametrize(
+    ("module", "args", "line"),
+    [
+        ("sklearn", ["--method", "memat"], MEMAT_LINE),
+        ("ray", ["--backend", "ray"], RAY_LINE),
+    ],
+    ids=["memat", "ray"],
+)
+def test_a_missing_extra_in_a_fresh_process(tmp_path, module, args, line):
     """The exact stderr of a real process: one line, no traceback, exit 2, nothing written."""
     code = (
-        "import sys; sys.modules['sklearn'] = None\n"
+        f"import sys; sys.modules[{module!r}] = None\n"
         "from attnedit.cli.main import app\n"
-        f"app(['eval', 'sample', '--method', 'memat', '--out', {str(tmp_path / 'o')!r}])\n"
+        f"app(['eval', 'sample', *{args!r}, '--out', {str(tmp_path / 'o')!r}])\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
-    assert done.stderr.strip() == f"error: {MEMAT_LINE}"
+    assert done.stderr.strip() == f"error: {line}"
     assert not (tmp_path / "o" / "results.jsonl").exists()
 
 

@@ -239,21 +239,6 @@ def test_a_killed_driver_resumes_with_every_case_once(tmp_path, tiny_dir, corpus
     assert sorted(_records(out), key=int) == [str(i) for i in range(16)]
 
 
-def test_without_ray_one_line_says_how_to_install_it(tmp_path):
-    code = (
-        "import sys; sys.modules['ray'] = None\n"
-        "from attnedit.cli.main import app\n"
-        f"app(['eval', 'sample', '--out', {str(tmp_path / 'o')!r}, '--backend', 'ray'])\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2
-    assert (
-        done.stderr.strip()
-        == "error: --backend ray needs ray, which is not installed: pip install 'attnedit[ray]'"
-    )
-    assert not (tmp_path / "o" / RESULTS).exists()
-
-
 def test_sequential_mode_refuses_ray(tmp_path, tiny_dir):
     from typer.testing import CliRunner
 
