@@ -376,4 +376,5 @@ def test_eval_by_name(registry, tiny_dir, tmp_path):
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["data"]["sha256"] == SHA
+    assert manifest["data"]["data_set"] == {"name": "toy-zsre", "pinned_sha256": SHA, "upstream": True}
     assert sum(1 for _ in (out / "results.jsonl").open()) == 2

@@ -5,11 +5,13 @@ a run directory records (``build_manifest``), the fields a run directory must ma
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from attnedit.core.data import Dataset, EditCase
+from attnedit.core.datasets import DATASETS
 from attnedit.core.models import ModelBundle
 from attnedit.core.version import __version__
 from attnedit.editing.spec import Editor
@@ -108,6 +110,16 @@ class RunConfig:
             )
 
 
+def registered_data(name: str, dataset: Dataset) -> dict[str, Any]:
+    """For data given by a registered name: ``{"data_set": {name, pinned sha256, whether the file read is
+    the pinned upstream file}}`` (a local copy in ``$ATTNEDIT_DATA`` may differ); else nothing."""
+    registered = DATASETS.get(name)
+    if registered is None or Path(name).is_file():
+        return {}
+    pinned = registered.files[0].sha256
+    return {"data_set": {"name": name, "pinned_sha256": pinned, "upstream": dataset.sha256 == pinned}}
+
+
 def build_manifest(
     config: RunConfig, bundle: ModelBundle, dataset: Dataset, editor: Editor
 ) -> dict[str, Any]:
@@ -119,7 +131,7 @@ def build_manifest(
         "method": editor.name,
         "label": config.label or editor.name,
         "hyperparameters": editor.hyperparameters(),
-        "data": data_manifest(dataset),
+        "data": data_manifest(dataset) | registered_data(config.data, dataset),
         "limit": config.limit,
         "first": config.first,
         "mode": config.mode,
