@@ -129,7 +129,8 @@ def projected_update(
     ``projection`` P and ``prior`` C_prev (the earlier edits' ``K K^T``, None: zero) [in, in] -> [out, in].
 
     The solution lies in P's range, so ``Delta k = 0`` for every key ``k`` orthogonal to it (the preserved
-    directions). The system is not symmetric: solved by an LU factorisation in float64."""
+    directions; the solution is projected once more to keep that exact when P was rounded). The system is
+    not symmetric: solved by an LU factorisation in float64."""
     if l2 <= 0:
         raise ValueError(f"the ridge l2 must be positive (got {l2}): P (K K^T + C) alone is singular")
     k = keys.double()
@@ -140,6 +141,9 @@ def projected_update(
         gram = gram + prior.double().to(k.device)
     eye = torch.eye(p.shape[0], dtype=p.dtype, device=p.device)
     solution: torch.Tensor = torch.linalg.solve(p @ gram + l2 * eye, p @ k.T @ r)  # [in, out]
+    # in exact arithmetic the solution is in P's range already; projecting it again removes the leak into
+    # the preserved directions that a P rounded to float32 (as cached) would otherwise let through
+    solution = p @ solution
     if not torch.isfinite(solution).all():
         raise FloatingPointError("the AlphaEdit update is not finite (non-finite keys or residuals?)")
     return solution.T
