@@ -201,7 +201,7 @@ def _read_stats(path: Path) -> torch.Tensor | None:
     return mom2
 
 
-def _corpus_key(spec: StatsSpec) -> str:
+def corpus_key(spec: StatsSpec) -> str:
     """The cache key of a corpus known without loading it (files hashed; sampled text by its settings)."""
     if spec.corpus == "model":
         return f"model-{spec.seed}-{spec.sample_length}"
@@ -229,7 +229,7 @@ def second_moments_of(
     """``{component: {layer: E[k k^T]}}`` for several components: whatever is neither in memory nor on
     disk is computed in ONE pass over the corpus (one forward per batch traces every missing module)."""
     memo: dict[MomentsKey, torch.Tensor] = bundle.cache.setdefault("second_moments", {})
-    key = _corpus_key(spec)
+    key = corpus_key(spec)
     result: dict[str, dict[int, torch.Tensor]] = {component: {} for component in wanted}
     missing: dict[str, list[int]] = {}
     for component, layers in wanted.items():

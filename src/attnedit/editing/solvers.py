@@ -116,3 +116,34 @@ def least_squares_update(
     system = weight * second_moment.double().to(k.device) + k.T @ k
     adjusted = solve_spd(system, k.T, "lambda C + K K^T")  # [in, N]
     return r.T @ adjusted.T
+
+
+def projected_update(
+    projection: torch.Tensor,
+    keys: torch.Tensor,
+    residuals: torch.Tensor,
+    prior: torch.Tensor | None,
+    l2: float,
+) -> torch.Tensor:
+    """AlphaEdit: ``Delta^T = (P (K K^T + C_prev) + l2 I)^-1 P K R^T``; keys [N, in], residuals [N, out],
+    ``projection`` P and ``prior`` C_prev (the earlier edits' ``K K^T``, None: zero) [in, in] -> [out, in].
+
+    The solution lies in P's range, so ``Delta k = 0`` for every key ``k`` orthogonal to it (the preserved
+    directions; the solution is projected once more to keep that exact when P was rounded). The system is
+    not symmetric: solved by an LU factorisation in float64."""
+    if l2 <= 0:
+        raise ValueError(f"the ridge l2 must be positive (got {l2}): P (K K^T + C) alone is singular")
+    k = keys.double()
+    r = residuals.double().to(k.device)
+    p = projection.double().to(k.device)
+    gram = k.T @ k
+    if prior is not None:
+        gram = gram + prior.double().to(k.device)
+    eye = torch.eye(p.shape[0], dtype=p.dtype, device=p.device)
+    solution: torch.Tensor = torch.linalg.solve(p @ gram + l2 * eye, p @ k.T @ r)  # [in, out]
+    # in exact arithmetic the solution is in P's range already; projecting it again removes the leak into
+    # the preserved directions that a P rounded to float32 (as cached) would otherwise let through
+    solution = p @ solution
+    if not torch.isfinite(solution).all():
+        raise FloatingPointError("the AlphaEdit update is not finite (non-finite keys or residuals?)")
+    return solution.T

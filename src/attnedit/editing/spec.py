@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from attnedit.core.data import EditCase
 from attnedit.core.deltas import AppliedEdit
@@ -40,7 +40,12 @@ SADR_PREFIX = "sadr_"  # sadr_layers=20-29: a setting of the SADR term, never of
 
 
 class Editor(Protocol):
-    """What the runner, the API and the inspector drive: edit the model for some cases, then revert."""
+    """What the runner, the API and the inspector drive: edit the model for some cases, then revert.
+
+    An editor that keeps state over a stream of edits (AlphaEdit) also defines
+    ``after_group(bundle, cases)`` (``StreamEditor``): sequential mode calls it, through ``after_group``
+    below, once each group's edit is in place (computed or re-applied from its saved file); for any other
+    editor that call does nothing."""
 
     name: str
     preset: str
@@ -57,6 +62,23 @@ class Editor(Protocol):
         """The one-time work of ``apply`` for such cases (context templates, second moments), done ahead
         into ``bundle``'s caches without editing (a Ray run shares it with every worker)."""
         ...
+
+
+@runtime_checkable
+class StreamEditor(Protocol):
+    """An editor with state over a stream of edits: told of every group whose edit is in place."""
+
+    def after_group(self, bundle: ModelBundle, cases: list[EditCase]) -> None:
+        """Update the stream's state after ``cases``' edit was applied to ``bundle``'s model (freshly
+        computed or re-applied from a saved file: the state must depend on the model only)."""
+        ...
+
+
+def after_group(editor: Editor, bundle: ModelBundle, cases: list[EditCase]) -> None:
+    """Tell ``editor`` that ``cases``' edit is in place (sequential mode, after each group); the default for
+    an editor without ``after_group`` (every method but AlphaEdit) is to do nothing."""
+    if isinstance(editor, StreamEditor):
+        editor.after_group(bundle, cases)
 
 
 @dataclass(frozen=True)

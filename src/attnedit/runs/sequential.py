@@ -9,14 +9,16 @@ from tqdm.auto import tqdm
 
 from attnedit.core.data import EditCase
 from attnedit.core.deltas import AppliedEdit
+from attnedit.editing.spec import after_group
 from attnedit.runs.saved_edits import saved_edit, sequential_edit_path
 from attnedit.runs.units import RunState
 
 
 def run_sequential(state: RunState, groups: list[list[EditCase]]) -> None:
-    """Apply every group's edit on top of the previous ones (saved, so a resumed run re-applies them),
-    then evaluate every case on the final model (fluency ``config.generation_cases`` cases per
-    decoding batch); all edits are reverted at the end."""
+    """Apply every group's edit on top of the previous ones (saved, so a resumed run re-applies them;
+    the editor's ``after_group`` is called after each, computed or re-applied), then evaluate every case
+    on the final model (fluency ``config.generation_cases`` cases per decoding batch); all edits are
+    reverted at the end."""
     worker, done = state.worker, state.done
     evaluator, bundle, out = worker.evaluator, worker.bundle, state.run_dir.path
     cases = [c for g in groups for c in g]
@@ -38,6 +40,8 @@ def run_sequential(state: RunState, groups: list[list[EditCase]]) -> None:
                 applied.append(edit)
                 if edit.edit.deltas:  # an empty edit (method none) is not saved
                     edit.edit.save(path)
+            # a stream's state (AlphaEdit's keys of earlier edits) from the model, so a resume rebuilds it
+            after_group(worker.editor, bundle, group)
             for case in group:
                 seconds[case.case_id] = (time.perf_counter() - t0) / len(group)
         for chunk in worker.chunks(todo):

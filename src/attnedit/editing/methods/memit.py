@@ -86,14 +86,21 @@ class Memit(LocateThenEdit):
         requests = [validate_request(bundle, case) for case in cases]
         lang = cases_language(cases)
         templates = method_templates(bundle, p, lang)
-        covs = second_moments(bundle, "mlp_down", layers, stats_spec(p))
+        covs, weight = self._layer_matrices(bundle, layers)
         result = self.optimise(bundle, requests, templates, lang)
         # the MLP part for PMET, the whole residual for MEMIT
         targets = result.target(self._injections()[-1])
-        self.update_layers(
-            builder, bundle, requests, templates, targets, "mlp_down", layers, covs, p.mom2_update_weight
-        )
+        self.update_layers(builder, bundle, requests, templates, targets, "mlp_down", layers, covs, weight)
         return requests, target_info(result)
+
+    def _layer_matrices(
+        self, bundle: ModelBundle, layers: list[int]
+    ) -> tuple[dict[int, torch.Tensor], float]:
+        """The per-layer matrices and the weight ``_layer_update`` takes for the MLP down-projections:
+        MEMIT's key second moments and lambda (AlphaEdit: its projections and ridge)."""
+        return second_moments(
+            bundle, "mlp_down", layers, stats_spec(self.params)
+        ), self.params.mom2_update_weight
 
     def optimise(
         self, bundle: ModelBundle, requests: list[EditRequest], templates: list[str], lang: str
@@ -108,6 +115,13 @@ class Memit(LocateThenEdit):
             self.terms,
             progress=len(requests) > 50,
         )
+
+    def _layer_update(
+        self, layer: int, matrix: torch.Tensor, keys: torch.Tensor, residual: torch.Tensor, weight: float
+    ) -> torch.Tensor:
+        """One layer's update [out, in] from its keys and residual: MEMIT's least squares under
+        ``weight`` times the second moments ``matrix`` (AlphaEdit: its projected update)."""
+        return least_squares_update(matrix, keys, residual, weight)
 
     def update_layers(
         self,
@@ -124,7 +138,8 @@ class Memit(LocateThenEdit):
         """MEMIT's layer loop over ``component``'s weight at ``layers`` (ascending): per layer, the keys
         (the component's input at the fact token, mean over templates) and the remaining residual
         ``targets - current`` (read at ``_target_read``, share ``_spread``), the least-squares update with
-        ``covs`` and lambda ``weight``, added to ``builder`` at once (so later layers see it).
+        ``covs`` and lambda ``weight`` (``_layer_update``), added to ``builder`` at once (so later layers
+        see it).
 
         Returns each update as added: ``{parameter name: delta}`` (float64, parameter layout)."""
         deltas: dict[str, torch.Tensor] = {}
@@ -135,7 +150,7 @@ class Memit(LocateThenEdit):
             keys = found[key_read].mean(1)
             current = found[target_read][:, 0]
             residual = (targets - current) * self._spread(len(layers) - i)
-            delta = least_squares_update(covs[layer], keys, residual, weight)
+            delta = self._layer_update(layer, covs[layer], keys, residual, weight)
             name = bundle.adapter.weight_name(component, layer)
             deltas[name] = bundle.adapter.to_weight_layout(delta)
             builder.add(name, deltas[name])
