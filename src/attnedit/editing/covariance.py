@@ -179,26 +179,46 @@ def _cache_path(bundle: ModelBundle, component: str, layer: int, key: str, spec:
     return cache_dir() / "stats" / bundle.fingerprint[:16] / name
 
 
-def _read_stats(path: Path) -> torch.Tensor | None:
-    """The cached second moments at ``path`` when the file verifies; None (set aside or stale) otherwise."""
+def read_tensor_file(
+    path: Path, name: str, shape: tuple[int, ...] | None = None
+) -> tuple[torch.Tensor, dict[str, str]] | None:
+    """Tensor ``name`` of the cache file at ``path`` and the file's metadata, when the file loads, verifies
+    against its digest, holds ``name`` (of ``shape`` where given; 2-d otherwise) and only finite values;
+    None otherwise (a damaged file is set aside, one written before digests existed is left to be
+    replaced). The one reader of the statistics' and projections' cache files."""
     try:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
-            tensors: dict[str, torch.Tensor] = {name: fh.get_tensor(name) for name in fh.keys()}
+            tensors: dict[str, torch.Tensor] = {key: fh.get_tensor(key) for key in fh.keys()}
     except (SafetensorError, OSError) as err:
         set_aside(path, f"does not load ({err})")
         return None
     if "sha256" not in meta:
         logger.info("cache file %s has no digest (an older version wrote it); recomputing it", path)
         return None
-    mom2 = tensors.get("mom2")
-    if meta["sha256"] != tensors_digest(tensors) or mom2 is None or mom2.ndim != 2:
+    tensor = tensors.get(name)
+    right_shape = tensor is not None and (tuple(tensor.shape) == shape if shape else tensor.ndim == 2)
+    if meta["sha256"] != tensors_digest(tensors) or tensor is None or not right_shape:
         set_aside(path, "does not verify against its digest")
         return None
-    if not torch.isfinite(mom2).all():
+    if not torch.isfinite(tensor).all():
         set_aside(path, "holds non-finite values")
         return None
-    return mom2
+    return tensor, meta
+
+
+def write_tensor_file(
+    path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None
+) -> None:
+    """Cache ``tensors`` at ``path`` with their digest (and ``meta``), atomically."""
+    full = {"sha256": tensors_digest(tensors), **(meta or {})}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), full))
+
+
+def _read_stats(path: Path) -> torch.Tensor | None:
+    """The cached second moments at ``path`` when the file verifies; None (set aside or stale) otherwise."""
+    found = read_tensor_file(path, "mom2")
+    return None if found is None else found[0]
 
 
 def corpus_key(spec: StatsSpec) -> str:
@@ -257,9 +277,7 @@ def second_moments_of(
 
 def _write_stats(path: Path, mom2: torch.Tensor, count: int) -> None:
     """Cache one module's second moments at ``path`` with their token count and digest (atomically)."""
-    tensors = {"mom2": mom2, "count": torch.tensor([count])}
-    meta = {"sha256": tensors_digest(tensors)}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), meta))
+    write_tensor_file(path, {"mom2": mom2, "count": torch.tensor([count])})
 
 
 def cache_entries(bundle: ModelBundle) -> dict[MomentsKey, torch.Tensor]:

@@ -24,14 +24,17 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from attnedit.core.deltas import tensor_hash, tensors_digest
-from attnedit.core.files import atomic_write, cache_dir
+from attnedit.core.deltas import tensor_hash
+from attnedit.core.files import cache_dir
 from attnedit.core.models import ModelBundle
-from attnedit.editing.covariance import StatsSpec, corpus_key, second_moments_of
-from attnedit.editing.templates import set_aside
+from attnedit.editing.covariance import (
+    StatsSpec,
+    corpus_key,
+    read_tensor_file,
+    second_moments_of,
+    write_tensor_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,24 +92,10 @@ def _cache_path(
 
 def _read(path: Path, moments_hash: str, size: int) -> torch.Tensor | None:
     """The cached projection at ``path`` when it verifies and was computed from these second moments."""
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-            tensors: dict[str, torch.Tensor] = {name: fh.get_tensor(name) for name in fh.keys()}
-    except (SafetensorError, OSError) as err:
-        set_aside(path, f"does not load ({err})")
+    found = read_tensor_file(path, "projection", (size, size))
+    if found is None:
         return None
-    projection = tensors.get("projection")
-    if (
-        meta.get("sha256") != tensors_digest(tensors)
-        or projection is None
-        or projection.shape != (size, size)
-    ):
-        set_aside(path, "does not verify against its digest")
-        return None
-    if not torch.isfinite(projection).all():
-        set_aside(path, "holds non-finite values")
-        return None
+    projection, meta = found
     if meta.get("moments") != moments_hash:
         logger.info("cache file %s was computed from other statistics; recomputing it", path)
         return None
@@ -114,9 +103,9 @@ def _read(path: Path, moments_hash: str, size: int) -> torch.Tensor | None:
 
 
 def _write(path: Path, projection: torch.Tensor, moments_hash: str, kept: int) -> None:
-    tensors = {"projection": projection.contiguous()}
-    meta = {"sha256": tensors_digest(tensors), "moments": moments_hash, "kept": str(kept)}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), meta))
+    write_tensor_file(
+        path, {"projection": projection.contiguous()}, {"moments": moments_hash, "kept": str(kept)}
+    )
 
 
 def null_space_projections(
