@@ -81,6 +81,13 @@ def eval_command(
         str, typer.Option(help="FL from 'generation' prompts, or 'rewrite' (+ paraphrase) prompts")
     ] = "generation",
     max_new_tokens: Annotated[int, typer.Option(help="generation length for FL")] = 100,
+    generation_score: Annotated[
+        bool,
+        typer.Option(
+            help="GES/GPS: the greedy answers to the rewrite and paraphrase prompts, right when they start "
+            "with the new object (--no-generation-score to continue a run made before this score)"
+        ),
+    ] = True,
     generation_prompts: Annotated[
         int | None, typer.Option(help="at most this many generation prompts per case")
     ] = None,
@@ -177,6 +184,7 @@ def eval_command(
             fluency=fluency,
             fluency_prompts=fluency_prompts,
             knowedit_sampling=knowedit_sampling,
+            generation_score=generation_score,
             max_new_tokens=max_new_tokens,
             max_generation_prompts=generation_prompts,
             seed=seed,

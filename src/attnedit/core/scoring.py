@@ -327,7 +327,7 @@ def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
-    max_new_tokens: int = 100,
+    max_new_tokens: int | Sequence[int] = 100,
     top_k: int | None = None,
     seed: int = 0,
     batch_size: int = 16,
@@ -345,12 +345,16 @@ def generate(
 
     ``row_edits = (deltas, owner)``: prompt ``i`` is continued by the model plus the weight deltas
     ``deltas[owner[i]]`` (``interventions.row_deltas``), so the prompts of many edited cases share one
-    batch. ``max_length`` (EasyEdit's ``max_out_len``), in place of ``max_new_tokens``: a prompt's ids
-    and its continuation make at most this many tokens; a batch decodes for its shortest prompt and
-    each row is cut to its own budget (a prompt of ``max_length`` tokens or more gets "").
+    batch. ``max_new_tokens``: one budget for every prompt, or one per prompt (a batch decodes for its
+    largest and each row is cut to its own). ``max_length`` (EasyEdit's ``max_out_len``), in place of
+    ``max_new_tokens``: a prompt's ids and its continuation make at most this many tokens; a batch
+    decodes for its shortest prompt and each row is cut to its own budget (a prompt of ``max_length``
+    tokens or more gets "").
     """
     if not prompts:
         return []
+    if not isinstance(max_new_tokens, int) and len(max_new_tokens) != len(prompts):
+        raise ValueError(f"{len(max_new_tokens)} token budgets for {len(prompts)} prompts")
     if sampling not in SAMPLING:
         raise ValueError(f"sampling must be one of {', '.join(SAMPLING)}, not {sampling!r}")
     if top_k is not None and sampling == "prompt" and adapter is None:
@@ -364,7 +368,11 @@ def generate(
         for start in range(0, len(prompts), batch_size):
             chunk = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
             if max_length is None:
-                budgets = [max_new_tokens] * len(chunk)
+                budgets = (
+                    [max_new_tokens] * len(chunk)
+                    if isinstance(max_new_tokens, int)
+                    else list(max_new_tokens[start : start + batch_size])
+                )
             else:
                 budgets = [max(0, max_length - len(c)) for c in chunk]
             steps = max(budgets)

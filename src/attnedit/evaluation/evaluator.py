@@ -1,4 +1,5 @@
-"""Evaluate one edit case on the current model state: one scoring call, optional generation and PPL."""
+"""Evaluate one edit case on the current model state: one scoring call, the generation scores, optional
+fluency and PPL."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ import torch
 from attnedit.core.data import EditCase
 from attnedit.core.models import ModelBundle
 from attnedit.core.scoring import SAMPLING, TargetScore, generate, score_targets, text_nll
+from attnedit.core.tokens import encode_target
 from attnedit.evaluation.metrics import (
+    GENERATION_MARGIN,
     KNOWEDIT_FLUENCY_MAX_LENGTH,
     KNOWEDIT_FLUENCY_TOP_K,
     KNOWEDIT_PROTOCOL,
     comparisons,
+    generation_hit,
+    generation_probes,
     knowedit_probes,
     ngram_entropy,
 )
@@ -41,6 +46,10 @@ class EvalConfig:
     # prompt (a case's samples are the same in any decoding batch); "batch", one stream per decoding batch
     # (runs made before this setting existed, whose manifests imply it: ``rundir.ADDED_LATER_PARTS``)
     knowedit_sampling: str = "prompt"
+    # the generation scores GES/GPS (``Evaluator.generation_score``): greedy answers to the rewrite and
+    # paraphrase prompts. Runs made before this setting have none; their manifests imply False
+    # (``rundir.ADDED_LATER_PARTS``)
+    generation_score: bool = True
 
     def __post_init__(self) -> None:
         if self.fluency_prompts not in ("generation", "rewrite"):
@@ -96,7 +105,8 @@ class Evaluator:
         return record
 
     def score(self, case: EditCase, reference: Reference | None = None) -> CaseRecord:
-        """The record without fluency: comparisons, KnowEdit probes, PPL (``add_fluency`` adds FL).
+        """The record without fluency: comparisons, KnowEdit probes, the generation scores (when on:
+        ``generation_score``), PPL (``add_fluency`` adds FL).
 
         A case with translations (multilingual data) also gets every translation's comparisons and
         KnowEdit probes, under ``METRIC@LANG`` keys after the case's own, all scored in the same call.
@@ -158,9 +168,50 @@ class Evaluator:
             record["knowedit_keys"] = knowedit_keys
         record["seconds_scoring"] = time.perf_counter() - start
 
+        if self.config.generation_score:
+            self.generation_score(case, record)
         if self.config.ppl_texts:
             record["ppl"] = self._perplexity()
         return record
+
+    def generation_score(self, case: EditCase, record: CaseRecord) -> None:
+        """Add the generation scores to ``record``: the model's greedy continuation of every rewrite
+        (``GES``) and paraphrase (``GPS``) prompt, of the case and of each translation (``GES@fr``), in
+        one decoding batch, each prompt decoding its target's token count plus ``GENERATION_MARGIN``
+        tokens; a prompt counts 1.0 when its continuation gives the target (``generation_hit``), else 0.0.
+        """
+        start = time.perf_counter()
+        versions = [("", case)] + [(f"@{lang}", case.translations[lang]) for lang in case.languages[1:]]
+        keys: list[str] = []
+        prompts: list[str] = []
+        targets: list[str] = []
+        for suffix, version in versions:
+            for name, probes in generation_probes(version).items():
+                keys += [name + suffix] * len(probes)
+                prompts += [p.prompt for p in probes]
+                targets += [p.target for p in probes]
+        if not prompts:
+            return
+        tok = self.bundle.tokenizer
+        budgets = [
+            len(encode_target(tok, p, t)) + GENERATION_MARGIN for p, t in zip(prompts, targets, strict=True)
+        ]
+        texts = generate(
+            self.bundle.model,
+            tok,
+            prompts,
+            max_new_tokens=budgets,
+            batch_size=len(prompts),
+            adapter=self.bundle.adapter,
+        )
+        scores: dict[str, list[float]] = {}
+        answers: dict[str, list[str]] = {}
+        for key, text, target in zip(keys, texts, targets, strict=True):
+            scores.setdefault(key, []).append(float(generation_hit(text, target)))
+            answers.setdefault(key, []).append(text)
+        record["generation_score"] = scores
+        record["generated_answers"] = answers
+        record["seconds_generation_score"] = time.perf_counter() - start
 
     def fluency_prompts(self, case: EditCase) -> list[str]:
         sources = (

@@ -8,6 +8,10 @@ the standard error of the mean. Tables print percentages.
 
 The KnowEdit metrics (``KE_*``) follow EasyEdit instead (``KNOWEDIT_PROTOCOL``): per-probe token
 accuracy, averaged within each probe key, then within the case, then across cases (CI over cases).
+
+The generation scores (``GES``, ``GPS``) judge the model's own greedy answer instead of a teacher-forced
+comparison: a prompt counts when its continuation starts with the new object (``generation_hit``); per
+case the share of its prompts, then the mean over cases (CI over cases).
 """
 
 from __future__ import annotations
@@ -58,6 +62,10 @@ COMPARISON_METRICS: tuple[MetricSpec, ...] = (
 AVG_S_COMPONENTS = ("ES", "PS", "NS", "RS", "DNS")
 # KnowEdit metrics: per-probe teacher-forced token accuracy, averaged as EasyEdit does
 KNOWEDIT_METRICS = ("KE_EDIT", "KE_GEN", "KE_PORT", "KE_LOC")
+# generation scores: record key (``CaseRecord["generation_score"]``) -> its prompts (rewrite, paraphrase)
+GENERATION_METRICS = ("GES", "GPS")
+# tokens generated beyond the target's own count (``Evaluator``): room for another split of its text
+GENERATION_MARGIN = 2
 # KnowEdit fluency: n-gram entropy of top-k sampled text from the rewrite prompts (``Evaluator.add_fluency``)
 KNOWEDIT_FLUENCY = "KE_FLU"
 # ... generated as EasyEdit does: top-k sampling to this many tokens, the prompt's included
@@ -100,6 +108,23 @@ def knowedit_probes(case: EditCase) -> dict[str, list[Probe]]:
         "KE_PORT": list(case.portability),
         "KE_LOC": list(case.locality),
     }
+
+
+def generation_probes(case: EditCase) -> dict[str, list[Probe]]:
+    """The prompts of the generation scores and the target their greedy continuation must start with:
+    ``GES`` the rewrite prompts, ``GPS`` the paraphrases, both o_new."""
+    new = case.request.target_new
+    return {
+        "GES": [Probe(p.prompt, new) for p in case.rewrite],
+        "GPS": [Probe(p.prompt, new) for p in case.paraphrase],
+    }
+
+
+def generation_hit(continuation: str, target: str) -> bool:
+    """Whether a generated ``continuation`` gives ``target``: the continuation without its leading
+    whitespace starts with the target's text (its own surrounding whitespace stripped). Exact
+    characters, no case folding, punctuation and what follows the target ignored (docs/metrics.md)."""
+    return continuation.lstrip().startswith(target.strip())
 
 
 def knowedit_case_value(values: Sequence[float], keys: Sequence[str] | None = None) -> float | None:
@@ -164,7 +189,7 @@ def record_languages(records: Sequence[CaseRecord]) -> list[str]:
     comparisons and KnowEdit probes), in order of first appearance; [] for monolingual records."""
     found: dict[str, None] = {}
     for r in records:
-        for key in (*r["comparisons"], *r.get("knowedit", {})):
+        for key in (*r["comparisons"], *r.get("knowedit", {}), *r.get("generation_score", {})):
             if "@" in key:
                 found.setdefault(key.partition("@")[2], None)
     return list(found)
@@ -185,11 +210,24 @@ def summarize(records: Sequence[CaseRecord], bootstrap: int = 1000, seed: int = 
         summary[name] = _knowedit_entry(records, name)
     ke_flu = [float(np.mean(r["knowedit_fluency"])) for r in records if r.get("knowedit_fluency")]
     summary[KNOWEDIT_FLUENCY] = {**_entry(*mean_ci(ke_flu), scale=100), "protocol": KNOWEDIT_PROTOCOL}
-    for lang in record_languages(records):
+    languages = record_languages(records)
+    for lang in languages:
         summary |= _language_summary(records, f"@{lang}", bootstrap, seed)
         for name in KNOWEDIT_METRICS:
             summary[f"{name}@{lang}"] = _knowedit_entry(records, f"{name}@{lang}")
+    # the generation scores come last, so that the entries before them are as they were before them
+    for suffix in ("", *(f"@{lang}" for lang in languages)):
+        for name in GENERATION_METRICS:
+            summary[name + suffix] = _generation_entry(records, name + suffix)
     return summary
+
+
+def _generation_entry(records: Sequence[CaseRecord], key: str) -> MetricEntry:
+    """A generation score (percent): per case the share of its prompts whose greedy continuation gives
+    the target, then the mean over the cases that have such prompts; the CI and ``n`` are over those
+    cases. Records without generation scores (the score off, or runs made before it) add nothing."""
+    per_case = [float(np.mean(v)) for r in records if (v := r.get("generation_score", {}).get(key))]
+    return _entry(*mean_ci(per_case), scale=100)
 
 
 def _knowedit_entry(records: Sequence[CaseRecord], key: str) -> MetricEntry:
@@ -262,9 +300,13 @@ def _resampled_rates(counts: np.ndarray, idx: np.ndarray) -> np.ndarray:
 def case_counts(records: Sequence[CaseRecord], score: str) -> np.ndarray:
     """Per case, ``[cases, 2]``: (hits, prompts) of a comparison score; (summed probability, prompts) of
     a magnitude (``EM``: P(right)) or a failure probability (``NM_onew``: P(wrong)); (the case's value, 1)
-    of a KnowEdit metric (``KE_EDIT``...; (0, 0) for a case without its probes). ``KEY@LANG`` names read
-    the translation's entries. Pooled over cases, column 0 over column 1 is the summary's value."""
+    of a KnowEdit metric (``KE_EDIT``...) or a generation score (``GES``, ``GPS``: the share of the case's
+    prompts answered; (0, 0) for a case without its probes). ``KEY@LANG`` names read the translation's
+    entries. Pooled over cases, column 0 over column 1 is the summary's value."""
     name, at, lang = score.partition("@")
+    if name in GENERATION_METRICS:  # averaged over cases, as the summary does
+        hits = [r.get("generation_score", {}).get(score, []) for r in records]
+        return np.array([[float(np.mean(v)), 1.0] if v else [0.0, 0.0] for v in hits]).reshape(-1, 2)
     if name in KNOWEDIT_METRICS:
         # a KnowEdit metric is averaged over cases (EasyEdit): one unit per case that has its probes
         values = [r.get("knowedit", {}).get(score, []) for r in records]

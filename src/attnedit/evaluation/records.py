@@ -62,6 +62,12 @@ class CaseRecord(TypedDict):
         str
     ]  # with ``knowedit``: metrics.KNOWEDIT_PROTOCOL (absent: scored before it)
     seconds_scoring: NotRequired[float]
+    # the generation scores (EvalConfig.generation_score; absent when off and in records made before it):
+    # per score (metrics.GENERATION_METRICS; GES@fr), per prompt 1.0 when the model's greedy continuation
+    # starts with the target (metrics.generation_hit), else 0.0; the continuations, parallel to them
+    generation_score: NotRequired[dict[str, list[float]]]
+    generated_answers: NotRequired[dict[str, list[str]]]
+    seconds_generation_score: NotRequired[float]  # the case's decoding batch
     ppl: NotRequired[Perplexity]  # with a perplexity corpus only
     # the runner (runs.runner): the case's share of its edit, the evaluation time, the edit's report
     seconds_eval: NotRequired[float]
@@ -92,7 +98,7 @@ class MetricEntry(TypedDict):
     protocol: NotRequired[str]  # KE_ entries: the protocol that defines them (metrics.KNOWEDIT_PROTOCOL)
 
 
-Summary = dict[str, MetricEntry]  # metric name (ES, EM, AvgS, FL, PPL, KE_EDIT, ..., ES@fr, ...) -> entry
+Summary = dict[str, MetricEntry]  # metric name (ES, EM, AvgS, FL, PPL, KE_EDIT, GES, ES@fr, ...) -> entry
 
 
 class PairedDifference(TypedDict):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from attnedit.evaluation.metrics import (
+    GENERATION_METRICS,
     KNOWEDIT_METRICS,
     PAIRED_MAGNITUDES,
     PAIRED_SCORES,
@@ -19,11 +20,11 @@ from attnedit.evaluation.metrics import (
     summarize,
 )
 from attnedit.evaluation.records import CaseRecord, PairedDifference
-from attnedit.runs.rundir import MANIFEST, RunDir
+from attnedit.runs.rundir import ADDED_LATER_PARTS, MANIFEST, RunDir
 
 logger = logging.getLogger(__name__)
 
-TABLE_COLUMNS = ("AvgS", "ES", "PS", "NS", "RS", "DNS", "FL")
+TABLE_COLUMNS = ("AvgS", "ES", "PS", "NS", "RS", "DNS", "FL", *GENERATION_METRICS)
 MAGNITUDE_COLUMNS = ("EM", "PM", "NM", "RM", "DNM", "RM_onew", "DNM_onew")
 EXTRA_COLUMNS = ("DRS", "RES", "ALIAS", "OS", "DOS", "PPL")
 KNOWEDIT_COLUMNS = (*KNOWEDIT_METRICS, "KE_FLU")
@@ -50,7 +51,9 @@ def _shard_key(manifest: Mapping[str, Any]) -> tuple[Any, ...]:
         manifest["data"].get("question_template"),
         manifest.get("limit"),
         manifest.get("first", 0),
-        json.dumps(manifest.get("eval"), sort_keys=True),
+        # a manifest from before an evaluation setting implies its old value: a shard resumed since (its
+        # manifest now states that value) still merges with the shards that were not
+        json.dumps({**ADDED_LATER_PARTS["eval"], **(manifest.get("eval") or {})}, sort_keys=True),
     )
 
 
@@ -192,8 +195,9 @@ def paired(
     rows: list[ReportRow], against: str, magnitudes: bool = False
 ) -> dict[str, dict[str, PairedDifference]]:
     """Every other row minus the row labelled ``against``, on the cases both hold (paired bootstrap);
-    ``magnitudes``: EM, PM, NM, RM, DNM too; the KnowEdit metrics where the records have them; each in
-    every translation language the records hold."""
+    ``magnitudes``: EM, PM, NM, RM, DNM too; the KnowEdit metrics where the records have them; the
+    generation scores (GES, GPS) where both rows' records have them; each in every translation language
+    the records hold."""
     base = [r for r in rows if r.label == against]
     if len(base) != 1:
         labels = ", ".join(r.label for r in rows)
@@ -204,8 +208,17 @@ def paired(
         names += KNOWEDIT_METRICS
     # translations (multilingual data): the same scores in every language the base run's records hold
     langs = sorted({key.partition("@")[2] for r in base[0].records for key in r["comparisons"]} - {""})
-    scores = names + tuple(f"{name}@{lang}" for lang in langs for name in names)
-    return {r.label: paired_difference(base[0].records, r.records, scores) for r in rows if r is not base[0]}
+
+    def scores(row: ReportRow) -> tuple[str, ...]:
+        # the generation scores only where both runs computed them (runs made before them, or with
+        # --no-generation-score, have none)
+        both = all(any("generation_score" in r for r in x.records) for x in (base[0], row))
+        mine = names + (GENERATION_METRICS if both else ())
+        return mine + tuple(f"{name}@{lang}" for lang in langs for name in mine)
+
+    return {
+        r.label: paired_difference(base[0].records, r.records, scores(r)) for r in rows if r is not base[0]
+    }
 
 
 def paired_table(differences: dict[str, dict[str, PairedDifference]], against: str) -> str:
@@ -221,7 +234,7 @@ def paired_table(differences: dict[str, dict[str, PairedDifference]], against: s
             text += f"; {d['relative']:+.0f}% [{rlo:+.0f}, {rhi:+.0f}]"
         return text
 
-    known = PAIRED_SCORES + PAIRED_MAGNITUDES + KNOWEDIT_METRICS
+    known = PAIRED_SCORES + PAIRED_MAGNITUDES + KNOWEDIT_METRICS + GENERATION_METRICS
     found = {s for d in differences.values() for s in d}
     # the edit language's scores first, then each translation's (``ES@fr``, ...), each in the known order
     names = sorted(found, key=lambda s: (s.partition("@")[2], known.index(s.partition("@")[0])))

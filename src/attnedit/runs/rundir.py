@@ -55,7 +55,9 @@ LOCK = ".lock"
 # identity fields newer than some run directories, with the value an older manifest implies
 ADDED_LATER: dict[str, Any] = {"first": 0}
 # keys of an identity field's mapping that are newer than some run directories, likewise
-ADDED_LATER_PARTS: dict[str, dict[str, Any]] = {"eval": {"knowedit_sampling": "batch"}}
+ADDED_LATER_PARTS: dict[str, dict[str, Any]] = {
+    "eval": {"knowedit_sampling": "batch", "generation_score": False}
+}
 # parts of an identity field that do not identify a run: the data are known by their sha256 and the
 # model by its fingerprint (of its weights; a local model's name is its path), so the same file or
 # weights reached by another path (moved, copied, relative or absolute, another $ATTNEDIT_CACHE)

@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, cast
 
 from attnedit.analysis.engine import json_ready
-from attnedit.evaluation.metrics import COMPARISON_METRICS, KNOWEDIT_METRICS, case_counts
+from attnedit.evaluation.metrics import COMPARISON_METRICS, GENERATION_METRICS, KNOWEDIT_METRICS, case_counts
 from attnedit.evaluation.records import CaseRecord
 from attnedit.runs.report import collect, columns, markdown_table, paired, paired_table
 from attnedit.runs.rundir import MANIFEST, RESULTS, RunConflictError, RunDir, read_results
@@ -172,12 +172,16 @@ class RunsBrowser:
 def case_scores(record: dict[str, Any]) -> dict[str, float]:
     """One evaluation record's own scores as flat fields the page can sort and filter on: per comparison
     score (``ES``, ``DNS``, ``ES@fr``...) the share of its prompts the case gets right, per KnowEdit metric
-    the case's value (EasyEdit's averaging); scores without prompts are left out."""
+    the case's value (EasyEdit's averaging), per generation score (``GES``, ``GPS``) the share of its
+    prompts whose greedy answer gives the target; scores without prompts are left out."""
     comparisons = record.get("comparisons")
     if not isinstance(comparisons, dict):
         return {}  # an analysis record
     names = [key for key in comparisons if key.partition("@")[0] in {m.score for m in COMPARISON_METRICS}]
     names += [key for key in record.get("knowedit", {}) if key.partition("@")[0] in KNOWEDIT_METRICS]
+    names += [
+        key for key in record.get("generation_score", {}) if key.partition("@")[0] in GENERATION_METRICS
+    ]
     evaluated = cast(CaseRecord, record)  # it has comparisons: an evaluation record, as written
     out = {}
     for name in names:
