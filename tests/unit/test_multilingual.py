@@ -294,14 +294,16 @@ def test_summary_pools_each_language_like_the_edit_language(tmp_path, tiny_llama
             "comparisons": {k[:-3]: v for k, v in r["comparisons"].items() if k.endswith("@fr")},
             "knowedit": {k[:-3]: v for k, v in r["knowedit"].items() if k.endswith("@fr")},
             "knowedit_protocol": r["knowedit_protocol"],
+            "generation_score": {k[:-3]: v for k, v in r["generation_score"].items() if k.endswith("@fr")},
         }
         for r in records
     ]
     alone = summarize(french)
     derived = [n for s in COMPARISON_METRICS for n in (s.score, s.magnitude, s.failure) if n]
-    for name in (*derived, "AvgS", *KNOWEDIT_METRICS):
+    for name in (*derived, "AvgS", *KNOWEDIT_METRICS, "GES", "GPS"):
         assert summary[f"{name}@fr"] == alone[name], name
     assert summary["ES@fr"]["n"] == 3 and summary["NM@fr"]["n"] == 3 and summary["KE_PORT@fr"]["n"] == 3
+    assert summary["GES@fr"]["n"] == 3
     # the usual keys come first, as for monolingual data, then the French ones
     keys = list(summary)
     assert keys[: len(alone)] == list(alone) and all(k.endswith("@fr") for k in keys[len(alone) :])
@@ -314,6 +316,7 @@ def _without_languages(record: dict) -> dict:
         **record,
         "comparisons": {k: v for k, v in record["comparisons"].items() if "@" not in k},
         "knowedit": {k: v for k, v in record["knowedit"].items() if "@" not in k},
+        "generation_score": {k: v for k, v in record.get("generation_score", {}).items() if "@" not in k},
     }
 
 
@@ -341,7 +344,8 @@ def test_run_manifest_report_columns_and_cli(tmp_path, tiny_dir):
     assert cols[len(plain) : len(plain) + 3] == knowedit
     # the French columns that have values, in the order of the usual ones (no RS, Avg S or FL in French;
     # KnowEdit locality is the edit language's only)
-    french = ("ES", "PS", "NS", "DNS", "EM", "PM", "NM", "DNM", "DNM_onew", "KE_EDIT", "KE_GEN", "KE_PORT")
+    french = ("ES", "PS", "NS", "DNS", "GES", "GPS", "EM", "PM", "NM", "DNM", "DNM_onew")
+    french += ("KE_EDIT", "KE_GEN", "KE_PORT")
     assert cols[len(plain) + 3 :] == tuple(f"{c}@fr" for c in french)
     assert "| ES@fr |" in markdown_table(rows, cols)
 

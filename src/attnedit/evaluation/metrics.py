@@ -199,7 +199,8 @@ def summarize(records: Sequence[CaseRecord], bootstrap: int = 1000, seed: int = 
     """Pool per-case records into ``{name: {"mean", "ci95", "n"}}`` (percent for scores/magnitudes).
 
     Multilingual records add, after the usual entries (the edit language's), the same comparison,
-    Avg S and KnowEdit entries per translation language: ``ES@fr``, ``EM@fr``, ..., ``KE_PORT@fr``.
+    Avg S, KnowEdit and generation entries per translation language: ``ES@fr``, ``EM@fr``, ...,
+    ``KE_PORT@fr``, ``GES@fr``.
     """
     summary = _language_summary(records, "", bootstrap, seed)
     fl = [v for r in records for v in r.get("fluency", [])]
@@ -210,15 +211,13 @@ def summarize(records: Sequence[CaseRecord], bootstrap: int = 1000, seed: int = 
         summary[name] = _knowedit_entry(records, name)
     ke_flu = [float(np.mean(r["knowedit_fluency"])) for r in records if r.get("knowedit_fluency")]
     summary[KNOWEDIT_FLUENCY] = {**_entry(*mean_ci(ke_flu), scale=100), "protocol": KNOWEDIT_PROTOCOL}
-    languages = record_languages(records)
-    for lang in languages:
+    for name in GENERATION_METRICS:
+        summary[name] = _generation_entry(records, name)
+    for lang in record_languages(records):
         summary |= _language_summary(records, f"@{lang}", bootstrap, seed)
-        for name in KNOWEDIT_METRICS:
-            summary[f"{name}@{lang}"] = _knowedit_entry(records, f"{name}@{lang}")
-    # the generation scores come last, so that the entries before them are as they were before them
-    for suffix in ("", *(f"@{lang}" for lang in languages)):
-        for name in GENERATION_METRICS:
-            summary[name + suffix] = _generation_entry(records, name + suffix)
+        for name in (*KNOWEDIT_METRICS, *GENERATION_METRICS):
+            entry = _generation_entry if name in GENERATION_METRICS else _knowedit_entry
+            summary[f"{name}@{lang}"] = entry(records, f"{name}@{lang}")
     return summary
 
 
