@@ -57,6 +57,13 @@ def test_every_run_scores_generation_by_default_the_unedited_model_too(tmp_path,
             assert set(hits) <= {0.0, 1.0} and len(record["generated_answers"][key]) == len(hits)
         assert len(record["generation_score"]["GES"]) == len(record["comparisons"]["ES"]["right_nll"])
         assert len(record["generation_score"]["GPS"]) == len(record["comparisons"]["PS"]["right_nll"])
+    # the inspector's runs browser shows each record's own generation scores
+    from attnedit.serve.runs_browser import case_scores
+
+    mine = case_scores(records[0])
+    assert mine["GES"] == sum(records[0]["generation_score"]["GES"]) / len(
+        records[0]["generation_score"]["GES"]
+    )
     on_disk = json.loads((tmp_path / "none" / "summary.json").read_text())
     for name in ("GES", "GPS"):
         assert on_disk[name] == json.loads(json.dumps(summary[name])) and on_disk[name]["n"] == 3
