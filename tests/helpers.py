@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,6 +22,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from attnedit.core.models import ModelBundle, bundle_from_model
 from attnedit.core.scoring import generate
+from attnedit.evaluation.evaluator import EvalConfig
+from attnedit.runs.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 """The repository root."""
@@ -115,6 +118,37 @@ def tiny_settings(corpus: str, **overrides: object) -> dict:
         "clamp_norm_factor": 50.0,
         **overrides,
     }
+
+
+MEMIT_PRESET = ROOT / "src/attnedit/resources/presets/memit/smollm2-135m.json"
+"""A preset file the run tests override on the tiny models (its method's fields, SADR block)."""
+
+
+def tiny_run(
+    out: Path,
+    model: Path,
+    corpus: str | Path,
+    *,
+    method: str = "memit",
+    preset: Path = MEMIT_PRESET,
+    params: dict[str, str] | None = None,
+    eval: EvalConfig | None = None,
+    **kw: Any,
+) -> RunConfig:
+    """A run of ``method`` on the sample set with the tiny model at ``model``: edit layers 0-1, statistics
+    of 20 texts of ``corpus``, 3 optimisation steps (``params`` add to or win over these), no fluency
+    unless ``eval`` says otherwise; ``kw`` are further ``RunConfig`` fields."""
+    base = {"layers": "0,1", "stats_corpus": str(corpus), "stats_samples": "20", "steps": "3"}
+    return RunConfig(
+        data="sample",
+        out=str(out),
+        model=str(model),
+        method=method,
+        preset=str(preset),
+        params={**base, **(params or {})},
+        eval=eval or EvalConfig(fluency=False),
+        **kw,
+    )
 
 
 # MEMAT on the tiny models: two edit layers, three heads, every record for the classifiers

@@ -6,29 +6,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from helpers import ROOT
+from helpers import tiny_run
 
-from attnedit.evaluation.evaluator import EvalConfig
 from attnedit.runs.config import RunConfig
 from attnedit.runs.rundir import RESULTS, read_results
 from attnedit.runs.runner import run
 from attnedit.runs.saved_edits import group_edit_path
 
-PRESET = ROOT / "src/attnedit/resources/presets/memit/smollm2-135m.json"
-
 
 def _memit(out: Path, model: Path, corpus: Path, **kw) -> RunConfig:
-    params = {"layers": "0,1", "stats_corpus": str(corpus), "stats_samples": "20", "steps": "3"}
-    return RunConfig(
-        data="sample",
-        out=str(out),
-        model=str(model),
-        method="memit",
-        preset=str(PRESET),
-        params=params,
-        eval=EvalConfig(fluency=False),
-        **kw,
-    )
+    return tiny_run(out, model, corpus, **kw)
 
 
 def _records(out: Path) -> dict[str, dict]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ROOT, kill_after_records, torch_threads
+from helpers import MEMIT_PRESET, ROOT, kill_after_records, tiny_run, torch_threads
 
 from attnedit.evaluation.evaluator import EvalConfig
 from attnedit.runs.config import RunConfig
@@ -48,24 +48,8 @@ def cluster(tmp_path_factory):
 
 
 def _memit(out: Path, model: Path, corpus: Path, fluency: bool = False, **kw) -> RunConfig:
-    params = {
-        "layers": "0,1",
-        "stats_corpus": str(corpus),
-        "stats_samples": "20",
-        "steps": "3",
-        "templates": "[[3, 1]]",
-    }
-    preset = ROOT / "src/attnedit/resources/presets/memit/smollm2-135m.json"
-    return RunConfig(
-        data="sample",
-        out=str(out),
-        model=str(model),
-        method="memit",
-        preset=str(preset),
-        params=params,
-        eval=EvalConfig(fluency=fluency, max_new_tokens=4, max_generation_prompts=1),
-        **kw,
-    )
+    eval = EvalConfig(fluency=fluency, max_new_tokens=4, max_generation_prompts=1)
+    return tiny_run(out, model, corpus, params={"templates": "[[3, 1]]"}, eval=eval, **kw)
 
 
 def _records(out: Path) -> dict[str, dict]:
@@ -220,9 +204,8 @@ def test_analysis_on_ray_equals_local(tmp_path, tiny_dir, cluster):
 
 def _cli(out: Path, model: Path, corpus: Path, address: str, *extra: str) -> list[str]:
     params = ["layers=0,1", f"stats_corpus={corpus}", "stats_samples=20", "steps=3", "templates=[[3, 1]]"]
-    preset = ROOT / "src/attnedit/resources/presets/memit/smollm2-135m.json"
     args = [sys.executable, "-m", "attnedit", "eval", "sample", "--out", str(out), "--model", str(model)]
-    args += ["--method", "memit", "--preset", str(preset), "--no-fluency", "--ppl-corpus", "none"]
+    args += ["--method", "memit", "--preset", str(MEMIT_PRESET), "--no-fluency", "--ppl-corpus", "none"]
     args += [a for p in params for a in ("-p", p)]
     return [*args, "--backend", "ray", "--address", address, "--workers", "2", *extra]
 

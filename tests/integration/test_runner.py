@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, kill_after_records
+from helpers import ROOT, kill_after_records, tiny_run
 
 from attnedit.core.data import load_cases
 from attnedit.evaluation.evaluator import EvalConfig
@@ -238,23 +238,7 @@ def test_kill_9_then_resume_keeps_every_case_once(tmp_path, smollm2):
 
 
 def _edit_config(out: Path, model: Path, corpus: Path, **kw) -> RunConfig:
-    params = {
-        "layers": "0,1",
-        "stats_corpus": str(corpus),
-        "stats_samples": "20",
-        "steps": "3",
-        "templates": "[[3, 1]]",
-    }
-    return RunConfig(
-        data="sample",
-        out=str(out),
-        model=str(model),
-        method="memit",
-        preset=str(ROOT / "src/attnedit/resources/presets/memit/smollm2-135m.json"),
-        params=params,
-        eval=EvalConfig(fluency=False),
-        **kw,
-    )
+    return tiny_run(out, model, corpus, params={"templates": "[[3, 1]]"}, **kw)
 
 
 @pytest.mark.parametrize("mode", ["batch", "sequential"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, make_tiny, tiny_settings
+from helpers import ROOT, make_tiny, tiny_run, tiny_settings
 from typer.testing import CliRunner
 
 from attnedit.core.data import load_cases
@@ -258,18 +258,14 @@ def test_the_state_round_trips_and_a_damaged_file_is_refused(tiny_tokenizer, cor
 
 
 def _sequential_config(out: Path, model: Path, corpus: str):
-    from attnedit.evaluation.evaluator import EvalConfig
-    from attnedit.runs.config import RunConfig
-
-    params = {"layers": "0,1", "stats_corpus": corpus, "stats_samples": "20", "steps": "3"}
-    return RunConfig(
-        data="sample",
-        out=str(out),
-        model=str(model),
+    params = {"templates": "[[3, 1]]", "nullspace_threshold": "0.5"}
+    return tiny_run(
+        out,
+        model,
+        corpus,
         method="alphaedit",
-        preset=str(PRESET),
-        params={**params, "templates": "[[3, 1]]", "nullspace_threshold": "0.5"},
-        eval=EvalConfig(fluency=False),
+        preset=PRESET,
+        params=params,
         limit=4,
         mode="sequential",
         batch_size=2,
