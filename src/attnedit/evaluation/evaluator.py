@@ -67,6 +67,12 @@ class EvalConfig:
         return data
 
 
+def _versions(case: EditCase) -> list[tuple[str, EditCase]]:
+    """(key suffix, the case in that language) of every language a case is scored in: ``""`` for the case
+    itself, ``"@fr"`` for its French translation."""
+    return [("", case)] + [(f"@{lang}", case.translations[lang]) for lang in case.languages[1:]]
+
+
 class Evaluator:
     """Computes the per-case record (``records.CaseRecord``) that ``results.jsonl`` stores.
 
@@ -115,8 +121,7 @@ class Evaluator:
         the comparisons' as ever (``tokens.encode_target``).
         """
         start = time.perf_counter()
-        # (key suffix, the case in that language): "" for the case itself, "@fr" for its translation
-        versions = [("", case)] + [(f"@{lang}", case.translations[lang]) for lang in case.languages[1:]]
+        versions = _versions(case)
         plans = []
         pairs: list[tuple[str, str]] = []
         joined: list[bool] = []
@@ -181,7 +186,7 @@ class Evaluator:
         tokens; a prompt counts 1.0 when its continuation gives the target (``generation_hit``), else 0.0.
         """
         start = time.perf_counter()
-        versions = [("", case)] + [(f"@{lang}", case.translations[lang]) for lang in case.languages[1:]]
+        versions = _versions(case)
         keys: list[str] = []
         prompts: list[str] = []
         targets: list[str] = []
