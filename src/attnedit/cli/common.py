@@ -296,8 +296,10 @@ def error_boundary(command: Callable[P, R]) -> Callable[P, R]:
             raise
         except Exception as err:
             from attnedit.runs.executors import UnitsFailedError  # no heavy imports
+            from attnedit.runs.sequential import StreamCollapsedError
 
-            if isinstance(err, UnitsFailedError):  # workers died: the rest was written, a rerun resumes
+            # workers died (the rest was written, a rerun resumes), or the model collapsed in a stream
+            if isinstance(err, UnitsFailedError | StreamCollapsedError):
                 typer.echo(f"error: {err}", err=True)
                 raise typer.Exit(1) from None
             if _is_user_error(err):

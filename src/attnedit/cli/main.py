@@ -130,6 +130,33 @@ def eval_command(
             "(every valid record is kept)"
         ),
     ] = False,
+    checkpoint_every: Annotated[
+        int | None,
+        typer.Option(
+            help="sequential mode: every N edits, score a sample of the edits so far and measure general "
+            "ability (PIQA, perplexity, known facts, fluency) against the unedited model: OUT/curves.jsonl"
+        ),
+    ] = None,
+    checkpoint_sample: Annotated[
+        int, typer.Option(help="edits so far scored at a checkpoint (a seeded sample; all when fewer)")
+    ] = 100,
+    general_piqa: Annotated[
+        str, typer.Option(help="checkpoints: PIQA questions (data set name or file; 'none' = off)")
+    ] = "piqa",
+    general_known: Annotated[
+        str, typer.Option(help="checkpoints: known facts (data set name or file; 'none' = off)")
+    ] = "rome-known",
+    general_corpus: Annotated[
+        str,
+        typer.Option(help="checkpoints: paragraphs for perplexity and fluency (name or file; 'none' = off)"),
+    ] = "wikitext2",
+    general_samples: Annotated[
+        int, typer.Option(help="checkpoints: PIQA questions and known facts sampled (fixed by --seed)")
+    ] = 100,
+    collapse_factor: Annotated[
+        float,
+        typer.Option(help="checkpoints: stop the stream when perplexity exceeds this x the unedited model's"),
+    ] = 10.0,
     threads: Threads = None,
     verbose: Verbose = False,
 ) -> None:
@@ -144,7 +171,8 @@ def eval_command(
         )
     setup_logging(verbose, threads)
     from attnedit.evaluation.evaluator import EvalConfig
-    from attnedit.runs.config import RunConfig, Shard
+    from attnedit.evaluation.general import GeneralConfig
+    from attnedit.runs.config import RunConfig, Shard, StreamConfig
     from attnedit.runs.report import collect, columns, markdown_table
     from attnedit.runs.runner import run
 
@@ -180,6 +208,18 @@ def eval_command(
         generation_cases=generation_cases,
         targets_cache=None if targets_cache is None else str(targets_cache),
         repair=repair,
+        stream=StreamConfig(
+            checkpoint_every=checkpoint_every,
+            sample=checkpoint_sample,
+            general=GeneralConfig(
+                piqa=_off(general_piqa),
+                known=_off(general_known),
+                corpus=_off(general_corpus),
+                samples=general_samples,
+                seed=seed,
+            ),
+            collapse_factor=collapse_factor,
+        ),
         eval=EvalConfig(
             fluency=fluency,
             fluency_prompts=fluency_prompts,
@@ -198,6 +238,11 @@ def eval_command(
     rows = collect([out])
     typer.echo(markdown_table(rows, columns(magnitudes=True, rows=rows)))
     typer.echo(f"\nresults: {out / 'results.jsonl'}  summary: {out / 'summary.json'}")
+
+
+def _off(value: str) -> str | None:
+    """A data flag's value, ``none`` meaning off."""
+    return None if value.lower() == "none" else value
 
 
 @app.command("edit")

@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any  # parsed JSON (what json.loads returns): each reader checks the shape it needs
 
-from attnedit.core.datasets import DATASETS, resolve
+from attnedit.core.datasets import DATASETS, dataset_files, resolve
 from attnedit.core.download import sha256_of
 from attnedit.core.tokens import SubjectNotFoundError, fill_prompt
 
@@ -668,3 +668,98 @@ def load_texts(path: str | Path, limit: int | None = None) -> list[str]:
     else:
         texts = [line.strip() for line in _read_text(file).splitlines() if line.strip()]
     return texts[:limit] if limit else texts
+
+
+# -- general-ability data (read by a stream's checkpoints; not edit cases) --------------------------------
+
+
+@dataclass(frozen=True)
+class PiqaQuestion:
+    """One PIQA question: the goal, its two solutions and the index (0 or 1) of the right one."""
+
+    index: int
+    goal: str
+    solutions: tuple[str, str]
+    label: int
+
+
+@dataclass(frozen=True)
+class KnownFact:
+    """One of ROME's known facts: a prompt the model completes (``prompt``) with ``attribute``."""
+
+    index: int
+    subject: str
+    prompt: str
+    attribute: str
+
+
+def _text_field(record: object, key: str, where: str) -> str:
+    """``record[key]`` as a non-empty string, or a ``DataFormatError`` naming the record and the field."""
+    value = record.get(key) if isinstance(record, dict) else None
+    if not isinstance(value, str) or not value.strip():
+        raise DataFormatError(f"{where}: field {key!r} is missing, empty or not a string")
+    return value
+
+
+def _piqa_labels(questions: Path) -> Path | None:
+    """The labels file of a PIQA questions file: the registered set's second file, or beside the file as
+    ``NAME_labels.lst`` / ``NAME-labels.lst`` (upstream: ``valid.jsonl`` and ``valid-labels.lst``)."""
+    for name in (f"{questions.stem}_labels.lst", f"{questions.stem}-labels.lst"):
+        if (questions.parent / name).is_file():
+            return questions.parent / name
+    return None
+
+
+def load_piqa(spec: str | Path = "piqa", limit: int | None = None) -> list[PiqaQuestion]:
+    """PIQA questions with their labels: a registered name (``piqa``: the validation split, questions and
+    labels files) or a JSON-lines file of ``goal``/``sol1``/``sol2`` records whose labels are a ``label``
+    field in each record or a labels file beside it (``NAME_labels.lst``, one 0/1 per line)."""
+    name = str(spec)
+    if not Path(name).is_file() and name in DATASETS:
+        questions, *rest = dataset_files(name)
+        labels_file: Path | None = rest[0] if rest else None
+    else:
+        questions = resolve(spec)
+        labels_file = _piqa_labels(questions)
+    records = _json_lines(_read_text(questions), questions)
+    labels: list[str] | None = None
+    if labels_file is not None:
+        labels = [line.strip() for line in _read_text(labels_file).splitlines() if line.strip()]
+        if len(labels) != len(records):
+            raise DataFormatError(
+                f"{labels_file}: {len(labels)} labels for the {len(records)} questions of {questions}"
+            )
+    out: list[PiqaQuestion] = []
+    for k, (line, record) in enumerate(records[:limit] if limit else records):
+        where = f"{questions}[line {line}]"
+        raw: object = labels[k] if labels is not None else (record or {}).get("label")
+        if str(raw) not in ("0", "1"):
+            source = f"{labels_file} line {k + 1}" if labels is not None else f"{where}: field 'label'"
+            raise DataFormatError(
+                f"{source}: a PIQA label is 0 or 1, not {raw!r}"
+                + ("" if labels is not None else f" (or put the labels in {questions.stem}_labels.lst)")
+            )
+        solutions = (_text_field(record, "sol1", where), _text_field(record, "sol2", where))
+        out.append(PiqaQuestion(k, _text_field(record, "goal", where), solutions, int(str(raw))))
+    return out
+
+
+def load_known_facts(spec: str | Path = "rome-known", limit: int | None = None) -> list[KnownFact]:
+    """ROME's known facts (a registered name, ``rome-known``, or a JSON list of records with ``subject``,
+    ``prompt`` and ``attribute``)."""
+    file = resolve(spec)
+    raw = _parse_json(_read_text(file), file)
+    if not isinstance(raw, list):
+        raise DataFormatError(f"{file}: expected a JSON list of known facts")
+    facts = []
+    for k, record in enumerate(raw[:limit] if limit else raw):
+        where = f"{file}[{k}]"
+        facts.append(
+            KnownFact(
+                k,
+                _text_field(record, "subject", where),
+                _text_field(record, "prompt", where),
+                _text_field(record, "attribute", where),
+            )
+        )
+    return facts

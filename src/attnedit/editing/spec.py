@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from attnedit.core.data import EditCase
@@ -71,6 +72,23 @@ class StreamEditor(Protocol):
     def after_group(self, bundle: ModelBundle, cases: list[EditCase]) -> None:
         """Update the stream's state after ``cases``' edit was applied to ``bundle``'s model (freshly
         computed or re-applied from a saved file: the state must depend on the model only)."""
+        ...
+
+
+@runtime_checkable
+class StatefulEditor(Protocol):
+    """A stream editor whose state a resumed stream takes back from a file instead of recomputing it."""
+
+    def save_state(self, path: str | Path) -> Path:
+        """Write the stream's state to ``path`` atomically (with a digest)."""
+        ...
+
+    def load_state(self, path: str | Path) -> None:
+        """Take back a state ``save_state`` wrote; a file that does not verify is an error."""
+        ...
+
+    def reset_state(self) -> None:
+        """Forget the stream."""
         ...
 
 

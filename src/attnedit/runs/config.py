@@ -16,6 +16,7 @@ from attnedit.core.models import ModelBundle
 from attnedit.core.version import __version__
 from attnedit.editing.spec import Editor
 from attnedit.evaluation.evaluator import EvalConfig
+from attnedit.evaluation.general import GeneralConfig
 from attnedit.evaluation.metrics import summarize
 from attnedit.evaluation.records import CaseRecord, Summary
 from attnedit.runs.rundir import RunDir, data_manifest, environment_manifest, model_manifest
@@ -45,6 +46,38 @@ class Shard:
         """Contiguous block ``index`` of ``count`` near-equal blocks."""
         bounds = np.linspace(0, len(cases), self.count + 1).round().astype(int)
         return cases[bounds[self.index] : bounds[self.index + 1]]
+
+
+@dataclass
+class StreamConfig:
+    """A sequential run's checkpoints (``--checkpoint-every``): every ``checkpoint_every`` edits the edits
+    so far (a seeded sample of at most ``sample``) are scored again and general ability (``general``) is
+    measured against the unedited model; the stream stops when the model collapses (a non-finite weight
+    or score, or perplexity above ``collapse_factor`` times the unedited model's)."""
+
+    checkpoint_every: int | None = None
+    sample: int = 100
+    general: GeneralConfig = field(default_factory=GeneralConfig)
+    collapse_factor: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise ValueError(f"--checkpoint-every must be at least 1, not {self.checkpoint_every}")
+        if self.sample < 1:
+            raise ValueError(f"--checkpoint-sample must be at least 1, not {self.sample}")
+        if not self.collapse_factor > 1:
+            raise ValueError(f"--collapse-factor must be above 1, not {self.collapse_factor}")
+
+    def manifest(self) -> dict[str, Any] | None:
+        """What a run directory records (None without checkpoints: a plain sequential run)."""
+        if self.checkpoint_every is None:
+            return None
+        return {
+            "checkpoint_every": self.checkpoint_every,
+            "sample": self.sample,
+            "general": self.general.model_dump(),
+            "collapse_factor": self.collapse_factor,
+        }
 
 
 @dataclass
@@ -89,6 +122,8 @@ class RunConfig:
     # batch) takes their targets instead of optimising them. A speed setting: not part of a run's identity
     targets_cache: str | None = None
     repair: bool = False  # move unreadable record lines to the quarantine file before the run (--repair)
+    # sequential mode: checkpoints along the stream (``sequential``)
+    stream: StreamConfig = field(default_factory=StreamConfig)
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
@@ -103,6 +138,8 @@ class RunConfig:
             raise ValueError("--generation-cases must be at least 1")
         if self.mode == "single" and self.batch_size != 1:
             raise ValueError("--batch-size needs --mode batch or sequential")
+        if self.stream.checkpoint_every is not None and self.mode != "sequential":
+            raise ValueError("--checkpoint-every needs --mode sequential (checkpoints are along a stream)")
         if self.mode == "sequential" and self.targets_cache:
             raise ValueError(
                 "--targets-cache needs --mode single or batch: a sequential edit's targets are optimised on "
@@ -140,6 +177,7 @@ def build_manifest(
         "seed": config.seed,
         "eval": config.eval.manifest(),
         "ppl_corpus": config.ppl_corpus,
+        "stream": config.stream.manifest(),
         "generation_cases": config.generation_cases,
         "targets_cache": config.targets_cache,
         "device": str(bundle.device),
@@ -162,6 +200,7 @@ _IDENTITY = (
     "seed",
     "eval",
     "ppl_corpus",
+    "stream",
 )
 
 

@@ -53,7 +53,7 @@ RESULTS = "results.jsonl"
 LOCK = ".lock"
 
 # identity fields newer than some run directories, with the value an older manifest implies
-ADDED_LATER: dict[str, Any] = {"first": 0}
+ADDED_LATER: dict[str, Any] = {"first": 0, "stream": None}
 # keys of an identity field's mapping that are newer than some run directories, likewise
 ADDED_LATER_PARTS: dict[str, dict[str, Any]] = {
     "eval": {"knowedit_sampling": "batch", "generation_score": False}
@@ -183,16 +183,19 @@ def environment_manifest() -> dict[str, Any]:
     }
 
 
-def _parse_record(line: bytes) -> dict[str, Any]:
-    """One record line: a JSON object with a string ``case_id`` (``ValueError`` otherwise)."""
+def _parse_record(line: bytes, key: str = "case_id", kind: type = str) -> dict[str, Any]:
+    """One record line: a JSON object whose ``key`` is a ``kind`` (``ValueError`` otherwise)."""
     record: object = json.loads(line)  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-    if not isinstance(record, dict) or not isinstance(record.get("case_id"), str):
-        raise ValueError("not a record (a JSON object with a case_id)")
+    if not isinstance(record, dict) or not isinstance(record.get(key), kind):
+        raise ValueError(f"not a record (a JSON object with a {key})")
     return record
 
 
-def read_results(path: Path, repair: bool = False) -> list[dict[str, Any]]:
-    """Records of a JSON-lines file in file order.
+def read_results(
+    path: Path, repair: bool = False, key: str = "case_id", kind: type = str
+) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file in file order (each a JSON object whose ``key`` is a ``kind``: a case's
+    ``case_id`` string by default).
 
     Only a torn last line (no trailing newline: an interrupted write) is dropped, and cut off the file if
     ``repair`` (only the run's writer may repair: for a reader, the tail may be a write in progress). Any
@@ -213,7 +216,7 @@ def read_results(path: Path, repair: bool = False) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            records.append(_parse_record(line))
+            records.append(_parse_record(line, key, kind))
         except ValueError as err:
             raise CorruptRecordsError(
                 f"{path}, line {number}: not a readable record ({err}); no record was removed: fix or "
@@ -233,6 +236,17 @@ def read_results(path: Path, repair: bool = False) -> list[dict[str, Any]]:
 
 
 QUARANTINE_SUFFIX = ".quarantine"
+
+
+def append_line(path: Path, record: Mapping[str, Any], allow_nan: bool = True) -> None:
+    """Append ``record`` to a JSON-lines file as one line, flushed and fsynced (an interruption leaves at
+    most a torn last line, which ``read_results(..., repair=True)`` cuts off); a link is refused."""
+    line = json.dumps(record, ensure_ascii=False, allow_nan=allow_nan) + "\n"
+    fd = _open_nofollow(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(line.encode("utf-8"))
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 class RunDir(Generic[R]):
@@ -432,12 +446,7 @@ class RunDir(Generic[R]):
     def append(self, record: R) -> None:
         """Append one record as a JSON line, flushed and fsynced (an interrupted run loses at most a torn
         last line, which the next ``records(..., repair=True)`` cuts off)."""
-        line = json.dumps(record, ensure_ascii=False, allow_nan=self.allow_nan) + "\n"
-        fd = _open_nofollow(self.records_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(line.encode("utf-8"))
-            fh.flush()
-            os.fsync(fh.fileno())
+        append_line(self.records_path, record, self.allow_nan)
 
     def write_json(self, name: str, data: Any, indent: int | None = None, allow_nan: bool = True) -> Path:
         """Write ``data`` to ``name`` in the directory atomically (a reader sees the old file or the new
