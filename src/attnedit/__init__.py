@@ -26,7 +26,10 @@ _API = (
     "ModelBundle",
     "PresetError",
     "WeightEdit",
+    "EvalConfig",
+    "GeneralConfig",
     "answers",
+    "curves",
     "data_sets",
     "edit",
     "editor",
@@ -43,6 +46,7 @@ _API = (
     "reference",
     "register_method",
     "statistics",
+    "stream",
     "target_cache",
 )
 
@@ -54,11 +58,13 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
         DataSet,
         EditCase,
         EditRequest,
+        GeneralConfig,
         MissingExtraError,
         ModelBundle,
         PresetError,
         WeightEdit,
         answers,
+        curves,
         data_sets,
         edit,
         editor,
@@ -75,6 +81,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
         reference,
         register_method,
         statistics,
+        stream,
         target_cache,
     )
 

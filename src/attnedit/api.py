@@ -20,6 +20,9 @@ checkpoint, which plain ``transformers`` loads.
 ``data_sets()`` lists the data sets known by name and ``fetch_data(NAME, ...)`` downloads them ahead of
 use (``load_cases(NAME)`` does too, on first use).
 
+``stream(DATA, METHOD, OUT, batch_size=100, checkpoint_every=100)`` runs a stream of edits (sequential
+mode with checkpoints, resumable) and ``curves(OUT)`` reads its checkpoints back.
+
 ``with target_cache(DIR):`` (``editing.target_cache.target_cache``) keeps every finished group of a target
 optimisation in DIR and reuses it for edits with the same targets (an interrupted batch edit again,
 IntAttn-Edit after MEMIT on the same requests), around the unedited model.
@@ -49,9 +52,13 @@ from attnedit.editing.spec import Editor, Method, MethodSpec, method_names, regi
 from attnedit.editing.spec import parse_method as _parse_method
 from attnedit.editing.target_cache import target_cache  # noqa: F401 (public: attnedit.target_cache)
 from attnedit.evaluation.evaluator import EvalConfig, Evaluator
-from attnedit.evaluation.records import CaseRecord, Reference
+from attnedit.evaluation.general import GeneralConfig
+from attnedit.evaluation.records import CaseRecord, Reference, Summary
+from attnedit.runs.config import RunConfig, StreamConfig
 from attnedit.runs.export import Exported
 from attnedit.runs.export import export as _export
+from attnedit.runs.runner import run as _run
+from attnedit.runs.sequential import read_curves
 
 if TYPE_CHECKING:
     import torch
@@ -294,3 +301,66 @@ def export(
     """
     paths = [edits] if isinstance(edits, str | Path) else list(edits)
     return _export(model, paths, out, overwrite=overwrite)
+
+
+def stream(
+    data: str | Path,
+    method: str,
+    out: str | Path,
+    *,
+    model: str = "smollm2-135m",
+    bundle: ModelBundle | None = None,
+    batch_size: int = 100,
+    checkpoint_every: int | None = 100,
+    checkpoint_sample: int = 100,
+    general: GeneralConfig | None = None,
+    collapse_factor: float = 10.0,
+    limit: int | None = None,
+    first: int = 0,
+    seed: int = 0,
+    preset: str | None = None,
+    eval: EvalConfig | None = None,
+    progress: bool = True,
+    **settings: Any,
+) -> Summary:
+    """Run (or resume) a stream of edits: ``attnedit eval DATA --method METHOD --mode sequential
+    --batch-size N --checkpoint-every M --out OUT`` from Python. Returns the summary of every case scored
+    on the final model; the checkpoints are in ``OUT/curves.jsonl`` (``curves(OUT)``).
+
+    ``data``: a data set name or file; ``bundle``: a model already loaded (else ``model`` is loaded);
+    ``general``: what the checkpoints measure of general ability (PIQA, perplexity, known facts, fluency;
+    ``GeneralConfig``); ``settings``: preset overrides and SADR settings as in ``editor``. Interrupted
+    (even by ``kill -9``), the same call resumes exactly; a stream is never continued with another model or
+    setting. Raises ``StreamCollapsedError`` (``attnedit.runs.sequential``) when the model collapses.
+    """
+    choice = _parse_method(method)
+    params, sadr = choice.split(settings)
+    config = RunConfig(
+        data=str(data),
+        out=str(out),
+        model=bundle.name if bundle is not None else model,
+        method=method,
+        limit=limit,
+        first=first,
+        seed=seed,
+        mode="sequential",
+        batch_size=batch_size,
+        preset=preset,
+        params=params,
+        sadr=sadr,
+        eval=eval or EvalConfig(),
+        stream=StreamConfig(
+            checkpoint_every=checkpoint_every,
+            sample=checkpoint_sample,
+            general=general or GeneralConfig(seed=seed),
+            collapse_factor=collapse_factor,
+        ),
+    )
+    return _run(config, bundle=bundle, progress=progress)
+
+
+def curves(out: str | Path) -> list[dict[str, Any]]:
+    """The checkpoint lines of a stream's run directory, in order of edits (``edits`` 0: the unedited
+    model): ``edited`` (scores of the edits so far), ``general`` (PIQA accuracy, perplexity, known facts
+    kept, fluency), ``weights`` (norms of the edited weights and of their accumulated change)."""
+    return read_curves(out)

@@ -343,3 +343,31 @@ def test_a_stream_killed_twice_ends_as_an_uninterrupted_one(tmp_path, tiny_dir, 
     assert states[0].keys() == states[1].keys() and all(
         torch.equal(states[0][n], states[1][n]) for n in states[0]
     )
+
+
+def test_the_api_runs_and_resumes_a_stream(tmp_path, tiny_dir, corpus, paragraphs):
+    """``attnedit.stream`` is the command line's stream from Python; the same call again resumes (nothing
+    recomputed) and ``attnedit.curves`` reads the checkpoints."""
+    from helpers import MEMIT_PRESET
+
+    import attnedit
+
+    bundle = load_model(str(tiny_dir))
+    settings = {"layers": [0, 1], "stats_corpus": corpus, "stats_samples": 20, "steps": 3}
+    kw: dict[str, Any] = {
+        "bundle": bundle,
+        "preset": str(MEMIT_PRESET),
+        "batch_size": 2,
+        "checkpoint_every": 4,
+        "checkpoint_sample": 2,
+        "limit": 4,
+        "general": general(paragraphs, corpus_samples=2),
+        "eval": attnedit.EvalConfig(fluency=False),
+        "progress": False,
+    }
+    summary = attnedit.stream("sample", "memit", tmp_path / "run", **kw, **settings)
+    assert summary["ES"]["n"] == 4
+    lines = attnedit.curves(tmp_path / "run")
+    assert [line["edits"] for line in lines] == [0, 4]
+    assert attnedit.stream("sample", "memit", tmp_path / "run", **kw, **settings) == summary
+    assert len(attnedit.curves(tmp_path / "run")) == 2
