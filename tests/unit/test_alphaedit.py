@@ -272,10 +272,10 @@ def _sequential_config(out: Path, model: Path, corpus: str):
     )
 
 
-def test_a_resumed_sequential_run_rebuilds_the_same_stream(tmp_path, tiny_dir, corpus):
+def test_a_resumed_sequential_run_continues_the_same_stream(tmp_path, tiny_dir, corpus):
     """A run stopped after its first group's edit, resumed by a fresh process (a fresh editor), re-applies
-    that edit from its file, rebuilds C_prev from the model, and ends with the C_prev and the second edit
-    of an uninterrupted run."""
+    that edit from its file, takes C_prev back from the stream's saved state, and ends with the C_prev and
+    the second edit of an uninterrupted run."""
     from attnedit.core.models import load_model
     from attnedit.runs.runner import run
 

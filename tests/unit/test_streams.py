@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from attnedit.core.data import DataFormatError, load_known_facts, load_piqa
 from attnedit.core.deltas import EditBuilder, WeightEdit, model_hash
 from attnedit.core.models import ModelBundle, load_model
+from attnedit.evaluation.evaluator import EvalConfig
 from attnedit.evaluation.general import GeneralAbility, GeneralConfig
 from attnedit.runs.config import StreamConfig
 from attnedit.runs.rundir import RunConflictError
@@ -201,11 +202,12 @@ class Blowup:
             return builder.finish(meta)  # type: ignore[arg-type]
 
 
-def test_a_stream_stops_when_perplexity_blows_up(tmp_path, tiny_dir, corpus, paragraphs):
+def test_a_stream_stops_when_perplexity_blows_up(tmp_path, tiny, corpus, paragraphs):
+    """On a tiny model of every family: random logits of scale 100 after the first group."""
     out = tmp_path / "run"
-    bundle = load_model(str(tiny_dir))
+    bundle = tiny
     original = model_hash(bundle.model)
-    config = stream_config(out, tiny_dir, corpus, paragraphs)
+    config = stream_config(out, Path("unused"), corpus, paragraphs)
     with pytest.raises(StreamCollapsedError, match=r"collapsed after 2 edits \(perplexity .* above 10 x"):
         run(config, bundle=bundle, editor=Blowup(100.0, random=True), progress=False)
     assert model_hash(bundle.model) == original
@@ -371,3 +373,26 @@ def test_the_api_runs_and_resumes_a_stream(tmp_path, tiny_dir, corpus, paragraph
     assert [line["edits"] for line in lines] == [0, 4]
     assert attnedit.stream("sample", "memit", tmp_path / "run", **kw, **settings) == summary
     assert len(attnedit.curves(tmp_path / "run")) == 2
+
+
+def test_scoring_many_cases_at_once_gives_their_case_by_case_records(tiny):
+    """``Evaluator.score_many`` (a checkpoint's scoring) equals ``score`` per case up to float rounding:
+    the same comparisons, KnowEdit values and generated answers."""
+    from attnedit.core.data import load_cases
+    from attnedit.evaluation.evaluator import Evaluator
+
+    knowedit = load_cases(FIXTURES / "knowedit_zsre_test_all.json", skip_invalid=True).cases[:3]
+    cases = load_cases("sample").cases[:5] + knowedit
+    evaluator = Evaluator(tiny, EvalConfig(fluency=False))
+    refs = [evaluator.reference(c) if c.locality else None for c in cases]
+    together = evaluator.score_many(cases, refs)
+    for case, ref, record in zip(cases, refs, together, strict=True):
+        alone = evaluator.score(case, ref)
+        assert record["case_id"] == alone["case_id"] and record.keys() == alone.keys()
+        for key, entry in alone["comparisons"].items():
+            for side in ("right_nll", "wrong_nll"):
+                assert record["comparisons"][key][side] == pytest.approx(entry[side], rel=1e-4, abs=1e-5)
+        for key, values in alone.get("knowedit", {}).items():
+            assert record["knowedit"][key] == pytest.approx(values, abs=1e-6)
+        assert record["generated_answers"] == alone["generated_answers"]
+        assert record["generation_score"] == alone["generation_score"]

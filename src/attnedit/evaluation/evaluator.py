@@ -4,13 +4,13 @@ fluency and PPL."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from attnedit.core.data import EditCase
+from attnedit.core.data import EditCase, Probe
 from attnedit.core.models import ModelBundle
 from attnedit.core.scoring import SAMPLING, TargetScore, generate, score_targets, text_nll
 from attnedit.core.tokens import encode_target
@@ -19,6 +19,7 @@ from attnedit.evaluation.metrics import (
     KNOWEDIT_FLUENCY_MAX_LENGTH,
     KNOWEDIT_FLUENCY_TOP_K,
     KNOWEDIT_PROTOCOL,
+    Comparison,
     comparisons,
     generation_hit,
     generation_probes,
@@ -26,6 +27,9 @@ from attnedit.evaluation.metrics import (
     ngram_entropy,
 )
 from attnedit.evaluation.records import CaseRecord, ComparisonNLLs, Perplexity, Reference
+
+GENERATION_SCORE_BATCH = 64
+"""Prompts decoded in one batch by ``Evaluator.score_many``'s generation scores."""
 
 
 @dataclass
@@ -120,27 +124,65 @@ class Evaluator:
         probes' targets are split from the prompt as EasyEdit splits them (``scoring.joined_target``),
         the comparisons' as ever (``tokens.encode_target``).
         """
+        return self.score_many([case], [reference])[0]
+
+    def score_many(
+        self, cases: Sequence[EditCase], references: Sequence[Reference | None] | None = None
+    ) -> list[CaseRecord]:
+        """``score`` of several cases, their prompts scored in one call and their generation scores decoded
+        in one batch (several times faster than case by case for cases of few prompts; the numbers equal
+        ``score``'s up to float rounding, since prompts share other padded batches). ``seconds_scoring``
+        and ``seconds_generation_score`` are the call's time divided among the cases."""
+        refs = list(references) if references is not None else [None] * len(cases)
+        if len(refs) != len(cases):
+            raise ValueError(f"{len(refs)} references for {len(cases)} cases")
         start = time.perf_counter()
-        versions = _versions(case)
-        plans = []
         pairs: list[tuple[str, str]] = []
         joined: list[bool] = []
-        for suffix, version in versions:
-            comps = comparisons(version)
-            ke = knowedit_probes(version)
-            if suffix:
-                ke.pop("KE_LOC")  # it compares with the unedited model's answers, taken for the case's own
-            pairs += [(c.prompt, c.right) for c in comps] + [(c.prompt, c.wrong) for c in comps]
-            ke_pairs = [(p.prompt, p.target) for name in ke for p in ke[name]]
-            joined += [False] * (len(pairs) - len(joined)) + [True] * len(ke_pairs)
-            pairs += ke_pairs
-            plans.append((suffix, comps, ke))
+        plans = []
+        for case in cases:
+            plan = []
+            for suffix, version in _versions(case):
+                comps = comparisons(version)
+                ke = knowedit_probes(version)
+                if suffix:
+                    ke.pop(
+                        "KE_LOC"
+                    )  # it compares with the unedited model's answers, taken for the case's own
+                pairs += [(c.prompt, c.right) for c in comps] + [(c.prompt, c.wrong) for c in comps]
+                ke_pairs = [(p.prompt, p.target) for name in ke for p in ke[name]]
+                joined += [False] * (len(pairs) - len(joined)) + [True] * len(ke_pairs)
+                pairs += ke_pairs
+                plan.append((suffix, comps, ke))
+            plans.append(plan)
         scores = iter(self._score(pairs, joined))
+        records = [
+            self._record(case, plan, scores, reference)
+            for case, plan, reference in zip(cases, plans, refs, strict=True)
+        ]
+        seconds = (time.perf_counter() - start) / max(len(cases), 1)
+        for record in records:
+            record["seconds_scoring"] = seconds
+        if self.config.generation_score:
+            self._generation_scores(cases, records)
+        if self.config.ppl_texts:
+            for record in records:
+                record["ppl"] = self._perplexity()
+        return records
 
+    def _record(
+        self,
+        case: EditCase,
+        plan: list[tuple[str, list[Comparison], dict[str, list[Probe]]]],
+        scores: Iterator[TargetScore],
+        reference: Reference | None,
+    ) -> CaseRecord:
+        """One case's record from its plan (per language: comparisons, KnowEdit probes) and the scores of
+        its pairs, taken from ``scores`` in the plan's order."""
         record: CaseRecord = {"case_id": case.case_id, "source": case.source, "comparisons": {}}
         knowedit: dict[str, list[float]] = {}
         knowedit_keys: dict[str, list[str]] = {}
-        for suffix, comps, ke in plans:
+        for suffix, comps, ke in plan:
             right = [next(scores) for _ in comps]
             wrong = [next(scores) for _ in comps]
             for c, r, w in zip(comps, right, wrong, strict=True):
@@ -171,12 +213,6 @@ class Evaluator:
             record["knowedit_protocol"] = KNOWEDIT_PROTOCOL
         if knowedit_keys:
             record["knowedit_keys"] = knowedit_keys
-        record["seconds_scoring"] = time.perf_counter() - start
-
-        if self.config.generation_score:
-            self.generation_score(case, record)
-        if self.config.ppl_texts:
-            record["ppl"] = self._perplexity()
         return record
 
     def generation_score(self, case: EditCase, record: CaseRecord) -> None:
@@ -185,16 +221,22 @@ class Evaluator:
         one decoding batch, each prompt decoding its target's token count plus ``GENERATION_MARGIN``
         tokens; a prompt counts 1.0 when its continuation gives the target (``generation_hit``), else 0.0.
         """
+        self._generation_scores([case], [record])
+
+    def _generation_scores(self, cases: Sequence[EditCase], records: Sequence[CaseRecord]) -> None:
+        """``generation_score`` of several cases, decoded together (the time divided among them)."""
         start = time.perf_counter()
-        versions = _versions(case)
+        owners: list[int] = []
         keys: list[str] = []
         prompts: list[str] = []
         targets: list[str] = []
-        for suffix, version in versions:
-            for name, probes in generation_probes(version).items():
-                keys += [name + suffix] * len(probes)
-                prompts += [p.prompt for p in probes]
-                targets += [p.target for p in probes]
+        for k, case in enumerate(cases):
+            for suffix, version in _versions(case):
+                for name, probes in generation_probes(version).items():
+                    owners += [k] * len(probes)
+                    keys += [name + suffix] * len(probes)
+                    prompts += [p.prompt for p in probes]
+                    targets += [p.target for p in probes]
         if not prompts:
             return
         tok = self.bundle.tokenizer
@@ -206,17 +248,20 @@ class Evaluator:
             tok,
             prompts,
             max_new_tokens=budgets,
-            batch_size=len(prompts),
+            batch_size=min(len(prompts), GENERATION_SCORE_BATCH),
             adapter=self.bundle.adapter,
         )
-        scores: dict[str, list[float]] = {}
-        answers: dict[str, list[str]] = {}
-        for key, text, target in zip(keys, texts, targets, strict=True):
-            scores.setdefault(key, []).append(float(generation_hit(text, target)))
-            answers.setdefault(key, []).append(text)
-        record["generation_score"] = scores
-        record["generated_answers"] = answers
-        record["seconds_generation_score"] = time.perf_counter() - start
+        seconds = (time.perf_counter() - start) / len(set(owners))
+        for k in sorted(set(owners)):
+            scores: dict[str, list[float]] = {}
+            answers: dict[str, list[str]] = {}
+            for owner, key, text, target in zip(owners, keys, texts, targets, strict=True):
+                if owner == k:
+                    scores.setdefault(key, []).append(float(generation_hit(text, target)))
+                    answers.setdefault(key, []).append(text)
+            records[k]["generation_score"] = scores
+            records[k]["generated_answers"] = answers
+            records[k]["seconds_generation_score"] = seconds
 
     def fluency_prompts(self, case: EditCase) -> list[str]:
         sources = (

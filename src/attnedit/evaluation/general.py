@@ -2,7 +2,8 @@
 
 - ``piqa``: PIQA accuracy on a fixed sample of questions. Each solution is scored by its summed
   log-likelihood after ``Question: GOAL\\nAnswer:`` (the usual zero-shot form); the higher one is the answer.
-- ``ppl``: perplexity of a fixed sample of corpus paragraphs (WikiText-2 by default).
+- ``ppl``: perplexity of a fixed sample of corpus paragraphs (WikiText-2 by default), each cut to its first
+  ``corpus_words`` words.
 - ``known``: the share of a fixed sample of ROME's known facts whose greedy answer (as many tokens as the
   fact's attribute) is still exactly the unedited model's answer.
 - ``fluency``: the mean n-gram entropy (ROME's fluency) of greedy continuations of the first words of
@@ -50,11 +51,14 @@ class GeneralConfig(BaseModel):
         "wikitext2", description="paragraphs for perplexity and fluency (name or path); None: neither"
     )
     samples: int = Field(100, ge=1, description="PIQA questions and known facts sampled")
-    corpus_samples: int = Field(32, ge=1, description="corpus paragraphs sampled for perplexity")
-    fluency_prompts: int = Field(
-        8, ge=0, description="of those paragraphs, the first words of how many are continued"
+    corpus_samples: int = Field(16, ge=1, description="corpus paragraphs sampled for perplexity")
+    corpus_words: int = Field(
+        100, ge=MIN_PARAGRAPH_WORDS, description="each paragraph cut to its first words"
     )
-    fluency_tokens: int = Field(64, ge=1, description="tokens generated per fluency prompt")
+    fluency_prompts: int = Field(
+        4, ge=0, description="of those paragraphs, the first words of how many are continued for fluency"
+    )
+    fluency_tokens: int = Field(48, ge=1, description="tokens generated per fluency prompt")
     seed: int = Field(0, description="the samples' seed")
 
 
@@ -96,7 +100,8 @@ class GeneralAbility:
                     f"corpus {c.corpus!r}: no paragraph of {MIN_PARAGRAPH_WORDS} words or more to measure "
                     "perplexity on"
                 )
-            self.paragraphs = [lines[i] for i in _sample(len(lines), c.corpus_samples, c.seed)]
+            chosen = [lines[i] for i in _sample(len(lines), c.corpus_samples, c.seed)]
+            self.paragraphs = [" ".join(p.split()[: c.corpus_words]) for p in chosen]
         tokenizer = bundle.tokenizer
         self._known_budgets = [len(encode_target(tokenizer, f.prompt, f.attribute)) for f in self.known]
         self._reference: GeneralReference | None = None

@@ -215,9 +215,8 @@ class Stream:
         worker = self.state.worker
         t0 = time.perf_counter()
         sample = self.sample(edits)
-        records: list[CaseRecord] = [
-            worker.evaluator.score(c, self.references.get(c.case_id)) for c in sample
-        ]
+        refs = [self.references.get(c.case_id) for c in sample]
+        records: list[CaseRecord] = worker.evaluator.score_many(sample, refs) if sample else []
         edited: dict[str, Any] = {}
         if records:
             summary = summarize(records, bootstrap=CHECKPOINT_BOOTSTRAP, seed=self.state.config.seed)
