@@ -243,6 +243,48 @@ def test_a_torn_last_line_is_left_out(runs):
     assert rc.read_curves(runs["memit"])[-1]["edits"] == 1000
 
 
+# -- the runs browser ------------------------------------------------------------------------------------
+
+
+def test_runs_browser_serves_a_stream_s_curves(runs, tmp_path):
+    from attnedit.serve.runs_browser import RunNotFoundError, RunsBrowser
+
+    outside = write_run_dir(tmp_path.parent / f"{tmp_path.name}-outside", "secret", lines=stream_lines(2))
+    (tmp_path / "escape").symlink_to(outside, target_is_directory=True)
+    browser = RunsBrowser(tmp_path)
+    listed = {r["path"]: r["curves"] for r in browser.list_runs()}
+    assert listed == {
+        "alpha-seq": True,
+        "memit-batch": False,
+        "memit-seq": True,
+        "rome-0": False,
+        "rome-1": False,
+    }
+    body = browser.curves("alpha-seq")
+    lines = rc.read_curves(runs["alpha"])
+    assert body["lines"] == lines and body["label"] == "alphaedit" and body["path"] == "alpha-seq"
+    assert body["collapsed"] == lines[-1]["collapsed"]
+    run = rc.RunCurves("alphaedit", str(runs["alpha"]), lines)
+    assert [m["key"] for m in body["metrics"]] == [m.key for m in rc.metrics_of([run])]
+    for metric, served in zip(rc.metrics_of([run]), body["metrics"], strict=True):
+        assert [list(p) for p in served["points"]] == [list(p) for p in rc.series(run, metric)]
+    assert browser.curves("memit-batch") == {
+        "path": "memit-batch", "label": "memit", "collapsed": None, "metrics": [], "lines": [],
+    }  # fmt: skip
+    for path in ("escape", "../" + outside.name, "alpha-seq/../escape", "/" + str(outside).lstrip("/"), "x"):
+        with pytest.raises(RunNotFoundError):
+            browser.curves(path)
+    # a linked curves file is not followed
+    (runs["rome0"] / rc.CURVES).symlink_to(outside / rc.CURVES)
+    assert browser.curves("rome-0")["lines"] == []
+    # NaN (a collapsed perplexity) as null
+    nan = stream_lines(1)
+    nan[-1]["general"]["ppl"] = float("nan")
+    (runs["batch"] / rc.CURVES).write_text("".join(json.dumps(line) + "\n" for line in nan))
+    ppl = next(m for m in browser.curves("memit-batch")["metrics"] if m["key"] == "ppl")
+    assert ppl["points"][-1] == [100, None, None]
+
+
 def test_runs_in_directories_of_the_same_name_are_told_apart(tmp_path):
     """Rows of one label whose run directories share their name are labelled by as much of their path
     as tells them apart; two shards of a stream with checkpoints each get their line."""
