@@ -276,3 +276,107 @@ def make_eval_runs(tmp: Path, model_dir: Path) -> Path:
     (other / "manifest.json").write_text(json.dumps({"analysis": "drift"}))
     (root / "escape").symlink_to(tmp / "outside" / "secret", target_is_directory=True)
     return root
+
+
+CHANGED = ("model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight")
+"""The parameters ``stream_lines``' streams edit."""
+
+
+def stream_lines(
+    checkpoints: int, every: int = 100, collapse: bool = False, ppl0: float = 20.0
+) -> list[dict]:
+    """Checkpoint lines of a stream as ``runs.sequential`` writes them (``curves.jsonl``): edits 0 (the
+    unedited model: no scores of edits, no weights, every known fact kept) and ``checkpoints`` more, every
+    ``every`` edits, each a little worse; ``collapse``: the last one's perplexity is 15 x the unedited
+    model's and it says the stream stopped."""
+    lines = []
+    for i in range(checkpoints + 1):
+        edits = i * every
+        sample = min(100, edits)
+        scores = {"ES": 99.0 - i, "PS": 90.0 - 2 * i, "NS": 80.0 - 0.5 * i, "AvgS": 88.0 - i}
+        line: dict[str, Any] = {
+            "edits": edits,
+            "groups": edits // every,
+            "sample": sample,
+            "edited": {k: {"mean": v, "ci95": 2.0 + 0.1 * i, "n": sample} for k, v in scores.items()}
+            if i
+            else {},
+            "general": {
+                "piqa": 0.62 - 0.01 * i,
+                "ppl": ppl0 * (1 + 0.1 * i),
+                "known": 1.0 - 0.02 * i,
+                "fluency": 6.0 - 0.05 * i,
+            },
+            "weights": {
+                name: {"norm": 40.0 + k + 0.1 * i, "change": (1.5 + k) * i} for k, name in enumerate(CHANGED)
+            }
+            if i
+            else {},
+            "seconds": 3.0,
+            "seconds_general": 1.0,
+            "seconds_edits": 10.0 * i,
+        }
+        lines.append(line)
+    if collapse:
+        lines[-1]["general"]["ppl"] = 15 * ppl0
+        lines[-1]["collapsed"] = f"perplexity {15 * ppl0:.1f} is above 10 x the unedited model's {ppl0:.1f}"
+    return lines
+
+
+def write_run_dir(
+    out: Path,
+    label: str,
+    *,
+    method: str = "memit",
+    mode: str = "sequential",
+    batch_size: int = 100,
+    every: int | None = 100,
+    shard: tuple[int, int] = (0, 1),
+    lines: list[dict] | None = None,
+) -> Path:
+    """A run directory without running anything: a manifest of the fields and shape
+    ``runs.config.build_manifest`` writes (the evaluation and stream parts from the real configs), an empty
+    record file, and ``lines`` as its ``curves.jsonl`` (none when None)."""
+    from attnedit.runs.config import StreamConfig
+
+    out.mkdir(parents=True)
+    manifest = {
+        "attnedit_version": "0",
+        "model": {
+            "name": "tiny-llama",
+            "source": "test",
+            "fingerprint": "f" * 64,
+            "family": "llama",
+            "dtype": "torch.float32",
+        },
+        "method": method,
+        "label": label,
+        "hyperparameters": {"layers": [1, 2]},
+        "data": {
+            "path": "sample",
+            "format": "counterfact",
+            "sha256": "d" * 64,
+            "records": 1000,
+            "skipped": [],
+        },
+        "limit": None,
+        "first": 0,
+        "mode": mode,
+        "batch_size": batch_size,
+        "shard": {"index": shard[0], "count": shard[1]},
+        "seed": 0,
+        "eval": EvalConfig().manifest(),
+        "ppl_corpus": None,
+        "stream": StreamConfig(checkpoint_every=every).manifest() if mode == "sequential" else None,
+        "generation_cases": 16,
+        "targets_cache": None,
+        "device": "cpu",
+        "versions": {"torch": torch.__version__, "transformers": T.__version__, "python": "3"},
+        "torch_threads": 1,
+        "created": "2025-01-01T00:00:00+00:00",
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    (out / "results.jsonl").write_text("")
+    if lines is not None:
+        (out / "curves.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return out

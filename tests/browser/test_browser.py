@@ -1,7 +1,8 @@
 """The inspector page in a real headless Chromium (the system's, driven by Playwright): load the page served
 on a tiny model, run an edit, wait for the drift grid, click a head, see its attention row, submit a bad
 request and see the inline error; open the offline file of ``attnedit inspect --html`` (``file://``, no
-server), see its grid, click a head and see its row. Screenshots go to the test's temporary directory."""
+server), see its grid, click a head and see its row; on the Runs tab, report ticked runs and see an edit
+stream's curves. Screenshots go to the test's temporary directory."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import uvicorn
 from fastapi import FastAPI
-from helpers import make_eval_runs, make_tiny, torch_threads, write_tiny_presets
+from helpers import make_eval_runs, make_tiny, stream_lines, torch_threads, write_run_dir, write_tiny_presets
 from playwright.sync_api import expect, sync_playwright
 
 from attnedit.core.deltas import model_hash
@@ -213,3 +214,39 @@ def test_runs_tab_reports_ticked_runs(tmp_path, tiny_dir, tiny_tokenizer):
         finally:
             browser.close()
     assert (tmp_path / "report.png").stat().st_size > 0
+
+
+def test_runs_tab_draws_a_stream_s_curves(tmp_path, tiny_tokenizer):
+    """The Runs tab: click an edit stream that collapsed: a chart per metric with a cross on its last
+    checkpoint, and its checkpoint table; a run without curves shows none."""
+    root = tmp_path / "runs"
+    lines = stream_lines(3, collapse=True)
+    write_run_dir(root / "alpha", "alphaedit", method="alphaedit", lines=lines)
+    write_run_dir(root / "batch", "memit", mode="batch")
+    with torch_threads(1):
+        app = create_app(make_tiny("llama", tiny_tokenizer), root)
+    with _serving(app) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=_chromium(), headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.wait_for_selector("body[data-ready='1']")
+            page.click(".tab[data-tab='runs-tab']")
+            page.click("#runs-table tr.clickable:has-text('alphaedit')")
+            page.wait_for_selector("#curve-charts svg.curve")
+            charts = page.locator("#curve-charts svg.curve")
+            # ES, PS, NS, PIQA, ppl, known, fluency, change
+            expect(charts).to_have_count(8)
+            assert page.locator("#curve-charts svg.curve[data-metric='ES'] circle").count() == len(lines) - 1
+            assert page.locator("#curve-charts svg.curve[data-metric='ppl'] circle").count() == len(lines)
+            expect(page.locator("#curve-charts .collapse-mark")).to_have_count(8)
+            expect(page.locator("#curves-table tr")).to_have_count(1 + len(lines))  # header, checkpoints
+            expect(page.locator("#curves-table")).to_contain_text(lines[-1]["collapsed"])
+            expect(page.locator("#curves-note")).to_contain_text("the stream stopped")
+            page.screenshot(path=str(tmp_path / "curves.png"), full_page=True)
+            page.click("#runs-table tr.clickable:has-text('memit')")
+            expect(page.locator("#run-title")).to_have_text("batch")
+            expect(page.locator("#run-curves")).to_be_hidden()
+        finally:
+            browser.close()
+    assert (tmp_path / "curves.png").stat().st_size > 0

@@ -1,5 +1,5 @@
 """The edit inspector's API (``attnedit serve``) on a tiny Llama: edits, answers, the drift grid, patching,
-bad input, the runs browser's path checks and concurrent edits."""
+bad input, the runs browser's path checks, an edit stream's curves and concurrent edits."""
 
 from __future__ import annotations
 
@@ -11,7 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from helpers import EDIT, make_eval_runs, make_tiny, torch_threads, write_tiny_presets
+from helpers import (
+    EDIT,
+    make_eval_runs,
+    make_tiny,
+    stream_lines,
+    torch_threads,
+    write_run_dir,
+    write_tiny_presets,
+)
 
 from attnedit.analysis.drift import attention_drift, record_last_token_attention
 from attnedit.core.deltas import WeightEdit, model_hash
@@ -367,3 +375,60 @@ def test_the_form_offers_the_cases_of_the_server_s_data_file(served, tmp_path):
     path.write_text(json.dumps(records))
     with pytest.raises(DataFormatError, match=r"mine\.json\[1\]"):
         create_app(served.bundle, None, str(path))
+
+
+@pytest.fixture(scope="module")
+def streams(served, tmp_path_factory):
+    """A TestClient whose runs root holds an edit stream that collapsed (``curves.jsonl``), a batch run
+    without curves, and ``escape``: a symbolic link to a stream outside the root."""
+    tmp = tmp_path_factory.mktemp("streams")
+    root = tmp / "runs"
+    write_run_dir(
+        root / "streams" / "alpha", "alphaedit", method="alphaedit", lines=stream_lines(3, collapse=True)
+    )
+    write_run_dir(root / "batch", "memit", mode="batch")
+    write_run_dir(tmp / "outside" / "secret", "secret", lines=stream_lines(2))
+    (root / "escape").symlink_to(tmp / "outside" / "secret", target_is_directory=True)
+    with TestClient(create_app(served.bundle, root)) as client:
+        client.root = root  # type: ignore[attr-defined]
+        yield client
+
+
+def test_run_curves_are_the_stream_s_checkpoints(streams):
+    from attnedit.runs.curves import read_curves
+
+    listed = {r["path"]: r["curves"] for r in streams.get("/api/runs").json()["runs"]}
+    assert listed == {"streams/alpha": True, "batch": False}
+    body = streams.get("/api/runs/streams/alpha/curves").json()
+    lines = read_curves(streams.root / "streams" / "alpha")
+    assert body["lines"] == lines and [line["edits"] for line in lines] == [0, 100, 200, 300]
+    assert body["collapsed"] == lines[-1]["collapsed"] and body["label"] == "alphaedit"
+    es = next(m for m in body["metrics"] if m["key"] == "ES")
+    assert es["points"] == [
+        [line["edits"], line["edited"]["ES"]["mean"], line["edited"]["ES"]["ci95"]] if line["edited"] else
+        [line["edits"], None, None]
+        for line in lines
+    ]  # fmt: skip
+    # a run without checkpoints: nothing to draw
+    plain = streams.get("/api/runs/batch/curves").json()
+    assert plain["lines"] == [] and plain["metrics"] == [] and plain["collapsed"] is None
+    for path in (
+        "escape",
+        "streams/../escape",
+        "streams/%2e%2e/escape",
+        "..%2Foutside/secret",
+        "%2Ftmp",
+        "streams",
+    ):
+        response = streams.get(f"/api/runs/{path}/curves")
+        assert response.status_code == 404, path
+        assert response.json()["field"] == "path" and "secret" not in response.text
+
+
+def test_the_page_draws_a_run_s_curves(served):
+    """The page asks for a selected run's curves and has the place to draw them (the browser test
+    clicks through it)."""
+    script = served.get("/static/app.js").text
+    assert "/curves`" in script and "function curveChart" in script
+    page = served.get("/").text
+    assert 'id="run-curves"' in page and 'id="curves-table"' in page

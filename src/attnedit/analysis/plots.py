@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 DPI = 120
@@ -167,3 +168,96 @@ def scatter(
     for label, (x, y) in groups.items():
         ax.scatter(np.asarray(x, dtype=float), np.asarray(y, dtype=float), s=12, alpha=0.7, label=label)
     return _label_and_save(fig, ax, path, title, xlabel, ylabel)
+
+
+@dataclass
+class Curve:
+    """One line of a curve panel: ``y`` against ``x`` (NaN: no value there), ``band`` the half-width of an
+    interval around ``y`` (shaded; NaN: none there)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    band: np.ndarray | None = None
+
+
+@dataclass
+class CurvePanel:
+    """A panel of ``curve_grid``: one ``Curve`` per label; ``log``: a logarithmic y axis (where every
+    value is positive)."""
+
+    title: str
+    curves: dict[str, Curve]
+    log: bool = False
+
+
+def curve_figure(
+    panels: Sequence[CurvePanel],
+    stopped: Sequence[str] = (),
+    title: str = "",
+    xlabel: str = "edits",
+    columns: int = 3,
+) -> Figure:
+    """The figure of ``curve_grid`` (not saved)."""
+    if not panels:
+        raise ValueError("no curve panels")
+    labels = list(dict.fromkeys(label for panel in panels for label in panel.curves))
+    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}
+    xs = np.concatenate([np.asarray(c.x, dtype=float) for panel in panels for c in panel.curves.values()])
+    xs = xs[np.isfinite(xs)]
+    pad = 0.03 * float(np.ptp(xs)) if xs.size else 0.0
+    columns = max(1, min(columns, len(panels)))
+    rows = -(-len(panels) // columns)
+    fig = Figure(figsize=(4.2 * columns, 3.0 * rows + 0.4 + 0.25 * len(labels)), layout="constrained")
+    for i, panel in enumerate(panels):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        positive = True
+        for label, curve in panel.curves.items():
+            x, y = np.asarray(curve.x, dtype=float), np.asarray(curve.y, dtype=float)
+            if x.shape != y.shape:
+                raise ValueError(
+                    f"panel {panel.title!r}, {label!r}: {x.shape[0]} x values, {y.shape[0]} y values"
+                )
+            colour = colours[label]
+            ax.plot(x, y, marker="o", markersize=3, color=colour, label=label)
+            if curve.band is not None:
+                band = np.asarray(curve.band, dtype=float)
+                ax.fill_between(x, y - band, y + band, color=colour, alpha=0.15, linewidth=0)
+            finite = np.isfinite(y)
+            positive &= bool((y[finite] > 0).all())
+            if label in stopped and finite.any():
+                last = np.flatnonzero(finite)[-1]
+                ax.plot(x[last], y[last], marker="X", markersize=10, color=colour, markeredgecolor="black")
+        if panel.log and positive:
+            ax.set_yscale("log")
+        if pad > 0:  # every panel over the same range of x
+            ax.set_xlim(float(xs.min()) - pad, float(xs.max()) + pad)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_title(panel.title, fontsize=9)
+        ax.tick_params(labelsize=8)
+    handles = [
+        Line2D([], [], color=colours[label], marker="o", markersize=3, label=label) for label in labels
+    ]
+    if any(label in stopped for label in labels):
+        handles.append(
+            Line2D([], [], color="grey", marker="X", markersize=8, linestyle="none", markeredgecolor="black",
+                   label="collapsed (stream stopped)")
+        )  # fmt: skip
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 4), fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def curve_grid(
+    panels: Sequence[CurvePanel],
+    path: str | Path,
+    stopped: Sequence[str] = (),
+    title: str = "",
+    xlabel: str = "edits",
+    columns: int = 3,
+) -> Path:
+    """A grid of panels of curves against a shared x (a stream's number of edits, the same range in every
+    panel): each label keeps its colour in every panel, one legend for the figure; a label in ``stopped``
+    ends with a cross at its last value (the stream stopped there: the model collapsed)."""
+    return save_figure(curve_figure(panels, stopped, title, xlabel, columns), path)

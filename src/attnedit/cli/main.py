@@ -478,7 +478,12 @@ def stats_command(
 @error_boundary
 def report_command(
     run_dirs: Annotated[list[Path], typer.Argument(help="run directories (shards of one run are merged)")],
-    out: Annotated[Path | None, typer.Option("--out", help="write report.md/.csv/.json here")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="write report.md/.csv/.json here (and curves.png/.md/.json for edit streams)"
+        ),
+    ] = None,
     magnitudes: Annotated[
         bool, typer.Option(help="add EM, PM, NM, RM, DNM and P(o_new) columns (and to --against)")
     ] = False,
@@ -491,14 +496,31 @@ def report_command(
             "with paired-bootstrap 95% intervals",
         ),
     ] = None,
+    at: Annotated[
+        str | None,
+        typer.Option(
+            "--at",
+            help="edit streams: the curve table at these numbers of edits, e.g. 100,500,1000 (default: up "
+            "to 6 evenly spaced checkpoints, the last included)",
+        ),
+    ] = None,
 ) -> None:
-    """Merge run directories into one table shaped like the SADR paper's Table 3."""
+    """Merge run directories into one table shaped like the SADR paper's Table 3. Edit streams (runs with
+    checkpoints) also get their curves: a table at chosen numbers of edits and, with --out, a figure."""
     setup_logging(False, None)
+    from attnedit.runs.curves import curve_table, markdown_curves, parse_points, stream_curves, write_curves
     from attnedit.runs.report import collect, columns, markdown_table, paired, paired_table, write_report
 
+    try:
+        points = parse_points(at) if at is not None else None
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--at") from None
     if out:
         check_writable_dir(out)
     rows = collect([str(d) for d in run_dirs])
+    curves = stream_curves(rows)
+    if points is not None and not curves:
+        logger.warning("--at: none of the runs has stream checkpoints (curves.jsonl); no curves")
     differences = (against, paired(rows, against, magnitudes)) if against is not None else None
     cols = columns(magnitudes, extra, rows)
     typer.echo(markdown_table(rows, cols))
@@ -509,8 +531,12 @@ def report_command(
             logger.warning(
                 "%s: not all shards are present; the row covers %d cases", row.label, row.summary["_cases"]
             )
+    if curves and not out:
+        typer.echo("\nStream checkpoints\n\n" + markdown_curves(curve_table(curves, points)))
     if out:
         paths = write_report(rows, out, cols, differences)
+        if curves:
+            paths |= write_curves(curves, out, points)
         typer.echo(json.dumps({k: str(v) for k, v in paths.items()}))
 
 

@@ -20,7 +20,7 @@ from attnedit.evaluation.metrics import (
     summarize,
 )
 from attnedit.evaluation.records import CaseRecord, PairedDifference
-from attnedit.runs.rundir import ADDED_LATER_PARTS, MANIFEST, RunDir
+from attnedit.runs.rundir import ADDED_LATER, ADDED_LATER_PARTS, MANIFEST, RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,10 @@ def _shard_key(manifest: Mapping[str, Any]) -> tuple[Any, ...]:
         manifest["data"].get("question_template"),
         manifest.get("limit"),
         manifest.get("first", 0),
+        # the same method and settings in another mode (batch vs a stream) or batch size is another run
+        manifest.get("mode"),
+        manifest.get("batch_size") if manifest.get("mode") != "single" else None,
+        json.dumps(manifest.get("stream", ADDED_LATER["stream"]), sort_keys=True),
         # a manifest from before an evaluation setting implies its old value: a shard resumed since (its
         # manifest now states that value) still merges with the shards that were not
         json.dumps({**ADDED_LATER_PARTS["eval"], **(manifest.get("eval") or {})}, sort_keys=True),
@@ -105,13 +109,28 @@ def collect(run_dirs: Sequence[str | Path]) -> list[ReportRow]:
     return rows
 
 
+def distinct_names(paths: Sequence[str | Path]) -> list[str]:
+    """The shortest trailing parts of ``paths`` that tell them apart: their directory names, or more of
+    their paths where names repeat (``a/run``, ``b/run``)."""
+    parts = [Path(p).parts for p in paths]
+    for k in range(1, max((len(x) for x in parts), default=0) + 1):
+        names = ["/".join(x[-k:]) for x in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(p) for p in paths]
+
+
 def _tell_apart(rows: list[ReportRow]) -> None:
     """Rows that share a label (the same method with other settings, data or model) are labelled
-    ``label [run directory name]`` (its first shard's), so that each row of a table can be told apart."""
-    labels = [r.label for r in rows]
+    ``label [run directory]`` (its first shard's name, or as much of its path as tells the rows apart),
+    so that each row of a table can be told apart."""
+    by_label: dict[str, list[ReportRow]] = {}
     for row in rows:
-        if labels.count(row.label) > 1:
-            row.label = f"{row.label} [{Path(row.run_dirs[0]).name}]"
+        by_label.setdefault(row.label, []).append(row)
+    for same in by_label.values():
+        if len(same) > 1:
+            for row, name in zip(same, distinct_names([r.run_dirs[0] for r in same]), strict=True):
+                row.label = f"{row.label} [{name}]"
 
 
 def _warn_on_different_data(rows: list[ReportRow]) -> None:

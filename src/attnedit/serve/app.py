@@ -289,6 +289,11 @@ def create_app(bundle: ModelBundle, runs_root: Path | None = None, data: str = "
         """One run's manifest, summary and per-case records."""
         return _browser().records(path)
 
+    @app.get("/api/runs/{path:path}/curves")
+    def run_curves(path: str) -> dict:
+        """An edit stream's checkpoints (``curves.jsonl``) and its curves per metric; none for other runs."""
+        return _browser().curves(path)
+
     @app.get("/api/report")
     def report(
         runs: list[str] = Query(...),

@@ -1,5 +1,6 @@
 """The inspector's read-only runs browser: run directories under one root, their summaries and records,
-and the report of several of them (``runs.report``, as ``attnedit report`` prints it).
+an edit stream's checkpoints (``runs.curves``) and the report of several of them (``runs.report``, as
+``attnedit report`` prints it).
 
 Every path a browser sends is resolved strictly under the root: absolute paths, ``..`` parts and
 anything that resolves outside the root (a symbolic link out of it) are refused as not found, so that
@@ -17,6 +18,7 @@ from typing import Any, cast
 from attnedit.analysis.engine import json_ready
 from attnedit.evaluation.metrics import COMPARISON_METRICS, GENERATION_METRICS, KNOWEDIT_METRICS, case_counts
 from attnedit.evaluation.records import CaseRecord
+from attnedit.runs.curves import CURVES, RunCurves, metrics_of, read_curves, series
 from attnedit.runs.report import collect, columns, markdown_table, paired, paired_table
 from attnedit.runs.rundir import MANIFEST, RESULTS, RunConflictError, RunDir, read_results
 
@@ -70,6 +72,11 @@ class RunsBrowser:
                 return candidate
         return None
 
+    def _curves_file(self, path: Path) -> Path | None:
+        """The run's checkpoint file (an edit stream's), or None; a symbolic link is not followed."""
+        candidate = path / CURVES
+        return candidate if candidate.is_file() and not candidate.is_symlink() else None
+
     def _read_json(self, path: Path) -> Any:
         if path.is_symlink() or not path.is_file():
             return None
@@ -102,6 +109,7 @@ class RunsBrowser:
                     "data": (manifest.get("data") or {}).get("path"),
                     "created": manifest.get("created"),
                     "records": records.name if records else None,
+                    "curves": self._curves_file(here) is not None,
                     "summary": json_ready(self._read_json(here / SUMMARY)),
                 }
             )
@@ -122,6 +130,30 @@ class RunsBrowser:
             "manifest": json_ready(manifest),
             "summary": json_ready(self._read_json(path / SUMMARY)),
             "records": json_ready(records),
+        }
+
+    def curves(self, relative: str) -> dict:
+        """An edit stream's checkpoints: its ``curves.jsonl`` lines in order of edits (none for a run
+        without checkpoints), why it stopped (``collapsed``) and per metric that has values the points
+        ``[edits, mean, ci95]`` that ``attnedit report`` draws (``runs.curves``); NaN as null."""
+        path = self.resolve(relative)
+        manifest = RunDir[dict[str, Any]](path).read_manifest() or {}
+        file = self._curves_file(path)
+        try:
+            lines = read_curves(path) if file is not None else []
+        except (OSError, ValueError, RunConflictError) as err:  # an unreadable line
+            raise ReportError("path", str(err)) from None
+        run = RunCurves(manifest.get("label") or manifest.get("method") or path.name, str(path), lines)
+        metrics = [
+            {"key": m.key, "title": m.title, "digits": m.digits, "log": m.log, "points": series(run, m)}
+            for m in metrics_of([run])
+        ]
+        return {
+            "path": path.relative_to(self.root).as_posix(),
+            "label": run.label,
+            "collapsed": run.collapsed,
+            "metrics": json_ready(metrics),
+            "lines": json_ready(lines),
         }
 
     def report(

@@ -384,7 +384,8 @@ async function loadRuns() {
   let data;
   try { data = await api("/api/runs"); } catch (err) { error.hidden = false; error.textContent = err.message; return; }
   const rows = data.runs.map((r) => {
-    const row = { path: r.path, kind: r.kind, label: r.label, method: r.method, model: r.model, records: r.records };
+    const row = { path: r.path, kind: r.kind, label: r.label, method: r.method, model: r.model, records: r.records,
+      curves: r.curves ? "yes" : "" };  // an edit stream's checkpoints
     for (const [k, v] of Object.entries(r.summary || {})) {
       if (v && typeof v === "object" && typeof v.mean === "number") row[k] = v.mean;
     }
@@ -393,7 +394,7 @@ async function loadRuns() {
   const cols = [...new Set(rows.flatMap((r) => Object.keys(r)))];
   for (const path of [...TICKED]) if (!rows.some((r) => r.path === path)) TICKED.delete(path);
   // only evaluation runs make a report (runs.report)
-  renderTable($("#runs-table"), rows, cols, (r) => showRun(r.path), TICKED, (r) => r.kind === "evaluation");
+  renderTable($("#runs-table"), rows, cols, (r) => showRun(r.path, r.curves === "yes"), TICKED, (r) => r.kind === "evaluation");
   $("#report-button").disabled = TICKED.size === 0;
 }
 
@@ -457,10 +458,92 @@ async function showReport() {
   renderTable(paired, diffs, ["method", "cases", ...scores], null);
 }
 
-async function showRun(path) {
+// --- an edit stream's checkpoints (runs.curves, as `attnedit report` draws them) ------------------------
+
+// one metric's curve against the number of edits: points [edits, mean, ci95 or null]; the 95% band shaded;
+// a red cross on the last checkpoint of a stream that collapsed there
+function curveChart(metric, xmin, xmax, collapsed, lastEdits) {
+  const w = 260, h = 150, left = 46, right = 12, top = 20, bottom = 28;
+  const svg = el("svg:svg", { width: w, height: h, class: "curve", "data-metric": metric.key });
+  const pts = metric.points.filter((p) => typeof p[1] === "number");
+  const log = metric.log && pts.length > 0 && pts.every((p) => p[1] > 0);
+  svg.append(el("svg:text", { x: left, y: 13, "font-size": 11, "font-weight": "bold", text: metric.title + (log ? " (log scale)" : "") }));
+  if (!pts.length) return svg;
+  const f = log ? Math.log10 : (v) => v;
+  const ci = (p) => (typeof p[2] === "number" ? p[2] : 0);
+  const lows = pts.map((p) => f(log ? p[1] : p[1] - ci(p))), highs = pts.map((p) => f(log ? p[1] : p[1] + ci(p)));
+  let ymin = Math.min(...lows), ymax = Math.max(...highs);
+  if (ymin === ymax) { ymin -= 1; ymax += 1; }
+  const x = (e) => left + (xmax > xmin ? ((e - xmin) * (w - left - right)) / (xmax - xmin) : (w - left - right) / 2);
+  const y = (v) => h - bottom - ((f(v) - ymin) * (h - top - bottom)) / (ymax - ymin);
+  const yText = (v) => (log ? 10 ** v : v).toPrecision(3);
+  svg.append(el("svg:line", { x1: left, y1: h - bottom, x2: w - right, y2: h - bottom, stroke: "#999" }));
+  svg.append(el("svg:line", { x1: left, y1: top, x2: left, y2: h - bottom, stroke: "#999" }));
+  svg.append(el("svg:text", { x: 2, y: top + 8, "font-size": 9, text: yText(ymax) }));
+  svg.append(el("svg:text", { x: 2, y: h - bottom, "font-size": 9, text: yText(ymin) }));
+  svg.append(el("svg:text", { x: left, y: h - bottom + 12, "font-size": 9, text: String(xmin) }));
+  svg.append(el("svg:text", { x: w - right, y: h - bottom + 12, "font-size": 9, "text-anchor": "end", text: String(xmax) }));
+  svg.append(el("svg:text", { x: (left + w - right) / 2, y: h - 4, "font-size": 9, "text-anchor": "middle", text: "edits" }));
+  if (!log && pts.some((p) => ci(p) > 0)) {
+    const upper = pts.map((p) => `${x(p[0])},${y(p[1] + ci(p))}`);
+    const lower = pts.slice().reverse().map((p) => `${x(p[0])},${y(p[1] - ci(p))}`);
+    svg.append(el("svg:polygon", { points: [...upper, ...lower].join(" "), fill: "#06c", "fill-opacity": 0.15, stroke: "none" }));
+  }
+  svg.append(el("svg:polyline", { points: pts.map((p) => `${x(p[0])},${y(p[1])}`).join(" "), fill: "none", stroke: "#06c", "stroke-width": 2 }));
+  for (const p of pts) {
+    const dot = el("svg:circle", { cx: x(p[0]), cy: y(p[1]), r: 2.5, fill: "#06c" });
+    const value = p[1].toFixed(metric.digits) + (typeof p[2] === "number" ? ` ± ${p[2].toFixed(metric.digits)}` : "");
+    dot.append(el("svg:title", { text: `${p[0]} edits: ${value}` }));
+    svg.append(dot);
+  }
+  const last = pts[pts.length - 1];
+  if (collapsed && last[0] === lastEdits) {
+    const cx = x(last[0]), cy = y(last[1]), r = 5;
+    const mark = el("svg:g", { class: "collapse-mark", stroke: "#c00", "stroke-width": 2.5 },
+      el("svg:line", { x1: cx - r, y1: cy - r, x2: cx + r, y2: cy + r }),
+      el("svg:line", { x1: cx - r, y1: cy + r, x2: cx + r, y2: cy - r }),
+      el("svg:title", { text: `collapsed: ${collapsed}` }));
+    svg.append(mark);
+  }
+  return svg;
+}
+
+async function showCurves(path) {
+  const box = $("#run-curves");
+  box.hidden = true;
+  let data;
+  try { data = await api(`/api/runs/${path.split("/").map(encodeURIComponent).join("/")}/curves`); } catch (err) {
+    box.hidden = false; $("#curves-note").textContent = err.message; return;
+  }
+  if (!data.lines.length || $("#run-title").textContent !== path) return;  // not a stream, or another run chosen since
+  box.hidden = false;
+  const edits = data.lines.map((l) => l.edits);
+  const xmin = Math.min(...edits), xmax = Math.max(...edits), lastEdits = edits[edits.length - 1];
+  $("#curves-note").textContent = `${data.lines.length} checkpoints, 0 to ${lastEdits} edits; ` +
+    "ES, PS, NS... are scores of a sample of the edits so far (shaded: 95% interval)" +
+    (data.collapsed ? `; the stream stopped: ${data.collapsed}` : "");
+  const charts = $("#curve-charts");
+  charts.textContent = "";
+  for (const m of data.metrics) charts.append(curveChart(m, xmin, xmax, data.collapsed, lastEdits));
+  // the checkpoint table: one row per checkpoint, a column per metric (mean ± 95% interval)
+  const rows = edits.map((e, i) => {
+    const row = { edits: e };
+    for (const m of data.metrics) {
+      const p = m.points[i];
+      row[m.key] = typeof p[1] !== "number" ? "-" : p[1].toFixed(m.digits) + (typeof p[2] === "number" ? ` ± ${p[2].toFixed(m.digits)}` : "");
+    }
+    row.stopped = data.lines[i].collapsed || "";
+    return row;
+  });
+  renderTable($("#curves-table"), rows, ["edits", ...data.metrics.map((m) => m.key), "stopped"], null);
+}
+
+async function showRun(path, curves = true) {
   const data = await api(`/api/runs/${path.split("/").map(encodeURIComponent).join("/")}/records`);
   $("#run-detail").hidden = false;
   $("#run-title").textContent = path;
+  $("#run-curves").hidden = true;
+  if (curves) showCurves(path);
   const cols = scalarColumns(data.records);
   const failing = $("#record-failing");
   failing.textContent = "";
