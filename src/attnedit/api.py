@@ -57,8 +57,8 @@ from attnedit.evaluation.records import CaseRecord, Reference, Summary
 from attnedit.runs.config import RunConfig, StreamConfig
 from attnedit.runs.export import Exported
 from attnedit.runs.export import export as _export
+from attnedit.runs.rundir import read_curves
 from attnedit.runs.runner import run as _run
-from attnedit.runs.sequential import read_curves
 
 if TYPE_CHECKING:
     import torch

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from attnedit.cli.main import app
 from attnedit.runs import curves as rc
 from attnedit.runs.report import collect
+from attnedit.runs.rundir import CURVES, read_curves
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -40,16 +41,12 @@ def _streams(runs: dict[str, Path]) -> list[rc.RunCurves]:
     return rc.stream_curves(collect(list(runs.values())))
 
 
-def test_the_stream_file_is_the_one_sequential_writes(runs):
-    from attnedit.runs import sequential
-
-    assert rc.CURVES == sequential.CURVES
-    assert rc.read_curves(runs["alpha"]) == sequential.read_curves(runs["alpha"])
+def test_the_stream_file_comes_back_in_order_of_edits(runs):
     # lines out of order on disk come back in order of edits
-    path = runs["memit"] / rc.CURVES
+    path = runs["memit"] / CURVES
     lines = path.read_text().splitlines()
     path.write_text("\n".join(reversed(lines)) + "\n")
-    assert [line["edits"] for line in rc.read_curves(runs["memit"])] == [100 * i for i in range(11)]
+    assert [line["edits"] for line in read_curves(runs["memit"])] == [100 * i for i in range(11)]
 
 
 def test_only_streams_have_curves_and_mixed_runs_stay_apart(runs):
@@ -238,9 +235,9 @@ def test_report_cli_without_streams_and_bad_at(runs, tmp_path, caplog, monkeypat
 
 
 def test_a_torn_last_line_is_left_out(runs):
-    with (runs["memit"] / rc.CURVES).open("a") as fh:
+    with (runs["memit"] / CURVES).open("a") as fh:
         fh.write('{"edits": 1100, "edi')  # a write in progress
-    assert rc.read_curves(runs["memit"])[-1]["edits"] == 1000
+    assert read_curves(runs["memit"])[-1]["edits"] == 1000
 
 
 # -- the runs browser ------------------------------------------------------------------------------------
@@ -261,7 +258,7 @@ def test_runs_browser_serves_a_stream_s_curves(runs, tmp_path):
         "rome-1": False,
     }
     body = browser.curves("alpha-seq")
-    lines = rc.read_curves(runs["alpha"])
+    lines = read_curves(runs["alpha"])
     assert body["lines"] == lines and body["label"] == "alphaedit" and body["path"] == "alpha-seq"
     assert body["collapsed"] == lines[-1]["collapsed"]
     run = rc.RunCurves("alphaedit", str(runs["alpha"]), lines)
@@ -275,12 +272,12 @@ def test_runs_browser_serves_a_stream_s_curves(runs, tmp_path):
         with pytest.raises(RunNotFoundError):
             browser.curves(path)
     # a linked curves file is not followed
-    (runs["rome0"] / rc.CURVES).symlink_to(outside / rc.CURVES)
+    (runs["rome0"] / CURVES).symlink_to(outside / CURVES)
     assert browser.curves("rome-0")["lines"] == []
     # NaN (a collapsed perplexity) as null
     nan = stream_lines(1)
     nan[-1]["general"]["ppl"] = float("nan")
-    (runs["batch"] / rc.CURVES).write_text("".join(json.dumps(line) + "\n" for line in nan))
+    (runs["batch"] / CURVES).write_text("".join(json.dumps(line) + "\n" for line in nan))
     ppl = next(m for m in browser.curves("memit-batch")["metrics"] if m["key"] == "ppl")
     assert ppl["points"][-1] == [100, None, None]
 

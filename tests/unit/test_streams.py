@@ -25,9 +25,9 @@ from attnedit.core.models import ModelBundle, load_model
 from attnedit.evaluation.evaluator import EvalConfig
 from attnedit.evaluation.general import GeneralAbility, GeneralConfig
 from attnedit.runs.config import StreamConfig
-from attnedit.runs.rundir import RunConflictError
+from attnedit.runs.rundir import RunConflictError, read_curves
 from attnedit.runs.runner import run
-from attnedit.runs.sequential import StreamCollapsedError, StreamStateError, read_curves
+from attnedit.runs.sequential import StreamCollapsedError, StreamStateError
 
 PIQA = FIXTURES / "piqa_valid.jsonl"
 KNOWN = FIXTURES / "rome_known_1000.json"

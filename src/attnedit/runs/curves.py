@@ -25,13 +25,10 @@ import numpy as np
 from attnedit.analysis.plots import Curve, CurvePanel, curve_grid
 from attnedit.evaluation.metrics import GENERATION_METRICS, KNOWEDIT_METRICS
 from attnedit.runs.report import ReportRow, distinct_names
-from attnedit.runs.rundir import read_results
+from attnedit.runs.rundir import read_curves
 
 logger = logging.getLogger(__name__)
 
-CURVES = "curves.jsonl"
-"""The checkpoint file of a stream run (``runs.sequential.CURVES``; named again here so that a report
-does not import the editing stack, torch with it)."""
 DEFAULT_POINTS = 6
 """Checkpoints a curve table shows without ``--at``: at most this many, evenly spaced, the last included."""
 MISSING = "–"
@@ -110,13 +107,6 @@ class RunCurves:
     def at(self, edits: int) -> dict[str, Any] | None:
         """The checkpoint line after ``edits`` edits, or None."""
         return next((line for line in self.lines if int(line["edits"]) == edits), None)
-
-
-def read_curves(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The checkpoint lines of a run directory in order of edits ([] without ``curves.jsonl``; a torn
-    last line left out, as ``runs.sequential.read_curves``)."""
-    lines = read_results(Path(run_dir) / CURVES, key="edits", kind=int)
-    return sorted(lines, key=lambda line: int(line["edits"]))
 
 
 def stream_curves(rows: Sequence[ReportRow]) -> list[RunCurves]:

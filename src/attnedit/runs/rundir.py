@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 RESULTS = "results.jsonl"
+CURVES = "curves.jsonl"  # a stream's checkpoints (``runs.sequential``), one line each
 LOCK = ".lock"
 
 # identity fields newer than some run directories, with the value an older manifest implies
@@ -506,3 +507,10 @@ class RunDir(Generic[R]):
 def selected_records(run_dir: str | Path) -> list[CaseRecord]:
     """``RunDir(run_dir).selected_records()`` of an evaluation run directory."""
     return RunDir[CaseRecord](run_dir).selected_records()
+
+
+def read_curves(run_dir: str | Path) -> list[dict[str, Any]]:
+    """A stream's checkpoint lines (``CURVES``) in order of edits ([] without the file; a torn last line
+    left out, as ``read_results``)."""
+    lines = read_results(Path(run_dir) / CURVES, key="edits", kind=int)
+    return sorted(lines, key=lambda line: int(line["edits"]))

@@ -38,7 +38,13 @@ from attnedit.editing.spec import StatefulEditor, after_group
 from attnedit.evaluation.general import GeneralAbility
 from attnedit.evaluation.metrics import GENERATION_METRICS, KNOWEDIT_METRICS, summarize
 from attnedit.evaluation.records import CaseRecord, Reference
-from attnedit.runs.rundir import RunConflictError, append_line, read_results, seed_everything
+from attnedit.runs.rundir import (
+    CURVES,
+    RunConflictError,
+    append_line,
+    read_results,
+    seed_everything,
+)
 from attnedit.runs.saved_edits import saved_edit, sequential_edit_path
 from attnedit.runs.units import RunState
 
@@ -46,7 +52,6 @@ logger = logging.getLogger(__name__)
 
 STREAM = "stream"
 STATE = "state.json"
-CURVES = "curves.jsonl"
 EDITED_METRICS = ("ES", "PS", "NS", "AvgS", *GENERATION_METRICS, *KNOWEDIT_METRICS)
 """The scores of the edits so far that a checkpoint keeps (those the data have)."""
 CHECKPOINT_BOOTSTRAP = 200
@@ -68,13 +73,6 @@ def group_seed(seed: int, k: int) -> int:
 def curves_path(out: Path) -> Path:
     """The checkpoints of the run in ``out``."""
     return out / CURVES
-
-
-def read_curves(out: str | Path) -> list[dict[str, Any]]:
-    """The checkpoint lines of a run directory (a torn last line left out), in order of edits."""
-    return sorted(
-        read_results(curves_path(Path(out)), key="edits", kind=int), key=lambda line: int(line["edits"])
-    )
 
 
 @dataclass

@@ -18,9 +18,17 @@ from typing import Any, cast
 from attnedit.analysis.engine import json_ready
 from attnedit.evaluation.metrics import COMPARISON_METRICS, GENERATION_METRICS, KNOWEDIT_METRICS, case_counts
 from attnedit.evaluation.records import CaseRecord
-from attnedit.runs.curves import CURVES, RunCurves, metrics_of, read_curves, series
+from attnedit.runs.curves import RunCurves, metrics_of, series
 from attnedit.runs.report import collect, columns, markdown_table, paired, paired_table
-from attnedit.runs.rundir import MANIFEST, RESULTS, RunConflictError, RunDir, read_results
+from attnedit.runs.rundir import (
+    CURVES,
+    MANIFEST,
+    RESULTS,
+    RunConflictError,
+    RunDir,
+    read_curves,
+    read_results,
+)
 
 logger = logging.getLogger(__name__)
 
