@@ -18,7 +18,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 from helpers import make_eval_runs, make_tiny, stream_lines, torch_threads, write_run_dir, write_tiny_presets
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import Page, expect, sync_playwright
 
 from attnedit.core.deltas import model_hash
 from attnedit.serve.app import create_app
@@ -186,11 +186,9 @@ def test_offline_file_shows_grid_and_head_rows_without_requests(offline_file, tm
     assert all((shots / f"{name}.png").stat().st_size > 0 for name in ("offline-head", "offline-patching"))
 
 
-def test_runs_tab_reports_ticked_runs(tmp_path, tiny_dir, tiny_tokenizer):
-    """The Runs tab: tick two runs, see their report, then their paired differences against one."""
-    with torch_threads(1):
-        root = make_eval_runs(tmp_path, tiny_dir)
-        app = create_app(make_tiny("llama", tiny_tokenizer), root)
+@contextlib.contextmanager
+def _runs_tab(app: FastAPI) -> Iterator[Page]:
+    """The served page in a headless Chromium, on its Runs tab (the browser closed afterwards)."""
     with _serving(app) as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=_chromium(), headless=True, args=["--no-sandbox"])
         try:
@@ -198,21 +196,30 @@ def test_runs_tab_reports_ticked_runs(tmp_path, tiny_dir, tiny_tokenizer):
             page.goto(url)
             page.wait_for_selector("body[data-ready='1']")
             page.click(".tab[data-tab='runs-tab']")
-            page.wait_for_selector("#runs-table input.tick")
-            expect(page.locator("#report-button")).to_be_disabled()
-            assert page.locator("#runs-table input.tick[data-path='analysis']").count() == 0
-            page.check("#runs-table input.tick[data-path='evals/base']")
-            page.check("#runs-table input.tick[data-path='evals/ft']")
-            expect(page.locator("#run-detail")).to_be_hidden()  # ticking does not open the run
-            page.click("#report-button")
-            expect(page.locator("#report-table tr")).to_have_count(3)  # header, none, ft
-            expect(page.locator("#report-table")).to_contain_text("evals/ft")
-            page.select_option("#report-against", "none")
-            expect(page.locator("#paired-table tr")).to_have_count(2)  # header, ft - none
-            expect(page.locator("#paired-table")).to_contain_text("ft - none")
-            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+            yield page
         finally:
             browser.close()
+
+
+def test_runs_tab_reports_ticked_runs(tmp_path, tiny_dir, tiny_tokenizer):
+    """The Runs tab: tick two runs, see their report, then their paired differences against one."""
+    with torch_threads(1):
+        root = make_eval_runs(tmp_path, tiny_dir)
+        app = create_app(make_tiny("llama", tiny_tokenizer), root)
+    with _runs_tab(app) as page:
+        page.wait_for_selector("#runs-table input.tick")
+        expect(page.locator("#report-button")).to_be_disabled()
+        assert page.locator("#runs-table input.tick[data-path='analysis']").count() == 0
+        page.check("#runs-table input.tick[data-path='evals/base']")
+        page.check("#runs-table input.tick[data-path='evals/ft']")
+        expect(page.locator("#run-detail")).to_be_hidden()  # ticking does not open the run
+        page.click("#report-button")
+        expect(page.locator("#report-table tr")).to_have_count(3)  # header, none, ft
+        expect(page.locator("#report-table")).to_contain_text("evals/ft")
+        page.select_option("#report-against", "none")
+        expect(page.locator("#paired-table tr")).to_have_count(2)  # header, ft - none
+        expect(page.locator("#paired-table")).to_contain_text("ft - none")
+        page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
     assert (tmp_path / "report.png").stat().st_size > 0
 
 
@@ -225,28 +232,20 @@ def test_runs_tab_draws_a_stream_s_curves(tmp_path, tiny_tokenizer):
     write_run_dir(root / "batch", "memit", mode="batch")
     with torch_threads(1):
         app = create_app(make_tiny("llama", tiny_tokenizer), root)
-    with _serving(app) as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=_chromium(), headless=True, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url)
-            page.wait_for_selector("body[data-ready='1']")
-            page.click(".tab[data-tab='runs-tab']")
-            page.click("#runs-table tr.clickable:has-text('alphaedit')")
-            page.wait_for_selector("#curve-charts svg.curve")
-            charts = page.locator("#curve-charts svg.curve")
-            # ES, PS, NS, PIQA, ppl, known, fluency, change
-            expect(charts).to_have_count(8)
-            assert page.locator("#curve-charts svg.curve[data-metric='ES'] circle").count() == len(lines) - 1
-            assert page.locator("#curve-charts svg.curve[data-metric='ppl'] circle").count() == len(lines)
-            expect(page.locator("#curve-charts .collapse-mark")).to_have_count(8)
-            expect(page.locator("#curves-table tr")).to_have_count(1 + len(lines))  # header, checkpoints
-            expect(page.locator("#curves-table")).to_contain_text(lines[-1]["collapsed"])
-            expect(page.locator("#curves-note")).to_contain_text("the stream stopped")
-            page.screenshot(path=str(tmp_path / "curves.png"), full_page=True)
-            page.click("#runs-table tr.clickable:has-text('memit')")
-            expect(page.locator("#run-title")).to_have_text("batch")
-            expect(page.locator("#run-curves")).to_be_hidden()
-        finally:
-            browser.close()
+    with _runs_tab(app) as page:
+        page.click("#runs-table tr.clickable:has-text('alphaedit')")
+        page.wait_for_selector("#curve-charts svg.curve")
+        charts = page.locator("#curve-charts svg.curve")
+        # ES, PS, NS, PIQA, ppl, known, fluency, change
+        expect(charts).to_have_count(8)
+        assert page.locator("#curve-charts svg.curve[data-metric='ES'] circle").count() == len(lines) - 1
+        assert page.locator("#curve-charts svg.curve[data-metric='ppl'] circle").count() == len(lines)
+        expect(page.locator("#curve-charts .collapse-mark")).to_have_count(8)
+        expect(page.locator("#curves-table tr")).to_have_count(1 + len(lines))  # header, checkpoints
+        expect(page.locator("#curves-table")).to_contain_text(lines[-1]["collapsed"])
+        expect(page.locator("#curves-note")).to_contain_text("the stream stopped")
+        page.screenshot(path=str(tmp_path / "curves.png"), full_page=True)
+        page.click("#runs-table tr.clickable:has-text('memit')")
+        expect(page.locator("#run-title")).to_have_text("batch")
+        expect(page.locator("#run-curves")).to_be_hidden()
     assert (tmp_path / "curves.png").stat().st_size > 0
