@@ -61,19 +61,34 @@ class UnitWorker:
     ) -> CaseRecord:
         """A case's record without fluency, timed (``seconds_eval``), plus its share of the edit time and
         the edit's report (single, batch) or the number of edits applied (sequential)."""
+        return self.score_many([case], [reference], [seconds_edit], edit=edit, edits_applied=edits_applied)[0]
+
+    def score_many(
+        self,
+        cases: list[EditCase],
+        references: list[Reference | None],
+        seconds_edit: list[float],
+        *,
+        edit: EditInfo | None = None,
+        edits_applied: int | None = None,
+    ) -> list[CaseRecord]:
+        """``score`` of several cases on the same model, scored together (``Evaluator.score_many``;
+        ``seconds_eval`` is the call's time divided among them)."""
         t0 = time.perf_counter()
-        record = self.evaluator.score(case, reference)
-        record["seconds_eval"] = time.perf_counter() - t0
-        record["seconds_edit"] = seconds_edit
-        if edit is not None:
-            record["edit"] = edit
-        if edits_applied is not None:
-            record["edits_applied"] = edits_applied
-        keys = provenance(self.manifest, case)  # what the record is computed with
-        record["method"] = keys["method"]
-        record["hparams_hash"] = keys["hparams_hash"]
-        record["request_hash"] = keys["request_hash"]
-        return record
+        records = self.evaluator.score_many(cases, references)
+        seconds = (time.perf_counter() - t0) / max(len(cases), 1)
+        for case, record, own in zip(cases, records, seconds_edit, strict=True):
+            record["seconds_eval"] = seconds
+            record["seconds_edit"] = own
+            if edit is not None:
+                record["edit"] = edit
+            if edits_applied is not None:
+                record["edits_applied"] = edits_applied
+            keys = provenance(self.manifest, case)  # what the record is computed with
+            record["method"] = keys["method"]
+            record["hparams_hash"] = keys["hparams_hash"]
+            record["request_hash"] = keys["request_hash"]
+        return records
 
 
 @dataclass
