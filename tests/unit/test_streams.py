@@ -396,3 +396,25 @@ def test_scoring_many_cases_at_once_gives_their_case_by_case_records(tiny):
             assert record["knowedit"][key] == pytest.approx(values, abs=1e-6)
         assert record["generated_answers"] == alone["generated_answers"]
         assert record["generation_score"] == alone["generation_score"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--general-samples", "0"], "--general-samples"),
+        (["--checkpoint-every", "10"], "--checkpoint-every needs --mode sequential"),
+        (["--mode", "sequential", "--checkpoint-every", "0"], "--checkpoint-every must be at least 1"),
+        (
+            ["--mode", "sequential", "--checkpoint-every", "5", "--collapse-factor", "0.5"],
+            "--collapse-factor",
+        ),
+    ],
+)
+def test_stream_flags_are_checked_before_anything_loads(tmp_path, flags, message):
+    from typer.testing import CliRunner
+
+    from attnedit.cli.main import app
+
+    result = CliRunner().invoke(app, ["eval", "sample", "--model", str(tmp_path / "absent"), *flags])
+    assert result.exit_code == 2 and message in " ".join(result.output.split())
+    assert not (tmp_path / "absent").exists()

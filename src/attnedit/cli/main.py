@@ -164,6 +164,8 @@ def eval_command(
     With --backend ray the units (a case, a fluency batch of cases, a batch edit) run on Ray actors."""
     check_limit(limit, first)
     check_model_flags(device, dtype)
+    if general_samples < 1:
+        raise typer.BadParameter(f"must be at least 1, not {general_samples}", param_hint="--general-samples")
     if ray is not None and mode == "sequential":
         raise typer.BadParameter(
             "sequential mode runs locally only (its edits build on each other): drop --backend ray",
