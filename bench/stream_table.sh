@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The stream table on SmolLM2 (held out from every tuning choice): streams of edits in batches of 100 with a
 # checkpoint every 100 edits, every edit then scored on the final model.
-#   CounterFact: counterfact-mend (edit split) records 0-999   zsRE: knowedit-zsre records 200-1199
+#   CounterFact: counterfact-mend (edit split) records 0-999   zsRE: zsre-train-1k, its valid records of 0-999
 # Methods: MEMIT, AlphaEdit, MEMIT+SADR, AlphaEdit+SADR; ROME one edit at a time for 200 edits (a checkpoint
 # every 20). Each run resumes where it stopped (run it again); run directories under
 # ~/.cache/attnedit/streams/table (not in git).
@@ -13,7 +13,7 @@ METHODS=${*:-"alphaedit memit alphaedit+sadr memit+sadr rome"}
 OUT=${OUT:-$HOME/.cache/attnedit/streams/table}/$SET
 case $SET in
   cf)   DATA=(counterfact-mend --first 0 --limit 1000) ;;
-  zsre) DATA=(knowedit-zsre --first 200 --limit 1000 --skip-invalid) ;;
+  zsre) DATA=(zsre-train-1k --first 0 --limit 1000 --skip-invalid) ;;
   *) echo "SET must be cf or zsre" >&2; exit 2 ;;
 esac
 COMMON=(--mode sequential --ppl-corpus none -p target_matmul=bfloat16 --threads "${THREADS:-2}")

@@ -78,7 +78,12 @@ def test_rules_keep_the_small_eigen_directions():
 def test_bad_settings_are_refused_naming_the_field():
     bundle_name = "tiny"
     with pytest.raises(PresetError, match=r"nullspace_threshold.*at most 1"):
-        make_editor("alphaedit", bundle_name, str(PRESET), {"nullspace_threshold": "1.5"})
+        make_editor(
+            "alphaedit",
+            bundle_name,
+            str(PRESET),
+            {"nullspace_rule": "fraction", "nullspace_threshold": "1.5"},
+        )
     with pytest.raises(PresetError, match="mom2_update_weight"):
         make_editor("alphaedit", bundle_name, str(PRESET), {"mom2_update_weight": "100"})
     with pytest.raises(PresetError, match="nullspace_rule"):
@@ -258,7 +263,7 @@ def test_the_state_round_trips_and_a_damaged_file_is_refused(tiny_tokenizer, cor
 
 
 def _sequential_config(out: Path, model: Path, corpus: str):
-    params = {"templates": "[[3, 1]]", "nullspace_threshold": "0.5"}
+    params = {"templates": "[[3, 1]]", "nullspace_rule": "fraction", "nullspace_threshold": "0.5"}
     return tiny_run(
         out,
         model,
@@ -348,7 +353,7 @@ def test_eval_alphaedit_batch_on_the_command_line(tmp_path, tiny_dir, corpus):
     from attnedit.cli.main import app
 
     flags = ["-p", "layers=0,1", "-p", f"stats_corpus={corpus}", "-p", "stats_samples=20", "-p", "steps=3"]
-    flags += ["-p", "templates=[[3, 1]]", "-p", "nullspace_threshold=0.5"]
+    flags += ["-p", "templates=[[3, 1]]", "-p", "nullspace_rule=fraction", "-p", "nullspace_threshold=0.5"]
     out = tmp_path / "cli"
     result = CliRunner().invoke(
         app,
