@@ -22,7 +22,7 @@ from attnedit.runs.rundir import read_curves
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = Path(os.environ.get("OUT", Path.home() / ".cache/attnedit/streams/table"))
 RESULTS = ROOT / "bench" / "results" / "streams"
-ORDER = ("memit", "alphaedit", "memit-sadr", "alphaedit-sadr", "rome")
+ORDER = ("none", "memit", "alphaedit", "memit-sadr", "alphaedit-sadr", "rome")
 
 
 def finished(run: Path) -> bool:
@@ -77,7 +77,7 @@ def main(sets: list[str]) -> None:
             pair = [RUNS / name / base, RUNS / name / f"{base}-sadr"]
             if all(p in scored for p in pair):
                 text += "\n" + report([*map(str, pair), "--against", base])
-        cost = {r.name: costs(r) for r in runs}
+        cost = {r.name: costs(r) for r in runs if read_curves(r)}
         (out / "costs.json").write_text(json.dumps(cost, indent=1) + "\n")
         (out / "tables.md").write_text(text)
         print(text)
