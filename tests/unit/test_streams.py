@@ -83,7 +83,9 @@ def test_piqa_errors_name_the_line_and_field(tmp_path):
         load_piqa(bad)
     inline = tmp_path / "inline.jsonl"
     inline.write_text(json.dumps({"goal": "g", "sol1": "", "sol2": "b", "label": 1}) + "\n")
-    with pytest.raises(DataFormatError, match=r"inline.jsonl\[line 1\]: field 'sol1' is missing, empty"):
+    with pytest.raises(
+        DataFormatError, match=r"inline.jsonl\[line 1\]: field 'sol1': expected a non-empty string, got ''"
+    ):
         load_piqa(inline)
 
 
@@ -92,7 +94,7 @@ def test_known_facts_load_and_name_a_bad_record(tmp_path):
     assert len(facts) == 12 and facts[0].prompt == "Vinson Massif is located in the continent of"
     bad = tmp_path / "known.json"
     bad.write_text(json.dumps([{"subject": "X", "prompt": "X is in"}]))
-    with pytest.raises(DataFormatError, match=r"known.json\[0\]: field 'attribute'"):
+    with pytest.raises(DataFormatError, match=r"known.json\[0\]: field 'attribute': missing"):
         load_known_facts(bad)
 
 

@@ -693,14 +693,6 @@ class KnownFact:
     attribute: str
 
 
-def _text_field(record: object, key: str, where: str) -> str:
-    """``record[key]`` as a non-empty string, or a ``DataFormatError`` naming the record and the field."""
-    value = record.get(key) if isinstance(record, dict) else None
-    if not isinstance(value, str) or not value.strip():
-        raise DataFormatError(f"{where}: field {key!r} is missing, empty or not a string")
-    return value
-
-
 def _piqa_labels(questions: Path) -> Path | None:
     """The labels file of a PIQA questions file: the registered set's second file, or beside the file as
     ``NAME_labels.lst`` / ``NAME-labels.lst`` (upstream: ``valid.jsonl`` and ``valid-labels.lst``)."""
@@ -730,17 +722,18 @@ def load_piqa(spec: str | Path = "piqa", limit: int | None = None) -> list[PiqaQ
                 f"{labels_file}: {len(labels)} labels for the {len(records)} questions of {questions}"
             )
     out: list[PiqaQuestion] = []
-    for k, (line, record) in enumerate(records[:limit] if limit else records):
+    for k, (line, raw_record) in enumerate(records[:limit] if limit else records):
         where = f"{questions}[line {line}]"
-        raw: object = labels[k] if labels is not None else (record or {}).get("label")
+        record = _Record(raw_record, where)
+        raw: object = labels[k] if labels is not None else record.get("label", required=False)
         if str(raw) not in ("0", "1"):
             source = f"{labels_file} line {k + 1}" if labels is not None else f"{where}: field 'label'"
             raise DataFormatError(
                 f"{source}: a PIQA label is 0 or 1, not {raw!r}"
                 + ("" if labels is not None else f" (or put the labels in {questions.stem}_labels.lst)")
             )
-        solutions = (_text_field(record, "sol1", where), _text_field(record, "sol2", where))
-        out.append(PiqaQuestion(k, _text_field(record, "goal", where), solutions, int(str(raw))))
+        solutions = (record.text("sol1"), record.text("sol2"))
+        out.append(PiqaQuestion(k, record.text("goal"), solutions, int(str(raw))))
     return out
 
 
@@ -752,14 +745,7 @@ def load_known_facts(spec: str | Path = "rome-known", limit: int | None = None) 
     if not isinstance(raw, list):
         raise DataFormatError(f"{file}: expected a JSON list of known facts")
     facts = []
-    for k, record in enumerate(raw[:limit] if limit else raw):
-        where = f"{file}[{k}]"
-        facts.append(
-            KnownFact(
-                k,
-                _text_field(record, "subject", where),
-                _text_field(record, "prompt", where),
-                _text_field(record, "attribute", where),
-            )
-        )
+    for k, raw_record in enumerate(raw[:limit] if limit else raw):
+        record = _Record(raw_record, f"{file}[{k}]")
+        facts.append(KnownFact(k, record.text("subject"), record.text("prompt"), record.text("attribute")))
     return facts

@@ -164,7 +164,7 @@ class Evaluator:
         for record in records:
             record["seconds_scoring"] = seconds
         if self.config.generation_score:
-            self._generation_scores(cases, records)
+            self.generation_scores(cases, records)
         if self.config.ppl_texts:
             for record in records:
                 record["ppl"] = self._perplexity()
@@ -215,16 +215,13 @@ class Evaluator:
             record["knowedit_keys"] = knowedit_keys
         return record
 
-    def generation_score(self, case: EditCase, record: CaseRecord) -> None:
-        """Add the generation scores to ``record``: the model's greedy continuation of every rewrite
-        (``GES``) and paraphrase (``GPS``) prompt, of the case and of each translation (``GES@fr``), in
-        one decoding batch, each prompt decoding its target's token count plus ``GENERATION_MARGIN``
-        tokens; a prompt counts 1.0 when its continuation gives the target (``generation_hit``), else 0.0.
+    def generation_scores(self, cases: Sequence[EditCase], records: Sequence[CaseRecord]) -> None:
+        """Add the generation scores to each case's record: the model's greedy continuation of every
+        rewrite (``GES``) and paraphrase (``GPS``) prompt, of the case and of each translation (``GES@fr``),
+        the cases' prompts decoded together (``GENERATION_SCORE_BATCH`` per batch, the time divided among
+        the cases), each prompt decoding its target's token count plus ``GENERATION_MARGIN`` tokens; a
+        prompt counts 1.0 when its continuation gives the target (``generation_hit``), else 0.0.
         """
-        self._generation_scores([case], [record])
-
-    def _generation_scores(self, cases: Sequence[EditCase], records: Sequence[CaseRecord]) -> None:
-        """``generation_score`` of several cases, decoded together (the time divided among them)."""
         start = time.perf_counter()
         owners: list[int] = []
         keys: list[str] = []

@@ -15,10 +15,9 @@ resumed stream, measures the same items.
 
 from __future__ import annotations
 
-import logging
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,8 +28,6 @@ from attnedit.core.models import ModelBundle
 from attnedit.core.scoring import generate, score_targets, text_nll
 from attnedit.core.tokens import encode_target
 from attnedit.evaluation.metrics import ngram_entropy
-
-logger = logging.getLogger(__name__)
 
 PIQA_PROMPT = "Question: {goal}\nAnswer:"
 MIN_PARAGRAPH_WORDS = 30  # corpus lines shorter than this (headings, captions) are not sampled
@@ -192,9 +189,3 @@ class GeneralAbility:
             kept = [a == r for a, r in zip(answers, self._reference.known_answers, strict=True)]
             values["known"] = sum(kept) / len(kept)
         return values
-
-    def reference_dict(self) -> dict[str, Any]:
-        """The reference as JSON (for the curves' first line)."""
-        if self._reference is None:
-            raise RuntimeError("no reference measured yet")
-        return asdict(self._reference)

@@ -509,8 +509,8 @@ def selected_records(run_dir: str | Path) -> list[CaseRecord]:
     return RunDir[CaseRecord](run_dir).selected_records()
 
 
-def read_curves(run_dir: str | Path) -> list[dict[str, Any]]:
+def read_curves(run_dir: str | Path, repair: bool = False) -> list[dict[str, Any]]:
     """A stream's checkpoint lines (``CURVES``) in order of edits ([] without the file; a torn last line
-    left out, as ``read_results``)."""
-    lines = read_results(Path(run_dir) / CURVES, key="edits", kind=int)
+    left out, and cut off the file if ``repair``: the stream's writer only, as ``read_results``)."""
+    lines = read_results(Path(run_dir) / CURVES, repair, key="edits", kind=int)
     return sorted(lines, key=lambda line: int(line["edits"]))

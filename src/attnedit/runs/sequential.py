@@ -20,7 +20,6 @@ missing is measured when the stream passes it again.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -42,13 +41,11 @@ from attnedit.runs.rundir import (
     CURVES,
     RunConflictError,
     append_line,
-    read_results,
+    read_curves,
     seed_everything,
 )
 from attnedit.runs.saved_edits import saved_edit, sequential_edit_path
 from attnedit.runs.units import RunState
-
-logger = logging.getLogger(__name__)
 
 STREAM = "stream"
 STATE = "state.json"
@@ -328,10 +325,7 @@ class Stream:
         if isinstance(editor, StatefulEditor):
             editor.reset_state()  # a stream starts from nothing; a resumed one loads its state below
         if self.every is not None:
-            self.measured = {
-                int(line["edits"])
-                for line in read_results(curves_path(self.out), repair=True, key="edits", kind=int)
-            }
+            self.measured = {int(line["edits"]) for line in read_curves(self.out, repair=True)}
             if 0 not in self.measured:
                 self.checkpoint(-1)
             else:  # the reference measures (and the known facts' answers) of the unedited model again
